@@ -1,0 +1,35 @@
+# Every target creates .venv on first use and installs the pinned CPU torch, the
+# package (editable) and its extras; nothing needs to be installed by hand.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m embedloss list
+	$(PY) examples/quickstart.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests bench examples
+	$(PY) -m ruff format --check src tests bench examples
+	$(PY) -m mypy
+
+test: lint
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q --cov=embedloss --cov-report=term --cov-fail-under=90
+
+bench: $(STAMP)
+	$(PY) -m embedloss bench
+
+clean:
+	rm -rf $(VENV) .coverage build src/*.egg-info
