@@ -1,0 +1,155 @@
+"""Boundary checks shared by every loss: one wording for one mistake.
+
+Each check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind, wrong
+value) naming the argument, what was expected and what came, so a user can fix the call
+without reading the library's source.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def describe(value: Any) -> str:
+    """Short description of ``value`` for error messages."""
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__} {value!r}"
+
+
+def check_tensor(x: Any, name: str) -> Tensor:
+    """Raise ``TypeError`` unless ``x`` is a tensor."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {describe(x)}")
+    return x
+
+
+def check_embeddings(x: Any, name: str, *, ndim: int | tuple[int, ...] = 2) -> Tensor:
+    """Validate a floating-point embedding tensor with at least one row.
+
+    Args:
+        x: The candidate tensor.
+        name: The argument name used in error messages.
+        ndim: The allowed number of dimensions (an int or a tuple of ints).
+
+    Returns:
+        ``x`` unchanged.
+
+    Raises:
+        TypeError: If ``x`` is not a floating-point tensor.
+        ValueError: If ``x`` has the wrong rank, is empty, or has a zero-sized feature dim.
+    """
+    check_tensor(x, name)
+    allowed = (ndim,) if isinstance(ndim, int) else ndim
+    if x.dim() not in allowed:
+        shapes = " or ".join(
+            {2: "(N, D)", 3: "(N, V, D)", 1: "(N,)"}.get(d, f"{d}-d") for d in allowed
+        )
+        raise ValueError(f"{name} must have shape {shapes}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(
+            f"{name} must contain at least one sample, got an empty batch {tuple(x.shape)}"
+        )
+    if x.shape[-1] == 0:
+        raise ValueError(f"{name} must have a non-empty feature dimension, got {tuple(x.shape)}")
+    return x
+
+
+def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    """Raise ``ValueError`` unless ``a`` and ``b`` have identical shapes."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+
+
+def check_same_dim(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    """Raise ``ValueError`` unless the last (feature) dimensions agree."""
+    if a.shape[-1] != b.shape[-1]:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same embedding dimension D, "
+            f"got {a.shape[-1]} and {b.shape[-1]}"
+        )
+
+
+def check_labels(labels: Any, n: int, name: str = "labels") -> Tensor:
+    """Validate integer labels of shape ``(n,)``."""
+    check_tensor(labels, name)
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(
+            f"{name} must have shape ({n},) to match the batch, got {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"{name} must be an integer or bool tensor, got dtype {labels.dtype}")
+    return labels
+
+
+def check_positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """Return ``value`` as a float after checking it is finite and > 0 (or >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {describe(value)}")
+    v = float(value)
+    ok = math.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def check_float(
+    value: Any, name: str, *, low: float | None = None, high: float | None = None
+) -> float:
+    """Return ``value`` as a finite float in ``[low, high]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {describe(value)}")
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and v < low) or (high is not None and v > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
+    return v
+
+
+def check_int(value: Any, name: str, *, low: int | None = None) -> int:
+    """Return ``value`` after checking it is an int (not a bool) and ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {describe(value)}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
+    """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
+    options = tuple(choices)
+    if value not in options:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}; got {value!r}")
+    return str(value)
+
+
+def check_reduction(reduction: Any) -> str:
+    """Validate a ``reduction`` argument (``'mean'``, ``'sum'`` or ``'none'``)."""
+    return check_choice(reduction, "reduction", REDUCTIONS)
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype a loss computes in: float64 if any input is, else float32 (halves upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def check_pair(a: Any, b: Any, name_a: str, name_b: str, labels: Any = None) -> None:
+    """Validate two paired ``(N, D)`` embedding batches and optional ``labels (N,)``."""
+    check_embeddings(a, name_a)
+    check_embeddings(b, name_b)
+    check_same_shape(a, b, name_a, name_b)
+    if labels is not None:
+        check_labels(labels, a.shape[0])

@@ -1,0 +1,1 @@
+"""The ``embedloss`` command line."""

@@ -1,0 +1,3 @@
+"""composite losses."""
+
+__all__: list[str] = []

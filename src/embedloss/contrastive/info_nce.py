@@ -1,0 +1,241 @@
+"""InfoNCE with in-batch, shared or per-query negatives (van den Oord et al. 2018)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import (
+    check_embeddings,
+    check_labels,
+    check_pair,
+    check_same_dim,
+    compute_dtype,
+)
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.info_nce import (
+    AnchorLosses,
+    ChunkSize,
+    PairSpec,
+    anchor_losses_from_logits,
+    info_nce,
+    reduce_anchor_losses,
+)
+from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
+from embedloss.registry import register_loss
+
+__all__ = ["InfoNCELoss", "info_nce_anchor_losses", "info_nce_loss"]
+
+
+def _check_inputs(
+    query: Tensor, positive_key: Tensor, negative_keys: Tensor | None, labels: Tensor | None
+) -> None:
+    check_pair(query, positive_key, "query", "positive_key", labels)
+    if negative_keys is None:
+        return
+    check_embeddings(negative_keys, "negative_keys", ndim=(2, 3))
+    check_same_dim(query, negative_keys, "query", "negative_keys")
+    if negative_keys.dim() == 3 and negative_keys.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"per-query negative_keys must have shape (N={query.shape[0]}, M, D), got {tuple(negative_keys.shape)}"
+        )
+    if labels is not None:
+        raise ValueError(
+            "labels mark in-batch positives and cannot be combined with explicit negative_keys"
+        )
+
+
+def info_nce_anchor_losses(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Tensor | None = None,
+    *,
+    temperature: float | Tensor = 0.1,
+    labels: Tensor | None = None,
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> AnchorLosses:
+    """Per-query InfoNCE (see :func:`info_nce_loss`)."""
+    _check_inputs(query, positive_key, negative_keys, labels)
+    dtype = compute_dtype(query, positive_key, *(() if negative_keys is None else (negative_keys,)))
+    q = prepare_embeddings(query, normalize=normalize, dtype=dtype)
+    p = prepare_embeddings(positive_key, normalize=normalize, dtype=dtype)
+    scale = inverse_temperature(temperature, dtype)
+    if negative_keys is None:
+        gathered = gather_with_grad(p, gather_distributed)
+        positive_index = torch.arange(q.shape[0], device=q.device) + gathered.offset
+        spec = PairSpec(positive_index=positive_index)
+        if labels is not None:
+            check_labels(labels, q.shape[0])
+            spec = PairSpec(
+                query_labels=labels, key_labels=gather_with_grad(labels, gather_distributed).tensor
+            )
+        return info_nce(q, gathered.tensor, scale, spec, chunk_size=chunk_size)
+    neg = prepare_embeddings(negative_keys, normalize=normalize, dtype=dtype)
+    if neg.dim() == 2:
+        keys = torch.cat([p, neg])  # (N + M, D): the positives, then the shared negatives
+        n, m = q.shape[0], neg.shape[0]
+        # Other queries' positives are not negatives here: give every query and positive key one
+        # label and the negatives another, then drop same-label non-positives from the denominator.
+        group = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(m, dtype=torch.long)]).to(
+            q.device
+        )
+        spec = PairSpec(
+            positive_index=torch.arange(n, device=q.device),
+            query_labels=group[:n],
+            key_labels=group,
+            labels_mark="false_negatives",
+        )
+        return info_nce(q, keys, scale, spec, chunk_size=chunk_size)
+    pos_logit = (q * p).sum(-1, keepdim=True)  # (N, 1)
+    neg_logits = torch.einsum("nd,nmd->nm", q, neg)  # (N, M)
+    logits = torch.cat([pos_logit, neg_logits], dim=1) * scale  # (N, 1 + M)
+    positive = torch.zeros_like(logits, dtype=torch.bool)
+    positive[:, 0] = True
+    return anchor_losses_from_logits(logits, positive, torch.ones_like(positive))
+
+
+def info_nce_loss(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Tensor | None = None,
+    *,
+    temperature: float | Tensor = 0.1,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""InfoNCE: classify each query's positive key among negatives (van den Oord et al. 2018, Eq. 4).
+
+        ℓ_i = −log( exp(q_i·k_i⁺/τ) / (exp(q_i·k_i⁺/τ) + Σ_{k⁻} exp(q_i·k⁻/τ)) )
+
+    The negatives ``k⁻`` of query ``i`` are:
+
+    * ``negative_keys=None``: the other queries' positive keys (in-batch negatives); with
+      ``labels``, keys of the same label are positives instead (uniform target over them);
+    * ``negative_keys (M, D)``: the same M negatives for every query (other positives unused);
+    * ``negative_keys (N, M, D)``: M negatives of its own for each query.
+
+    Args:
+        query: ``(N, D)``.
+        positive_key: ``(N, D)``, row ``i`` is the positive of query ``i``.
+        negative_keys: ``None``, ``(M, D)`` or ``(N, M, D)``.
+        temperature: τ > 0 (default 0.1).
+        labels: Optional ``(N,)`` identities (only without ``negative_keys``).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``).
+        normalize: L2-normalise every input (default True).
+        chunk_size: Core tiling for the in-batch case.
+        gather_distributed: In-batch case: use the positive keys of every rank as negatives.
+
+    Raises:
+        ValueError: For mismatched shapes or dims, empty inputs, bad labels or τ <= 0.
+
+    Example:
+        >>> import math
+        >>> q = torch.eye(3)
+        >>> loss = info_nce_loss(q, q, temperature=1.0)
+        >>> round(loss.item(), 6) == round(math.log(math.e + 2) - 1, 6)
+        True
+    """
+    result = info_nce_anchor_losses(
+        query,
+        positive_key,
+        negative_keys,
+        temperature=temperature,
+        labels=labels,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gather_distributed=gather_distributed,
+    )
+    return reduce_anchor_losses(
+        result, reduction, distributed=gather_distributed and negative_keys is None
+    )
+
+
+@register_loss("info_nce")
+class InfoNCELoss(BaseContrastiveLoss):
+    """InfoNCE with in-batch, shared or per-query negatives (van den Oord et al. 2018, Eq. 4).
+
+    See :func:`info_nce_loss` for the formula and the three negative modes. Terms: ``accuracy``
+    (the positive scores highest), ``positive_similarity``, ``temperature``.
+
+    Args:
+        temperature: τ > 0 (default 0.1).
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling (``None``, an int or ``"auto"``).
+        gather_distributed: Use the keys of all ranks (in-batch mode).
+
+    Example:
+        >>> loss = InfoNCELoss()
+        >>> q, k, negatives = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 5, 8)
+        >>> loss(q, k, negatives).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        learnable_temperature: bool = False,
+        reduction: str = "mean",
+        normalize: bool = True,
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+        )
+        self._init_temperature(temperature, learnable_temperature)
+        self._init_normalization(normalize)
+
+    def compute(
+        self,
+        query: Tensor,
+        positive_key: Tensor,
+        negative_keys: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> LossOutput:
+        """Loss and terms; arguments as in :func:`info_nce_loss`."""
+        _check_inputs(query, positive_key, negative_keys, labels)
+        dtype = compute_dtype(query, positive_key)
+        distributed = self.gather_distributed and negative_keys is None
+        result = info_nce_anchor_losses(
+            query,
+            positive_key,
+            negative_keys,
+            temperature=1.0 / self.scale(dtype=dtype),
+            labels=labels,
+            normalize=self._normalize,
+            chunk_size=self.chunk_size,
+            gather_distributed=distributed,
+        )
+        loss = reduce_anchor_losses(result, self.reduction, distributed=distributed)
+        with torch.no_grad():
+            q, k = (
+                self.normalize_embeddings(query.to(dtype)),
+                self.normalize_embeddings(positive_key.to(dtype)),
+            )
+            cos = (q * k).sum(-1)
+        terms = detached_terms(
+            accuracy=result.correct.float().mean(),
+            positive_similarity=cos.mean(),
+            temperature=self.temperature,
+        )
+        return LossOutput(loss, terms)
+
+    def forward(
+        self,
+        query: Tensor,
+        positive_key: Tensor,
+        negative_keys: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """The InfoNCE loss (see :meth:`compute`)."""
+        return self.compute(query, positive_key, negative_keys, labels).loss

@@ -1,0 +1,13 @@
+"""Every loss as a pure function, like ``torch.nn.functional``.
+
+Example:
+    >>> import torch
+    >>> from embedloss import functional as EF
+    >>> EF.clip_loss(torch.randn(4, 8), torch.randn(4, 8)).shape
+    torch.Size([])
+"""
+
+from embedloss.contrastive import info_nce_loss, simclr_loss
+from embedloss.multimodal import clip_loss
+
+__all__ = ["clip_loss", "info_nce_loss", "simclr_loss"]

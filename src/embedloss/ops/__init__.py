@@ -1,0 +1,36 @@
+"""Shared maths: normalisation, similarity and masks, the exact InfoNCE core, collectives."""
+
+from embedloss.ops.distributed import Gathered, gather_with_grad, is_distributed, world_info
+from embedloss.ops.info_nce import (
+    AnchorLosses,
+    LogWeightFn,
+    PairSpec,
+    info_nce,
+    pair_masks,
+    reduce_anchor_losses,
+    symmetric_info_nce,
+)
+from embedloss.ops.similarity import (
+    l2_normalize,
+    labels_from_match_ids,
+    positive_mask_from_labels,
+    similarity_matrix,
+)
+
+__all__ = [
+    "AnchorLosses",
+    "Gathered",
+    "LogWeightFn",
+    "PairSpec",
+    "gather_with_grad",
+    "info_nce",
+    "is_distributed",
+    "l2_normalize",
+    "labels_from_match_ids",
+    "pair_masks",
+    "positive_mask_from_labels",
+    "reduce_anchor_losses",
+    "similarity_matrix",
+    "symmetric_info_nce",
+    "world_info",
+]

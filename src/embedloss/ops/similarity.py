@@ -1,0 +1,111 @@
+"""Normalisation, similarity and positive masks: the building blocks every loss shares."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from embedloss._validation import check_labels, check_positive_float
+
+__all__ = [
+    "inverse_temperature",
+    "l2_normalize",
+    "labels_from_match_ids",
+    "positive_mask_from_labels",
+    "prepare_embeddings",
+    "similarity_matrix",
+]
+
+
+def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
+    """Scale ``x`` to unit L2 norm along ``dim``; rows of norm < ``eps`` are divided by ``eps``.
+
+    Half-precision inputs are normalised in float32, so the result is float32 for them.
+
+    Example:
+        >>> l2_normalize(torch.tensor([[3.0, 4.0]]))
+        tensor([[0.6000, 0.8000]])
+    """
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return F.normalize(x, p=2.0, dim=dim, eps=eps)
+
+
+def similarity_matrix(a: Tensor, b: Tensor, scale: Tensor | float = 1.0) -> Tensor:
+    """Scaled dot products ``scale * a @ b.T``: logits of shape ``(N, M)`` for ``a (N, D)``, ``b (M, D)``.
+
+    Example:
+        >>> similarity_matrix(torch.eye(2), torch.eye(2), scale=2.0)
+        tensor([[2., 0.],
+                [0., 2.]])
+    """
+    return (a @ b.transpose(-2, -1)) * scale
+
+
+def positive_mask_from_labels(query_labels: Tensor, key_labels: Tensor | None = None) -> Tensor:
+    """Boolean mask ``(N, M)``, true where a query and a key share a label.
+
+    Example:
+        >>> positive_mask_from_labels(torch.tensor([0, 1, 0]))
+        tensor([[ True, False,  True],
+                [False,  True, False],
+                [ True, False,  True]])
+    """
+    keys = query_labels if key_labels is None else key_labels
+    return query_labels.unsqueeze(1) == keys.unsqueeze(0)
+
+
+def labels_from_match_ids(
+    match_ids: Sequence[Hashable] | Tensor, device: torch.device | None = None
+) -> Tensor:
+    """Turn legacy ``match_ids`` (a list of hashables; equal ids are positives) into integer labels.
+
+    Ids are numbered in order of first appearance, so the result is deterministic.
+
+    Raises:
+        TypeError: If ``match_ids`` is not a sequence of hashable values or an integer tensor.
+
+    Example:
+        >>> labels_from_match_ids(["cat", "dog", "cat"])
+        tensor([0, 1, 0])
+    """
+    if isinstance(match_ids, Tensor):
+        return check_labels(
+            match_ids, match_ids.shape[0] if match_ids.dim() else -1, "match_ids"
+        ).to(device)
+    if isinstance(match_ids, (str, bytes)) or not isinstance(match_ids, Sequence):
+        raise TypeError(f"match_ids must be a list of hashable ids, got {type(match_ids).__name__}")
+    index: dict[Hashable, int] = {}
+    try:
+        codes = [index.setdefault(m, len(index)) for m in match_ids]
+    except TypeError as err:
+        raise TypeError(f"match_ids must contain hashable ids: {err}") from None
+    return torch.tensor(codes, dtype=torch.long, device=device)
+
+
+def inverse_temperature(
+    temperature: Tensor | float, dtype: torch.dtype = torch.float32
+) -> Tensor | float:
+    """``1/τ`` for a float τ (checked finite and > 0) or a 0-d tensor τ (kept differentiable).
+
+    Raises:
+        ValueError: If τ is not finite and positive, or a tensor τ has more than one element.
+    """
+    if isinstance(temperature, Tensor):
+        if temperature.numel() != 1:
+            raise ValueError(
+                f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}"
+            )
+        if not bool(torch.isfinite(temperature).all()) or float(temperature) <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {float(temperature)!r}")
+        return 1.0 / temperature.reshape(()).to(dtype)
+    return 1.0 / check_positive_float(temperature, "temperature")
+
+
+def prepare_embeddings(x: Tensor, *, normalize: bool, dtype: torch.dtype) -> Tensor:
+    """Cast ``x`` to the compute ``dtype`` (halves go to float32) and L2-normalise if asked."""
+    x = x.to(dtype)
+    return l2_normalize(x) if normalize else x

@@ -1,0 +1,3 @@
+"""self-supervised losses."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""supervised losses."""
+
+__all__: list[str] = []
