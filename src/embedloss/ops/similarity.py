@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -99,8 +100,9 @@ def inverse_temperature(
             raise ValueError(
                 f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}"
             )
-        if not bool(torch.isfinite(temperature).all()) or float(temperature) <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {float(temperature)!r}")
+        value = float(temperature.detach())
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
         return 1.0 / temperature.reshape(()).to(dtype)
     return 1.0 / check_positive_float(temperature, "temperature")
 
