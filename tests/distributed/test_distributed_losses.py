@@ -1,0 +1,59 @@
+"""Loss values and gradients under torch.distributed (real gloo processes) vs. one process."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+from embedloss import list_losses
+from tests.distributed.harness import Case, _split, pair, run_case, run_distributed
+
+CASES = [
+    Case("simclr", {"temperature": 0.3}, pair),
+    Case("simclr", {"temperature": 0.3}, partial(pair, labels=True), tag="labels"),
+    Case("info_nce", {"temperature": 0.2}, pair),
+    Case("info_nce", {"temperature": 0.2}, partial(pair, labels=True), tag="labels"),
+    Case("clip", {"temperature": 0.1}, pair),
+    Case(
+        "clip",
+        {"temperature": 0.1, "label_smoothing": 0.1},
+        partial(pair, labels=True),
+        tag="labels",
+    ),
+    Case("clip", {"temperature": 0.1, "learnable_temperature": True}, pair),
+]
+REQUIRED = {"clip", "simclr", "info_nce"}
+
+
+def test_case_ids_are_unique():
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_every_required_loss_has_a_case():
+    assert {c.name for c in CASES} >= REQUIRED
+    assert set(list_losses()) >= REQUIRED
+
+
+@pytest.fixture(scope="module", params=[[3, 5], [2, 4, 1]], ids=["world2", "world3"])
+def outcome(request, tmp_path_factory):
+    sizes = request.param
+    ranks = run_distributed(CASES, sizes, str(tmp_path_factory.mktemp("dist")))
+    return sizes, ranks
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_matches_single_process(case, outcome):
+    sizes, ranks = outcome
+    world = len(sizes)
+    single = run_case(case, sizes, rank=None)
+    for step, expected in enumerate(single["losses"]):
+        got = torch.stack([r[case.id]["losses"][step] for r in ranks]).mean()
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        for i, full_grad in enumerate(single["grads"][step]):
+            for rank, r in enumerate(ranks):
+                local = r[case.id]["grads"][step][i]
+                torch.testing.assert_close(
+                    local, world * _split(full_grad, sizes, rank), rtol=1e-9, atol=1e-10
+                )
