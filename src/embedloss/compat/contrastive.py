@@ -1,0 +1,188 @@
+"""Legacy contrastive names: ``ContrastiveLoss``, ``SimCLRLoss`` (consolidation) and ``nt_xent_loss``."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from embedloss._validation import check_choice, check_reduction
+from embedloss.compat._adapter import (
+    LegacyLoss,
+    deprecated,
+    metric,
+    retrieval_metrics,
+    warn_ignored,
+)
+from embedloss.contrastive.simclr import SimCLRLoss as _SimCLR
+from embedloss.contrastive.simclr import simclr_loss
+from embedloss.multimodal.clip import CLIPLoss as _CLIP
+
+__all__ = ["ContrastiveLoss", "SimCLRLoss", "nt_xent_loss"]
+
+LOSS_TYPES = ("infonce", "nt_xent", "supervised")
+
+
+def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
+    return per_anchor if reduction == "none" else getattr(per_anchor, reduction)()
+
+
+class ContrastiveLoss(LegacyLoss):
+    """Legacy bidirectional contrastive loss, computed by :class:`embedloss.CLIPLoss` or :class:`embedloss.SimCLRLoss`.
+
+    ``loss_type="infonce"`` is CLIP's symmetric InfoNCE between the modalities (registry
+    ``"clip"``); ``"nt_xent"`` is NT-Xent over the 2N embeddings ``[v; t]`` (``"simclr"``);
+    ``"supervised"`` is SupCon's L_out over ``[v; t]`` with the class ``labels`` duplicated
+    (Khosla et al. 2020, Eq. 2) — NT-Xent with labels, equal to ``embedloss.SupConLoss`` on
+    ``torch.stack([v, t], 1)``. Samples sharing a ``match_id`` are all positives.
+
+    Args:
+        temperature: τ > 0 (default 0.07).
+        loss_type: ``"infonce"`` (default), ``"nt_xent"`` or ``"supervised"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        add_projection: Build per-modality 2-layer heads ``input_dim → projection_dim`` (their
+            parameters belong to this loss: give ``loss.parameters()`` to the optimiser).
+        projection_dim: Output size of the heads (default 256).
+        input_dim: Feature size; required for the heads.
+        sampling_strategy: Ignored, with a warning (the legacy modes never activated).
+        memory_bank_size: Ignored, with a warning.
+        dataset_size: Ignored, with a warning.
+
+    Returns (forward):
+        ``{"loss", "loss_v2t", "loss_t2v", "v2t_accuracy", "t2v_accuracy", "accuracy", "recalls"}``.
+
+    Example:
+        >>> import torch
+        >>> loss = ContrastiveLoss(add_projection=False)  # doctest: +SKIP
+        >>> out = loss(vision_features=torch.randn(4, 8), text_features=torch.randn(4, 8),
+        ...            match_ids=["a", "b", "a", "c"], class_labels=None)  # doctest: +SKIP
+        >>> sorted(out)[:3]  # doctest: +SKIP
+        ['accuracy', 'loss', 'loss_t2v']
+    """
+
+    replacement = (
+        "embedloss.CLIPLoss ('clip'); loss_type='nt_xent' → embedloss.SimCLRLoss ('simclr'), "
+        "'supervised' → embedloss.SupConLoss ('supcon')"
+    )
+    legacy_inputs = frozenset({"indices"})
+    projection_flag = "add_projection"
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        loss_type: str = "infonce",
+        reduction: str = "mean",
+        add_projection: bool = True,
+        projection_dim: int = 256,
+        input_dim: int | None = None,
+        sampling_strategy: str | None = None,
+        memory_bank_size: int | None = None,
+        dataset_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.loss_type = check_choice(loss_type, "loss_type", LOSS_TYPES)
+        self.reduction = check_reduction(reduction)
+        warn_ignored(
+            type(self).__name__,
+            sampling_strategy=sampling_strategy,
+            memory_bank_size=memory_bank_size,
+            dataset_size=dataset_size,
+        )
+        self.init_heads(add_projection, input_dim, projection_dim, self.projection_flag)
+        self.loss: _CLIP | _SimCLR
+        if loss_type == "infonce":
+            self.loss = _CLIP(temperature=temperature, reduction=reduction)
+        else:  # per-anchor losses, so that the two modalities' halves can be reported
+            self.loss = _SimCLR(temperature=temperature, reduction="none")
+
+    def forward(
+        self,
+        vision_features: Tensor,
+        text_features: Tensor,
+        match_ids: Sequence[Hashable] | Tensor | None = None,
+        indices: Tensor | None = None,
+        labels: Tensor | None = None,
+        **inputs: Any,
+    ) -> dict[str, Any]:
+        """Loss and legacy metrics; ``indices`` is ignored, ``labels`` used by ``"supervised"`` only."""
+        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
+        if isinstance(self.loss, _CLIP):
+            out = self.loss.compute(v, t, ids)
+            loss = out.loss
+            loss_v2t, loss_t2v = out.terms["loss_image_to_text"], out.terms["loss_text_to_image"]
+        else:
+            positives = labels if self.loss_type == "supervised" and labels is not None else ids
+            per_anchor = self.loss(v, t, positives)  # (2N,): vision anchors, then text anchors
+            n = v.shape[0]
+            loss = _reduce(per_anchor, self.reduction)
+            loss_v2t, loss_t2v = per_anchor[:n].mean(), per_anchor[n:].mean()
+        return {
+            "loss": loss,
+            "loss_v2t": metric(loss_v2t),
+            "loss_t2v": metric(loss_t2v),
+            **retrieval_metrics(v, t, ids),
+        }
+
+
+class SimCLRLoss(ContrastiveLoss):
+    """The consolidation's ``SimCLRLoss``: :class:`ContrastiveLoss` with ``use_projection``.
+
+    Same inputs and outputs as :class:`ContrastiveLoss`; for the new tensor-returning NT-Xent
+    use :class:`embedloss.SimCLRLoss`.
+
+    Args:
+        temperature: τ > 0 (default 0.07).
+        loss_type: ``"infonce"`` (default), ``"nt_xent"`` or ``"supervised"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        input_dim: Feature size for the heads.
+        projection_dim: Output size of the heads (default 256).
+        use_projection: Build per-modality projection heads (default True; needs ``input_dim``).
+        sampling_strategy: Ignored, with a warning.
+        memory_bank_size: Ignored, with a warning.
+        dataset_size: Ignored, with a warning.
+    """
+
+    replacement = ContrastiveLoss.replacement
+    projection_flag = "use_projection"
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        loss_type: str = "infonce",
+        reduction: str = "mean",
+        input_dim: int | None = None,
+        projection_dim: int = 256,
+        use_projection: bool = True,
+        sampling_strategy: str | None = None,
+        memory_bank_size: int | None = None,
+        dataset_size: int | None = None,
+    ) -> None:
+        super().__init__(
+            temperature=temperature,
+            loss_type=loss_type,
+            reduction=reduction,
+            add_projection=use_projection,
+            projection_dim=projection_dim,
+            input_dim=input_dim,
+            sampling_strategy=sampling_strategy,
+            memory_bank_size=memory_bank_size,
+            dataset_size=dataset_size,
+        )
+
+
+def nt_xent_loss(
+    vision_features: Tensor,
+    text_features: Tensor,
+    temperature: float = 0.07,
+    reduction: str = "mean",
+) -> Tensor:
+    """Legacy NT-Xent over ``[v; t]``: :func:`embedloss.functional.simclr_loss`.
+
+    The inputs are L2-normalised (a no-op for the normalised inputs the legacy function assumed).
+
+    Shape:
+        ``(N, D)`` each; a scalar, or ``(2N,)`` with ``reduction="none"``.
+    """
+    deprecated("nt_xent_loss", "embedloss.functional.simclr_loss (registry 'simclr')")
+    return simclr_loss(vision_features, text_features, temperature=temperature, reduction=reduction)
