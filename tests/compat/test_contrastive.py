@@ -1,11 +1,19 @@
 """ContrastiveLoss, the consolidation's SimCLRLoss and nt_xent_loss, driven like the legacy trainers."""
 
+import math
+
 import pytest
 import torch
 
 import embedloss
 from embedloss import functional as EF
-from embedloss.compat import ContrastiveLoss, SimCLRLoss, nt_xent_loss
+from embedloss.compat import (
+    ContrastiveLoss,
+    DecoupledContrastiveLoss,
+    DecoupledLoss,
+    SimCLRLoss,
+    nt_xent_loss,
+)
 from embedloss.metrics import recall_at_k
 from embedloss.ops import labels_from_match_ids
 
@@ -119,3 +127,42 @@ def test_nt_xent_loss_function_is_simclr_loss(reduction):
     ref = EF.simclr_loss(v, t, temperature=0.07, reduction=reduction)
     assert_same(nt_xent_loss(v, t, reduction=reduction).sum(), ref.sum(), (v, t))
     assert nt_xent_loss(v, t, temperature=0.5, reduction=reduction).shape == ref.shape
+
+
+DEC_KEYS = {
+    "loss", "cross_modal_loss", "instance_loss", "v2t_loss", "t2v_loss",
+    "vision_inst_loss", "text_inst_loss", "v2t_accuracy", "t2v_accuracy", "accuracy",
+}
+
+
+@pytest.mark.parametrize("cls", [DecoupledContrastiveLoss, DecoupledLoss])
+def test_decoupled_is_clip_plus_weighted_instance_discrimination(cls):
+    batch = trainer_batch(match_ids=IDS)
+    out = cls(temperature=0.1, lambda_v=0.3, lambda_t=0.7)(**batch)
+    assert set(out) == DEC_KEYS
+    v, t = batch["vision_features"], batch["text_features"]
+    cross = embedloss.CLIPLoss(temperature=0.1)(v, t, labels_from_match_ids(IDS))
+    inst_v = EF.info_nce_loss(v, v, temperature=0.1)
+    inst_t = EF.info_nce_loss(t, t, temperature=0.1)
+    assert_same(out["loss"], cross + 0.3 * inst_v + 0.7 * inst_t, (v, t))
+    assert out["cross_modal_loss"].item() == pytest.approx(cross.item())
+    assert out["instance_loss"].item() == pytest.approx((inst_v + inst_t).item() / 2)
+    assert out["vision_inst_loss"].item() == pytest.approx(inst_v.item())
+
+
+def test_decoupled_instance_term_closed_form():
+    # Orthonormal embeddings: self-similarity 1/τ, every other 0, for each modality.
+    n, tau = 5, 0.5
+    x = torch.eye(n, dtype=torch.float64)
+    out = DecoupledContrastiveLoss(temperature=tau)(vision_features=x, text_features=x)
+    expected = -math.log(math.exp(1 / tau) / (math.exp(1 / tau) + n - 1))
+    assert out["vision_inst_loss"].item() == pytest.approx(expected)
+    assert out["cross_modal_loss"].item() == pytest.approx(expected)
+    assert out["loss"].item() == pytest.approx(2 * expected)
+
+
+def test_decoupled_reduction_none_is_per_sample_and_checks_weights():
+    out = DecoupledContrastiveLoss(reduction="none")(**trainer_batch())
+    assert out["loss"].shape == (6,)
+    with pytest.raises(ValueError, match="lambda_v must be a finite number in"):
+        DecoupledContrastiveLoss(lambda_v=-1.0)

@@ -21,7 +21,13 @@ from typing import Any
 
 import embedloss.base as _base
 from embedloss.compat._adapter import IgnoredArgumentWarning, deprecated
-from embedloss.compat.contrastive import ContrastiveLoss, SimCLRLoss, nt_xent_loss
+from embedloss.compat.contrastive import (
+    ContrastiveLoss,
+    DecoupledContrastiveLoss,
+    DecoupledLoss,
+    SimCLRLoss,
+    nt_xent_loss,
+)
 from embedloss.compat.factory import create_loss_function
 from embedloss.compat.multimodal import CLIPLoss, CLIPStyleLoss
 
@@ -38,6 +44,8 @@ __all__ = [
     "CLIPLoss",
     "CLIPStyleLoss",
     "ContrastiveLoss",
+    "DecoupledContrastiveLoss",
+    "DecoupledLoss",
     "IgnoredArgumentWarning",
     "SimCLRLoss",
     "create_loss_function",

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-from embedloss._validation import check_choice, check_reduction
+from embedloss._validation import check_choice, check_float, check_reduction
 from embedloss.compat._adapter import (
     LegacyLoss,
     deprecated,
@@ -15,11 +15,18 @@ from embedloss.compat._adapter import (
     retrieval_metrics,
     warn_ignored,
 )
+from embedloss.contrastive.info_nce import InfoNCELoss as _InfoNCE
 from embedloss.contrastive.simclr import SimCLRLoss as _SimCLR
 from embedloss.contrastive.simclr import simclr_loss
 from embedloss.multimodal.clip import CLIPLoss as _CLIP
 
-__all__ = ["ContrastiveLoss", "SimCLRLoss", "nt_xent_loss"]
+__all__ = [
+    "ContrastiveLoss",
+    "DecoupledContrastiveLoss",
+    "DecoupledLoss",
+    "SimCLRLoss",
+    "nt_xent_loss",
+]
 
 LOSS_TYPES = ("infonce", "nt_xent", "supervised")
 
@@ -186,3 +193,78 @@ def nt_xent_loss(
     """
     deprecated("nt_xent_loss", "embedloss.functional.simclr_loss (registry 'simclr')")
     return simclr_loss(vision_features, text_features, temperature=temperature, reduction=reduction)
+
+
+class DecoupledContrastiveLoss(LegacyLoss):
+    """Legacy cross-modal NCE plus per-modality instance discrimination, by CLIP and InfoNCE.
+
+    ``loss = clip(v, t) + λ_v·info_nce(v, v) + λ_t·info_nce(t, t)``: the cross-modal part is
+    :class:`embedloss.CLIPLoss` with samples of equal ``match_ids`` as positives; each instance
+    part is :class:`embedloss.InfoNCELoss` of a modality against itself (an embedding is its
+    own positive, the batch's other embeddings of that modality its negatives). It is not the
+    DCL of Yeh et al. (registry ``dcl``), whose positives leave the denominator.
+
+    Args:
+        temperature: τ > 0 (default 0.07), shared by the three parts.
+        lambda_v: Weight of the vision instance-discrimination term (default 0.5).
+        lambda_t: Weight of the text instance-discrimination term (default 0.5).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``: the parts' per-sample sum).
+
+    Returns (forward):
+        ``{"loss", "cross_modal_loss", "instance_loss", "v2t_loss", "t2v_loss",
+        "vision_inst_loss", "text_inst_loss", "v2t_accuracy", "t2v_accuracy", "accuracy"}``.
+    """
+
+    replacement = (
+        "embedloss.CLIPLoss ('clip') + weighted embedloss.InfoNCELoss ('info_nce') of each "
+        "modality against itself, e.g. as embedloss.CombinedLoss"
+    )
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        lambda_v: float = 0.5,
+        lambda_t: float = 0.5,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        self.lambda_v = check_float(lambda_v, "lambda_v", low=0.0)
+        self.lambda_t = check_float(lambda_t, "lambda_t", low=0.0)
+        self.cross_modal = _CLIP(temperature=temperature, reduction=reduction)
+        self.instance = _InfoNCE(temperature=temperature, reduction=reduction)
+
+    def forward(
+        self,
+        vision_features: Tensor,
+        text_features: Tensor,
+        match_ids: Sequence[Hashable] | Tensor | None = None,
+        **inputs: Any,
+    ) -> dict[str, Any]:
+        """Loss and legacy metrics (``match_ids`` default: diagonal pairing)."""
+        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
+        cross = self.cross_modal.compute(v, t, ids)
+        vision_inst, text_inst = self.instance(v, v), self.instance(t, t)
+        loss = cross.loss + self.lambda_v * vision_inst + self.lambda_t * text_inst
+        metrics = retrieval_metrics(v, t, ids)
+        metrics.pop("recalls")
+        return {
+            "loss": loss,
+            "cross_modal_loss": metric(cross.loss.mean()),
+            "instance_loss": metric((vision_inst.mean() + text_inst.mean()) / 2),
+            "v2t_loss": metric(cross.terms["loss_image_to_text"]),
+            "t2v_loss": metric(cross.terms["loss_text_to_image"]),
+            "vision_inst_loss": metric(vision_inst.mean()),
+            "text_inst_loss": metric(text_inst.mean()),
+            **metrics,
+        }
+
+
+class DecoupledLoss(DecoupledContrastiveLoss):
+    """The consolidation's ``DecoupledLoss``: the same as :class:`DecoupledContrastiveLoss`.
+
+    Args:
+        temperature: τ > 0 (default 0.07).
+        lambda_v: Weight of the vision instance-discrimination term (default 0.5).
+        lambda_t: Weight of the text instance-discrimination term (default 0.5).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    """
