@@ -6,13 +6,20 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.registry import create_loss, create_loss_from_config
 
-__all__ = ["build_parts", "check_weights", "forward_hooks", "run_part", "weighted_sum"]
+__all__ = [
+    "SEP",
+    "build_parts",
+    "check_weights",
+    "forward_hooks",
+    "prefixed",
+    "run_part",
+    "weighted_sum",
+]
 
 #: Separator between a part's name and its own term names: ``"clip/accuracy"``.
 SEP = "/"
@@ -148,10 +155,3 @@ def forward_hooks(parts: nn.ModuleDict, method: str, *args: Any) -> None:
         hook = getattr(module, method, None)
         if callable(hook):
             hook(*args)
-
-
-def zero_like_any(values: list[Tensor]) -> Tensor:
-    """A 0-d zero on the device and dtype of the first tensor (or CPU float32)."""
-    if values:
-        return values[0].new_zeros(())
-    return torch.zeros(())

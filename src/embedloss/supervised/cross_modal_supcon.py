@@ -97,7 +97,7 @@ def cross_modal_supcon_anchor_losses(
     check_same_shape(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
     check_choice(contrast_mode, "contrast_mode", CROSS_MODAL_MODES)
     n = image_embeddings.shape[0]
-    check_supervision(labels, mask, n)
+    labels = check_supervision(labels, mask, n)
     if labels is None and mask is None:
         raise ValueError("cross-modal SupCon needs labels or mask to define the positives")
     if mask is not None and gather_distributed:

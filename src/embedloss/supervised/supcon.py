@@ -32,6 +32,7 @@ from embedloss.registry import register_loss
 
 __all__ = [
     "SupConLoss",
+    "check_supervision",
     "contrast",
     "positive_mask_from_multi_hot",
     "supcon_anchor_losses",
@@ -42,8 +43,11 @@ __all__ = [
 CONTRAST_MODES = ("all", "one")
 
 
-def check_supervision(labels: Any, mask: Any, n: int) -> None:
+def check_supervision(labels: Any, mask: Any, n: int) -> Tensor | None:
     """Validate SupCon's supervision: integer ``labels (N,)``, multi-hot ``(N, C)`` or ``mask (N, N)``.
+
+    Returns the labels, with ``(N, 1)`` read as ``(N,)`` classes (as the reference code and the
+    legacy loss did), not as a one-column multi-hot matrix.
 
     Raises:
         ValueError: If both are given, or a shape does not match the batch of ``n`` samples.
@@ -53,6 +57,8 @@ def check_supervision(labels: Any, mask: Any, n: int) -> None:
         raise ValueError("pass either labels or mask, not both")
     if labels is not None:
         check_tensor(labels, "labels")
+        if labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels.reshape(-1)
         if labels.dim() == 2:
             if labels.shape[0] != n:
                 raise ValueError(
@@ -64,6 +70,7 @@ def check_supervision(labels: Any, mask: Any, n: int) -> None:
         check_tensor(mask, "mask")
         if mask.shape != (n, n):
             raise ValueError(f"mask must have shape ({n}, {n}), got {tuple(mask.shape)}")
+    return labels
 
 
 def positive_mask_from_multi_hot(query_labels: Tensor, key_labels: Tensor) -> Tensor:
@@ -151,7 +158,7 @@ def supcon_anchor_losses(
     check_choice(contrast_mode, "contrast_mode", CONTRAST_MODES)
     x = embeddings if embeddings.dim() == 3 else embeddings.unsqueeze(1)  # (n, V, D)
     n, views = x.shape[0], x.shape[1]
-    check_supervision(labels, mask, n)
+    labels = check_supervision(labels, mask, n)
     if labels is None and mask is None and views == 1:
         raise ValueError(
             "SupCon with a single view needs labels or mask: otherwise no anchor has a positive"
@@ -214,8 +221,8 @@ def supcon_loss(
 
     and the loss is the mean of ℓ_i over anchors with ``|P(i)| > 0``. The ``τ/τ_base`` factor is
     the official code's (``base_temperature=None`` makes it 1, as pytorch-metric-learning).
-    Positives come from ``labels (N,)`` (equal class), multi-hot ``labels (N, C)`` (at least one
-    shared class, or the same sample), an explicit ``mask (N, N)`` (``mask[i, j]`` true when
+    Positives come from ``labels (N,)`` (equal class; ``(N, 1)`` is read the same way), multi-hot
+    ``labels (N, C)`` (at least one shared class, or the same sample), an explicit ``mask (N, N)`` (``mask[i, j]`` true when
     sample ``j`` is a positive of sample ``i``, tiled over the views as the reference does, so its
     diagonal decides whether a sample's other views are positives), or — with neither — the
     other views of the same sample (SimCLR's NT-Xent). Anchors without positives are excluded
