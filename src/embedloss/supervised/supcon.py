@@ -123,9 +123,10 @@ def contrast(
     cols = torch.arange(keys.shape[0], device=query.device)
     spec = PairSpec(query_labels=query_ids, key_labels=key_ids, self_index=self_index)
     same_sample, denominator = pair_masks(spec, rows, cols)  # (n, m) each
-    if positive is None and query_labels is not None and key_labels is not None:
-        positive = same_sample | positive_mask_from_multi_hot(query_labels, key_labels)
-    positive = same_sample if positive is None else positive
+    if positive is None:
+        positive = same_sample
+        if query_labels is not None and key_labels is not None:
+            positive = positive | positive_mask_from_multi_hot(query_labels, key_labels)
     logits = similarity_matrix(query, keys, scale)  # (n, m)
     return anchor_losses_from_logits(logits, positive & denominator, denominator)
 
