@@ -9,5 +9,9 @@ Example:
 
 from embedloss.contrastive import info_nce_loss, simclr_loss
 from embedloss.multimodal import clip_loss
+from embedloss.multimodal.mixed_multimodal import mixed_multimodal_loss
+from embedloss.supervised import cross_entropy_loss, cross_modal_supcon_loss, mse_loss, supcon_loss
 
 __all__ = ["clip_loss", "info_nce_loss", "simclr_loss"]
+__all__ += ["mixed_multimodal_loss"]
+__all__ += ["cross_entropy_loss", "cross_modal_supcon_loss", "mse_loss", "supcon_loss"]
