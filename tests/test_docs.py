@@ -76,7 +76,10 @@ def test_migration_guide_names_only_registered_losses():
 
     keys = set(re.findall(r"registry `([a-z_]+)`", _guide()))
     assert keys, "the guide's table names registry keys as: registry `name`"
-    known = {*embedloss.list_losses(), *(a for n in embedloss.list_losses() for a in embedloss.loss_info(n).aliases)}
+    known = {
+        *embedloss.list_losses(),
+        *(a for n in embedloss.list_losses() for a in embedloss.loss_info(n).aliases),
+    }
     assert sorted(keys - known) == []
 
 

@@ -130,8 +130,16 @@ def test_nt_xent_loss_function_is_simclr_loss(reduction):
 
 
 DEC_KEYS = {
-    "loss", "cross_modal_loss", "instance_loss", "v2t_loss", "t2v_loss",
-    "vision_inst_loss", "text_inst_loss", "v2t_accuracy", "t2v_accuracy", "accuracy",
+    "loss",
+    "cross_modal_loss",
+    "instance_loss",
+    "v2t_loss",
+    "t2v_loss",
+    "vision_inst_loss",
+    "text_inst_loss",
+    "v2t_accuracy",
+    "t2v_accuracy",
+    "accuracy",
 }
 
 

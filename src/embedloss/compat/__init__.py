@@ -21,6 +21,7 @@ from typing import Any
 
 import embedloss.base as _base
 from embedloss.compat._adapter import IgnoredArgumentWarning, deprecated
+from embedloss.compat.composite import CombinedLoss, MultitaskLoss
 from embedloss.compat.contrastive import (
     ContrastiveLoss,
     DecoupledContrastiveLoss,
@@ -29,7 +30,21 @@ from embedloss.compat.contrastive import (
     nt_xent_loss,
 )
 from embedloss.compat.factory import create_loss_function
-from embedloss.compat.multimodal import CLIPLoss, CLIPStyleLoss
+from embedloss.compat.multimodal import (
+    CLIPLoss,
+    CLIPStyleLoss,
+    MixedMultimodalLoss,
+    MultiModalMixedContrastiveLoss,
+    SimpleContrastiveLoss,
+    compute_recall_at_k,
+)
+from embedloss.compat.supervised import (
+    CrossEntropyLoss,
+    MeanSquaredError,
+    SupervisedContrastiveLoss,
+    SupervisedLoss,
+    supervised_contrastive_loss,
+)
 
 _BASE_NAMES = (
     "BaseContrastiveLoss",
@@ -43,13 +58,24 @@ _BASE_NAMES = (
 __all__ = [
     "CLIPLoss",
     "CLIPStyleLoss",
+    "CombinedLoss",
     "ContrastiveLoss",
+    "CrossEntropyLoss",
     "DecoupledContrastiveLoss",
     "DecoupledLoss",
     "IgnoredArgumentWarning",
+    "MeanSquaredError",
+    "MixedMultimodalLoss",
+    "MultiModalMixedContrastiveLoss",
+    "MultitaskLoss",
     "SimCLRLoss",
+    "SimpleContrastiveLoss",
+    "SupervisedContrastiveLoss",
+    "SupervisedLoss",
+    "compute_recall_at_k",
     "create_loss_function",
     "nt_xent_loss",
+    "supervised_contrastive_loss",
     *_BASE_NAMES,
 ]
 

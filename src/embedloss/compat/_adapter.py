@@ -66,6 +66,15 @@ IGNORED_REASONS = {
     "use_hard_negatives": "the legacy class never used it (use embedloss.HardNegativeLoss)",
     "hard_negative_weight": "the legacy class never used it (use embedloss.HardNegativeLoss)",
     "similarity_matrix": "the similarity is computed from the features by the new loss",
+    "clip_grad": (
+        "clamping the loss zeroed its gradient; clip gradients with "
+        "torch.nn.utils.clip_grad_norm_ instead"
+    ),
+    "use_class_weights": (
+        "per-sample class weights are not part of the supervised contrastive loss; weight the "
+        "per-pair losses of reduction='none' yourself"
+    ),
+    "class_weights": "see use_class_weights",
 }
 
 
