@@ -9,5 +9,19 @@ Example:
 
 from embedloss.contrastive import info_nce_loss, simclr_loss
 from embedloss.multimodal import clip_loss
+from embedloss.self_supervised import (
+    barlow_twins_loss,
+    decorrelation_loss,
+    hybrid_vicreg_loss,
+    negative_cosine_loss,
+    vicreg_loss,
+)
 
 __all__ = ["clip_loss", "info_nce_loss", "simclr_loss"]
+__all__ += [
+    "barlow_twins_loss",
+    "decorrelation_loss",
+    "hybrid_vicreg_loss",
+    "negative_cosine_loss",
+    "vicreg_loss",
+]
