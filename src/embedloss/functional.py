@@ -10,8 +10,27 @@ Example:
 from embedloss.contrastive import info_nce_loss, simclr_loss
 from embedloss.multimodal import clip_loss
 from embedloss.multimodal.mixed_multimodal import mixed_multimodal_loss
+from embedloss.self_supervised import (
+    barlow_twins_loss,
+    decorrelation_loss,
+    hybrid_vicreg_loss,
+    negative_cosine_loss,
+    vicreg_loss,
+)
 from embedloss.supervised import cross_entropy_loss, cross_modal_supcon_loss, mse_loss, supcon_loss
 
-__all__ = ["clip_loss", "info_nce_loss", "simclr_loss"]
-__all__ += ["mixed_multimodal_loss"]
-__all__ += ["cross_entropy_loss", "cross_modal_supcon_loss", "mse_loss", "supcon_loss"]
+__all__ = [
+    "barlow_twins_loss",
+    "clip_loss",
+    "cross_entropy_loss",
+    "cross_modal_supcon_loss",
+    "decorrelation_loss",
+    "hybrid_vicreg_loss",
+    "info_nce_loss",
+    "mixed_multimodal_loss",
+    "mse_loss",
+    "negative_cosine_loss",
+    "simclr_loss",
+    "supcon_loss",
+    "vicreg_loss",
+]

@@ -145,10 +145,12 @@ def test_reduction_none_and_sum():
     expected = 0.4 * clip + 0.3 * (nt[:6] + nt[6:]) / 2 + 0.3 * (sup[:6] + sup[6:]) / 2
     torch.testing.assert_close(per_pair, expected, **TOL)
     total = mixed_multimodal_loss(x, y, labels=LABELS, reduction="sum")
-    expected_sum = 0.4 * clip_loss(x, y, temperature=0.07, reduction="sum") + 0.3 * (
-        nt.sum() + sup.sum()
+    # "sum" adds the per-pair values: each 2N-anchor part counts a pair's two anchors half each.
+    expected_sum = (
+        0.4 * clip_loss(x, y, temperature=0.07, reduction="sum") + 0.3 * (nt.sum() + sup.sum()) / 2
     )
     torch.testing.assert_close(total, expected_sum, **TOL)
+    torch.testing.assert_close(total, per_pair.sum(), **TOL)
 
 
 def test_module_terms_gradients_and_half_precision():

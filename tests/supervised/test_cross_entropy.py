@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from supervised_oracles import weighted_ce_loop
 
 import embedloss
 from embedloss.supervised.cross_entropy import CrossEntropyLoss, cross_entropy_loss
+from tests.supervised.supervised_oracles import weighted_ce_loop
 
 TOL = {"rtol": 1e-12, "atol": 1e-12}
 F64 = torch.float64

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from supervised_oracles import cross_direction_eq2, mean_valid, supcon_eq2
 
 import embedloss
 from embedloss.multimodal.clip import clip_loss
@@ -10,6 +9,7 @@ from embedloss.supervised.cross_modal_supcon import (
     cross_modal_supcon_loss,
 )
 from embedloss.supervised.supcon import supcon_loss
+from tests.supervised.supervised_oracles import cross_direction_eq2, mean_valid, supcon_eq2
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}
 F64 = torch.float64

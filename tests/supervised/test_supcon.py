@@ -3,11 +3,11 @@ import math
 import pytest
 import torch
 from pytorch_metric_learning.losses import SupConLoss as PMLSupConLoss
-from supervised_oracles import supcon_eq2, supcon_reference, unit
 
 import embedloss
 from embedloss.contrastive.simclr import simclr_loss
 from embedloss.supervised.supcon import SupConLoss, supcon_loss
+from tests.supervised.supervised_oracles import supcon_eq2, supcon_reference, unit
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}
 F64 = torch.float64

@@ -21,11 +21,12 @@ __all__ = ["MixedMultimodalLoss", "mixed_multimodal_loss", "mixed_multimodal_par
 
 
 def _per_pair(result: AnchorLosses, reduction: str, distributed: bool) -> Tensor:
-    # NT-Xent and SupCon score 2N anchors [images; texts]; "none" averages a pair's two.
+    # NT-Xent and SupCon score 2N anchors [images; texts]; a pair's value is the mean of its
+    # two anchors, so "none" is (N,) and "sum" adds pairs (as clip adds averaged directions).
     reduced = reduce_anchor_losses(result, reduction, distributed=distributed)
-    if reduction != "none":
-        return reduced
-    return reduced.reshape(2, -1).mean(dim=0)
+    if reduction == "none":
+        return reduced.reshape(2, -1).mean(dim=0)
+    return reduced / 2 if reduction == "sum" else reduced
 
 
 def mixed_multimodal_parts(
