@@ -38,6 +38,12 @@ from embedloss.compat.multimodal import (
     SimpleContrastiveLoss,
     compute_recall_at_k,
 )
+from embedloss.compat.self_supervised import (
+    BarlowTwinsLoss,
+    DecorrelationLoss,
+    HybridPretrainVICRegLoss,
+    VICRegLoss,
+)
 from embedloss.compat.supervised import (
     CrossEntropyLoss,
     MeanSquaredError,
@@ -56,13 +62,16 @@ _BASE_NAMES = (
 )
 
 __all__ = [
+    "BarlowTwinsLoss",
     "CLIPLoss",
     "CLIPStyleLoss",
     "CombinedLoss",
     "ContrastiveLoss",
     "CrossEntropyLoss",
     "DecoupledContrastiveLoss",
+    "DecorrelationLoss",
     "DecoupledLoss",
+    "HybridPretrainVICRegLoss",
     "IgnoredArgumentWarning",
     "MeanSquaredError",
     "MixedMultimodalLoss",
@@ -72,6 +81,7 @@ __all__ = [
     "SimpleContrastiveLoss",
     "SupervisedContrastiveLoss",
     "SupervisedLoss",
+    "VICRegLoss",
     "compute_recall_at_k",
     "create_loss_function",
     "nt_xent_loss",

@@ -75,6 +75,18 @@ IGNORED_REASONS = {
         "per-pair losses of reduction='none' yourself"
     ),
     "class_weights": "see use_class_weights",
+    "batch_norm_last_layer": "the loss standardises every dimension over the batch itself",
+    "normalize_embeddings": (
+        "the loss standardises every dimension over the batch; row normalisation kept it from "
+        "its optimum"
+    ),
+    "num_epochs": "the warm-up is counted in epochs from warmup_epochs alone",
+    "warmup_epochs": "the VICReg part is blended in over gradual_transition_steps",
+    "curriculum": "the VICReg part is blended in over gradual_transition_steps",
+    "fusion_dim": "dimensions come from the inputs",
+    "vision_dim": "dimensions come from the inputs",
+    "text_dim": "dimensions come from the inputs",
+    "reduction": "the loss is a batch statistic (one value per batch)",
 }
 
 
@@ -187,8 +199,13 @@ class LegacyLoss(ProjectionMixin, nn.Module):
         input_dim: int | None,
         projection_dim: int,
         flag: str = "add_projection",
+        num_layers: int = 2,
     ) -> None:
-        """Per-modality 2-layer projection heads (``vision``, ``text``), as the legacy classes had."""
+        """Per-modality projection heads (``vision``, ``text``), as the legacy classes had.
+
+        Two layers ``Linear → ReLU → Linear`` (hidden size ``input_dim``), or three with
+        BatchNorm (Barlow Twins).
+        """
         if not isinstance(enabled, bool):
             raise TypeError(f"{flag} must be a bool, got {type(enabled).__name__}")
         if enabled and input_dim is None:
@@ -198,7 +215,10 @@ class LegacyLoss(ProjectionMixin, nn.Module):
                 IgnoredArgumentWarning,
             )
         self._init_projection(
-            input_dim if enabled else None, projection_dim, modalities=("vision", "text")
+            input_dim if enabled else None,
+            projection_dim,
+            num_layers=num_layers,
+            modalities=("vision", "text"),
         )
 
     def ignore_inputs(self, inputs: Mapping[str, Any]) -> None:

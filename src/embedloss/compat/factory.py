@@ -100,19 +100,20 @@ def create_loss_function(
             normalize_embeddings=True,
         )
     if loss_type == "vicreg":
-        common = {
+        coeffs = {
             "sim_coeff": _get(args, "sim_weight", 5.0),
             "var_coeff": _get(args, "var_weight", 5.0),
             "cov_coeff": _get(args, "cov_weight", 1.0),
             "epsilon": 1e-4,
-            "warmup_epochs": _get(args, "vicreg_warmup_epochs", 5),
-            "curriculum": _get(args, "use_curriculum", True),
-            "num_epochs": _get(args, "num_epochs", 30),
         }
         if not _get(args, "use_contrastive_pretrain", False):
-            return _cls("VICRegLoss")(**common)
+            return _cls("VICRegLoss")(
+                **coeffs,
+                warmup_epochs=_get(args, "vicreg_warmup_epochs", 5),
+                curriculum=_get(args, "use_curriculum", True),
+            )
         return _cls("HybridPretrainVICRegLoss")(
-            **common,
+            **coeffs,
             contrastive_pretrain_steps=_get(args, "contrastive_pretrain_steps", 200),
             temperature=temperature,
             adaptive_transition=_get(args, "adaptive_transition", True),
