@@ -58,6 +58,7 @@ __all__ = [
     "functional",
     "list_losses",
     "loss_info",
+    "metrics",
     "ops",
     "register_loss",
     *contrastive.__all__,

@@ -23,6 +23,12 @@ CASES = [
         tag="labels",
     ),
     Case("clip", {"temperature": 0.1, "learnable_temperature": True}, pair),
+    Case("siglip", {"temperature": 0.3, "bias": -1.0}, pair),
+    Case("siglip", {"temperature": 0.3, "bias": -1.0}, partial(pair, labels=True), tag="labels"),
+    Case("siglip", {"reduction": "sum", "learnable_temperature": False}, pair),
+    Case("alignment_uniformity", {"alpha": 1.5, "t": 3.0, "weight": 0.7}, pair),
+    Case("alignment_uniformity", {}, partial(pair, labels=True), tag="labels"),
+    Case("alignment_uniformity", {"reduction": "sum"}, pair),
 ]
 REQUIRED = {"clip", "simclr", "info_nce"}
 

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from tests.self_supervised.selfsup_oracles import barlow_twins_oracle, hadamard
 from torch import nn
 
 from embedloss import create_loss
 from embedloss.ops.statistics import cross_correlation
 from embedloss.self_supervised import BarlowTwinsLoss, barlow_twins_loss
 from embedloss.self_supervised.barlow_twins import barlow_twins_terms
+from tests.self_supervised.selfsup_oracles import barlow_twins_oracle, hadamard
 
 TINY = 1e-12  # ε small enough that standardised ±1 columns have C entries exact to 1e-12
 

@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
-from tests.self_supervised.selfsup_oracles import decorrelation_oracle, hadamard
 
 from embedloss import create_loss
 from embedloss.ops.similarity import l2_normalize
 from embedloss.self_supervised import DecorrelationLoss, decorrelation_loss
+from tests.self_supervised.selfsup_oracles import decorrelation_oracle, hadamard
 
 
 def _z(n: int = 9, d: int = 4, seed: int = 0) -> torch.Tensor:

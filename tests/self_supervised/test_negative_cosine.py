@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.self_supervised.selfsup_oracles import negative_cosine_oracle
 
 from embedloss import create_loss
 from embedloss.self_supervised import NegativeCosineLoss, negative_cosine_loss
+from tests.self_supervised.selfsup_oracles import negative_cosine_oracle
 
 
 def _pairs(n: int = 5, d: int = 6, seed: int = 0) -> list[torch.Tensor]:

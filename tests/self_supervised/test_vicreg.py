@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from pytorch_metric_learning.losses import VICRegLoss as PMLVICRegLoss
-from tests.self_supervised.selfsup_oracles import hadamard, vicreg_oracle
 
 from embedloss import create_loss
 from embedloss.self_supervised import VICRegLoss, vicreg_loss
 from embedloss.self_supervised.vicreg import vicreg_terms
+from tests.self_supervised.selfsup_oracles import hadamard, vicreg_oracle
 
 
 def _views(n: int = 6, d: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
