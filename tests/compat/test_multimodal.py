@@ -9,6 +9,7 @@ from embedloss import functional as EF
 from embedloss.compat import (
     CLIPLoss,
     CLIPStyleLoss,
+    FeatureConsistencyLoss,
     MixedMultimodalLoss,
     MultiModalMixedContrastiveLoss,
     SimpleContrastiveLoss,
@@ -191,3 +192,55 @@ def test_compute_recall_at_k_with_and_without_targets():
     )
     assert r["v2t_recall@1"] == 1.0 and r["t2i_recall@1"] == pytest.approx(2 / 3)
     assert all(isinstance(v, float) for v in r.values())
+
+
+FC_KEYS = {
+    "loss",
+    "feature_consistency_loss",
+    "vision_consistency_loss",
+    "text_consistency_loss",
+    "vision_weight",
+    "text_weight",
+}
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2", "l1", "smooth_l1"])
+def test_feature_consistency_against_frozen_reference_encoders(distance):
+    torch.manual_seed(0)
+    enc_v, enc_t = torch.nn.Linear(5, 4).double(), torch.nn.Linear(3, 4).double()
+    loss = FeatureConsistencyLoss(
+        enc_v, enc_t, vision_weight=2.0, text_weight=0.5, distance_fn=distance
+    )
+    xv, xt = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    with torch.no_grad():  # the online encoders drift away from the snapshot
+        enc_v.weight.add_(0.3)
+    v, t = enc_v(xv), enc_t(xt)
+    out = loss(vision_features=v, text_features=t, vision_inputs=xv, text_inputs=xt, logits=None)
+    assert set(out) == FC_KEYS
+    new = embedloss.FeatureConsistencyLoss(distance=distance)
+    with torch.no_grad():
+        ref_v, ref_t = (
+            loss.loss.reference_models["vision"](xv),
+            loss.loss.reference_models["text"](xt),
+        )
+    expected = 2.0 * new(v, ref_v) + 0.5 * new(t, ref_t)
+    assert_same(out["loss"], expected, (v, t))
+    assert out["text_consistency_loss"].item() == pytest.approx(new(t, ref_t).item())
+    assert out["text_consistency_loss"].item() == pytest.approx(
+        0.0, abs=1e-12
+    )  # text did not drift
+    assert out["vision_weight"].item() == 2.0
+    assert all(not p.requires_grad for p in loss.loss.reference_models.parameters())
+    assert enc_v.weight.requires_grad  # the module passed in is left trainable
+
+
+def test_feature_consistency_with_one_or_no_reference_model():
+    enc = torch.nn.Linear(4, 4)
+    x = torch.randn(5, 4)
+    out = FeatureConsistencyLoss(reference_text_model=enc)(torch.randn(5, 4), enc(x), text_inputs=x)
+    assert (
+        out["loss"].item() == pytest.approx(0.0, abs=1e-6)
+        and out["vision_consistency_loss"].item() == 0.0
+    )
+    out = FeatureConsistencyLoss()(torch.randn(5, 4), torch.randn(5, 4))
+    assert out["loss"].item() == 0.0

@@ -33,6 +33,7 @@ from embedloss.compat.factory import create_loss_function
 from embedloss.compat.multimodal import (
     CLIPLoss,
     CLIPStyleLoss,
+    FeatureConsistencyLoss,
     MixedMultimodalLoss,
     MultiModalMixedContrastiveLoss,
     SimpleContrastiveLoss,
@@ -71,6 +72,7 @@ __all__ = [
     "DecoupledContrastiveLoss",
     "DecorrelationLoss",
     "DecoupledLoss",
+    "FeatureConsistencyLoss",
     "HybridPretrainVICRegLoss",
     "IgnoredArgumentWarning",
     "MeanSquaredError",

@@ -6,7 +6,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from embedloss._validation import check_tensor
 from embedloss.compat._adapter import (
@@ -18,6 +18,7 @@ from embedloss.compat._adapter import (
 )
 from embedloss.metrics import recall_at_k
 from embedloss.multimodal.clip import CLIPLoss as _CLIP
+from embedloss.multimodal.feature_consistency import FeatureConsistencyLoss as _Consistency
 from embedloss.multimodal.mixed_multimodal import MixedMultimodalLoss as _Mixed
 from embedloss.ops.similarity import l2_normalize, positive_mask_from_labels
 from embedloss.supervised.mse import MSELoss as _MSE
@@ -25,6 +26,7 @@ from embedloss.supervised.mse import MSELoss as _MSE
 __all__ = [
     "CLIPLoss",
     "CLIPStyleLoss",
+    "FeatureConsistencyLoss",
     "MixedMultimodalLoss",
     "MultiModalMixedContrastiveLoss",
     "SimpleContrastiveLoss",
@@ -348,3 +350,84 @@ def compute_recall_at_k(
         out[f"t2i_recall@{k}"] = t2i[f"query_to_key_recall@{k}"]
         out[f"avg_recall@{k}"] = (out[f"v2t_recall@{k}"] + out[f"t2i_recall@{k}"]) / 2
     return out
+
+
+class FeatureConsistencyLoss(LegacyLoss):
+    """Legacy consistency with frozen reference encoders: :class:`embedloss.FeatureConsistencyLoss`.
+
+    ``loss = vision_weight·d(v, ref_v(vision_inputs)) + text_weight·d(t, ref_t(text_inputs))``
+    over the modalities that have a reference model. The reference models are frozen deep
+    copies taken at construction (always in eval mode, never trained); the modules passed in
+    are left as they are.
+
+    Args:
+        reference_vision_model: Frozen reference vision encoder (or None).
+        reference_text_model: Frozen reference text encoder (or None).
+        vision_weight: Weight of the vision term (default 1).
+        text_weight: Weight of the text term (default 1).
+        distance_fn: ``"cosine"`` (default), ``"l2"``, ``"l1"`` or ``"smooth_l1"``.
+        normalize_features: L2-normalise before the distance (default True).
+        detach_reference: Kept for the signature; reference features never carry gradients.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns (forward):
+        ``{"loss", "feature_consistency_loss", "vision_consistency_loss",
+        "text_consistency_loss", "vision_weight", "text_weight"}``.
+    """
+
+    replacement = "embedloss.FeatureConsistencyLoss (registry 'feature_consistency')"
+
+    def __init__(
+        self,
+        reference_vision_model: nn.Module | None = None,
+        reference_text_model: nn.Module | None = None,
+        vision_weight: float = 1.0,
+        text_weight: float = 1.0,
+        distance_fn: str = "cosine",
+        normalize_features: bool = True,
+        detach_reference: bool = True,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        given = {"vision": reference_vision_model, "text": reference_text_model}
+        models = {m: model for m, model in given.items() if model is not None}
+        weights = {"vision": vision_weight, "text": text_weight}
+        self.weights = weights
+        self.loss = _Consistency(
+            distance=distance_fn,
+            normalize=normalize_features,
+            reference_models=models,
+            weights={m: weights[m] for m in models},
+            detach_reference=detach_reference,
+            reduction=reduction,
+        )
+
+    def forward(
+        self,
+        vision_features: Tensor,
+        text_features: Tensor,
+        vision_inputs: Any = None,
+        text_inputs: Any = None,
+        **inputs: Any,
+    ) -> dict[str, Any]:
+        """Loss and legacy metrics; each modality with a reference model needs its inputs."""
+        self.ignore_inputs(inputs)
+        given = {
+            "vision": (vision_features, vision_inputs),
+            "text": (text_features, text_inputs),
+        }
+        active = [m for m in given if m in self.loss.reference_models]
+        result: dict[str, Any] = {}
+        if active:
+            out = self.loss.compute(
+                {m: given[m][0] for m in active}, inputs={m: given[m][1] for m in active}
+            )
+            loss, terms = out.loss, out.terms
+        else:  # no reference model: nothing to be consistent with
+            loss, terms = vision_features.new_zeros(()), {}
+        result["loss"] = loss
+        result["feature_consistency_loss"] = metric(loss.mean())
+        for m in given:
+            result[f"{m}_consistency_loss"] = metric(terms.get(f"consistency_{m}", 0.0))
+            result[f"{m}_weight"] = metric(self.weights[m])
+        return result

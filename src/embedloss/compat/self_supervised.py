@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from embedloss._validation import check_choice
@@ -147,11 +148,12 @@ class BarlowTwinsLoss(LegacyLoss):
         v, t, _ = self.paired_inputs(vision_features, text_features, None, inputs)
         pairs = [(v, t)] if self.correlation_mode == "cross_modal" else [(v, v), (t, t)]
         outs = [self.loss.compute(a, b) for a, b in pairs]
-        mean = len(outs)
-        loss = sum(o.loss for o in outs) / mean
+        loss = torch.stack([o.loss for o in outs]).mean()
         return loss, {
-            "diagonal_loss": metric(sum(o.terms["on_diagonal"] for o in outs) / mean),
-            "off_diagonal_loss": metric(sum(o.terms["off_diagonal"] for o in outs) / mean),
+            "diagonal_loss": metric(torch.stack([o.terms["on_diagonal"] for o in outs]).mean()),
+            "off_diagonal_loss": metric(
+                torch.stack([o.terms["off_diagonal"] for o in outs]).mean()
+            ),
         }
 
 
