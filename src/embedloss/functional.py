@@ -8,6 +8,8 @@ Example:
 """
 
 from embedloss.contrastive import info_nce_loss, simclr_loss
+from embedloss.contrastive.moco import moco_loss
 from embedloss.multimodal import clip_loss
 
 __all__ = ["clip_loss", "info_nce_loss", "simclr_loss"]
+__all__ += ["moco_loss"]

@@ -1,6 +1,16 @@
 """Contrastive losses: one file per loss, each a pure function and a registered module."""
 
 from embedloss.contrastive.info_nce import InfoNCELoss, info_nce_loss
+from embedloss.contrastive.moco import MoCoLoss, moco_loss
+from embedloss.contrastive.momentum_encoder import MomentumEncoder
 from embedloss.contrastive.simclr import SimCLRLoss, simclr_loss
 
-__all__ = ["InfoNCELoss", "SimCLRLoss", "info_nce_loss", "simclr_loss"]
+__all__ = [
+    "InfoNCELoss",
+    "MoCoLoss",
+    "MomentumEncoder",
+    "SimCLRLoss",
+    "info_nce_loss",
+    "moco_loss",
+    "simclr_loss",
+]
