@@ -8,8 +8,9 @@ Example:
 """
 
 from embedloss.contrastive import info_nce_loss, simclr_loss
+from embedloss.contrastive.hard_negative import hard_negative_loss
 from embedloss.contrastive.moco import moco_loss
 from embedloss.multimodal import clip_loss
 
 __all__ = ["clip_loss", "info_nce_loss", "simclr_loss"]
-__all__ += ["moco_loss"]
+__all__ += ["hard_negative_loss", "moco_loss"]

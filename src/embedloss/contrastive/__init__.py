@@ -1,15 +1,18 @@
 """Contrastive losses: one file per loss, each a pure function and a registered module."""
 
+from embedloss.contrastive.hard_negative import HardNegativeLoss, hard_negative_loss
 from embedloss.contrastive.info_nce import InfoNCELoss, info_nce_loss
 from embedloss.contrastive.moco import MoCoLoss, moco_loss
 from embedloss.contrastive.momentum_encoder import MomentumEncoder
 from embedloss.contrastive.simclr import SimCLRLoss, simclr_loss
 
 __all__ = [
+    "HardNegativeLoss",
     "InfoNCELoss",
     "MoCoLoss",
     "MomentumEncoder",
     "SimCLRLoss",
+    "hard_negative_loss",
     "info_nce_loss",
     "moco_loss",
     "simclr_loss",
