@@ -1,5 +1,6 @@
 """Contrastive losses: one file per loss, each a pure function and a registered module."""
 
+from embedloss.contrastive.dcl import DCLLoss, DCLWLoss, dcl_loss, dclw_loss
 from embedloss.contrastive.dynamic_temperature import (
     DynamicTemperatureLoss,
     dynamic_temperature_loss,
@@ -11,12 +12,16 @@ from embedloss.contrastive.momentum_encoder import MomentumEncoder
 from embedloss.contrastive.simclr import SimCLRLoss, simclr_loss
 
 __all__ = [
+    "DCLLoss",
+    "DCLWLoss",
     "DynamicTemperatureLoss",
     "HardNegativeLoss",
     "InfoNCELoss",
     "MoCoLoss",
     "MomentumEncoder",
     "SimCLRLoss",
+    "dcl_loss",
+    "dclw_loss",
     "dynamic_temperature_loss",
     "hard_negative_loss",
     "info_nce_loss",
