@@ -11,7 +11,6 @@ from torch import Tensor
 from embedloss._validation import (
     check_choice,
     check_float,
-    check_int,
     check_pair,
     check_positive_float,
 )
@@ -20,6 +19,7 @@ from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.multimodal.clip import clip_anchor_losses, combine_directions
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.info_nce import AnchorLosses, ChunkSize, reduce_anchor_losses
+from embedloss.ops.schedules import cosine_schedule
 from embedloss.ops.similarity import l2_normalize
 from embedloss.registry import register_loss
 
@@ -273,17 +273,8 @@ class DynamicTemperatureLoss(BaseContrastiveLoss):
         """
         if self.schedule != "cosine":
             return
-        k = check_int(step, "step", low=0)
-        if total_steps is None:
-            raise ValueError(
-                "schedule='cosine' needs total_steps in update_step(step, total_steps)"
-            )
-        total = check_int(total_steps, "total_steps", low=1)
-        progress = min(k, total) / total
-        low, high = self.min_temperature, self.max_temperature
-        self.scheduled_temperature.fill_(
-            low + 0.5 * (high - low) * (1 + math.cos(math.pi * progress))
-        )
+        tau = cosine_schedule(step, total_steps, self.max_temperature, self.min_temperature)
+        self.scheduled_temperature.fill_(tau)
 
     @torch.no_grad()
     def _current_temperature(self, gap: Tensor) -> float:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from embedloss._validation import check_choice, check_float, check_int
+from embedloss._validation import check_choice, check_float
+from embedloss.ops.schedules import cosine_schedule
 
 __all__ = ["MomentumEncoder"]
 
@@ -152,18 +152,7 @@ class MomentumEncoder(nn.Module):
         """
         if self.schedule == "constant":
             return
-        k = check_int(step, "step", low=0)
-        if total_steps is None:
-            raise ValueError(
-                "schedule='cosine' needs total_steps in update_step(step, total_steps)"
-            )
-        total = check_int(total_steps, "total_steps", low=1)
-        base = float(self.base_momentum)
-        progress = min(k, total) / total
-        value = (
-            self.final_momentum
-            - (self.final_momentum - base) * (math.cos(math.pi * progress) + 1) / 2
-        )
+        value = cosine_schedule(step, total_steps, float(self.base_momentum), self.final_momentum)
         self.current_momentum.fill_(value)
 
     def extra_repr(self) -> str:
