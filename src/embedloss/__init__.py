@@ -11,6 +11,7 @@ from embedloss import (
     composite,
     contrastive,
     functional,
+    metrics,
     multimodal,
     ops,
     self_supervised,
