@@ -39,6 +39,13 @@ from embedloss.compat.multimodal import (
     SimpleContrastiveLoss,
     compute_recall_at_k,
 )
+from embedloss.compat.queue import EMAMoCoLoss, MemoryQueueContrastiveLoss, MoCoLoss
+from embedloss.compat.reweighted import (
+    DynamicTemperatureContrastiveLoss,
+    DynamicTemperatureLoss,
+    HardNegativeLoss,
+    HardNegativeMiningContrastiveLoss,
+)
 from embedloss.compat.self_supervised import (
     BarlowTwinsLoss,
     DecorrelationLoss,
@@ -72,12 +79,19 @@ __all__ = [
     "DecoupledContrastiveLoss",
     "DecorrelationLoss",
     "DecoupledLoss",
+    "DynamicTemperatureContrastiveLoss",
+    "DynamicTemperatureLoss",
+    "EMAMoCoLoss",
     "FeatureConsistencyLoss",
+    "HardNegativeLoss",
+    "HardNegativeMiningContrastiveLoss",
     "HybridPretrainVICRegLoss",
     "IgnoredArgumentWarning",
     "MeanSquaredError",
+    "MemoryQueueContrastiveLoss",
     "MixedMultimodalLoss",
     "MultiModalMixedContrastiveLoss",
+    "MoCoLoss",
     "MultitaskLoss",
     "SimCLRLoss",
     "SimpleContrastiveLoss",
