@@ -42,6 +42,7 @@ class MemoryQueueContrastiveLoss(LegacyLoss):
         ``{"loss", "loss_v2t", "loss_t2v", "temperature", "queue_fill", "accuracy"}``.
     """
 
+    label_offset: Tensor
     replacement = (
         "embedloss.MoCoLoss (registry 'moco', alias 'memory_queue') with "
         "in_batch_negatives=True, symmetric=True"
@@ -91,7 +92,7 @@ class MemoryQueueContrastiveLoss(LegacyLoss):
         codes = torch.arange(v.shape[0], device=v.device) if ids is None else ids
         out = self.loss.compute(v, t, codes + self.label_offset)
         if self.training:
-            self.label_offset += v.shape[0]
+            self.label_offset.add_(v.shape[0])
         terms = out.terms
         return {
             "loss": out.loss,
