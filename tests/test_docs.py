@@ -83,7 +83,7 @@ def test_migration_guide_names_only_registered_losses():
     assert sorted(keys - known) == []
 
 
-def test_readme_and_guide_link_the_documentation():
+def test_guide_links_the_catalogue_and_the_architecture():
     guide = _guide()
     assert "losses.md" in guide and "ARCHITECTURE.md" in guide
 

@@ -61,6 +61,14 @@ class CombinedLoss(LegacyLoss):
         secondary_loss_weight: Its weight (default 0.5).
         tertiary_loss: Optional third loss.
         tertiary_loss_weight: Its weight (default 0.3).
+
+    Example:
+        >>> import torch
+        >>> from embedloss.compat import CLIPStyleLoss, DecoupledContrastiveLoss
+        >>> loss = CombinedLoss(CLIPStyleLoss(), DecoupledContrastiveLoss(), 0.5)
+        >>> out = loss(vision_features=torch.randn(4, 8), text_features=torch.randn(4, 8))
+        >>> sorted(k for k in out if k.startswith("secondary_"))[:3]
+        ['secondary_accuracy', 'secondary_cross_modal_loss', 'secondary_instance_loss']
     """
 
     replacement = "embedloss.CombinedLoss (registry 'combined') with named parts and weights"

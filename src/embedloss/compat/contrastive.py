@@ -61,11 +61,11 @@ class ContrastiveLoss(LegacyLoss):
 
     Example:
         >>> import torch
-        >>> loss = ContrastiveLoss(add_projection=False)  # doctest: +SKIP
+        >>> loss = ContrastiveLoss(add_projection=False)
         >>> out = loss(vision_features=torch.randn(4, 8), text_features=torch.randn(4, 8),
-        ...            match_ids=["a", "b", "a", "c"], class_labels=None)  # doctest: +SKIP
-        >>> sorted(out)[:3]  # doctest: +SKIP
-        ['accuracy', 'loss', 'loss_t2v']
+        ...            match_ids=["a", "b", "a", "c"], class_logits=None)
+        >>> sorted(out), out["loss"].shape
+        (['accuracy', 'loss', 'loss_t2v', 'loss_v2t', 'recalls', 't2v_accuracy', 'v2t_accuracy'], torch.Size([]))
     """
 
     replacement = (
@@ -190,6 +190,11 @@ def nt_xent_loss(
 
     Shape:
         ``(N, D)`` each; a scalar, or ``(2N,)`` with ``reduction="none"``.
+
+    Example:
+        >>> import torch
+        >>> nt_xent_loss(torch.randn(4, 8), torch.randn(4, 8), reduction="none").shape
+        torch.Size([8])
     """
     deprecated("nt_xent_loss", "embedloss.functional.simclr_loss (registry 'simclr')")
     return simclr_loss(vision_features, text_features, temperature=temperature, reduction=reduction)
@@ -213,6 +218,13 @@ class DecoupledContrastiveLoss(LegacyLoss):
     Returns (forward):
         ``{"loss", "cross_modal_loss", "instance_loss", "v2t_loss", "t2v_loss",
         "vision_inst_loss", "text_inst_loss", "v2t_accuracy", "t2v_accuracy", "accuracy"}``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.eye(4)
+        >>> out = DecoupledContrastiveLoss(temperature=1.0)(vision_features=x, text_features=x)
+        >>> round(out["loss"].item(), 4) == round(2 * out["vision_inst_loss"].item(), 4)
+        True
     """
 
     replacement = (

@@ -81,6 +81,12 @@ def create_loss_function(
 
     Returns:
         The loss module (a deprecated ``embedloss.compat`` class).
+
+    Example:
+        >>> from argparse import Namespace
+        >>> args = Namespace(loss_type="decoupled", temperature=0.07, lambda_v=0.3)
+        >>> type(create_loss_function(args)).__name__
+        'DecoupledContrastiveLoss'
     """
     _adapter.deprecated("create_loss_function", "embedloss.create_loss / create_loss_from_config")
     temperature = _get(args, "temperature", 0.07)

@@ -53,6 +53,13 @@ class CLIPStyleLoss(LegacyLoss):
     Returns (forward):
         ``{"loss", "v2t_loss", "t2v_loss", "v2t_accuracy", "t2v_accuracy", "accuracy",
         "mean_similarity", "matched_similarity", "similarity_gap", "recalls"}``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.eye(3)
+        >>> out = CLIPStyleLoss(temperature=0.5)(vision_features=x, text_features=x)
+        >>> out["accuracy"].item(), out["matched_similarity"].item(), sorted(out["recalls"])[:2]
+        (1.0, 2.0, ['avg_recall@1', 'avg_recall@10'])
     """
 
     replacement = "embedloss.CLIPLoss (registry 'clip')"
@@ -331,6 +338,12 @@ def compute_recall_at_k(
 
     Returns:
         ``{"v2t_recall@k", "t2i_recall@k", "avg_recall@k"}`` for each k, as floats.
+
+    Example:
+        >>> import torch
+        >>> sim = torch.tensor([[0.9, 0.1], [0.8, 0.2]])  # row 1 prefers column 0
+        >>> compute_recall_at_k(sim, K=[1])
+        {'v2t_recall@1': 0.5, 't2i_recall@1': 1.0, 'avg_recall@1': 0.75}
     """
     deprecated("compute_recall_at_k", "embedloss.metrics.recall_at_k")
     check_tensor(similarity, "similarity")

@@ -40,6 +40,13 @@ class MemoryQueueContrastiveLoss(LegacyLoss):
 
     Returns (forward):
         ``{"loss", "loss_v2t", "loss_t2v", "temperature", "queue_fill", "accuracy"}``.
+
+    Example:
+        >>> import torch
+        >>> loss = MemoryQueueContrastiveLoss(queue_size=8, temperature=0.1)
+        >>> fills = [loss(torch.randn(4, 16), torch.randn(4, 16))["queue_fill"].item() for _ in range(3)]
+        >>> fills  # the queue starts empty and fills after each batch
+        [0.0, 0.5, 1.0]
     """
 
     label_offset: Tensor

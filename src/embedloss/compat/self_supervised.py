@@ -52,6 +52,17 @@ class VICRegLoss(LegacyLoss):
     Returns (forward):
         ``{"loss", "invariance_loss", "variance_loss", "covariance_loss", "sim_weight",
         "var_weight", "cov_weight", "warmup_factor"}``.
+
+    Example:
+        >>> import torch
+        >>> loss = VICRegLoss(warmup_epochs=2)
+        >>> z_a, z_b = torch.randn(16, 8), torch.randn(16, 8)
+        >>> factors = []
+        >>> for epoch in range(3):
+        ...     loss.update_epoch(epoch)
+        ...     factors.append(loss(z_a=z_a, z_b=z_b)["warmup_factor"].item())
+        >>> factors
+        [0.0, 0.5, 1.0]
     """
 
     replacement = "embedloss.VICRegLoss (registry 'vicreg'; warm-up in steps via update_step)"
@@ -115,6 +126,12 @@ class BarlowTwinsLoss(LegacyLoss):
 
     Returns (forward):
         ``(loss, {"diagonal_loss", "off_diagonal_loss"})``.
+
+    Example:
+        >>> import torch
+        >>> loss, parts = BarlowTwinsLoss()(torch.randn(16, 8), torch.randn(16, 8))
+        >>> loss.shape, sorted(parts)
+        (torch.Size([]), ['diagonal_loss', 'off_diagonal_loss'])
     """
 
     replacement = "embedloss.BarlowTwinsLoss (registry 'barlow_twins'; returns a tensor)"

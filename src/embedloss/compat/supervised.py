@@ -48,6 +48,13 @@ class SupervisedContrastiveLoss(LegacyLoss):
     Returns (forward):
         ``{"loss", "intra_vision_loss", "intra_text_loss", "cross_modal_loss",
         "contrastive_accuracy"}`` (a part the mode leaves out is 0).
+
+    Example:
+        >>> import torch
+        >>> loss = SupervisedContrastiveLoss(contrast_mode="cross")
+        >>> out = loss(torch.randn(6, 8), torch.randn(6, 8), labels=torch.tensor([0, 0, 1, 1, 2, 2]))
+        >>> out["intra_vision_loss"].item(), out["loss"].item() == out["cross_modal_loss"].item()
+        (0.0, True)
     """
 
     replacement = "embedloss.CrossModalSupConLoss (registry 'cross_modal_supcon')"
@@ -161,6 +168,12 @@ class CrossEntropyLoss(LegacyLoss):
 
     Shape:
         ``input (N, C)``, ``target (N,)``, ``sample_weight (N,)``; returns a tensor.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
+        >>> torch.allclose(CrossEntropyLoss()(logits, y), F.cross_entropy(logits, y, label_smoothing=0.1))
+        True
     """
 
     replacement = (
