@@ -52,6 +52,11 @@ def pair(n: int, g: torch.Generator, d: int = 6, labels: bool = False):
     return (a, b), ({"labels": torch.randint(0, 3, (n,), generator=g)} if labels else {})
 
 
+def views(n: int, g: torch.Generator, d: int = 5, v: int = 2):
+    emb = torch.randn(n, v, d, generator=g, dtype=torch.float64)
+    return (emb,), {"labels": torch.randint(0, 3, (n,), generator=g)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from embedloss import list_losses
-from tests.distributed.harness import Case, _split, pair, run_case, run_distributed
+from tests.distributed.harness import Case, _split, pair, run_case, run_distributed, views
 
 CASES = [
     Case("simclr", {"temperature": 0.3}, pair),
@@ -30,7 +30,40 @@ CASES = [
     Case("alignment_uniformity", {}, partial(pair, labels=True), tag="labels"),
     Case("alignment_uniformity", {"reduction": "sum"}, pair),
 ]
-REQUIRED = {"clip", "simclr", "info_nce"}
+CASES += [
+    Case("supcon", {"temperature": 0.2}, views),
+    Case("supcon", {"temperature": 0.2, "contrast_mode": "one"}, views, tag="one"),
+    Case("cross_modal_supcon", {"contrast_mode": "all"}, partial(pair, labels=True), tag="labels"),
+    Case("cross_modal_supcon", {"contrast_mode": "cross"}, partial(pair, labels=True), tag="cross"),
+    Case("dcl", {"temperature": 0.2}, pair),
+    Case("dclw", {"temperature": 0.2, "sigma": 0.7}, partial(pair, labels=True), tag="labels"),
+    Case("moco", {"queue_size": 24, "in_batch_negatives": True}, pair, steps=3),
+    Case(
+        "moco",
+        {"queue_size": 24, "symmetric": True},
+        partial(pair, labels=True),
+        steps=3,
+        tag="labels",
+    ),
+    Case("hard_negative", {"strategy": "hard"}, pair),
+    Case("dynamic_temperature", {}, pair),
+    Case("mixed_multimodal", {}, partial(pair, labels=True), tag="labels"),
+    Case("vicreg", {}, pair),
+    Case("barlow_twins", {"lambda_coeff": 0.05}, pair),
+    Case("decorrelation", {}, pair),
+    Case("negative_cosine", {}, pair),
+]
+REQUIRED = {
+    "clip",
+    "simclr",
+    "info_nce",
+    "supcon",
+    "dcl",
+    "siglip",
+    "vicreg",
+    "barlow_twins",
+    "moco",
+}
 
 
 def test_case_ids_are_unique():
@@ -60,6 +93,9 @@ def test_matches_single_process(case, outcome):
         for i, full_grad in enumerate(single["grads"][step]):
             for rank, r in enumerate(ranks):
                 local = r[case.id]["grads"][step][i]
+                if full_grad is None:  # a stop-gradient input (negative_cosine's target)
+                    assert local is None
+                    continue
                 torch.testing.assert_close(
                     local, world * _split(full_grad, sizes, rank), rtol=1e-9, atol=1e-10
                 )
