@@ -1,5 +1,7 @@
 """The shared adapter: one DeprecationWarning per name, ignored arguments and inputs, heads, hooks."""
 
+from argparse import Namespace
+
 import pytest
 import torch
 from torch import nn
@@ -153,3 +155,46 @@ def test_metric_is_a_detached_scalar_tensor():
     m = metric(x * 3)
     assert m.shape == () and not m.requires_grad and m.item() == 6.0
     assert metric(0.25).item() == 0.25 and f"{metric(0.25):.2f}" == "0.25"
+
+
+def _make(name):
+    """Use each legacy name the cheapest way that triggers its warning."""
+    cls = getattr(compat, name)
+    special = {
+        "EMAMoCoLoss": lambda: cls(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), K=4),
+        "CombinedLoss": lambda: cls(torch.nn.MSELoss()),
+        "MultitaskLoss": lambda: cls({"a": torch.nn.MSELoss()}),
+        "ContrastiveLoss": lambda: cls(add_projection=False),
+        "SimCLRLoss": lambda: cls(use_projection=False),
+        "nt_xent_loss": lambda: cls(torch.randn(2, 2), torch.randn(2, 2)),
+        "supervised_contrastive_loss": lambda: cls(
+            torch.randn(2, 2), torch.randn(2, 2), torch.arange(2)
+        ),
+        "compute_recall_at_k": lambda: cls(torch.eye(2)),
+        "create_loss_function": lambda: cls(Namespace(loss_type="decoupled")),
+    }
+    return special.get(name, cls)()
+
+
+LEGACY_NAMES = [
+    n for n in compat.__all__ if n not in compat._BASE_NAMES and n != "IgnoredArgumentWarning"
+]
+
+
+def test_every_legacy_name_is_exported():
+    assert len(LEGACY_NAMES) == 31  # 23 legacy classes and functions + 8 consolidation names
+
+
+@pytest.mark.parametrize("name", LEGACY_NAMES)
+def test_every_legacy_name_warns_once_with_replacement_and_guide(name):
+    with recorded() as caught:
+        _make(name)
+        _make(name)
+    mine = [
+        w
+        for w in of(caught, DeprecationWarning)
+        if str(w.message).startswith(f"embedloss.compat.{name} ")
+    ]
+    assert len(mine) == 1
+    assert "Replacement: embedloss." in str(mine[0].message) and GUIDE in str(mine[0].message)
+    assert mine[0].filename == __file__
