@@ -456,7 +456,7 @@ def run_training(
                 + (
                     f"; wrote {output}/(metrics.json, loss_curve.png, config.yaml, model.pt)"
                     if output
-                    else ""
+                    else " (--output DIR saves metrics.json, a loss curve and the config)"
                 ),
                 file=stream,
                 flush=True,
