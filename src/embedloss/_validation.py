@@ -31,13 +31,16 @@ def check_tensor(x: Any, name: str) -> Tensor:
     return x
 
 
-def check_embeddings(x: Any, name: str, *, ndim: int | tuple[int, ...] = 2) -> Tensor:
+def check_embeddings(
+    x: Any, name: str, *, ndim: int | tuple[int, ...] = 2, shape: str | None = None
+) -> Tensor:
     """Validate a floating-point embedding tensor with at least one row.
 
     Args:
         x: The candidate tensor.
         name: The argument name used in error messages.
         ndim: The allowed number of dimensions (an int or a tuple of ints).
+        shape: How to spell the expected shape in errors (default from ``ndim``).
 
     Returns:
         ``x`` unchanged.
@@ -49,9 +52,10 @@ def check_embeddings(x: Any, name: str, *, ndim: int | tuple[int, ...] = 2) -> T
     check_tensor(x, name)
     allowed = (ndim,) if isinstance(ndim, int) else ndim
     if x.dim() not in allowed:
-        shapes = " or ".join(
+        default = " or ".join(
             {2: "(N, D)", 3: "(N, V, D)", 1: "(N,)"}.get(d, f"{d}-d") for d in allowed
         )
+        shapes = shape or default
         raise ValueError(f"{name} must have shape {shapes}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")

@@ -7,7 +7,49 @@ Example:
     torch.Size([])
 """
 
-from embedloss.contrastive import info_nce_loss, simclr_loss
+from embedloss.contrastive import (
+    dcl_loss,
+    dclw_loss,
+    dynamic_temperature_loss,
+    hard_negative_loss,
+    info_nce_loss,
+    moco_loss,
+    simclr_loss,
+)
 from embedloss.multimodal import clip_loss
+from embedloss.multimodal.alignment_uniformity import alignment_uniformity_loss
+from embedloss.multimodal.feature_consistency import feature_consistency_loss
+from embedloss.multimodal.mixed_multimodal import mixed_multimodal_loss
+from embedloss.multimodal.siglip import siglip_loss
+from embedloss.self_supervised import (
+    barlow_twins_loss,
+    decorrelation_loss,
+    hybrid_vicreg_loss,
+    negative_cosine_loss,
+    vicreg_loss,
+)
+from embedloss.supervised import cross_entropy_loss, cross_modal_supcon_loss, mse_loss, supcon_loss
 
-__all__ = ["clip_loss", "info_nce_loss", "simclr_loss"]
+__all__ = [
+    "alignment_uniformity_loss",
+    "barlow_twins_loss",
+    "clip_loss",
+    "cross_entropy_loss",
+    "cross_modal_supcon_loss",
+    "dcl_loss",
+    "dclw_loss",
+    "decorrelation_loss",
+    "dynamic_temperature_loss",
+    "feature_consistency_loss",
+    "hard_negative_loss",
+    "hybrid_vicreg_loss",
+    "info_nce_loss",
+    "mixed_multimodal_loss",
+    "moco_loss",
+    "mse_loss",
+    "negative_cosine_loss",
+    "siglip_loss",
+    "simclr_loss",
+    "supcon_loss",
+    "vicreg_loss",
+]

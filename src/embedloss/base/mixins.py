@@ -86,7 +86,8 @@ class TemperatureScalingMixin:
     @property
     def temperature(self) -> float:
         """The current τ (after clamping)."""
-        return float(1.0 / self.scale(dtype=torch.float64).detach())
+        # Rounded to 12 significant digits so that τ = 0.1 reads back as 0.1, not 0.09999999999999998.
+        return float(f"{float(1.0 / self.scale(dtype=torch.float64).detach()):.12g}")
 
 
 class NormalizationMixin:

@@ -27,7 +27,8 @@ def weighted_cross_entropy(
     Per sample, ``ℓ_i = s_i·[(1−ε)·w_{y_i}·(−log p_{i,y_i}) + (ε/C)·Σ_c w_c·(−log p_{ic})]``, the
     definition of ``F.cross_entropy`` times the sample weight ``s_i``. The mean divides by
     ``Σ_i s_i·w_{y_i}`` over non-ignored samples, so with ``s = 1`` it equals ``F.cross_entropy``
-    exactly (class weights and smoothing together included).
+    exactly (class weights and smoothing together included); when that sum is 0 (every target
+    ignored) the mean is 0 rather than NaN.
 
     Shape:
         logits ``(N, C)``, targets ``(N,)`` class indices, class_weights ``(C,)``, sample_weight ``(N,)``.
@@ -76,7 +77,9 @@ def weighted_cross_entropy(
         return per_sample
     if reduction == "sum":
         return per_sample.sum()
-    return per_sample.sum() / denom_w.sum()
+    # Every sample ignored (or zero weight): 0, not F.cross_entropy's 0/0 = NaN.
+    total = denom_w.sum()
+    return per_sample.sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 
 class BaseSupervisedLoss(BaseLoss):

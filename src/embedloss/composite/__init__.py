@@ -1,3 +1,9 @@
 """composite losses."""
 
-__all__: list[str] = []
+from embedloss.composite.combined import CombinedLoss
+from embedloss.composite.multitask import MultitaskLoss
+
+__all__: list[str] = [
+    "CombinedLoss",
+    "MultitaskLoss",
+]

@@ -1,6 +1,30 @@
 """Contrastive losses: one file per loss, each a pure function and a registered module."""
 
+from embedloss.contrastive.dcl import DCLLoss, DCLWLoss, dcl_loss, dclw_loss
+from embedloss.contrastive.dynamic_temperature import (
+    DynamicTemperatureLoss,
+    dynamic_temperature_loss,
+)
+from embedloss.contrastive.hard_negative import HardNegativeLoss, hard_negative_loss
 from embedloss.contrastive.info_nce import InfoNCELoss, info_nce_loss
+from embedloss.contrastive.moco import MoCoLoss, moco_loss
+from embedloss.contrastive.momentum_encoder import MomentumEncoder
 from embedloss.contrastive.simclr import SimCLRLoss, simclr_loss
 
-__all__ = ["InfoNCELoss", "SimCLRLoss", "info_nce_loss", "simclr_loss"]
+__all__ = [
+    "DCLLoss",
+    "DCLWLoss",
+    "DynamicTemperatureLoss",
+    "HardNegativeLoss",
+    "InfoNCELoss",
+    "MoCoLoss",
+    "MomentumEncoder",
+    "SimCLRLoss",
+    "dcl_loss",
+    "dclw_loss",
+    "dynamic_temperature_loss",
+    "hard_negative_loss",
+    "info_nce_loss",
+    "moco_loss",
+    "simclr_loss",
+]

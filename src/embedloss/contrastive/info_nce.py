@@ -35,7 +35,7 @@ def _check_inputs(
     check_pair(query, positive_key, "query", "positive_key", labels)
     if negative_keys is None:
         return
-    check_embeddings(negative_keys, "negative_keys", ndim=(2, 3))
+    check_embeddings(negative_keys, "negative_keys", ndim=(2, 3), shape="(M, D) or (N, M, D)")
     check_same_dim(query, negative_keys, "query", "negative_keys")
     if negative_keys.dim() == 3 and negative_keys.shape[0] != query.shape[0]:
         raise ValueError(

@@ -13,7 +13,36 @@ from embedloss.ops.info_nce import AnchorLosses, ChunkSize, PairSpec, info_nce, 
 from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
 from embedloss.registry import register_loss
 
-__all__ = ["SimCLRLoss", "simclr_anchor_losses", "simclr_loss"]
+__all__ = ["SimCLRLoss", "simclr_anchor_losses", "simclr_loss", "two_view_layout"]
+
+
+def two_view_layout(
+    a: Tensor, b: Tensor, labels: Tensor | None = None, gather_distributed: bool = False
+) -> tuple[Tensor, Tensor, PairSpec]:
+    """SimCLR's 2N-anchor layout of two prepared views ``a``, ``b`` ``(n, D)``.
+
+    Returns ``(query, keys, spec)``: the local anchors ``[a; b]`` ``(2n, D)``, the keys
+    ``[a_all; b_all]`` ``(2N, D)`` of every rank (``N = n`` without ``gather_distributed``), and
+    a :class:`PairSpec` whose positive is the anchor's other view (with ``labels``: every other
+    view of the same label) and which removes the anchor itself. Shared by the losses that
+    contrast 2N views (SimCLR, DCL).
+    """
+    ga, gb = gather_with_grad(a, gather_distributed), gather_with_grad(b, gather_distributed)
+    total = ga.tensor.shape[0]
+    query = torch.cat([a, b])  # (2n, D) local anchors
+    keys = torch.cat([ga.tensor, gb.tensor])  # (2N, D) global keys
+    local = torch.arange(a.shape[0], device=a.device) + ga.offset
+    self_index = torch.cat([local, local + total])
+    if labels is None:
+        spec = PairSpec(positive_index=torch.cat([local + total, local]), self_index=self_index)
+    else:
+        global_labels = gather_with_grad(labels, gather_distributed).tensor
+        spec = PairSpec(
+            query_labels=torch.cat([labels, labels]),
+            key_labels=torch.cat([global_labels, global_labels]),
+            self_index=self_index,
+        )
+    return query, keys, spec
 
 
 def simclr_anchor_losses(
@@ -32,22 +61,7 @@ def simclr_anchor_losses(
     a = prepare_embeddings(z_a, normalize=normalize, dtype=dtype)
     b = prepare_embeddings(z_b, normalize=normalize, dtype=dtype)
     scale = inverse_temperature(temperature, dtype)
-    ga, gb = gather_with_grad(a, gather_distributed), gather_with_grad(b, gather_distributed)
-    total = ga.tensor.shape[0]
-    query = torch.cat([a, b])  # (2n, D) local anchors
-    keys = torch.cat([ga.tensor, gb.tensor])  # (2N, D) global keys
-    local = torch.arange(a.shape[0], device=a.device) + ga.offset
-    spec = PairSpec(
-        positive_index=torch.cat([local + total, local]),
-        self_index=torch.cat([local, local + total]),
-    )
-    if labels is not None:
-        global_labels = gather_with_grad(labels, gather_distributed).tensor
-        spec = PairSpec(
-            query_labels=torch.cat([labels, labels]),
-            key_labels=torch.cat([global_labels, global_labels]),
-            self_index=spec.self_index,
-        )
+    query, keys, spec = two_view_layout(a, b, labels, gather_distributed)
     return info_nce(query, keys, scale, spec, chunk_size=chunk_size)
 
 

@@ -16,12 +16,30 @@ from embedloss.ops.similarity import (
     positive_mask_from_labels,
     similarity_matrix,
 )
+from embedloss.ops.statistics import (
+    batch_mean,
+    center,
+    correlation,
+    covariance,
+    cross_correlation,
+    off_diagonal,
+    standardize,
+    variance,
+)
 
 __all__ = [
     "AnchorLosses",
     "Gathered",
     "LogWeightFn",
     "PairSpec",
+    "batch_mean",
+    "center",
+    "correlation",
+    "covariance",
+    "cross_correlation",
+    "off_diagonal",
+    "standardize",
+    "variance",
     "gather_with_grad",
     "info_nce",
     "is_distributed",

@@ -88,3 +88,37 @@ def gather_with_grad(x: Tensor, enabled: bool = True) -> Gathered:
         return Gathered(_GatherWithGrad.apply(x, sizes, rank), offset, world)
     with torch.no_grad():
         return Gathered(_gather_padded(x.detach(), sizes), offset, world)
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        out = x.contiguous().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:  # type: ignore[override]
+        # y = Σ_s x_s on every rank, so ∂(Σ_r L_r)/∂x_s = Σ_r ∂L_r/∂y: the adjoint is a sum too.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_with_grad(x: Tensor, enabled: bool = True) -> Tensor:
+    """Sum ``x`` over ranks, keeping gradients (the backward sums the gradients over ranks).
+
+    When every rank computes the same loss ``L`` from the summed statistics, the gradient that
+    reaches this rank's ``x`` is ``world_size · ∂L/∂x``: what DDP's gradient averaging expects.
+    Returns ``x`` unchanged when ``enabled`` is false or no process group exists; a tensor that
+    does not require grad is summed without autograd.
+    """
+    world, _ = world_info(enabled)
+    if world == 1:
+        return x
+    if x.requires_grad:
+        return _AllReduceSumWithGrad.apply(x)
+    return all_reduce_sum_no_grad(x)
+
+
+__all__ += ["all_reduce_with_grad"]

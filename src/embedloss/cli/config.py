@@ -1,0 +1,224 @@
+"""The configuration of ``embedloss train``: defaults, YAML files, command-line overrides.
+
+A run is fully described by one nested mapping of plain values (the *resolved config*). It is
+built from the defaults below, then a ``--config`` YAML file, then command-line flags (later
+wins), validated here, and written back as ``config.yaml`` so that
+``embedloss train --config config.yaml`` repeats the run exactly.
+
+Nothing in a config is executed or imported: YAML is parsed with ``yaml.safe_load`` and a loss is
+only ever looked up by name in the registry.
+
+Example:
+    >>> cfg = resolve_config(None, {"epochs": 2})
+    >>> cfg["epochs"], cfg["loss"]["name"], cfg["data"]["dataset"]
+    (2, 'simclr', 'digits')
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_LOSS",
+    "TASKS",
+    "CLIError",
+    "config_to_yaml",
+    "load_config_file",
+    "resolve_config",
+]
+
+TASKS = ("ssl", "paired", "supervised")
+DEFAULT_LOSS = "simclr"
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "loss": {"name": DEFAULT_LOSS},  # the registry name plus constructor keyword arguments
+    "task": "auto",  # auto | ssl | paired | supervised
+    "data": {"dataset": "digits", "path": None, "test_fraction": 0.25},
+    "epochs": 20,
+    "batch_size": 128,
+    "lr": 0.002,
+    "weight_decay": 0.0001,
+    "seed": 0,
+    "device": "cpu",
+    "num_threads": 1,  # fixed so that the numbers do not depend on the machine's core count
+    "model": {"hidden_dim": 256, "embedding_dim": 64, "head_dim": 64, "norm": "batch"},
+    # Training views: random shifts of up to `shift` pixels (images only), pixel masking with
+    # probability `mask`, Gaussian noise of standard deviation `noise`.
+    "augment": {"shift": 1, "mask": 0.1, "noise": 0.1},
+    # Held-out nuisance perturbation for the ssl/supervised metrics, and the k of k-NN.
+    "eval": {"shift": 1, "noise": 0.1, "k": 5},
+}
+
+
+class CLIError(Exception):
+    """A user mistake (bad option, config or data file): reported in one line, exit code 2."""
+
+
+def _close(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
+    """Merge ``update`` into ``base`` in place; unknown keys are errors (the loss section is free)."""
+    for key, value in update.items():
+        if not isinstance(key, str):
+            raise CLIError(
+                f"config keys must be strings, got {key!r} in {where or 'the top level'}"
+            )
+        if key not in base:
+            valid = sorted(base)
+            raise CLIError(
+                f"unknown config key {where}{key!r}{_close(key, valid)}; valid keys: {', '.join(valid)}"
+            )
+        if isinstance(base[key], dict) and key != "loss":
+            if not isinstance(value, Mapping):
+                raise CLIError(
+                    f"config key {where}{key!r} must be a mapping, got {type(value).__name__}"
+                )
+            _merge(base[key], value, f"{where}{key}.")
+        else:
+            base[key] = value
+
+
+def _loss_section(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        return {"name": value}
+    if not isinstance(value, Mapping):
+        raise CLIError(
+            f"config key 'loss' must be a loss name or a mapping with a 'name' key, got {type(value).__name__}"
+        )
+    if "name" not in value or not isinstance(value["name"], str):
+        raise CLIError("config key 'loss' must have a 'name' naming a registered loss")
+    return dict(value)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML config with the safe loader; any problem becomes a :class:`CLIError`."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CLIError(f"config file {str(p)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CLIError(f"cannot read config file {str(p)!r}: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise CLIError(f"config file {str(p)!r} is not valid (safe) YAML: {detail}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {str(p)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _check_int(cfg: Mapping[str, Any], key: str, low: int, where: str = "") -> None:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise CLIError(f"{where}{key} must be an integer >= {low}, got {value!r}")
+
+
+def _check_float(
+    cfg: Mapping[str, Any], key: str, low: float, high: float | None, where: str = ""
+) -> None:
+    value = cfg[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = value >= low and (high is None or value <= high) and value == value
+    if not ok:
+        rng = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise CLIError(f"{where}{key} must be a number {rng}, got {value!r}")
+
+
+def _validate(cfg: dict[str, Any]) -> None:
+    if cfg["task"] not in ("auto", *TASKS):
+        raise CLIError(f"task must be one of auto, {', '.join(TASKS)}, got {cfg['task']!r}")
+    data = cfg["data"]
+    has_path = data.get("path") is not None
+    has_dataset = data.get("dataset") is not None
+    if has_path == has_dataset:
+        raise CLIError("data needs exactly one of 'dataset: digits' or 'path: FILE.npz'")
+    if has_dataset and data["dataset"] != "digits":
+        raise CLIError(
+            f"unknown dataset {data['dataset']!r}; the embedded dataset is 'digits' (use --data FILE.npz for your own)"
+        )
+    if has_path and not isinstance(data["path"], str):
+        raise CLIError(f"data.path must be a file name, got {data['path']!r}")
+    _check_float(data, "test_fraction", 0.05, 0.95, "data.")
+    _check_int(cfg, "epochs", 1)
+    _check_int(cfg, "batch_size", 2)
+    _check_int(cfg, "seed", 0)
+    _check_int(cfg, "num_threads", 1)
+    lr = cfg["lr"]
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+        raise CLIError(f"lr must be a number > 0, got {lr!r}")
+    _check_float(cfg, "weight_decay", 0.0, None)
+    if cfg["device"] not in ("cpu", "cuda"):
+        raise CLIError(f"device must be 'cpu' or 'cuda', got {cfg['device']!r}")
+    for key in ("hidden_dim", "embedding_dim", "head_dim"):
+        _check_int(cfg["model"], key, 1, "model.")
+    if cfg["model"]["norm"] not in ("batch", "layer", "none"):
+        raise CLIError(
+            f"model.norm must be 'batch', 'layer' or 'none', got {cfg['model']['norm']!r}"
+        )
+    for section in ("augment", "eval"):
+        _check_int(cfg[section], "shift", 0, f"{section}.")
+        _check_float(cfg[section], "noise", 0.0, None, f"{section}.")
+    _check_float(cfg["augment"], "mask", 0.0, 0.9, "augment.")
+    _check_int(cfg["eval"], "k", 1, "eval.")
+
+
+def resolve_config(
+    file_config: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Defaults ← ``file_config`` ← ``overrides`` (flat CLI values), validated.
+
+    ``overrides`` uses the flag names: ``loss``, ``task``, ``dataset``, ``data``, ``epochs``,
+    ``batch_size``, ``lr``, ``seed``, ``device``; ``None`` values are ignored. A ``loss`` flag
+    replaces the whole loss section (its keyword arguments belonged to the old loss) and resets
+    the task to ``auto`` unless a task is given too.
+
+    Raises:
+        CLIError: For unknown keys, wrong types or out-of-range values.
+    """
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    if file_config:
+        file_config = dict(file_config)
+        if "loss" in file_config:
+            cfg["loss"] = _loss_section(file_config.pop("loss"))
+        _merge(cfg, file_config, "")
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "loss" in given and given["loss"] != cfg["loss"]["name"]:
+        cfg["loss"] = {"name": given["loss"]}
+        cfg["task"] = "auto"
+    if "dataset" in given:
+        cfg["data"].update(dataset=given["dataset"], path=None)
+    if "data" in given:
+        cfg["data"].update(dataset=None, path=str(given["data"]))
+    for key in ("task", "epochs", "batch_size", "lr", "seed", "device"):
+        if key in given:
+            cfg[key] = given[key]
+    _validate(cfg)
+    if cfg["data"]["path"] is not None:  # written back absolute so the config works anywhere
+        cfg["data"]["path"] = str(Path(cfg["data"]["path"]).expanduser().resolve())
+    return cfg
+
+
+def config_to_yaml(cfg: Mapping[str, Any]) -> str:
+    """The resolved config as YAML (``yaml.safe_dump``), with a header saying how to reuse it."""
+    import yaml
+
+    header = (
+        "# Resolved configuration of an `embedloss train` run.\n"
+        "# Repeat it exactly with: embedloss train --config config.yaml\n"
+    )
+    return header + yaml.safe_dump(dict(cfg), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,350 @@
+"""Data for ``embedloss train``: the embedded digits, user ``.npz`` files, seeded augmentations.
+
+* ``digits``: scikit-learn's 1797 handwritten 8×8 digits (shipped with scikit-learn, no download),
+  pixels scaled to [0, 1]. For the ``paired`` task the top half (rows 0–3) and the bottom half
+  (rows 4–7) of each digit are the two modalities.
+* ``--data FILE.npz``: ``x`` (and ``y``) for ssl/supervised, ``x_a`` and ``x_b`` for paired; read
+  without pickle. ``x`` of shape ``(N, H, W)`` is treated as images (shifts apply); any other
+  shape is flattened to features.
+
+Every random choice comes from a generator seeded by :func:`derived_seed`, so runs repeat
+exactly, and a sample's augmentation depends only on the seed, epoch, step and its position in
+the global batch — the same in a single process and under DDP.
+
+Example:
+    >>> x = torch.arange(4.0).reshape(1, 4)  # one 2×2 image
+    >>> shift_images(x, torch.tensor([[1, 0]]), (2, 2), 1)  # one pixel down
+    tensor([[0., 0., 0., 1.]])
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from embedloss.cli.config import CLIError
+
+__all__ = [
+    "Split",
+    "TaskData",
+    "ViewParams",
+    "apply_view",
+    "derived_seed",
+    "seeded_generator",
+    "draw_view_params",
+    "load_task_data",
+    "perturb",
+    "shift_images",
+]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: inputs ``a`` ``(n, F_a)``, paired inputs ``b`` ``(n, F_b)``, labels ``y`` ``(n,)``."""
+
+    a: Tensor
+    b: Tensor | None
+    y: Tensor | None
+
+    def __len__(self) -> int:
+        return int(self.a.shape[0])
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """Train and held-out splits for one task, plus what the augmentations need to know."""
+
+    name: str
+    train: Split
+    test: Split
+    image_shape: tuple[int, int] | None  # rows of ``a`` are images of this shape (shifts apply)
+    num_classes: int  # 0 without labels
+
+
+def derived_seed(seed: int, *parts: Any) -> int:
+    """A 63-bit seed derived from ``seed`` and ``parts`` (stable across runs and platforms)."""
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seeded_generator(seed: int, *parts: Any) -> torch.Generator:
+    """A CPU generator seeded with :func:`derived_seed` ``(seed, *parts)``."""
+    return torch.Generator().manual_seed(derived_seed(seed, *parts))
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _digits() -> tuple[Tensor, Tensor]:
+    """The 1797 digits ``(N, 8, 8)`` in [0, 1] and their labels, from scikit-learn's install.
+
+    The CSV that ``sklearn.datasets.load_digits`` parses is read directly when it is where
+    scikit-learn keeps it (importing ``sklearn.datasets`` costs seconds); otherwise
+    ``load_digits`` is called.
+    """
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:  # pragma: no cover - the [cli] extra installs it
+        raise CLIError("the digits dataset needs scikit-learn: pip install 'embedloss[cli]'")
+    roots = list(spec.submodule_search_locations or [])
+    csv = next(
+        (p for r in roots if (p := Path(r) / "datasets" / "data" / "digits.csv.gz").is_file()),
+        None,
+    )
+    if csv is not None:
+        table = np.loadtxt(csv, delimiter=",", dtype=np.float64)  # (1797, 65): pixels, label
+        pixels, target = table[:, :-1], table[:, -1]
+    else:  # pragma: no cover - a scikit-learn that moved its data file
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        pixels, target = bunch.data, bunch.target
+    images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 8, 8) / 16.0
+    return images, torch.as_tensor(target, dtype=torch.long)
+
+
+def _read_npz(path: str) -> dict[str, Any]:
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise CLIError(f"data file {path!r} does not exist")
+    with p.open("rb") as f:
+        magic = f.read(6)
+    if magic.startswith(b"\x93NUMPY"):
+        raise CLIError(
+            f"data file {path!r} holds a single array; an .npz archive with named arrays is "
+            "needed (numpy.savez(file, x=..., y=...))"
+        )
+    if magic.startswith(b"\x80"):
+        raise CLIError(
+            f"data file {path!r} holds pickled data, which is refused for safety; save plain "
+            "arrays with numpy.savez(file, x=..., y=...)"
+        )
+    if not magic.startswith(b"PK"):
+        raise CLIError(
+            f"data file {path!r} is not an .npz archive; save it with numpy.savez(file, x=..., y=...)"
+        )
+    try:
+        archive = np.load(p, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise CLIError(f"cannot read data file {path!r} as .npz: {err}") from None
+    arrays: dict[str, Any] = {}
+    with archive:
+        for name in archive.files:
+            try:
+                arrays[name] = archive[name]
+            except ValueError as err:
+                if "pickle" in str(err) or "Object arrays" in str(err):
+                    raise CLIError(
+                        f"array {name!r} in {path!r} is an object array (loading it would need "
+                        "pickle, which is refused for safety); store numeric arrays"
+                    ) from None
+                raise CLIError(f"cannot read array {name!r} in {path!r}: {err}") from None
+            except (OSError, EOFError, zipfile.BadZipFile) as err:
+                raise CLIError(f"cannot read array {name!r} in {path!r}: {err}") from None
+    return arrays
+
+
+def _features(arrays: dict[str, Any], name: str, path: str) -> Tensor:
+    import numpy as np
+
+    if name not in arrays:
+        found = ", ".join(sorted(arrays)) or "none"
+        raise CLIError(f"data file {path!r} has no array {name!r} (found: {found})")
+    arr = arrays[name]
+    numeric = np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
+    if not numeric or np.issubdtype(arr.dtype, np.complexfloating):
+        raise CLIError(
+            f"array {name!r} in {path!r} must be numeric (ints, floats or bools), got dtype {arr.dtype}"
+        )
+    if arr.ndim < 2 or arr.shape[0] == 0 or arr[0].size == 0:
+        raise CLIError(
+            f"array {name!r} in {path!r} must have shape (N, features...) with N >= 1, got {arr.shape}"
+        )
+    x = torch.as_tensor(arr.astype(np.float32))
+    if not torch.isfinite(x).all():
+        raise CLIError(f"array {name!r} in {path!r} contains NaN or infinite values")
+    return x
+
+
+def _labels(arrays: dict[str, Any], path: str, n: int, required: bool) -> Tensor | None:
+    import numpy as np
+
+    if "y" not in arrays:
+        if required:
+            found = ", ".join(sorted(arrays)) or "none"
+            raise CLIError(
+                f"data file {path!r} has no array 'y' (labels), which the supervised task needs (found: {found})"
+            )
+        return None
+    y = arrays["y"]
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise CLIError(f"array 'y' in {path!r} must hold integer class labels, got dtype {y.dtype}")
+    if y.ndim != 1:
+        raise CLIError(f"array 'y' in {path!r} must have shape (N,), got {y.shape}")
+    if y.shape[0] != n:
+        raise CLIError(
+            f"arrays in {path!r} have mismatched lengths: 'x' has {n} rows but 'y' has {y.shape[0]}"
+        )
+    if np.issubdtype(y.dtype, np.floating) and not np.all(np.isfinite(y) & (y == np.round(y))):
+        raise CLIError(f"array 'y' in {path!r} must hold integer class labels, got non-integers")
+    _, codes = np.unique(y, return_inverse=True)
+    return torch.as_tensor(codes.reshape(-1), dtype=torch.long)
+
+
+def _scale(x: Tensor, train: Tensor) -> Tensor:
+    """Min-max scale with the training split's range (one scalar range for all features)."""
+    lo, hi = train.min(), train.max()
+    return (x - lo) / (hi - lo if hi > lo else 1.0)
+
+
+def _split_indices(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    n_test = round(test_fraction * n)
+    if n_test < 1 or n - n_test < 2:
+        raise CLIError(
+            f"{n} samples are too few to split into train and held-out sets (test_fraction={test_fraction})"
+        )
+    perm = torch.randperm(n, generator=seeded_generator(seed, "split"))
+    return perm[n_test:], perm[:n_test]
+
+
+def load_task_data(data_cfg: dict[str, Any], task: str, seed: int) -> TaskData:
+    """Load the configured data for ``task`` and split it deterministically by ``seed``.
+
+    Raises:
+        CLIError: For a missing/unreadable file, missing arrays, mismatched lengths, non-numeric
+            or object arrays, or too few samples.
+    """
+    frac = float(data_cfg["test_fraction"])
+    y: Tensor | None
+    if data_cfg.get("path") is None:
+        images, y = _digits()
+        name = "digits"
+        if task == "paired":
+            a, b = images[:, :4].flatten(1), images[:, 4:].flatten(1)  # top and bottom halves
+            image_shape = None
+        else:
+            a, b, image_shape = images.flatten(1), None, (8, 8)
+        train_idx, test_idx = _split_indices(a.shape[0], frac, seed)
+    else:
+        path = data_cfg["path"]
+        arrays = _read_npz(path)
+        name = Path(path).name
+        if task == "paired":
+            xa, xb = _features(arrays, "x_a", path), _features(arrays, "x_b", path)
+            if xa.shape[0] != xb.shape[0]:
+                raise CLIError(
+                    f"arrays in {path!r} have mismatched lengths: 'x_a' has {xa.shape[0]} rows "
+                    f"but 'x_b' has {xb.shape[0]}"
+                )
+            y = _labels(arrays, path, xa.shape[0], required=False)
+            a_raw, b_raw, image_shape = xa.flatten(1), xb.flatten(1), None
+        else:
+            x = _features(arrays, "x", path)
+            y = _labels(arrays, path, x.shape[0], required=task == "supervised")
+            image_shape = (int(x.shape[1]), int(x.shape[2])) if x.ndim == 3 else None
+            a_raw, b_raw = x.flatten(1), None
+        train_idx, test_idx = _split_indices(a_raw.shape[0], frac, seed)
+        a = _scale(a_raw, a_raw[train_idx])
+        b = None if b_raw is None else _scale(b_raw, b_raw[train_idx])
+    if task != "paired" and y is not None and int(y.max()) < 1:
+        raise CLIError(f"the labels of {name!r} hold a single class; at least two are needed")
+
+    def take(idx: Tensor) -> Split:
+        return Split(a[idx], None if b is None else b[idx], None if y is None else y[idx])
+
+    num_classes = 0 if y is None else int(y.max()) + 1
+    return TaskData(name, take(train_idx), take(test_idx), image_shape, num_classes)
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The random choices of one augmented view of ``B`` rows (``None``: component off)."""
+
+    shift: Tensor | None  # (B, 2) integer offsets (dy, dx)
+    keep: Tensor | None  # (B, F) bool, False = masked pixel
+    noise: Tensor | None  # (B, F) additive noise
+
+    def rows(self, index: Tensor) -> ViewParams:
+        """The parameters of the selected rows."""
+
+        def take(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index]
+
+        return ViewParams(take(self.shift), take(self.keep), take(self.noise))
+
+
+def draw_view_params(
+    rows: int,
+    features: int,
+    generator: torch.Generator,
+    *,
+    shift: int,
+    mask: float,
+    noise: float,
+    image_shape: tuple[int, int] | None,
+) -> ViewParams:
+    """Draw shifts (images only), masks and noise for ``rows`` samples, in that fixed order."""
+    offsets = None
+    if shift > 0 and image_shape is not None:
+        offsets = torch.randint(-shift, shift + 1, (rows, 2), generator=generator)
+    keep = torch.rand(rows, features, generator=generator) >= mask if mask > 0 else None
+    eps = noise * torch.randn(rows, features, generator=generator) if noise > 0 else None
+    return ViewParams(offsets, keep, eps)
+
+
+def shift_images(
+    x: Tensor, offsets: Tensor, image_shape: tuple[int, int], max_shift: int
+) -> Tensor:
+    """Translate each flattened image in ``x`` ``(B, H·W)`` by ``offsets`` ``(B, 2)``, zero-filled."""
+    h, w = image_shape
+    n = x.shape[0]
+    s = max_shift
+    padded = torch.nn.functional.pad(x.reshape(n, h, w), (s, s, s, s))  # (B, H+2s, W+2s)
+    dy, dx = offsets[:, 0].to(x.device), offsets[:, 1].to(x.device)
+    rows = torch.arange(h, device=x.device)[None, :, None] + s - dy[:, None, None]  # (B, H, 1)
+    cols = torch.arange(w, device=x.device)[None, None, :] + s - dx[:, None, None]  # (B, 1, W)
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    return padded[batch, rows, cols].reshape(n, h * w)
+
+
+def apply_view(
+    x: Tensor, params: ViewParams, image_shape: tuple[int, int] | None, max_shift: int
+) -> Tensor:
+    """Apply a view's shift, then mask, then noise to ``x`` ``(B, F)``."""
+    if params.shift is not None and image_shape is not None:
+        x = shift_images(x, params.shift, image_shape, max_shift)
+    if params.keep is not None:
+        x = x * params.keep.to(x.device)
+    if params.noise is not None:
+        x = x + params.noise.to(x.device)
+    return x
+
+
+def perturb(
+    x: Tensor, image_shape: tuple[int, int] | None, *, shift: int, noise: float, seed: int
+) -> Tensor:
+    """The seeded nuisance perturbation of a held-out split (shifts and noise, no masking)."""
+    params = draw_view_params(
+        x.shape[0],
+        x.shape[1],
+        seeded_generator(seed, "eval-perturbation"),
+        shift=shift,
+        mask=0.0,
+        noise=noise,
+        image_shape=image_shape,
+    )
+    return apply_view(x, params, image_shape, shift)

@@ -1,0 +1,180 @@
+"""Legacy hard-negative and dynamic-temperature names (and their consolidation spellings)."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from embedloss.compat._adapter import LegacyLoss, metric, retrieval_metrics, warn_ignored
+from embedloss.contrastive.dynamic_temperature import DynamicTemperatureLoss as _DynamicTemperature
+from embedloss.contrastive.hard_negative import HardNegativeLoss as _HardNegative
+
+__all__ = [
+    "DynamicTemperatureContrastiveLoss",
+    "DynamicTemperatureLoss",
+    "HardNegativeLoss",
+    "HardNegativeMiningContrastiveLoss",
+]
+
+#: Legacy ``mining_strategy`` spellings → ``HardNegativeLoss(strategy=...)``.
+STRATEGIES = {"hard": "hard", "semi-hard": "semi_hard", "semi_hard": "semi_hard", "none": "none"}
+
+
+class HardNegativeMiningContrastiveLoss(LegacyLoss):
+    """Legacy InfoNCE with up-weighted hard negatives: :class:`embedloss.HardNegativeLoss`.
+
+    ``"hard"`` up-weights the negatives at or above each row's 90th percentile (the legacy top
+    10 %); ``"semi-hard"`` those within 0.2 below the row's positive similarity. Weights enter
+    in log space, samples of equal ``match_ids`` are all positives, and the loss is the mean
+    over anchors (the legacy loss summed over positive pairs and divided by their count).
+
+    Args:
+        temperature: τ > 0 (default 0.07).
+        hard_negative_factor: Weight >= 1 of a mined negative (default 2).
+        mining_strategy: ``"semi-hard"`` (default) or ``"hard"``.
+        dim: Ignored, with a warning.
+
+    Returns (forward):
+        ``{"loss", "v2t_loss", "t2v_loss", "hard_negative_factor", "hard_negative_fraction",
+        "v2t_accuracy", "t2v_accuracy", "accuracy"}``.
+    """
+
+    replacement = "embedloss.HardNegativeLoss (registry 'hard_negative')"
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        hard_negative_factor: float = 2.0,
+        mining_strategy: str = "semi-hard",
+        dim: int | None = None,
+        hard_negative_percentile: float = 90.0,
+    ) -> None:
+        super().__init__()
+        warn_ignored(type(self).__name__, dim=dim)
+        if mining_strategy not in STRATEGIES:
+            raise ValueError(
+                f"mining_strategy must be one of 'hard', 'semi-hard'; got {mining_strategy!r}"
+            )
+        self.hard_negative_factor = hard_negative_factor
+        self.loss = _HardNegative(
+            temperature=temperature,
+            strategy=STRATEGIES[mining_strategy],
+            hard_negative_factor=hard_negative_factor,
+            percentile=hard_negative_percentile / 100.0,
+        )
+
+    def forward(
+        self,
+        vision_features: Tensor,
+        text_features: Tensor,
+        match_ids: Sequence[Hashable] | Tensor | None = None,
+        **inputs: Any,
+    ) -> dict[str, Any]:
+        """Loss and legacy metrics (``match_ids`` default: diagonal pairing)."""
+        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
+        out = self.loss.compute(v, t, ids)
+        metrics = retrieval_metrics(v, t, ids)
+        metrics.pop("recalls")
+        return {
+            "loss": out.loss,
+            "v2t_loss": metric(out.terms["loss_a_to_b"]),
+            "t2v_loss": metric(out.terms["loss_b_to_a"]),
+            "hard_negative_factor": metric(self.hard_negative_factor),
+            "hard_negative_fraction": metric(out.terms["hard_negative_fraction"]),
+            **metrics,
+        }
+
+
+class HardNegativeLoss(HardNegativeMiningContrastiveLoss):
+    """The consolidation's ``HardNegativeLoss``, with ``hard_negative_percentile`` (0-100).
+
+    For the new tensor-returning loss use :class:`embedloss.HardNegativeLoss`.
+
+    Args:
+        temperature: τ > 0 (default 0.07).
+        hard_negative_factor: Weight >= 1 of a mined negative (default 2).
+        mining_strategy: ``"semi-hard"`` (default) or ``"hard"``.
+        hard_negative_percentile: Percentile of the ``"hard"`` strategy (default 90).
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        hard_negative_factor: float = 2.0,
+        mining_strategy: str = "semi-hard",
+        hard_negative_percentile: float = 90.0,
+    ) -> None:
+        super().__init__(
+            temperature=temperature,
+            hard_negative_factor=hard_negative_factor,
+            mining_strategy=mining_strategy,
+            hard_negative_percentile=hard_negative_percentile,
+        )
+
+
+class DynamicTemperatureContrastiveLoss(LegacyLoss):
+    """Legacy InfoNCE with a gap-driven temperature: :class:`embedloss.DynamicTemperatureLoss`.
+
+    τ = clamp(τ₀·(0.8 + 0.4·exp(−2·gap)), min, max) with the gap between the mean positive and
+    mean negative cosine of the batch, computed without gradient (the legacy τ was not
+    detached); the loss is CLIP's symmetric InfoNCE at that τ.
+
+    Args:
+        base_temperature: τ₀ > 0 (default 0.07).
+        min_temp: Lower clamp (default 0.04).
+        max_temp: Upper clamp (default 0.2).
+        dim: Ignored, with a warning.
+
+    Returns (forward):
+        ``{"loss", "temperature", "pos_similarity", "neg_similarity", "v2t_loss", "t2v_loss"}``.
+    """
+
+    replacement = "embedloss.DynamicTemperatureLoss (registry 'dynamic_temperature')"
+
+    def __init__(
+        self,
+        base_temperature: float = 0.07,
+        min_temp: float = 0.04,
+        max_temp: float = 0.2,
+        dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        warn_ignored(type(self).__name__, dim=dim)
+        self.loss = _DynamicTemperature(
+            base_temperature=base_temperature, min_temperature=min_temp, max_temperature=max_temp
+        )
+
+    def forward(
+        self,
+        vision_features: Tensor,
+        text_features: Tensor,
+        match_ids: Sequence[Hashable] | Tensor | None = None,
+        **inputs: Any,
+    ) -> dict[str, Any]:
+        """Loss and legacy metrics (``match_ids`` default: diagonal pairing)."""
+        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
+        out = self.loss.compute(v, t, ids)
+        terms = out.terms
+        return {
+            "loss": out.loss,
+            "temperature": metric(terms["temperature"]),
+            "pos_similarity": metric(terms["positive_similarity"]),
+            "neg_similarity": metric(terms["negative_similarity"]),
+            "v2t_loss": metric(terms["loss_a_to_b"]),
+            "t2v_loss": metric(terms["loss_b_to_a"]),
+        }
+
+
+class DynamicTemperatureLoss(DynamicTemperatureContrastiveLoss):
+    """The consolidation's ``DynamicTemperatureLoss``: the same as the legacy class.
+
+    For the new tensor-returning loss use :class:`embedloss.DynamicTemperatureLoss`.
+
+    Args:
+        base_temperature: τ₀ > 0 (default 0.07).
+        min_temp: Lower clamp (default 0.04).
+        max_temp: Upper clamp (default 0.2).
+        dim: Ignored, with a warning.
+    """

@@ -1,0 +1,224 @@
+"""Legacy supervised names: SupCon (class, consolidation class, function), cross-entropy, MSE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import check_float
+from embedloss.compat._adapter import (
+    LegacyLoss,
+    deprecated,
+    metric,
+    retrieval_metrics,
+    warn_ignored,
+)
+from embedloss.supervised.cross_entropy import CrossEntropyLoss as _CrossEntropy
+from embedloss.supervised.cross_modal_supcon import CrossModalSupConLoss as _CrossModalSupCon
+from embedloss.supervised.mse import MSELoss as _MSE
+from embedloss.supervised.supcon import supcon_loss
+
+__all__ = [
+    "CrossEntropyLoss",
+    "MeanSquaredError",
+    "SupervisedContrastiveLoss",
+    "SupervisedLoss",
+    "supervised_contrastive_loss",
+]
+
+
+class SupervisedContrastiveLoss(LegacyLoss):
+    """Legacy intra- and cross-modal SupCon: :class:`embedloss.CrossModalSupConLoss`.
+
+    Positives come from ``labels`` (``(N,)`` classes or ``(N, C)`` multi-hot: sharing any class),
+    else from ``similarity_scores >= similarity_threshold`` (an explicit ``(N, N)`` mask), else
+    each image–text pair is its own class. In the cross-modal part a sample's own pair is a
+    positive (the legacy class removed it from the positives but kept it in the denominator).
+
+    Args:
+        temperature: τ > 0 (default 0.07).
+        contrast_mode: ``"all"`` (default), ``"cross"`` or ``"intra"``.
+        base_temperature: τ_base of SupCon's ``τ/τ_base`` factor (default 0.07).
+        similarity_threshold: Threshold on ``similarity_scores`` (default 0.5).
+        use_class_weights: Ignored, with a warning (as is a forward ``class_weights``).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+
+    Returns (forward):
+        ``{"loss", "intra_vision_loss", "intra_text_loss", "cross_modal_loss",
+        "contrastive_accuracy"}`` (a part the mode leaves out is 0).
+
+    Example:
+        >>> import torch
+        >>> loss = SupervisedContrastiveLoss(contrast_mode="cross")
+        >>> out = loss(torch.randn(6, 8), torch.randn(6, 8), labels=torch.tensor([0, 0, 1, 1, 2, 2]))
+        >>> out["intra_vision_loss"].item(), out["loss"].item() == out["cross_modal_loss"].item()
+        (0.0, True)
+    """
+
+    replacement = "embedloss.CrossModalSupConLoss (registry 'cross_modal_supcon')"
+
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        contrast_mode: str = "all",
+        base_temperature: float = 0.07,
+        similarity_threshold: float = 0.5,
+        use_class_weights: bool | None = None,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__()
+        warn_ignored(type(self).__name__, use_class_weights=use_class_weights or None)
+        self.similarity_threshold = check_float(similarity_threshold, "similarity_threshold")
+        self.loss = _CrossModalSupCon(
+            temperature=temperature,
+            base_temperature=base_temperature,
+            contrast_mode=contrast_mode,
+            reduction=reduction,
+        )
+
+    def forward(
+        self,
+        vision_features: Tensor,
+        text_features: Tensor,
+        labels: Tensor | None = None,
+        similarity_scores: Tensor | None = None,
+        class_weights: Tensor | None = None,
+        **inputs: Any,
+    ) -> dict[str, Any]:
+        """Loss and legacy metrics for paired features and ``labels`` or ``similarity_scores``."""
+        v, t, _ = self.paired_inputs(vision_features, text_features, None, inputs)
+        warn_ignored(
+            f"{type(self).__name__}.forward", once=True, class_weights=_given(class_weights)
+        )
+        mask = None
+        if labels is None and similarity_scores is not None:
+            mask = similarity_scores >= self.similarity_threshold
+        elif labels is None:
+            labels = torch.arange(v.shape[0], device=v.device)
+        elif labels.dim() == 2 and labels.shape[1] == 1:
+            labels = labels.reshape(-1)
+        out = self.loss.compute(v, t, labels, mask)
+        terms = out.terms
+        zero = torch.zeros(())
+        accuracy = terms.get("accuracy")
+        if accuracy is None:  # "intra" mode: the loss has no cross-modal ranking
+            flat = labels if labels is not None and labels.dim() == 1 else None
+            accuracy = retrieval_metrics(v, t, flat)["accuracy"]
+        return {
+            "loss": out.loss,
+            "intra_vision_loss": metric(terms.get("loss_intra_image", zero)),
+            "intra_text_loss": metric(terms.get("loss_intra_text", zero)),
+            "cross_modal_loss": metric(terms.get("loss_cross_modal", zero)),
+            "contrastive_accuracy": metric(accuracy),
+        }
+
+
+def _given(x: Tensor | None) -> str | None:
+    return None if x is None else f"<tensor of shape {tuple(x.shape)}>"
+
+
+class SupervisedLoss(SupervisedContrastiveLoss):
+    """The consolidation's supervised contrastive loss: the same as :class:`SupervisedContrastiveLoss`.
+
+    Args:
+        temperature: τ > 0 (default 0.07).
+        contrast_mode: ``"all"`` (default), ``"cross"`` or ``"intra"``.
+        base_temperature: τ_base (default 0.07).
+        similarity_threshold: Threshold on ``similarity_scores`` (default 0.5).
+        use_class_weights: Ignored, with a warning.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+    """
+
+
+def supervised_contrastive_loss(
+    vision_features: Tensor,
+    text_features: Tensor,
+    labels: Tensor,
+    temperature: float = 0.07,
+    reduction: str = "mean",
+) -> Tensor:
+    """Legacy SupCon over ``[v; t]`` with duplicated labels: :func:`embedloss.functional.supcon_loss`.
+
+    The two modalities are the two views of each sample: ``supcon_loss(torch.stack([v, t], 1),
+    labels)``, with inputs L2-normalised and log-space maths (the legacy function overflowed,
+    and gave NaN for unnormalised inputs).
+
+    Shape:
+        ``(N, D)`` each and ``labels (N,)``; a scalar, or ``(2N,)`` with ``reduction="none"``.
+    """
+    deprecated(
+        "supervised_contrastive_loss", "embedloss.functional.supcon_loss (registry 'supcon')"
+    )
+    views = torch.stack([vision_features, text_features], dim=1)  # (N, 2, D)
+    return supcon_loss(views, labels, temperature=temperature, reduction=reduction)
+
+
+class CrossEntropyLoss(LegacyLoss):
+    """Legacy cross-entropy with label smoothing (default 0.1): :class:`embedloss.CrossEntropyLoss`.
+
+    Class ``weight`` and smoothing now apply together, exactly as ``F.cross_entropy`` (the legacy
+    loss dropped the weights when smoothing > 0); ``sample_weight`` gives a weighted mean.
+
+    Args:
+        smoothing: Label smoothing ε in [0, 1] (default 0.1).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        weight: Optional ``(C,)`` class weights.
+
+    Shape:
+        ``input (N, C)``, ``target (N,)``, ``sample_weight (N,)``; returns a tensor.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> logits, y = torch.randn(4, 3), torch.tensor([0, 2, 1, 0])
+        >>> torch.allclose(CrossEntropyLoss()(logits, y), F.cross_entropy(logits, y, label_smoothing=0.1))
+        True
+    """
+
+    replacement = (
+        "embedloss.CrossEntropyLoss (registry 'cross_entropy'; label_smoothing defaults to 0)"
+    )
+
+    def __init__(
+        self, smoothing: float = 0.1, reduction: str = "mean", weight: Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.loss = _CrossEntropy(
+            label_smoothing=smoothing, class_weights=weight, reduction=reduction
+        )
+
+    def forward(
+        self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, **inputs: Any
+    ) -> Tensor:
+        """The loss of ``input`` logits against class ``target``."""
+        self.ignore_inputs(inputs)
+        return self.loss(input, target, sample_weight)
+
+
+class MeanSquaredError(LegacyLoss):
+    """Legacy MSE with per-sample weights: :class:`embedloss.MSELoss`.
+
+    The weighted mean divides by the sum of the weights (the legacy loss divided by N).
+
+    Args:
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        clip_grad: Ignored, with a warning (the legacy clamp of the loss zeroed its gradient).
+
+    Shape:
+        ``input``, ``target`` ``(N, *)``, ``sample_weight (N,)``; returns a tensor.
+    """
+
+    replacement = "embedloss.MSELoss (registry 'mse')"
+
+    def __init__(self, reduction: str = "mean", clip_grad: float | None = None) -> None:
+        super().__init__()
+        warn_ignored(type(self).__name__, clip_grad=clip_grad)
+        self.loss = _MSE(reduction=reduction)
+
+    def forward(
+        self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, **inputs: Any
+    ) -> Tensor:
+        """The loss of ``input`` against ``target``."""
+        self.ignore_inputs(inputs)
+        return self.loss(input, target, sample_weight)

@@ -1,0 +1,334 @@
+"""Decoupled contrastive learning, DCL and its vMF-weighted DCLW (Yeh et al. 2022)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import check_pair, check_positive_float, compute_dtype
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.contrastive.simclr import two_view_layout
+from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.info_nce import AnchorLosses, ChunkSize, info_nce, reduce_anchor_losses
+from embedloss.ops.similarity import inverse_temperature, l2_normalize, prepare_embeddings
+from embedloss.registry import register_loss
+
+__all__ = [
+    "DCLLoss",
+    "DCLWLoss",
+    "dcl_anchor_losses",
+    "dcl_loss",
+    "dclw_loss",
+    "von_mises_fisher_weights",
+]
+
+
+@torch.no_grad()
+def von_mises_fisher_weights(
+    z_a: Tensor, z_b: Tensor, sigma: float = 0.5, *, gather_distributed: bool = False
+) -> Tensor:
+    """DCLW's positive weights ``w_i = 2 − N·softmax_i(cos(z_a_i, z_b_i)/σ)``, ``(n,)``, detached.
+
+    The softmax runs over the N pairs of the batch (of every rank with ``gather_distributed``,
+    so that the weights equal the single-process ones); the mean weight is 1.
+
+    Example:
+        >>> von_mises_fisher_weights(torch.eye(3), torch.eye(3))  # equal similarities: all 1
+        tensor([1., 1., 1.])
+    """
+    check_positive_float(sigma, "sigma")
+    cosine = (l2_normalize(z_a) * l2_normalize(z_b)).sum(-1)  # (n,)
+    gathered = gather_with_grad(cosine, gather_distributed)
+    weights = 2 - gathered.tensor.shape[0] * torch.softmax(gathered.tensor / sigma, dim=0)
+    return weights[gathered.offset : gathered.offset + cosine.shape[0]]
+
+
+def dcl_anchor_losses(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    temperature: float | Tensor = 0.1,
+    sigma: float | None = None,
+    labels: Tensor | None = None,
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> AnchorLosses:
+    """Per-anchor DCL (``sigma=None``) or DCLW losses of the 2n anchors ``[z_a; z_b]``.
+
+    The core, with the positives left out of the denominator, returns
+    ``lse_neg − s_pos``; DCLW adds ``(1 − w)·s_pos`` to make it ``lse_neg − w·s_pos``, where
+    ``s_pos`` is the (mean) positive logit. See :func:`dcl_loss` and :func:`dclw_loss`.
+    """
+    check_pair(z_a, z_b, "z_a", "z_b", labels)
+    dtype = compute_dtype(z_a, z_b)
+    a = prepare_embeddings(z_a, normalize=normalize, dtype=dtype)
+    b = prepare_embeddings(z_b, normalize=normalize, dtype=dtype)
+    scale = inverse_temperature(temperature, dtype)
+    query, keys, spec = two_view_layout(a, b, labels, gather_distributed)
+    spec = dataclasses.replace(spec, positive_in_denominator=False)
+    result = info_nce(query, keys, scale, spec, chunk_size=chunk_size)
+    if sigma is None:
+        return result
+    weights = von_mises_fisher_weights(a, b, sigma, gather_distributed=gather_distributed)
+    w = torch.cat([weights, weights]).to(dtype)  # (2n,): both views of pair i share w_i
+    s_pos = _mean_positive_logit(query, keys, scale, spec.query_labels, spec.key_labels, a.shape[0])
+    loss = torch.where(result.valid, result.loss + (1 - w) * s_pos, torch.zeros_like(result.loss))
+    return AnchorLosses(loss, result.valid, result.correct)
+
+
+def _mean_positive_logit(
+    query: Tensor,
+    keys: Tensor,
+    scale: Tensor | float,
+    query_labels: Tensor | None,
+    key_labels: Tensor | None,
+    n: int,
+) -> Tensor:
+    """``mean_{p∈P(i)} q_i·k_p·scale`` per anchor, in O(N·D) (no (2n, 2N) matrix)."""
+    if query_labels is None or key_labels is None:
+        partner = torch.cat([query[n:], query[:n]])  # each anchor's other view
+        return (query * partner).sum(-1) * scale
+    # Positives of anchor i: every key of its label except itself (it is a key too).
+    codes, inverse = torch.unique(torch.cat([query_labels, key_labels]), return_inverse=True)
+    q_codes, k_codes = inverse[: query.shape[0]], inverse[query.shape[0] :]
+    sums = keys.new_zeros(codes.shape[0], keys.shape[1]).index_add(0, k_codes, keys)  # (C, D)
+    counts = torch.bincount(k_codes, minlength=codes.shape[0])[q_codes] - 1  # (2n,)
+    positive_sum = (query * (sums[q_codes] - query)).sum(-1)
+    return positive_sum / counts.clamp(min=1) * scale
+
+
+def dcl_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    temperature: float | Tensor = 0.1,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Decoupled contrastive loss: NT-Xent without the positive in the denominator.
+
+    For the 2N normalised views and anchor ``z_i^(k)`` (Yeh et al. 2022, "Decoupled
+    Contrastive Learning", Eq. 6):
+
+        L_i^(k) = −⟨z_i^(1), z_i^(2)⟩/τ + log Σ_{l∈{1,2}, j≠i} exp(⟨z_i^(k), z_j^(l)⟩/τ),
+
+    averaged over the 2N anchors (both directions). The negatives are the other samples' views
+    from **both** sides, in **one** log-sum-exp (lightly's ``DCLLoss`` sums two separate
+    log-sum-exps, one per side, which is not Eq. 6). With ``labels``, every other view of the
+    same label is a positive (mean of their logits) and leaves the denominator.
+
+    Args:
+        z_a: ``(N, D)`` first views.
+        z_b: ``(N, D)`` second views.
+        temperature: τ > 0 (default 0.1).
+        labels: Optional ``(N,)`` identities.
+        reduction: ``"mean"`` over the 2N anchors, ``"sum"``, or ``"none"`` (``(2N,)``).
+        normalize: L2-normalise the inputs (default True).
+        chunk_size: Core tiling.
+        gather_distributed: Negatives from every rank.
+
+    Shape:
+        z_a, z_b: ``(N, D)``; output: scalar, or ``(2N,)`` with ``reduction="none"``.
+
+    Raises:
+        ValueError: For mismatched shapes, an empty batch, bad labels or τ <= 0.
+
+    Example:
+        >>> import math
+        >>> z = torch.eye(3)
+        >>> loss = dcl_loss(z, z, temperature=1.0)  # orthonormal pairs: log(4·e⁰) − 1
+        >>> round(loss.item(), 6) == round(math.log(4) - 1, 6)
+        True
+    """
+    result = dcl_anchor_losses(
+        z_a,
+        z_b,
+        temperature=temperature,
+        labels=labels,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gather_distributed=gather_distributed,
+    )
+    return reduce_anchor_losses(result, reduction, distributed=gather_distributed)
+
+
+def dclw_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    temperature: float | Tensor = 0.1,
+    sigma: float = 0.5,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Weighted decoupled contrastive loss: DCL with a von Mises–Fisher weight on the positive.
+
+    Yeh et al. 2022 (Eq. 6 with the DCLW weighting function):
+
+        L_i^(k) = −w_i·⟨z_i^(1), z_i^(2)⟩/τ + log Σ_{l∈{1,2}, j≠i} exp(⟨z_i^(k), z_j^(l)⟩/τ),
+        w_i = 2 − exp(cos(z_i^(1), z_i^(2))/σ) / E_j[exp(cos(z_j^(1), z_j^(2))/σ)]
+            = 2 − N·softmax_i(cos(z_i^(1), z_i^(2))/σ),
+
+    with ``w`` detached (:func:`von_mises_fisher_weights`): pairs that are already close get a
+    smaller pull. With ``labels`` the weight multiplies the mean positive logit.
+
+    Args:
+        z_a: ``(N, D)`` first views.
+        z_b: ``(N, D)`` second views.
+        temperature: τ > 0 (default 0.1).
+        sigma: σ > 0 of the weighting (default 0.5).
+        labels: Optional ``(N,)`` identities.
+        reduction: ``"mean"`` over the 2N anchors, ``"sum"``, or ``"none"`` (``(2N,)``).
+        normalize: L2-normalise the inputs (default True).
+        chunk_size: Core tiling.
+        gather_distributed: Negatives (and the softmax of the weights) over every rank.
+
+    Shape:
+        z_a, z_b: ``(N, D)``; output: scalar, or ``(2N,)`` with ``reduction="none"``.
+
+    Raises:
+        ValueError: For mismatched shapes, an empty batch, bad labels, τ <= 0 or σ <= 0.
+
+    Example:
+        >>> z = torch.eye(3)  # equal pair similarities: every w_i = 1, so DCLW = DCL
+        >>> bool(torch.isclose(dclw_loss(z, z), dcl_loss(z, z)))
+        True
+    """
+    result = dcl_anchor_losses(
+        z_a,
+        z_b,
+        temperature=temperature,
+        sigma=check_positive_float(sigma, "sigma"),
+        labels=labels,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gather_distributed=gather_distributed,
+    )
+    return reduce_anchor_losses(result, reduction, distributed=gather_distributed)
+
+
+@register_loss("dcl")
+class DCLLoss(BaseContrastiveLoss):
+    """Decoupled contrastive loss over the 2N views of a batch (Yeh et al. 2022, Eq. 6).
+
+    See :func:`dcl_loss` for the formula. Terms: ``accuracy`` (the positive outscores every
+    negative), ``positive_similarity`` (mean cosine of the two views), ``temperature``.
+
+    Args:
+        temperature: τ > 0 (default 0.1).
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling (``None``, an int or ``"auto"``).
+        gather_distributed: Use the views of all ranks (DDP).
+
+    Example:
+        >>> loss = DCLLoss(temperature=0.2)
+        >>> loss(torch.randn(8, 32), torch.randn(8, 32)).shape
+        torch.Size([])
+    """
+
+    _sigma: float | None = None
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        learnable_temperature: bool = False,
+        reduction: str = "mean",
+        normalize: bool = True,
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+        )
+        self._init_temperature(temperature, learnable_temperature)
+        self._init_normalization(normalize)
+
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for views ``z_a``, ``z_b`` ``(N, D)`` and optional ``labels (N,)``."""
+        check_pair(z_a, z_b, "z_a", "z_b", labels)
+        dtype = compute_dtype(z_a, z_b)
+        result = dcl_anchor_losses(
+            z_a,
+            z_b,
+            temperature=1.0 / self.scale(dtype=dtype),
+            sigma=self._sigma,
+            labels=labels,
+            normalize=self._normalize,
+            chunk_size=self.chunk_size,
+            gather_distributed=self.gather_distributed,
+        )
+        loss = reduce_anchor_losses(result, self.reduction, distributed=self.gather_distributed)
+        with torch.no_grad():
+            cos = (l2_normalize(z_a.to(dtype)) * l2_normalize(z_b.to(dtype))).sum(-1)
+        terms = detached_terms(
+            accuracy=result.correct.float().mean(),
+            positive_similarity=cos.mean(),
+            temperature=self.temperature,
+        )
+        return LossOutput(loss, terms)
+
+    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
+        return self.compute(z_a, z_b, labels).loss
+
+
+@register_loss("dclw")
+class DCLWLoss(DCLLoss):
+    """Weighted decoupled contrastive loss, DCL with a vMF positive weight (Yeh et al. 2022).
+
+    See :func:`dclw_loss` for the formula; terms as :class:`DCLLoss`.
+
+    Args:
+        temperature: τ > 0 (default 0.1).
+        sigma: σ > 0 of the von Mises–Fisher weighting (default 0.5).
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling (``None``, an int or ``"auto"``).
+        gather_distributed: Use the views of all ranks (DDP).
+
+    Example:
+        >>> loss = DCLWLoss(sigma=0.5)
+        >>> loss(torch.randn(8, 32), torch.randn(8, 32)).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        sigma: float = 0.5,
+        learnable_temperature: bool = False,
+        reduction: str = "mean",
+        normalize: bool = True,
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
+        )
+        self._sigma = check_positive_float(sigma, "sigma")
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return (
+            f"temperature={self.temperature:g}, sigma={self._sigma:g}, reduction={self.reduction!r}"
+        )

@@ -1,0 +1,338 @@
+"""Symmetric InfoNCE whose temperature follows the positive/negative similarity gap, or a schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import (
+    check_choice,
+    check_float,
+    check_pair,
+    check_positive_float,
+)
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.multimodal.clip import clip_anchor_losses, combine_directions
+from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.info_nce import AnchorLosses, ChunkSize, reduce_anchor_losses
+from embedloss.ops.schedules import cosine_schedule
+from embedloss.ops.similarity import l2_normalize
+from embedloss.registry import register_loss
+
+__all__ = [
+    "DynamicTemperatureLoss",
+    "dynamic_temperature_loss",
+    "gap_temperature",
+    "similarity_gap",
+]
+
+SCHEDULES = ("gap", "cosine")
+
+
+class SimilarityGap(NamedTuple):
+    """Mean cosine of positive pairs and of negative pairs (float64, detached)."""
+
+    positive: Tensor
+    negative: Tensor
+
+    @property
+    def gap(self) -> Tensor:
+        """``positive − negative``."""
+        return self.positive - self.negative
+
+
+@torch.no_grad()
+def similarity_gap(
+    z_a: Tensor, z_b: Tensor, labels: Tensor | None = None, *, gather_distributed: bool = False
+) -> SimilarityGap:
+    """Mean cosine of the positive pairs ``(i, j)`` (``i = j``, or equal labels) and of the rest.
+
+    Computed in float64 in O(N·D) from per-identity sums, without an N×N matrix: the positive
+    sum is ``Σ_c (Σ_{i∈c} a_i)·(Σ_{j∈c} b_j)``. With no negative pair the negative mean is 0.
+    With ``gather_distributed`` the statistics are those of the batch of every rank.
+
+    Example:
+        >>> stats = similarity_gap(torch.eye(3), torch.eye(3))
+        >>> stats.positive.item(), stats.negative.item()
+        (1.0, 0.0)
+    """
+    a = l2_normalize(gather_with_grad(z_a.detach(), gather_distributed).tensor.double())
+    b = l2_normalize(gather_with_grad(z_b.detach(), gather_distributed).tensor.double())
+    n = a.shape[0]
+    if labels is None:
+        codes = torch.arange(n, device=a.device)
+    else:
+        labels = gather_with_grad(labels, gather_distributed).tensor
+        codes = torch.unique(labels, return_inverse=True)[1]
+    groups = int(codes.max()) + 1
+    sum_a = a.new_zeros(groups, a.shape[1]).index_add_(0, codes, a)  # (C, D)
+    sum_b = b.new_zeros(groups, b.shape[1]).index_add_(0, codes, b)
+    positive_sum = (sum_a * sum_b).sum()
+    positive_count = torch.bincount(codes, minlength=groups).double().square().sum()
+    negative_count = n * n - positive_count
+    negative_sum = a.sum(0) @ b.sum(0) - positive_sum
+    negative = torch.where(
+        negative_count > 0, negative_sum / negative_count.clamp(min=1), negative_sum.new_zeros(())
+    )
+    return SimilarityGap(positive_sum / positive_count, negative)
+
+
+def gap_temperature(
+    gap: Tensor | float, base_temperature: float, min_temperature: float, max_temperature: float
+) -> float:
+    """The legacy rule ``τ = clamp(τ₀·(0.8 + 0.4·exp(−2·gap)), τ_min, τ_max)`` as a float.
+
+    Example:
+        >>> round(gap_temperature(0.0, 0.07, 0.04, 0.2), 6)  # no gap: 1.2·τ₀
+        0.084
+    """
+    raw = base_temperature * (0.8 + 0.4 * math.exp(-2.0 * float(gap)))
+    return min(max(raw, min_temperature), max_temperature)
+
+
+def _check_range(base: float, low: float, high: float) -> None:
+    check_positive_float(base, "base_temperature")
+    check_positive_float(low, "min_temperature")
+    check_positive_float(high, "max_temperature")
+    if low > high:
+        raise ValueError(f"min_temperature must be <= max_temperature, got {low!r} > {high!r}")
+
+
+def dynamic_temperature_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    base_temperature: float = 0.07,
+    min_temperature: float = 0.04,
+    max_temperature: float = 0.2,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""CLIP's symmetric InfoNCE at a temperature set by the batch's similarity gap (stateless).
+
+    With ``gap = mean cos(positive pairs) − mean cos(negative pairs)`` (:func:`similarity_gap`,
+    computed without gradient) the temperature is the rule of the legacy
+    ``DynamicTemperatureContrastiveLoss``
+
+        τ = clamp(τ₀·(0.8 + 0.4·exp(−2·gap)), τ_min, τ_max)
+
+    (a well-separated batch gets a lower τ, down to 0.8·τ₀; an unseparated one up to 1.2·τ₀ and
+    beyond), and the loss is :func:`~embedloss.multimodal.clip_loss` at that τ. τ is a constant
+    of the graph: no gradient flows through it (the legacy loss let one through).
+
+    Args:
+        z_a: ``(n, D)`` first views or modality.
+        z_b: ``(n, D)`` second; row ``i`` pairs with ``z_a[i]``.
+        base_temperature: τ₀ > 0 (default 0.07).
+        min_temperature: Lower clamp > 0 (default 0.04).
+        max_temperature: Upper clamp >= ``min_temperature`` (default 0.2).
+        labels: Optional ``(n,)`` identities: equal labels are positives (in the loss and the gap).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(n,)``).
+        normalize: L2-normalise the inputs of the loss (the gap always uses cosines).
+        chunk_size: Core tiling.
+        gather_distributed: Loss and gap over the batch of every rank (the same τ everywhere).
+
+    Shape:
+        z_a, z_b: ``(n, D)``; output: scalar, or ``(n,)`` with ``reduction="none"``.
+
+    Raises:
+        ValueError: For mismatched shapes, bad labels, or temperatures <= 0 or min > max.
+
+    Example:
+        >>> from embedloss.multimodal import clip_loss
+        >>> a, b = torch.randn(6, 8), torch.randn(6, 8)
+        >>> tau = gap_temperature(similarity_gap(a, b).gap, 0.07, 0.04, 0.2)
+        >>> bool(torch.isclose(dynamic_temperature_loss(a, b), clip_loss(a, b, temperature=tau)))
+        True
+    """
+    _check_range(base_temperature, min_temperature, max_temperature)
+    check_pair(z_a, z_b, "z_a", "z_b", labels)
+    stats = similarity_gap(z_a, z_b, labels, gather_distributed=gather_distributed)
+    tau = gap_temperature(stats.gap, base_temperature, min_temperature, max_temperature)
+    a2b, b2a = clip_anchor_losses(
+        z_a,
+        z_b,
+        temperature=tau,
+        labels=labels,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gather_distributed=gather_distributed,
+    )
+    return combine_directions(a2b, b2a, reduction, gather_distributed)
+
+
+@register_loss("dynamic_temperature")
+class DynamicTemperatureLoss(BaseContrastiveLoss):
+    """Symmetric InfoNCE with a similarity-gap-driven or scheduled temperature (legacy dynamic_temp).
+
+    ``schedule="gap"`` (default): τ follows the batch's positive/negative similarity gap by the
+    rule of :func:`dynamic_temperature_loss`, detached. With ``ema_momentum=m`` it is smoothed,
+    ``τ_ema ← m·τ_ema + (1 − m)·τ_batch`` (the first training batch initialises it), and the
+    loss uses ``τ_ema``; the EMA is a buffer, updated only in training mode (eval uses it
+    frozen). ``schedule="cosine"``: τ anneals from ``max_temperature`` to ``min_temperature``,
+
+        τ(k) = τ_min + ½·(τ_max − τ_min)·(1 + cos(π·k/K)),
+
+    set by :meth:`update_step` ``(k, K)`` (cosine annealing as in Loshchilov & Hutter 2017,
+    SGDR, Eq. 5, without restarts); ``base_temperature`` is then unused. In both modes the loss
+    equals :func:`~embedloss.multimodal.clip_loss` at the reported ``temperature`` term.
+
+    Terms: ``temperature``, ``similarity_gap``, ``positive_similarity``,
+    ``negative_similarity`` (mean cosines), ``loss_a_to_b``, ``loss_b_to_a``, ``accuracy``.
+
+    Args:
+        base_temperature: τ₀ > 0 of the gap rule (default 0.07).
+        min_temperature: Lower clamp / end of the cosine schedule (default 0.04).
+        max_temperature: Upper clamp / start of the cosine schedule (default 0.2).
+        schedule: ``"gap"`` (default) or ``"cosine"``.
+        ema_momentum: ``m`` in [0, 1) to smooth the gap-driven τ, or None (default, no EMA).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling (``None``, an int or ``"auto"``).
+        gather_distributed: Use the embeddings of all ranks (the same τ on every rank).
+
+    Raises:
+        ValueError: For temperatures <= 0, min > max, an unknown schedule, ``ema_momentum``
+            outside [0, 1) or combined with ``schedule="cosine"``.
+
+    Example:
+        >>> loss = DynamicTemperatureLoss(schedule="cosine")
+        >>> loss.update_step(50, 100)
+        >>> round(loss.temperature, 6)  # halfway between 0.2 and 0.04
+        0.12
+        >>> out = loss.compute(torch.randn(8, 16), torch.randn(8, 16))
+        >>> round(out.terms["temperature"].item(), 6)
+        0.12
+    """
+
+    ema_temperature: Tensor
+    ema_initialized: Tensor
+    scheduled_temperature: Tensor
+
+    def __init__(
+        self,
+        *,
+        base_temperature: float = 0.07,
+        min_temperature: float = 0.04,
+        max_temperature: float = 0.2,
+        schedule: str = "gap",
+        ema_momentum: float | None = None,
+        reduction: str = "mean",
+        normalize: bool = True,
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+        )
+        _check_range(base_temperature, min_temperature, max_temperature)
+        self.base_temperature = float(base_temperature)
+        self.min_temperature = float(min_temperature)
+        self.max_temperature = float(max_temperature)
+        self.schedule = check_choice(schedule, "schedule", SCHEDULES)
+        if ema_momentum is not None:
+            ema_momentum = check_float(ema_momentum, "ema_momentum", low=0.0, high=1.0)
+            if ema_momentum >= 1.0:
+                raise ValueError(f"ema_momentum must be < 1 (1 freezes τ), got {ema_momentum!r}")
+            if self.schedule == "cosine":
+                raise ValueError("ema_momentum smooths the gap-driven τ; it needs schedule='gap'")
+        self.ema_momentum = ema_momentum
+        self._init_normalization(normalize)
+        self.register_buffer(
+            "ema_temperature", torch.tensor(self.base_temperature, dtype=torch.float64)
+        )
+        self.register_buffer("ema_initialized", torch.tensor(False))
+        self.register_buffer(
+            "scheduled_temperature", torch.tensor(self.max_temperature, dtype=torch.float64)
+        )
+
+    @property
+    def temperature(self) -> float:
+        """The τ the loss sits at: scheduled (cosine), smoothed (EMA, once initialised), else τ₀.
+
+        Without EMA the gap-driven τ is per batch: see the ``temperature`` term of :meth:`compute`.
+        """
+        if self.schedule == "cosine":
+            return float(self.scheduled_temperature)
+        if self.ema_momentum is not None and bool(self.ema_initialized):
+            return float(self.ema_temperature)
+        return self.base_temperature
+
+    def update_step(self, step: int, total_steps: int | None = None) -> None:
+        """Set the cosine-scheduled τ for step ``k`` of ``K`` (no-op with ``schedule="gap"``).
+
+        Raises:
+            ValueError: With ``schedule="cosine"`` and no ``total_steps``, or a negative step.
+        """
+        if self.schedule != "cosine":
+            return
+        tau = cosine_schedule(step, total_steps, self.max_temperature, self.min_temperature)
+        self.scheduled_temperature.fill_(tau)
+
+    @torch.no_grad()
+    def _current_temperature(self, gap: Tensor) -> float:
+        if self.schedule == "cosine":
+            return float(self.scheduled_temperature)
+        tau = gap_temperature(
+            gap, self.base_temperature, self.min_temperature, self.max_temperature
+        )
+        if self.ema_momentum is None:
+            return tau
+        if self.training:
+            if bool(self.ema_initialized):
+                m = self.ema_momentum
+                self.ema_temperature.mul_(m).add_((1.0 - m) * tau)
+            else:
+                self.ema_temperature.fill_(tau)
+                self.ema_initialized.fill_(True)
+        return float(self.ema_temperature) if bool(self.ema_initialized) else tau
+
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for paired ``(n, D)`` embeddings and optional ``labels (n,)``."""
+        check_pair(z_a, z_b, "z_a", "z_b", labels)
+        stats = similarity_gap(z_a, z_b, labels, gather_distributed=self.gather_distributed)
+        tau = self._current_temperature(stats.gap)
+        a2b, b2a = clip_anchor_losses(
+            z_a,
+            z_b,
+            temperature=tau,
+            labels=labels,
+            normalize=self._normalize,
+            chunk_size=self.chunk_size,
+            gather_distributed=self.gather_distributed,
+        )
+        loss = combine_directions(a2b, b2a, self.reduction, self.gather_distributed)
+        return LossOutput(loss, _terms(a2b, b2a, stats, tau))
+
+    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The dynamic-temperature loss (see :meth:`compute`)."""
+        return self.compute(z_a, z_b, labels).loss
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return (
+            f"base_temperature={self.base_temperature:g}, min_temperature={self.min_temperature:g}, "
+            f"max_temperature={self.max_temperature:g}, schedule={self.schedule!r}, "
+            f"ema_momentum={self.ema_momentum}, reduction={self.reduction!r}"
+        )
+
+
+def _terms(
+    a2b: AnchorLosses, b2a: AnchorLosses, stats: SimilarityGap, tau: float
+) -> dict[str, Tensor]:
+    return detached_terms(
+        temperature=tau,
+        similarity_gap=stats.gap,
+        positive_similarity=stats.positive,
+        negative_similarity=stats.negative,
+        loss_a_to_b=reduce_anchor_losses(a2b, "mean"),
+        loss_b_to_a=reduce_anchor_losses(b2a, "mean"),
+        accuracy=(a2b.correct.float().mean() + b2a.correct.float().mean()) / 2,
+    )

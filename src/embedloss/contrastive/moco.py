@@ -1,0 +1,543 @@
+"""MoCo: InfoNCE against a FIFO queue of past keys (He et al. 2020; MoCo v2, Chen et al. 2020)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import (
+    check_int,
+    check_labels,
+    check_pair,
+    check_tensor,
+    compute_dtype,
+    describe,
+)
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.multimodal.clip import combine_directions
+from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.info_nce import (
+    AnchorLosses,
+    PairSpec,
+    anchor_losses_from_logits,
+    pair_masks,
+    reduce_anchor_losses,
+)
+from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
+from embedloss.registry import register_loss
+
+__all__ = ["MoCoLoss", "moco_anchor_losses", "moco_loss"]
+
+
+class _Batch(NamedTuple):
+    query_to_key: AnchorLosses
+    key_to_query: AnchorLosses | None
+    keys: Tensor  # (N, D) prepared keys of every rank, in rank order: what the queue receives
+    queries: Tensor  # (N, D) prepared queries of every rank (the query queue of symmetric MoCo)
+    labels: Tensor | None  # (N,) labels of every rank
+
+
+def _direction(
+    anchor: Tensor,
+    positive: Tensor,
+    others: Tensor | None,
+    offset: int,
+    bank: Tensor,
+    scale: Tensor | float,
+    anchor_labels: Tensor | None,
+    other_labels: Tensor | None,
+    bank_labels: Tensor | None,
+) -> AnchorLosses:
+    """Anchors ``(n, D)`` against ``[own positive | other in-batch embeddings | bank]``.
+
+    MoCo's layout (Algorithm 1: ``logits = cat([l_pos, l_neg])``): column 0 holds each anchor's
+    own positive, so keys differ per anchor and the dense kernel of the core is used. ``others``
+    ``(M, D)`` are the in-batch embeddings of every rank (the anchor's own row, at ``offset + i``,
+    is removed); with labels, same-label columns other than column 0 leave the denominator.
+    """
+    n = anchor.shape[0]
+    negatives = bank if others is None else torch.cat([others, bank])  # (M + K, D)
+    l_pos = (anchor * positive).sum(-1, keepdim=True)  # (n, 1)
+    logits = torch.cat([l_pos, anchor @ negatives.T], dim=1) * scale  # (n, 1 + M + K)
+    rows = torch.arange(n, device=anchor.device)
+    cols = torch.arange(logits.shape[1], device=anchor.device)
+    self_index = None if others is None else rows + 1 + offset
+    spec = PairSpec(positive_index=torch.zeros_like(rows), self_index=self_index)
+    if anchor_labels is not None:
+        # Column 0 is every row's positive, so its label never masks it: any value will do.
+        parts = [anchor_labels[:1], *([] if other_labels is None else [other_labels])]
+        if bank_labels is not None:
+            parts.append(bank_labels)
+        spec = PairSpec(
+            positive_index=spec.positive_index,
+            query_labels=anchor_labels,
+            key_labels=torch.cat(parts),
+            labels_mark="false_negatives",
+            self_index=self_index,
+        )
+    positive_mask, denominator = pair_masks(spec, rows, cols)
+    return anchor_losses_from_logits(logits, positive_mask, denominator)
+
+
+def _check_queue(queue: Tensor, name: str, dim: int) -> None:
+    check_tensor(queue, name)
+    if queue.dim() != 2 or not queue.is_floating_point() or queue.shape[1] != dim:
+        raise ValueError(
+            f"{name} must be a floating-point (K, D={dim}) tensor of past embeddings, "
+            f"got {describe(queue)}"
+        )
+
+
+def _check_inputs(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None,
+    labels: Tensor | None,
+    queue_labels: Tensor | None,
+    query_queue: Tensor | None,
+    symmetric: bool,
+) -> None:
+    check_pair(query, key, "query", "key", labels)
+    if queue is None:
+        if queue_labels is not None or query_queue is not None:
+            raise ValueError("queue_labels and query_queue need a queue")
+        return
+    _check_queue(queue, "queue", query.shape[1])
+    if query_queue is not None:
+        _check_queue(query_queue, "query_queue", query.shape[1])
+        if query_queue.shape != queue.shape:
+            raise ValueError(
+                f"query_queue must have the queue's shape {tuple(queue.shape)}, "
+                f"got {tuple(query_queue.shape)}"
+            )
+    elif symmetric:
+        raise ValueError(
+            "symmetric=True scores key→query against past queries: pass query_queue (K, D)"
+        )
+    if queue_labels is not None:
+        if labels is None:
+            raise ValueError("queue_labels mask same-label queue entries and need labels")
+        check_labels(queue_labels, queue.shape[0], "queue_labels")
+    elif labels is not None and queue.shape[0] > 0:
+        raise ValueError(
+            "labels mask same-label queue entries: pass queue_labels (K,) with a queue"
+        )
+
+
+def _moco(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None,
+    *,
+    scale: Tensor | float,
+    labels: Tensor | None,
+    queue_labels: Tensor | None,
+    query_queue: Tensor | None,
+    in_batch_negatives: bool,
+    symmetric: bool,
+    normalize: bool,
+    gather_distributed: bool,
+    dtype: torch.dtype,
+) -> _Batch:
+    q = prepare_embeddings(query, normalize=normalize, dtype=dtype)
+    k = prepare_embeddings(key, normalize=normalize, dtype=dtype)
+    gk = gather_with_grad(k, gather_distributed)
+    gq = gather_with_grad(q, gather_distributed and symmetric)
+    all_labels = None if labels is None else gather_with_grad(labels, gather_distributed).tensor
+    empty = k.new_zeros((0, k.shape[1]))
+    bank = empty if queue is None else prepare_embeddings(queue, normalize=normalize, dtype=dtype)
+    others = gk.tensor if in_batch_negatives else None
+    other_labels = all_labels if in_batch_negatives else None
+    forward = _direction(q, k, others, gk.offset, bank, scale, labels, other_labels, queue_labels)
+    backward = None
+    if symmetric:
+        past = (
+            empty
+            if query_queue is None
+            else prepare_embeddings(query_queue, normalize=normalize, dtype=dtype)
+        )
+        others = gq.tensor if in_batch_negatives else None
+        backward = _direction(
+            k, q, others, gq.offset, past, scale, labels, other_labels, queue_labels
+        )
+    return _Batch(forward, backward, gk.tensor.detach(), gq.tensor.detach(), all_labels)
+
+
+def moco_anchor_losses(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None = None,
+    *,
+    temperature: float | Tensor = 0.2,
+    labels: Tensor | None = None,
+    queue_labels: Tensor | None = None,
+    query_queue: Tensor | None = None,
+    in_batch_negatives: bool = False,
+    symmetric: bool = False,
+    normalize: bool = True,
+    gather_distributed: bool = False,
+) -> tuple[AnchorLosses, AnchorLosses | None]:
+    """Per-query MoCo losses ``(query→key, key→query or None)``, each ``(n,)`` (see :func:`moco_loss`)."""
+    _check_inputs(query, key, queue, labels, queue_labels, query_queue, symmetric)
+    dtype = compute_dtype(query, key)
+    batch = _moco(
+        query,
+        key,
+        queue,
+        scale=inverse_temperature(temperature, dtype),
+        labels=labels,
+        queue_labels=queue_labels,
+        query_queue=query_queue,
+        in_batch_negatives=in_batch_negatives,
+        symmetric=symmetric,
+        normalize=normalize,
+        gather_distributed=gather_distributed,
+        dtype=dtype,
+    )
+    return batch.query_to_key, batch.key_to_query
+
+
+def _reduce(
+    forward: AnchorLosses, backward: AnchorLosses | None, reduction: str, distributed: bool
+) -> Tensor:
+    if backward is None:
+        return reduce_anchor_losses(forward, reduction, distributed=distributed)
+    return combine_directions(forward, backward, reduction, distributed)
+
+
+def moco_loss(
+    query: Tensor,
+    key: Tensor,
+    queue: Tensor | None = None,
+    *,
+    temperature: float | Tensor = 0.2,
+    labels: Tensor | None = None,
+    queue_labels: Tensor | None = None,
+    query_queue: Tensor | None = None,
+    in_batch_negatives: bool = False,
+    symmetric: bool = False,
+    reduction: str = "mean",
+    normalize: bool = True,
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""MoCo's InfoNCE of queries against their keys and a queue of past keys (stateless).
+
+    For normalised query ``q_i``, its key ``k_i`` and queue entries ``u_1..u_K``
+    (He et al. 2020, Eq. 1; Algorithm 1 ``logits = [q·k₊, q·queue]``):
+
+        ℓ_i = −log( exp(q_i·k_i/τ) / (exp(q_i·k_i/τ) + Σ_{m∈Q(i)} exp(q_i·u_m/τ)) )
+
+    ``Q(i)`` is the queue without the entries whose label equals ``labels[i]`` (false
+    negatives), plus, with ``in_batch_negatives``, the other in-batch keys (again without
+    same-label ones). With ``symmetric``, keys are also anchors against their queries and the
+    ``query_queue`` of past queries, and the two directions are averaged. An empty queue adds
+    nothing: without in-batch negatives the loss is then exactly 0.
+
+    Args:
+        query: ``(n, D)`` queries.
+        key: ``(n, D)`` keys; row ``i`` is the positive of query ``i`` (usually from a
+            :class:`~embedloss.contrastive.MomentumEncoder`, without grad).
+        queue: ``(K, D)`` past keys (the negatives), or None for none.
+        temperature: τ > 0 (default 0.2, MoCo v2).
+        labels: Optional ``(n,)`` identities; same-label keys are not negatives.
+        queue_labels: ``(K,)`` labels of the queue entries (required with labels and a queue).
+        query_queue: ``(K, D)`` past queries, the negatives of the key→query direction.
+        in_batch_negatives: Also contrast against the other keys of the batch (all ranks).
+        symmetric: Also score key→query and average the directions.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(n,)``, directions averaged per pair).
+        normalize: L2-normalise query, key and queues (default True).
+        gather_distributed: In-batch negatives from every rank; losses reduced over ranks.
+
+    Shape:
+        query, key: ``(n, D)``; queue, query_queue: ``(K, D)``; output: scalar or ``(n,)``.
+
+    Raises:
+        ValueError: For mismatched shapes, labels of the wrong length, labels without
+            queue_labels (or the reverse), a missing query_queue with ``symmetric``, or τ <= 0.
+
+    Example:
+        >>> import math
+        >>> q = torch.eye(2, 4)
+        >>> queue = torch.eye(4)[2:]  # two past keys, orthogonal to the queries
+        >>> loss = moco_loss(q, q, queue, temperature=1.0)
+        >>> round(loss.item(), 6) == round(math.log(math.e + 2) - 1, 6)
+        True
+    """
+    forward, backward = moco_anchor_losses(
+        query,
+        key,
+        queue,
+        temperature=temperature,
+        labels=labels,
+        queue_labels=queue_labels,
+        query_queue=query_queue,
+        in_batch_negatives=in_batch_negatives,
+        symmetric=symmetric,
+        normalize=normalize,
+        gather_distributed=gather_distributed,
+    )
+    return _reduce(forward, backward, reduction, gather_distributed)
+
+
+@register_loss("moco", aliases=("memory_queue",))
+class MoCoLoss(BaseContrastiveLoss):
+    """MoCo v2 contrastive loss with a FIFO queue of past keys (He et al. 2020; Chen et al. 2020).
+
+    See :func:`moco_loss` for the formula. The queue lives in buffers (``queue``, and
+    ``query_queue`` when symmetric, ``queue_labels``, ``queue_labeled``, ``queue_ptr``,
+    ``queue_count``), so ``state_dict`` round-trips it exactly and resuming gives the same
+    subsequent losses. Semantics:
+
+    * the queue **starts empty**; only filled entries are scored (no random initialisation);
+    * keys are enqueued **after** the loss is computed, and only in training mode;
+    * FIFO: the most recent ``queue_size`` keys are kept (a batch may wrap around the end);
+    * with ``gather_distributed`` the keys of every rank are enqueued, in rank order, so every
+      rank holds the same queue;
+    * with ``labels`` the queue stores them and same-label entries are masked as false
+      negatives. Entries enqueued without labels cannot be compared: passing labels while
+      such entries are in the queue raises (call :meth:`reset_queue`).
+
+    The queue tensor is allocated on the first call, with the keys' embedding size, device and
+    compute dtype (float32, or float64 for float64 inputs). No temperature warm-up (the legacy
+    ``MemoryQueueContrastiveLoss`` eased τ from 1.3·τ while the queue filled; this loss does not).
+    For the EMA key encoder see :class:`~embedloss.contrastive.MomentumEncoder`.
+
+    Terms: ``accuracy`` (the key outscores every negative), ``positive_similarity`` (mean cosine
+    of query and key), ``negative_similarity`` (mean cosine of queries and queue entries),
+    ``queue_fill`` (fraction of the queue scored, before this batch is enqueued),
+    ``temperature``; with ``symmetric``, ``loss_query_to_key`` and ``loss_key_to_query``.
+
+    Args:
+        temperature: τ > 0 (default 0.2, MoCo v2).
+        queue_size: K, the number of past keys kept (default 65536).
+        in_batch_negatives: Also use the other keys of the batch as negatives.
+        symmetric: Also score key→query against a queue of past queries; average directions.
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (default True).
+        gather_distributed: Gather keys (and queries, labels) from all ranks; enqueue them all.
+
+    Raises:
+        ValueError: For ``queue_size < 1``, τ <= 0, a batch larger than the queue, a key size
+            different from the queue's, labels while unlabeled entries are queued, or inputs
+            on another device than the loss's buffers.
+
+    Example:
+        >>> from embedloss.contrastive import MomentumEncoder
+        >>> encoder = torch.nn.Linear(16, 8)
+        >>> key_encoder = MomentumEncoder(encoder, momentum=0.99)
+        >>> loss_fn = MoCoLoss(queue_size=32)
+        >>> x = torch.randn(4, 16)
+        >>> out = loss_fn.compute(encoder(x), key_encoder(x + 0.1 * torch.randn(4, 16)))
+        >>> out.loss.item(), out.terms["queue_fill"].item()  # empty queue: nothing to contrast
+        (0.0, 0.0)
+        >>> key_encoder.update()
+        >>> loss_fn(encoder(x), key_encoder(x)).item() > 0, int(loss_fn.queue_count)
+        (True, 8)
+    """
+
+    queue: Tensor
+    query_queue: Tensor
+    queue_labels: Tensor
+    queue_labeled: Tensor
+    queue_ptr: Tensor
+    queue_count: Tensor
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.2,
+        queue_size: int = 65536,
+        in_batch_negatives: bool = False,
+        symmetric: bool = False,
+        learnable_temperature: bool = False,
+        reduction: str = "mean",
+        normalize: bool = True,
+        gather_distributed: bool = False,
+    ) -> None:
+        # Dense: MoCo's per-query positive column makes the keys differ per query (no tiling).
+        super().__init__(
+            reduction=reduction, chunk_size=None, gather_distributed=gather_distributed
+        )
+        self._init_temperature(temperature, learnable_temperature)
+        self._init_normalization(normalize)
+        self.queue_size = check_int(queue_size, "queue_size", low=1)
+        for name, flag in (("in_batch_negatives", in_batch_negatives), ("symmetric", symmetric)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
+        self.in_batch_negatives = in_batch_negatives
+        self.symmetric = symmetric
+        self.register_buffer("queue", torch.zeros(0, 0))
+        if symmetric:
+            self.register_buffer("query_queue", torch.zeros(0, 0))
+        self.register_buffer("queue_labels", torch.zeros(queue_size, dtype=torch.long))
+        self.register_buffer("queue_labeled", torch.zeros(queue_size, dtype=torch.bool))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+
+    def _queue_names(self) -> tuple[str, ...]:
+        return ("queue", "query_queue") if self.symmetric else ("queue",)
+
+    @torch.no_grad()
+    def reset_queue(self) -> None:
+        """Empty the queue (entries are forgotten; the allocated storage is kept)."""
+        for name in self._queue_names():
+            getattr(self, name).zero_()
+        self.queue_labels.zero_()
+        self.queue_labeled.zero_()
+        self.queue_ptr.zero_()
+        self.queue_count.zero_()
+
+    def _filled(self, dim: int, labels: Tensor | None) -> tuple[Tensor | None, ...]:
+        """The scored part of the queues: ``(queue, query_queue, queue_labels)``, or Nones."""
+        count = int(self.queue_count)
+        if count == 0:
+            return None, None, None
+        if self.queue.shape[1] != dim:
+            raise ValueError(
+                f"key embedding size D={dim} does not match the queue's D={self.queue.shape[1]}; "
+                "use a new MoCoLoss for a new embedding size"
+            )
+        past_queries = self.query_queue[:count] if self.symmetric else None
+        if labels is None:
+            return self.queue[:count], past_queries, None
+        if not bool(self.queue_labeled[:count].all()):
+            raise ValueError(
+                "labels were given but the queue holds keys enqueued without labels; pass labels "
+                "on every call or call reset_queue()"
+            )
+        return self.queue[:count], past_queries, self.queue_labels[:count]
+
+    @torch.no_grad()
+    def _enqueue(self, keys: Tensor, queries: Tensor, labels: Tensor | None) -> None:
+        b = keys.shape[0]
+        if self.queue.numel() == 0:
+            for name in self._queue_names():
+                setattr(self, name, keys.new_zeros(self.queue_size, keys.shape[1]))
+        ptr = int(self.queue_ptr)
+        slots = (torch.arange(b, device=self.queue_ptr.device) + ptr) % self.queue_size
+        self.queue[slots] = keys.to(self.queue.dtype)
+        if self.symmetric:
+            self.query_queue[slots] = queries.to(self.query_queue.dtype)
+        if labels is not None:
+            self.queue_labels[slots] = labels.to(self.queue_labels.dtype)
+        self.queue_labeled[slots] = labels is not None
+        self.queue_ptr.fill_((ptr + b) % self.queue_size)
+        self.queue_count.fill_(min(int(self.queue_count) + b, self.queue_size))
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # The queue is allocated lazily: adopt the stored shape and dtype before copying.
+        for name in self._queue_names():
+            stored = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if isinstance(stored, Tensor) and stored.shape != current.shape:
+                setattr(self, name, torch.empty_like(stored, device=current.device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def compute(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for ``query``, ``key`` ``(n, D)`` and optional ``labels (n,)``; then enqueue."""
+        check_pair(query, key, "query", "key", labels)
+        if query.device != self.queue_ptr.device:
+            raise ValueError(
+                f"query is on {query.device} but the queue buffers are on "
+                f"{self.queue_ptr.device}; move the loss with .to(device) like any stateful module"
+            )
+        if query.shape[0] > self.queue_size:
+            raise ValueError(
+                f"the batch ({query.shape[0]} keys) is larger than the queue "
+                f"(queue_size={self.queue_size}); raise queue_size or lower the batch size"
+            )
+        bank, past_queries, bank_labels = self._filled(query.shape[1], labels)
+        dtype = compute_dtype(query, key)
+        batch = _moco(
+            query,
+            key,
+            bank,
+            scale=self.scale(dtype=dtype),
+            labels=labels,
+            queue_labels=bank_labels,
+            query_queue=past_queries,
+            in_batch_negatives=self.in_batch_negatives,
+            symmetric=self.symmetric,
+            normalize=self._normalize,
+            gather_distributed=self.gather_distributed,
+            dtype=dtype,
+        )
+        if batch.keys.shape[0] > self.queue_size:
+            raise ValueError(
+                f"the batch gathered from all ranks ({batch.keys.shape[0]} keys) is larger than "
+                f"the queue (queue_size={self.queue_size}); raise queue_size"
+            )
+        forward, backward = batch.query_to_key, batch.key_to_query
+        loss = _reduce(forward, backward, self.reduction, self.gather_distributed)
+        terms = self._terms(query, key, bank, forward, backward, dtype)
+        if self.training:
+            self._enqueue(batch.keys, batch.queries, batch.labels)
+        return LossOutput(loss, terms)
+
+    @torch.no_grad()
+    def _terms(
+        self,
+        query: Tensor,
+        key: Tensor,
+        bank: Tensor | None,
+        forward: AnchorLosses,
+        backward: AnchorLosses | None,
+        dtype: torch.dtype,
+    ) -> dict[str, Tensor]:
+        q = self.normalize_embeddings(query.to(dtype))
+        k = self.normalize_embeddings(key.to(dtype))
+        count = 0 if bank is None else bank.shape[0]
+        negative: Tensor | float = 0.0
+        if bank is not None:
+            # mean_{i,m} q_i·u_m without an (n, K) matrix
+            negative = (q.sum(0) @ self.normalize_embeddings(bank.to(dtype)).sum(0)) / (
+                q.shape[0] * count
+            )
+        accuracy = forward.correct.float().mean()
+        extra = {}
+        if backward is not None:
+            accuracy = (accuracy + backward.correct.float().mean()) / 2
+            extra = {
+                "loss_query_to_key": reduce_anchor_losses(forward, "mean"),
+                "loss_key_to_query": reduce_anchor_losses(backward, "mean"),
+            }
+        return detached_terms(
+            accuracy=accuracy,
+            positive_similarity=(q * k).sum(-1).mean(),
+            negative_similarity=negative,
+            queue_fill=count / self.queue_size,
+            temperature=self.temperature,
+            **extra,
+        )
+
+    def forward(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The MoCo loss (see :meth:`compute`); enqueues the keys in training mode."""
+        return self.compute(query, key, labels).loss
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """A small queue, and in-batch negatives so that the very first call has a gradient."""
+        return {"queue_size": 64, "in_batch_negatives": True}
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return (
+            f"temperature={self.temperature:g}, queue_size={self.queue_size}, "
+            f"in_batch_negatives={self.in_batch_negatives}, symmetric={self.symmetric}, "
+            f"reduction={self.reduction!r}"
+        )

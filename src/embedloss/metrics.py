@@ -1,0 +1,316 @@
+"""Metrics for embeddings: retrieval recall@k, accuracy, alignment/uniformity, effective rank.
+
+``recall_at_k``, ``accuracy`` and ``effective_rank`` are evaluation quantities: they run under
+``torch.no_grad()`` and return Python floats. ``alignment`` and ``uniformity`` return tensors and
+are differentiable, because :class:`~embedloss.multimodal.AlignmentUniformityLoss` is built
+from them; wrap them in ``torch.no_grad()`` when they are only measured.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import (
+    check_embeddings,
+    check_int,
+    check_labels,
+    check_positive_float,
+    check_same_dim,
+    check_same_shape,
+    check_tensor,
+    compute_dtype,
+)
+from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.info_nce import AnchorLosses, reduce_anchor_losses
+from embedloss.ops.similarity import positive_mask_from_labels, prepare_embeddings
+
+__all__ = ["accuracy", "alignment", "effective_rank", "recall_at_k", "uniformity"]
+
+
+def _safe_pow(d: Tensor, alpha: float) -> Tensor:
+    """``d**alpha`` for distances ``d >= 0`` with gradient 0 (not NaN) where ``d == 0``."""
+    pos = d > 0
+    return torch.where(pos, torch.where(pos, d, torch.ones_like(d)).pow(alpha), torch.zeros_like(d))
+
+
+def _exact_cdist(a: Tensor, b: Tensor) -> Tensor:
+    """Euclidean distances ``(N, M)`` computed from differences (no ``‖a‖²+‖b‖²−2a·b`` rounding)."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def alignment(
+    x: Tensor,
+    y: Tensor,
+    alpha: float = 2.0,
+    *,
+    labels: Tensor | None = None,
+    key_labels: Tensor | None = None,
+    normalize: bool = True,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Alignment of positive pairs (Wang & Isola 2020, Eq. 4): ``E_(x,y)~pos ‖x − y‖₂^α``.
+
+    Without labels the positive pairs are ``(x_i, y_i)`` (the official ``align_loss``:
+    ``(x − y).norm(dim=1).pow(alpha).mean()``). With ``labels``, anchor ``x_i`` is aligned with
+    every ``y_j`` of the same label (``key_labels``, default ``labels``) and its value is the
+    mean over them; anchors with no such ``y_j`` are left out of the mean. Differentiable, with
+    gradient 0 (not NaN) at coinciding points for any α > 0.
+
+    Args:
+        x: ``(N, D)`` anchors.
+        y: ``(N, D)`` positives, or ``(M, D)`` keys when ``key_labels`` is given.
+        alpha: α > 0 (default 2).
+        labels: Optional ``(N,)`` identities of ``x``.
+        key_labels: Optional ``(M,)`` identities of ``y`` (needs ``labels``).
+        normalize: L2-normalise ``x`` and ``y`` first (default True; the paper's features lie
+            on the unit hypersphere).
+        reduction: ``"mean"`` or ``"none"`` (the ``(N,)`` per-anchor values).
+
+    Raises:
+        ValueError: For mismatched shapes, labels of the wrong length, α <= 0 or a bad reduction.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> round(alignment(x, x.flip(1)).item(), 6)  # each pair at distance √2: (√2)² = 2
+        2.0
+    """
+    alpha = check_positive_float(alpha, "alpha")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be one of 'mean', 'none'; got {reduction!r}")
+    check_embeddings(x, "x")
+    check_embeddings(y, "y")
+    if key_labels is not None and labels is None:
+        raise ValueError("key_labels needs labels (the identities of x) as well")
+    if key_labels is None:
+        check_same_shape(x, y, "x", "y")
+    else:
+        check_same_dim(x, y, "x", "y")
+        check_labels(key_labels, y.shape[0], "key_labels")
+    if labels is not None:
+        check_labels(labels, x.shape[0])
+    dtype = compute_dtype(x, y)
+    x = prepare_embeddings(x, normalize=normalize, dtype=dtype)
+    y = prepare_embeddings(y, normalize=normalize, dtype=dtype)
+    if labels is None:
+        per = _safe_pow(torch.linalg.vector_norm(x - y, dim=1), alpha)  # (N,)
+        valid = torch.ones_like(per, dtype=torch.bool)
+    else:
+        positive = positive_mask_from_labels(labels, key_labels)  # (N, M)
+        powered = _safe_pow(_exact_cdist(x, y), alpha)  # (N, M)
+        count = positive.sum(dim=1)
+        per = torch.where(positive, powered, torch.zeros_like(powered)).sum(1) / count.clamp(min=1)
+        valid = count > 0
+    result = AnchorLosses(per, valid, valid)
+    return reduce_anchor_losses(result, reduction)
+
+
+def uniformity(
+    x: Tensor, t: float = 2.0, *, normalize: bool = True, gather_distributed: bool = False
+) -> Tensor:
+    r"""Uniformity (Wang & Isola 2020, Eq. 5): ``log E_{i<j} exp(−t·‖x_i − x_j‖₂²)``.
+
+    The mean runs over the ``N(N−1)/2`` distinct pairs (the official ``uniform_loss``:
+    ``torch.pdist(x).pow(2).mul(-t).exp().mean().log()``), computed in log space as
+    ``logsumexp(−t·d²) − log(N(N−1)/2)`` so it stays finite for far-apart points. Lower is more
+    uniform; on the unit sphere it is at least ``−4t``.
+
+    With ``gather_distributed`` the embeddings of every rank are gathered and the value is that
+    of the global batch on every rank; gradients reach each rank's embeddings as world size ×
+    the single-process gradient (what DDP's averaging expects).
+
+    Args:
+        x: ``(N, D)`` embeddings, N >= 2 (over all ranks).
+        t: The scale t > 0 (default 2).
+        normalize: L2-normalise ``x`` first (default True).
+        gather_distributed: Measure over the embeddings of all ranks.
+
+    Raises:
+        ValueError: For fewer than two embeddings or t <= 0.
+
+    Example:
+        >>> x = torch.eye(3)  # every pair at squared distance 2
+        >>> round(uniformity(x, t=2.0).item(), 6)
+        -4.0
+    """
+    t = check_positive_float(t, "t")
+    check_embeddings(x, "x")
+    x = prepare_embeddings(x, normalize=normalize, dtype=compute_dtype(x))
+    gathered = gather_with_grad(x, gather_distributed)
+    n = gathered.tensor.shape[0]
+    if n < 2:
+        raise ValueError(f"uniformity needs at least 2 embeddings, got {n}")
+    if gathered.world_size == 1:
+        return torch.logsumexp(-t * torch.pdist(x).square(), dim=0) - math.log(n * (n - 1) / 2)
+    # Local rows against all rows; over all ranks every unordered pair appears twice.
+    neg_sq = -t * _exact_cdist(x, gathered.tensor).square()  # (n_local, N)
+    cols = torch.arange(n, device=x.device)
+    rows = torch.arange(x.shape[0], device=x.device) + gathered.offset
+    neg_sq = neg_sq.masked_fill(rows.unsqueeze(1) == cols.unsqueeze(0), float("-inf"))
+    row_lse = gather_with_grad(neg_sq.logsumexp(dim=1), True).tensor  # (N,)
+    return row_lse.logsumexp(dim=0) - math.log(n * (n - 1))
+
+
+def _ks(k: int | Sequence[int]) -> tuple[int, ...]:
+    values = (k,) if isinstance(k, int) else tuple(k)
+    if not values:
+        raise ValueError("k must name at least one cut-off, got an empty sequence")
+    return tuple(check_int(v, "k", low=1) for v in values)
+
+
+def _hits(similarity: Tensor, positive: Tensor, ks: tuple[int, ...]) -> dict[int, float]:
+    """Recall@k of the rows: a row is a hit when fewer than k non-positives tie or beat its best positive."""
+    best = similarity.masked_fill(~positive, float("-inf")).amax(dim=1, keepdim=True)  # (N, 1)
+    ahead = ((similarity >= best) & ~positive).sum(dim=1)  # (N,)
+    valid = positive.any(dim=1)
+    if not bool(valid.any()):
+        raise ValueError("no query has a positive key; check labels and key_labels")
+    return {k: (ahead[valid] < k).double().mean().item() for k in ks}
+
+
+@torch.no_grad()
+def recall_at_k(
+    similarity: Tensor,
+    keys: Tensor | None = None,
+    *,
+    k: int | Sequence[int] = (1, 5, 10),
+    labels: Tensor | None = None,
+    key_labels: Tensor | None = None,
+    normalize: bool = True,
+) -> dict[str, float]:
+    r"""Retrieval recall@k in both directions, and their average.
+
+    ``recall_at_k(similarity)`` takes an ``(N, M)`` query–key similarity; ``recall_at_k(queries,
+    keys)`` builds it as the cosine (``normalize=True``) or dot product of ``(N, D)`` queries and
+    ``(M, D)`` keys. Without labels query ``i`` matches key ``i`` (square similarity). With
+    ``labels`` (and ``key_labels`` for the keys, default ``labels``) a query is matched by every
+    key of its label; a legacy target index per query is ``labels=targets,
+    key_labels=torch.arange(M)``.
+
+    A query is a hit at ``k`` when fewer than ``k`` non-matching keys score **at least** as high
+    as its best matching key. Ties therefore count against the query, which makes the result
+    deterministic and gives a collapsed embedding (all similarities equal) recall 0, not a lucky
+    one. Queries with no matching key are left out. The reverse direction scores keys as
+    queries against the queries (the transposed similarity).
+
+    Args:
+        similarity: ``(N, M)`` similarities, or ``(N, D)`` queries when ``keys`` is given.
+        keys: Optional ``(M, D)`` keys.
+        k: A cut-off or a sequence of cut-offs, each >= 1 (default ``(1, 5, 10)``).
+        labels: Optional ``(N,)`` identities of the queries.
+        key_labels: Optional ``(M,)`` identities of the keys (needs ``labels``).
+        normalize: Cosine similarity of ``queries``/``keys`` (ignored for a similarity matrix).
+
+    Returns:
+        ``{"query_to_key_recall@k", "key_to_query_recall@k", "recall@k"}`` for each ``k``, as
+        floats in [0, 1] (``recall@k`` is the mean of the two directions).
+
+    Raises:
+        ValueError: For a non-square similarity without labels, labels of the wrong length,
+            ``k < 1``, or when no query has a matching key.
+
+    Example:
+        >>> sim = torch.tensor([[0.9, 0.1], [0.8, 0.2]])  # query 1 prefers key 0
+        >>> r = recall_at_k(sim, k=(1, 2))
+        >>> r["query_to_key_recall@1"], r["key_to_query_recall@1"], r["recall@2"]
+        (0.5, 1.0, 1.0)
+    """
+    ks = _ks(k)
+    check_tensor(similarity, "similarity")
+    if keys is not None:
+        check_embeddings(similarity, "queries")
+        check_embeddings(keys, "keys")
+        check_same_dim(similarity, keys, "queries", "keys")
+        dtype = compute_dtype(similarity, keys)
+        q = prepare_embeddings(similarity, normalize=normalize, dtype=dtype)
+        similarity = q @ prepare_embeddings(keys, normalize=normalize, dtype=dtype).T
+    elif similarity.dim() != 2 or similarity.numel() == 0:
+        raise ValueError(
+            f"similarity must be a non-empty (N, M) matrix, got shape {tuple(similarity.shape)}"
+        )
+    n, m = similarity.shape
+    if key_labels is not None and labels is None:
+        raise ValueError("key_labels needs labels (the identities of the queries) as well")
+    if labels is None:
+        if n != m:
+            raise ValueError(
+                f"without labels query i matches key i, so the similarity must be square, got "
+                f"shape {(n, m)}; pass labels and key_labels for another ground truth"
+            )
+        positive = torch.eye(n, dtype=torch.bool, device=similarity.device)
+    else:
+        query_labels = check_labels(labels, n)
+        if key_labels is None and n != m:
+            raise ValueError(f"key_labels are needed for {m} keys and {n} queries")
+        key_labels = (
+            query_labels if key_labels is None else check_labels(key_labels, m, "key_labels")
+        )
+        positive = positive_mask_from_labels(
+            query_labels.to(similarity.device), key_labels.to(similarity.device)
+        )
+    forward = _hits(similarity, positive, ks)
+    backward = _hits(similarity.T, positive.T, ks)
+    out: dict[str, float] = {}
+    for c in ks:
+        out[f"query_to_key_recall@{c}"] = forward[c]
+        out[f"key_to_query_recall@{c}"] = backward[c]
+        out[f"recall@{c}"] = (forward[c] + backward[c]) / 2
+    return out
+
+
+@torch.no_grad()
+def accuracy(logits: Tensor, targets: Tensor) -> float:
+    """Top-1 accuracy of ``(N, C)`` logits against ``(N,)`` class indices.
+
+    Ties go to the lowest class index (``argmax``), so the result is deterministic.
+
+    Raises:
+        ValueError: For logits that are not ``(N, C)``, targets of the wrong length or targets
+            outside ``[0, C)``.
+
+    Example:
+        >>> accuracy(torch.tensor([[2.0, 1.0], [0.0, 3.0], [5.0, 4.0]]), torch.tensor([0, 1, 1]))
+        0.666...
+    """
+    check_embeddings(logits, "logits")
+    check_labels(targets, logits.shape[0], "targets")
+    if bool(((targets < 0) | (targets >= logits.shape[1])).any()):
+        raise ValueError(
+            f"targets must be class indices in [0, {logits.shape[1]}), got values from "
+            f"{int(targets.min())} to {int(targets.max())}"
+        )
+    return (logits.argmax(dim=1) == targets.to(logits.device)).double().mean().item()
+
+
+@torch.no_grad()
+def effective_rank(embeddings: Tensor, *, center: bool = False) -> float:
+    r"""Effective rank of an ``(N, D)`` matrix (Roy & Vetterli 2007, Def. 1 and Eq. 3).
+
+    With singular values ``σ_k`` and ``p_k = σ_k / Σ_j σ_j``, the effective rank is the exponential
+    of the entropy of ``p``: ``erank = exp(−Σ_k p_k·log p_k)`` (``0·log 0 = 0``). It lies between
+    1 and the rank, and measures dimensional collapse of embeddings. Computed in float64; an
+    all-zero matrix gives 0.
+
+    Args:
+        embeddings: ``(N, D)``.
+        center: Subtract the mean embedding first (Roy & Vetterli do not; default False).
+
+    Example:
+        >>> round(effective_rank(torch.eye(4)), 6)
+        4.0
+        >>> round(effective_rank(torch.ones(5, 3)), 6)  # rank one
+        1.0
+    """
+    check_embeddings(embeddings, "embeddings")
+    x = embeddings.double()
+    if center:
+        x = x - x.mean(dim=0, keepdim=True)
+    s = torch.linalg.svdvals(x)
+    total = s.sum()
+    if total == 0:
+        return 0.0
+    p = s / total
+    return math.exp(-torch.special.xlogy(p, p).sum().item())

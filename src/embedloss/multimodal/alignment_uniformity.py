@@ -1,0 +1,196 @@
+"""Alignment and uniformity on the hypersphere (Wang & Isola 2020)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import check_pair, check_positive_float, compute_dtype
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.mixins import NormalizationMixin
+from embedloss.metrics import alignment, uniformity
+from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.info_nce import AnchorLosses, reduce_anchor_losses
+from embedloss.ops.similarity import prepare_embeddings
+from embedloss.registry import register_loss
+
+__all__ = [
+    "AlignmentUniformityLoss",
+    "alignment_uniformity_anchor_losses",
+    "alignment_uniformity_loss",
+]
+
+
+def alignment_uniformity_anchor_losses(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    alpha: float = 2.0,
+    t: float = 2.0,
+    weight: float = 1.0,
+    labels: Tensor | None = None,
+    normalize: bool = True,
+    gather_distributed: bool = False,
+) -> tuple[AnchorLosses, Tensor, Tensor]:
+    """Per-pair values ``align_i + weight·uniformity`` ``(N,)``, and the two parts.
+
+    Returns ``(per_pair, alignment (N,), uniformity (0-d))``; see
+    :func:`alignment_uniformity_loss`. The uniformity part is a batch quantity shared by every
+    pair, so any reduction of ``per_pair`` carries it with the right weight.
+    """
+    check_pair(z_a, z_b, "z_a", "z_b", labels)
+    alpha = check_positive_float(alpha, "alpha")
+    t = check_positive_float(t, "t")
+    weight = check_positive_float(weight, "weight", allow_zero=True)
+    dtype = compute_dtype(z_a, z_b)
+    a = prepare_embeddings(z_a, normalize=normalize, dtype=dtype)
+    b = prepare_embeddings(z_b, normalize=normalize, dtype=dtype)
+    keys, key_labels = b, labels
+    if labels is not None and gather_distributed:
+        # Same-label positives may live on other ranks; unlabelled pairs are always local.
+        keys = gather_with_grad(b, True).tensor
+        key_labels = gather_with_grad(labels, True).tensor
+    align = alignment(
+        a, keys, alpha, labels=labels, key_labels=key_labels, normalize=False, reduction="none"
+    )
+    uniform_a = uniformity(a, t, normalize=False, gather_distributed=gather_distributed)
+    uniform_b = uniformity(b, t, normalize=False, gather_distributed=gather_distributed)
+    uniform = (uniform_a + uniform_b) / 2
+    valid = torch.ones_like(align, dtype=torch.bool)
+    return AnchorLosses(align + weight * uniform, valid, valid), align, uniform
+
+
+def alignment_uniformity_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    alpha: float = 2.0,
+    t: float = 2.0,
+    weight: float = 1.0,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Alignment plus weighted uniformity (Wang & Isola 2020, Eqs. 4–5 and their official code).
+
+    For L2-normalised positive pairs ``(x_i, y_i)``:
+
+        L_align   = (1/N)·Σ_i ‖x_i − y_i‖₂^α                                   (Eq. 4)
+        L_unif(x) = log( (2/(N(N−1)))·Σ_{i<j} exp(−t·‖x_i − x_j‖₂²) )          (Eq. 5)
+        L         = L_align + weight·(L_unif(x) + L_unif(y))/2
+
+    i.e. ``align_loss(x, y, alpha) + lam * (uniform_loss(x, t) + uniform_loss(y, t)) / 2`` of the
+    official code: uniformity is averaged over the two views (modalities). Uniformity is
+    computed in log space (:func:`embedloss.metrics.uniformity`). With ``labels``, ``x_i`` is
+    aligned with every ``y_j`` of its label (mean over them); uniformity, which has no notion of
+    positives, is unchanged.
+
+    Args:
+        z_a: ``(N, D)`` first view / modality (``x``).
+        z_b: ``(N, D)`` second view / modality (``y``); row ``i`` pairs with ``z_a[i]``.
+        alpha: α > 0 of the alignment (default 2).
+        t: t > 0 of the uniformity (default 2).
+        weight: λ >= 0 of the uniformity (default 1).
+        labels: Optional ``(N,)`` identities; equal labels are positive pairs.
+        reduction: ``"mean"`` (``L``), ``"sum"`` or ``"none"``: the ``(N,)`` values
+            ``align_i + weight·uniformity`` (the batch uniformity shared by every pair), so that
+            their mean is ``L`` and their sum is the ``"sum"`` reduction.
+        normalize: L2-normalise the inputs first (default True, as the paper assumes).
+        gather_distributed: Uniformity (and labelled alignment) over the embeddings of every
+            rank; the mean over ranks of the returned losses is the single-process loss.
+
+    Shape:
+        z_a, z_b: ``(N, D)`` with N >= 2; output: scalar, or ``(N,)`` for ``"none"``.
+
+    Raises:
+        ValueError: For mismatched shapes, fewer than two pairs, labels of the wrong length,
+            α <= 0, t <= 0 or weight < 0.
+
+    Example:
+        >>> x = torch.eye(4)  # perfectly aligned; all pairs at squared distance 2
+        >>> round(alignment_uniformity_loss(x, x).item(), 6)  # 0 + (−2·2)
+        -4.0
+    """
+    result, _, _ = alignment_uniformity_anchor_losses(
+        z_a,
+        z_b,
+        alpha=alpha,
+        t=t,
+        weight=weight,
+        labels=labels,
+        normalize=normalize,
+        gather_distributed=gather_distributed,
+    )
+    return reduce_anchor_losses(result, reduction, distributed=gather_distributed)
+
+
+@register_loss("alignment_uniformity")
+class AlignmentUniformityLoss(NormalizationMixin, BaseLoss):
+    """Alignment plus weighted uniformity on the hypersphere (Wang & Isola 2020, Eqs. 4–5).
+
+    See :func:`alignment_uniformity_loss` for the formula. Terms: ``alignment`` (mean over
+    pairs), ``uniformity`` (mean of the two views).
+
+    Args:
+        alpha: α > 0 of the alignment (default 2).
+        t: t > 0 of the uniformity (default 2).
+        weight: λ >= 0 of the uniformity (default 1).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (see :func:`alignment_uniformity_loss`).
+        normalize: L2-normalise inputs (default True).
+        gather_distributed: Uniformity over the embeddings of all ranks (DDP).
+
+    Raises:
+        ValueError: If α <= 0, t <= 0 or weight < 0.
+        TypeError: If ``gather_distributed`` is not a bool.
+
+    Example:
+        >>> loss = AlignmentUniformityLoss(weight=0.5)
+        >>> out = loss.compute(torch.randn(8, 16), torch.randn(8, 16))
+        >>> sorted(out.terms)
+        ['alignment', 'uniformity']
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 2.0,
+        t: float = 2.0,
+        weight: float = 1.0,
+        reduction: str = "mean",
+        normalize: bool = True,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(reduction=reduction)
+        self.alpha = check_positive_float(alpha, "alpha")
+        self.t = check_positive_float(t, "t")
+        self.weight = check_positive_float(weight, "weight", allow_zero=True)
+        self._init_normalization(normalize)
+        if not isinstance(gather_distributed, bool):
+            raise TypeError(
+                f"gather_distributed must be a bool, got {type(gather_distributed).__name__}"
+            )
+        self.gather_distributed = gather_distributed
+
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for paired ``(N, D)`` embeddings and optional ``labels (N,)``."""
+        result, align, uniform = alignment_uniformity_anchor_losses(
+            z_a,
+            z_b,
+            alpha=self.alpha,
+            t=self.t,
+            weight=self.weight,
+            labels=labels,
+            normalize=self._normalize,
+            gather_distributed=self.gather_distributed,
+        )
+        loss = reduce_anchor_losses(result, self.reduction, distributed=self.gather_distributed)
+        return LossOutput(loss, detached_terms(alignment=align.mean(), uniformity=uniform))
+
+    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The alignment–uniformity loss (see :meth:`compute`)."""
+        return self.compute(z_a, z_b, labels).loss
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return f"alpha={self.alpha}, t={self.t}, weight={self.weight}, reduction={self.reduction!r}"

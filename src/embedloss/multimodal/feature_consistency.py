@@ -1,0 +1,366 @@
+"""Feature consistency with frozen reference models: a penalty against representation drift."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from embedloss._validation import (
+    check_choice,
+    check_embeddings,
+    check_float,
+    check_positive_float,
+    check_same_shape,
+    compute_dtype,
+    describe,
+)
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.ops.info_nce import AnchorLosses, reduce_anchor_losses
+from embedloss.ops.similarity import prepare_embeddings
+from embedloss.registry import register_loss
+
+__all__ = [
+    "DISTANCES",
+    "FeatureConsistencyLoss",
+    "feature_consistency_distances",
+    "feature_consistency_loss",
+]
+
+DISTANCES = ("cosine", "l2", "l1", "smooth_l1")
+#: The modality name of a bare tensor / a single reference module.
+DEFAULT_MODALITY = "default"
+
+
+def feature_consistency_distances(
+    features: Tensor,
+    reference_features: Tensor,
+    *,
+    distance: str = "cosine",
+    normalize: bool = True,
+    smooth_l1_beta: float = 1.0,
+    detach_reference: bool = True,
+) -> Tensor:
+    """Per-sample distances ``(N,)`` between features and reference features (see :func:`feature_consistency_loss`)."""
+    check_choice(distance, "distance", DISTANCES)
+    check_embeddings(features, "features")
+    check_embeddings(reference_features, "reference_features")
+    check_same_shape(features, reference_features, "features", "reference_features")
+    beta = check_positive_float(smooth_l1_beta, "smooth_l1_beta")
+    if detach_reference:
+        reference_features = reference_features.detach()
+    dtype = compute_dtype(features, reference_features)
+    # Cosine is scale-free, so it always compares unit vectors.
+    unit = normalize or distance == "cosine"
+    f = prepare_embeddings(features, normalize=unit, dtype=dtype)
+    r = prepare_embeddings(reference_features, normalize=unit, dtype=dtype)
+    if distance == "cosine":
+        return 1.0 - (f * r).sum(dim=-1)
+    if distance == "l2":
+        return (f - r).square().mean(dim=-1)
+    if distance == "l1":
+        return (f - r).abs().mean(dim=-1)
+    return F.smooth_l1_loss(f, r, reduction="none", beta=beta).mean(dim=-1)
+
+
+def feature_consistency_loss(
+    features: Tensor,
+    reference_features: Tensor,
+    *,
+    distance: str = "cosine",
+    normalize: bool = True,
+    smooth_l1_beta: float = 1.0,
+    detach_reference: bool = True,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Distance of current features to reference features, per sample, then reduced.
+
+    For features ``f_i`` and reference features ``r_i`` (both L2-normalised when ``normalize``):
+
+        cosine:     d_i = 1 − cos(f_i, r_i)
+        l2:         d_i = (1/D)·‖f_i − r_i‖₂²          (``F.mse_loss`` per sample)
+        l1:         d_i = (1/D)·‖f_i − r_i‖₁           (``F.l1_loss`` per sample)
+        smooth_l1:  d_i = (1/D)·Σ_d huber_β(f_id − r_id)  (``F.smooth_l1_loss`` per sample)
+
+    and ``L = (1/N)·Σ_i d_i``, so the mean equals the matching ``torch.nn.functional`` loss on
+    the whole batch. A feature-distillation penalty that keeps a fine-tuned encoder close to a
+    frozen copy of itself (anti-forgetting; cf. Hou et al. 2019, "less-forget" constraint, and
+    Li & Hoiem 2017, LwF). The reference is a target: it is detached unless
+    ``detach_reference=False``.
+
+    Args:
+        features: ``(N, D)`` current features.
+        reference_features: ``(N, D)`` reference (target) features.
+        distance: ``"cosine"`` (default), ``"l2"``, ``"l1"`` or ``"smooth_l1"``.
+        normalize: L2-normalise both first (default True; cosine always does).
+        smooth_l1_beta: β > 0 of the smooth-L1 (Huber) distance (default 1).
+        detach_reference: Stop the gradient through ``reference_features`` (default True).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``).
+
+    Shape:
+        features, reference_features: ``(N, D)``; output: scalar, or ``(N,)`` for ``"none"``.
+
+    Raises:
+        ValueError: For mismatched shapes, an empty batch, an unknown distance or reduction.
+
+    Example:
+        >>> f = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+        >>> feature_consistency_loss(f, torch.tensor([[0.0, 1.0], [0.0, 1.0]])).item()
+        0.5
+    """
+    per = feature_consistency_distances(
+        features,
+        reference_features,
+        distance=distance,
+        normalize=normalize,
+        smooth_l1_beta=smooth_l1_beta,
+        detach_reference=detach_reference,
+    )
+    valid = torch.ones_like(per, dtype=torch.bool)
+    return reduce_anchor_losses(AnchorLosses(per, valid, valid), reduction)
+
+
+def _by_modality(value: Any, name: str) -> dict[str, Any]:
+    """A mapping of modality name → value, or ``{"default": value}`` for a bare value."""
+    if not isinstance(value, Mapping):
+        return {DEFAULT_MODALITY: value}
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"{name} must be keyed by modality names (str), got key {bad[0]!r}")
+    return dict(value)
+
+
+def _label(name: str, modality: str) -> str:
+    return name if modality == DEFAULT_MODALITY else f"{name}[{modality!r}]"
+
+
+@register_loss("feature_consistency")
+class FeatureConsistencyLoss(BaseLoss):
+    """Feature consistency with frozen reference models, for one or several modalities.
+
+    See :func:`feature_consistency_loss` for the distances. Two ways to give the reference:
+
+    * ``loss(features, reference_features)``: tensors, or mappings modality → tensor;
+    * ``FeatureConsistencyLoss(reference_models=...)`` then ``loss(features, inputs=...)``: the
+      reference features are ``reference_models[m](inputs[m])``, computed under
+      ``torch.no_grad()``. A bare module/tensor is the modality ``"default"``.
+
+    For several modalities the loss is ``Σ_m weights[m]·L_m`` (weight 1 where not given); an
+    explicit ``reference_features[m]`` takes precedence over ``reference_models[m]``.
+
+    Reference models are frozen: their parameters have ``requires_grad=False``, they stay in
+    eval mode after ``loss.train()``, and they never receive a gradient. They are submodules,
+    so ``loss.to()`` moves them and ``state_dict()`` saves them (``reference_models.<m>.*``),
+    and they **do** appear in ``loss.parameters()``: optimisers skip them because their gradient
+    is always ``None`` (or filter with ``p.requires_grad``). With ``copy_reference_models=True``
+    (default) the loss freezes a deep copy — a snapshot of the models at construction — and the
+    modules passed in are left untouched (still trainable); with ``False`` the given modules
+    themselves are frozen in place (use when they already are a separate copy).
+
+    Terms: ``consistency`` (single tensor), or ``consistency_<m>`` per modality (unweighted).
+
+    Args:
+        distance: ``"cosine"`` (default), ``"l2"``, ``"l1"`` or ``"smooth_l1"``.
+        normalize: L2-normalise features first (default True).
+        reference_models: A module, or a mapping modality → module, or None.
+        weights: Mapping modality → weight >= 0 (default 1 for every modality).
+        copy_reference_models: Freeze deep copies (default) instead of the given modules.
+        detach_reference: Stop gradients through explicit ``reference_features`` (default True).
+        smooth_l1_beta: β > 0 of ``"smooth_l1"`` (default 1).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per sample; every modality needs the
+            same N).
+
+    Raises:
+        ValueError: For an unknown distance or reduction, a negative weight.
+        TypeError: If a reference model is not an ``nn.Module``.
+
+    Example:
+        >>> encoder = torch.nn.Linear(4, 8)
+        >>> loss = FeatureConsistencyLoss(reference_models={"vision": encoder})
+        >>> x = torch.randn(3, 4)
+        >>> loss({"vision": encoder(x)}, inputs={"vision": x}).abs().item() < 1e-6  # no drift yet
+        True
+        >>> _ = loss.train(); loss.reference_models["vision"].training
+        False
+    """
+
+    def __init__(
+        self,
+        *,
+        distance: str = "cosine",
+        normalize: bool = True,
+        reference_models: nn.Module | Mapping[str, nn.Module] | None = None,
+        weights: Mapping[str, float] | None = None,
+        copy_reference_models: bool = True,
+        detach_reference: bool = True,
+        smooth_l1_beta: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction=reduction)
+        self.distance = check_choice(distance, "distance", DISTANCES)
+        self.smooth_l1_beta = check_positive_float(smooth_l1_beta, "smooth_l1_beta")
+        for flag, value in (
+            ("normalize", normalize),
+            ("copy_reference_models", copy_reference_models),
+            ("detach_reference", detach_reference),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {describe(value)}")
+        self.normalize = normalize
+        self.detach_reference = detach_reference
+        models = (
+            {} if reference_models is None else _by_modality(reference_models, "reference_models")
+        )
+        for modality, model in models.items():
+            if not isinstance(model, nn.Module):
+                raise TypeError(
+                    f"{_label('reference_models', modality)} must be an nn.Module, got {describe(model)}"
+                )
+        self.reference_models = nn.ModuleDict(
+            {m: copy.deepcopy(v) if copy_reference_models else v for m, v in models.items()}
+        )
+        self.reference_models.requires_grad_(False)
+        self.reference_models.eval()
+        raw_weights = {} if weights is None else weights
+        if not isinstance(raw_weights, Mapping):
+            raise TypeError(f"weights must be a mapping modality → float, got {describe(weights)}")
+        self.weights = {
+            str(m): check_float(w, f"weights[{m!r}]", low=0.0) for m, w in raw_weights.items()
+        }
+
+    def train(self, mode: bool = True) -> FeatureConsistencyLoss:
+        """Set training mode on the loss; the reference models always stay in eval mode."""
+        super().train(mode)
+        self.reference_models.eval()
+        return self
+
+    def _reference(self, modality: str, inputs: Any) -> Tensor:
+        with torch.no_grad():
+            out = self.reference_models[modality](inputs)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"{_label('reference_models', modality)} must return a tensor of features, "
+                f"got {describe(out)}"
+            )
+        return out
+
+    def compute(
+        self,
+        features: Tensor | Mapping[str, Tensor],
+        reference_features: Tensor | Mapping[str, Tensor] | None = None,
+        *,
+        inputs: Any = None,
+    ) -> LossOutput:
+        """Loss and terms; ``features``' form (tensor or mapping) sets the form of the others.
+
+        With a tensor, ``reference_features`` is a tensor and ``inputs`` is passed as-is to the
+        single reference model; with a mapping, both are mappings keyed by modality.
+        """
+        single = not isinstance(features, Mapping)
+        if reference_features is not None and single != (
+            not isinstance(reference_features, Mapping)
+        ):
+            raise TypeError(
+                "features and reference_features must both be tensors or both be mappings of "
+                f"modality → tensor, got {type(features).__name__} and "
+                f"{type(reference_features).__name__}"
+            )
+        feats = _by_modality(features, "features")
+        refs = (
+            {}
+            if reference_features is None
+            else _by_modality(reference_features, "reference_features")
+        )
+        if not single and inputs is not None and not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs must be a mapping modality → input, got {describe(inputs)}")
+        ins = (
+            {}
+            if inputs is None
+            else ({DEFAULT_MODALITY: inputs} if single else _by_modality(inputs, "inputs"))
+        )
+        self._check_names(feats, refs, ins)
+        losses: list[Tensor] = []
+        parts: dict[str, Tensor] = {}
+        for modality, f in feats.items():
+            ref = refs.get(modality)
+            if ref is None:
+                ref = self._reference(modality, ins[modality])
+            check_embeddings(f, _label("features", modality))
+            check_embeddings(ref, _label("reference_features", modality))
+            check_same_shape(
+                f, ref, _label("features", modality), _label("reference_features", modality)
+            )
+            per = feature_consistency_distances(
+                f,
+                ref,
+                distance=self.distance,
+                normalize=self.normalize,
+                smooth_l1_beta=self.smooth_l1_beta,
+                detach_reference=self.detach_reference,
+            )
+            valid = torch.ones_like(per, dtype=torch.bool)
+            losses.append(
+                self.weights.get(modality, 1.0)
+                * reduce_anchor_losses(AnchorLosses(per, valid, valid), self.reduction)
+            )
+            parts["consistency" if single else f"consistency_{modality}"] = per.mean()
+        if self.reduction == "none" and len({t.shape for t in losses}) > 1:
+            raise ValueError(
+                "reduction='none' needs the same batch size N in every modality, got "
+                + ", ".join(f"{m}: {f.shape[0]}" for m, f in feats.items())
+            )
+        return LossOutput(torch.stack(losses).sum(dim=0), detached_terms(**parts))
+
+    def _check_names(
+        self, feats: dict[str, Any], refs: dict[str, Any], ins: dict[str, Any]
+    ) -> None:
+        if not feats:
+            raise ValueError("features must name at least one modality, got an empty mapping")
+        known = sorted(feats)
+        for name, given in (("reference_features", refs), ("inputs", ins)):
+            extra = sorted(set(given) - set(feats))
+            if extra:
+                raise ValueError(
+                    f"{name} has modality {extra[0]!r} that is not in features {known}"
+                )
+        extra = sorted(set(self.weights) - set(feats) - set(self.reference_models))
+        if extra:
+            raise ValueError(
+                f"weights has modality {extra[0]!r} that is neither in features {known} nor in "
+                f"reference_models {sorted(self.reference_models)}"
+            )
+        for modality in feats:
+            if modality in refs:
+                continue
+            if modality not in self.reference_models:
+                raise ValueError(
+                    f"no reference for {_label('features', modality)}: pass "
+                    f"{_label('reference_features', modality)} or construct the loss with "
+                    f"reference_models for {modality!r}"
+                )
+            if modality not in ins:
+                raise ValueError(
+                    f"{_label('inputs', modality)} is needed to run "
+                    f"{_label('reference_models', modality)}"
+                )
+
+    def forward(
+        self,
+        features: Tensor | Mapping[str, Tensor],
+        reference_features: Tensor | Mapping[str, Tensor] | None = None,
+        *,
+        inputs: Any = None,
+    ) -> Tensor:
+        """The weighted feature-consistency loss (see :meth:`compute`)."""
+        return self.compute(features, reference_features, inputs=inputs).loss
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return (
+            f"distance={self.distance!r}, normalize={self.normalize}, weights={self.weights}, "
+            f"reduction={self.reduction!r}"
+        )

@@ -1,0 +1,266 @@
+"""A weighted mix of CLIP, NT-Xent and supervised contrastive losses over two modalities."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import check_float, check_labels, check_pair, compute_dtype
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.contrastive.simclr import simclr_anchor_losses
+from embedloss.multimodal.clip import clip_anchor_losses, combine_directions
+from embedloss.ops.info_nce import AnchorLosses, ChunkSize, reduce_anchor_losses
+from embedloss.ops.similarity import prepare_embeddings
+from embedloss.registry import register_loss
+from embedloss.supervised.supcon import supcon_anchor_losses
+
+__all__ = ["MixedMultimodalLoss", "mixed_multimodal_loss", "mixed_multimodal_parts"]
+
+
+def _per_pair(result: AnchorLosses, reduction: str, distributed: bool) -> Tensor:
+    # NT-Xent and SupCon score 2N anchors [images; texts]; a pair's value is the mean of its
+    # two anchors, so "none" is (N,) and "sum" adds pairs (as clip adds averaged directions).
+    reduced = reduce_anchor_losses(result, reduction, distributed=distributed)
+    if reduction == "none":
+        return reduced.reshape(2, -1).mean(dim=0)
+    return reduced / 2 if reduction == "sum" else reduced
+
+
+def mixed_multimodal_parts(
+    image_embeddings: Tensor,
+    text_embeddings: Tensor,
+    *,
+    labels: Tensor | None = None,
+    pair_labels: Tensor | None = None,
+    temperature: float | Tensor = 0.07,
+    reduction: str = "mean",
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> tuple[dict[str, Tensor], AnchorLosses, AnchorLosses]:
+    """The reduced parts ``{"clip", "nt_xent"[, "supcon"]}`` and CLIP's two directions.
+
+    ``"supcon"`` is present only when ``labels`` are given (see :func:`mixed_multimodal_loss`).
+    """
+    check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
+    n = image_embeddings.shape[0]
+    if labels is not None:
+        check_labels(labels, n)
+    if pair_labels is not None:
+        check_labels(pair_labels, n, "pair_labels")
+    dtype = compute_dtype(image_embeddings, text_embeddings)
+    img = prepare_embeddings(image_embeddings, normalize=normalize, dtype=dtype)
+    txt = prepare_embeddings(text_embeddings, normalize=normalize, dtype=dtype)
+    common: dict[str, Any] = {
+        "temperature": temperature,
+        "normalize": False,
+        "chunk_size": chunk_size,
+        "gather_distributed": gather_distributed,
+    }
+    i2t, t2i = clip_anchor_losses(img, txt, labels=pair_labels, **common)
+    parts = {
+        "clip": combine_directions(i2t, t2i, reduction, gather_distributed),
+        "nt_xent": _per_pair(
+            simclr_anchor_losses(img, txt, labels=pair_labels, **common),
+            reduction,
+            gather_distributed,
+        ),
+    }
+    if labels is not None:
+        views = torch.stack([img, txt], dim=1)  # (N, 2, D): anchors [images; texts]
+        supcon = supcon_anchor_losses(views, labels, **common)
+        parts["supcon"] = _per_pair(supcon, reduction, gather_distributed)
+    return parts, i2t, t2i
+
+
+def _weighted(parts: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+    values = [weights[name] * value for name, value in parts.items()]
+    return sum(values[1:], values[0])
+
+
+def mixed_multimodal_loss(
+    image_embeddings: Tensor,
+    text_embeddings: Tensor,
+    *,
+    labels: Tensor | None = None,
+    pair_labels: Tensor | None = None,
+    temperature: float | Tensor = 0.07,
+    clip_weight: float = 0.4,
+    nt_xent_weight: float = 0.3,
+    supcon_weight: float = 0.3,
+    reduction: str = "mean",
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Weighted sum of CLIP, NT-Xent and SupCon over paired image and text embeddings.
+
+        L = w_clip·L_CLIP(x, y) + w_nt·L_NT-Xent([x; y]) + w_sup·L_SupCon([x; y], labels)
+
+    * ``L_CLIP``: the symmetric InfoNCE of :func:`~embedloss.multimodal.clip.clip_loss`
+      (Radford et al. 2021);
+    * ``L_NT-Xent``: :func:`~embedloss.contrastive.simclr.simclr_loss` with the image and text
+      of a pair as its two views (Chen et al. 2020, Eq. 1);
+    * ``L_SupCon``: SupCon's L_out (Khosla et al. 2020, Eq. 2) over the same 2N embeddings,
+      every image and text of a class positive to each other.
+
+    The SupCon term needs class ``labels``. Without them it is **dropped**: the loss is
+    ``w_clip·L_CLIP + w_nt·L_NT-Xent`` with the remaining weights **not** renormalised (so a
+    part's scale does not jump between labelled and unlabelled batches; the legacy loss gave
+    the same value but reported a zero SupCon loss). ``pair_labels`` are identities (the legacy
+    ``match_ids``): pairs with equal ids are extra positives in the CLIP and NT-Xent parts.
+    One temperature serves all three parts.
+
+    Args:
+        image_embeddings: ``(N, D)``.
+        text_embeddings: ``(N, D)``; row ``i`` pairs with image ``i``.
+        labels: Optional ``(N,)`` classes; enable the SupCon part.
+        pair_labels: Optional ``(N,)`` identities for the CLIP and NT-Xent parts.
+        temperature: τ > 0 (float or 0-d tensor). Default 0.07.
+        clip_weight: Weight of the CLIP part (default 0.4).
+        nt_xent_weight: Weight of the NT-Xent part (default 0.3).
+        supcon_weight: Weight of the SupCon part (default 0.3), used only with ``labels``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``: each part's per-pair loss,
+            the average of its two anchors for NT-Xent and SupCon).
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling.
+        gather_distributed: Contrast with the embeddings of every rank.
+
+    Raises:
+        ValueError: For mismatched shapes, bad labels, τ <= 0 or negative weights.
+
+    Example:
+        >>> from embedloss.multimodal.clip import clip_loss
+        >>> from embedloss.contrastive.simclr import simclr_loss
+        >>> x, y = torch.randn(6, 8), torch.randn(6, 8)
+        >>> expected = 0.4 * clip_loss(x, y) + 0.3 * simclr_loss(x, y, temperature=0.07)
+        >>> torch.allclose(mixed_multimodal_loss(x, y), expected)
+        True
+    """
+    weights = _check_weights(clip_weight, nt_xent_weight, supcon_weight)
+    parts, _, _ = mixed_multimodal_parts(
+        image_embeddings,
+        text_embeddings,
+        labels=labels,
+        pair_labels=pair_labels,
+        temperature=temperature,
+        reduction=reduction,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gather_distributed=gather_distributed,
+    )
+    return _weighted(parts, weights)
+
+
+def _check_weights(clip: float, nt_xent: float, supcon: float) -> dict[str, float]:
+    return {
+        "clip": check_float(clip, "clip_weight", low=0.0),
+        "nt_xent": check_float(nt_xent, "nt_xent_weight", low=0.0),
+        "supcon": check_float(supcon, "supcon_weight", low=0.0),
+    }
+
+
+@register_loss("mixed_multimodal")
+class MixedMultimodalLoss(BaseContrastiveLoss):
+    """Weighted sum of CLIP, NT-Xent and (with labels) SupCon over two modalities.
+
+    See :func:`mixed_multimodal_loss`: without ``labels`` the SupCon part is dropped and the
+    other weights are kept as they are. Terms: ``loss_clip``, ``loss_nt_xent``, ``loss_supcon``
+    (only with labels), ``supcon_active`` (1.0 with labels, 0.0 when the part was dropped),
+    ``accuracy`` (CLIP's top-1, both directions), ``temperature``.
+
+    Args:
+        temperature: τ > 0 shared by the parts (default 0.07).
+        clip_weight: Weight of the CLIP part (default 0.4).
+        nt_xent_weight: Weight of the NT-Xent part (default 0.3).
+        supcon_weight: Weight of the SupCon part, used only with labels (default 0.3).
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)`` per pair).
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling (``None``, an int or ``"auto"``).
+        gather_distributed: Use the embeddings of all ranks (DDP).
+
+    Example:
+        >>> loss = MixedMultimodalLoss()
+        >>> x, y = torch.randn(6, 8), torch.randn(6, 8)
+        >>> float(loss.compute(x, y).terms["supcon_active"])
+        0.0
+        >>> sorted(loss.compute(x, y, labels=torch.tensor([0, 1, 2] * 2)).terms)[:4]
+        ['accuracy', 'loss_clip', 'loss_nt_xent', 'loss_supcon']
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.07,
+        clip_weight: float = 0.4,
+        nt_xent_weight: float = 0.3,
+        supcon_weight: float = 0.3,
+        learnable_temperature: bool = False,
+        reduction: str = "mean",
+        normalize: bool = True,
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+        )
+        self._init_temperature(temperature, learnable_temperature)
+        self._init_normalization(normalize)
+        self.weights = _check_weights(clip_weight, nt_xent_weight, supcon_weight)
+
+    def compute(
+        self,
+        image_embeddings: Tensor,
+        text_embeddings: Tensor,
+        labels: Tensor | None = None,
+        pair_labels: Tensor | None = None,
+    ) -> LossOutput:
+        """Loss and terms for paired ``(N, D)`` embeddings, optional ``labels`` and ``pair_labels``."""
+        check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
+        dtype = compute_dtype(image_embeddings, text_embeddings)
+        parts, i2t, t2i = mixed_multimodal_parts(
+            image_embeddings,
+            text_embeddings,
+            labels=labels,
+            pair_labels=pair_labels,
+            temperature=1.0 / self.scale(dtype=dtype),
+            reduction=self.reduction,
+            normalize=self._normalize,
+            chunk_size=self.chunk_size,
+            gather_distributed=self.gather_distributed,
+        )
+        loss = _weighted(parts, self.weights)
+        terms = detached_terms(
+            **{f"loss_{name}": value for name, value in parts.items()},
+            supcon_active=float("supcon" in parts),
+            accuracy=(i2t.correct.float().mean() + t2i.correct.float().mean()) / 2,
+            temperature=self.temperature,
+        )
+        return LossOutput(loss, terms)
+
+    def forward(
+        self,
+        image_embeddings: Tensor,
+        text_embeddings: Tensor,
+        labels: Tensor | None = None,
+        pair_labels: Tensor | None = None,
+    ) -> Tensor:
+        """The mixed loss (see :meth:`compute`)."""
+        return self.compute(image_embeddings, text_embeddings, labels, pair_labels).loss
+
+    @classmethod
+    def example_inputs(
+        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Paired ``(n, d)`` embeddings and ``labels`` of three classes (all three parts on)."""
+        args, _ = super().example_inputs(n, d, dtype=dtype, seed=seed)
+        labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1))
+        return args, {"labels": labels}
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return f"temperature={self.temperature:.4g}, weights={self.weights}, reduction={self.reduction!r}"

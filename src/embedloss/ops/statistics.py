@@ -1,0 +1,260 @@
+"""Batch statistics of embeddings: centring, standardising, covariance, cross-correlation.
+
+The one place the statistic losses (VICReg, Barlow Twins, decorrelation) compute their moments.
+For a batch ``x (N, D)`` with mean ``μ = (1/N)·Σ_n x_n``:
+
+    cov(x)  = Σ_n (x_n − μ)(x_n − μ)ᵀ / (N − c)              (D, D), correction c (1: unbiased)
+    std(x)  = (x − μ) / sqrt(diag(cov(x)) + ε)                 (N, D), per-dimension standardised
+    xcorr   = std(a)ᵀ std(b) / N                               (D, D), with c = 0 (BatchNorm's)
+
+**Distributed.** With ``distributed=True`` and an initialised process group, every batch sum
+(of rows, of centred products) and the count ``N`` are summed over ranks, so each rank computes
+the statistics of the concatenated batch (uneven per-rank batch sizes are fine: sums and counts
+are reduced, never means). Sums go through :func:`~embedloss.ops.distributed.all_reduce_with_grad`,
+whose backward sums the gradients over ranks: a loss computed from these statistics has the
+single-process value on every rank, and the gradient on each rank's local rows is
+``world_size ×`` the single-process gradient, which DDP's averaging turns back into the
+single-process gradient. Centring is two-pass (global mean first, then centred products), which
+is exact and avoids the cancellation of ``E[xxᵀ] − μμᵀ``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import check_int, check_positive_float
+from embedloss.ops.distributed import (
+    all_reduce_sum_no_grad,
+    all_reduce_with_grad,
+    world_info,
+)
+
+__all__ = [
+    "batch_count",
+    "batch_mean",
+    "batch_sum",
+    "center",
+    "check_enough_samples",
+    "correlation",
+    "covariance",
+    "cross_correlation",
+    "off_diagonal",
+    "standardize",
+    "variance",
+]
+
+
+def _check_batch(x: Tensor, name: str = "x") -> None:
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a batch of shape (N, D), got {shape}")
+
+
+def batch_count(x: Tensor, *, distributed: bool = False) -> int:
+    """Number of rows of ``x``, summed over ranks when ``distributed`` (a collective)."""
+    world, _ = world_info(distributed)
+    if world == 1:
+        return int(x.shape[0])
+    count = torch.tensor(x.shape[0], device=x.device, dtype=torch.long)
+    return int(all_reduce_sum_no_grad(count).item())
+
+
+def batch_sum(x: Tensor, *, distributed: bool = False) -> Tensor:
+    """``Σ_n x_n`` over the first dimension, over all ranks when ``distributed`` (with gradient)."""
+    return all_reduce_with_grad(x.sum(dim=0), distributed)
+
+
+def _center(x: Tensor, n: int, distributed: bool) -> Tensor:
+    return x - batch_sum(x, distributed=distributed) / n  # (N, D)
+
+
+def _check_correction(n: int, correction: int) -> None:
+    check_int(correction, "correction", low=0)
+    if n - correction <= 0:
+        raise ValueError(
+            f"a variance with correction={correction} needs at least {correction + 1} samples "
+            f"(rows) in the batch, got N={n}"
+        )
+
+
+def batch_mean(x: Tensor, *, distributed: bool = False) -> Tensor:
+    """Per-dimension mean ``(D,)`` of ``x (N, D)`` (over all ranks when ``distributed``).
+
+    Example:
+        >>> batch_mean(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        tensor([2., 4.])
+    """
+    _check_batch(x)
+    return batch_sum(x, distributed=distributed) / batch_count(x, distributed=distributed)
+
+
+def center(x: Tensor, *, distributed: bool = False) -> Tensor:
+    """``x − μ``: rows minus the (global) batch mean, shape ``(N, D)``.
+
+    Example:
+        >>> center(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        tensor([[-1., -2.],
+                [ 1.,  2.]])
+    """
+    _check_batch(x)
+    return _center(x, batch_count(x, distributed=distributed), distributed)
+
+
+def variance(x: Tensor, *, correction: int = 1, distributed: bool = False) -> Tensor:
+    """Per-dimension variance ``(D,)``: ``Σ_n (x_n − μ)² / (N − correction)``.
+
+    Raises:
+        ValueError: If ``x`` is not ``(N, D)`` or ``N <= correction``.
+
+    Example:
+        >>> variance(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        tensor([2., 8.])
+    """
+    _check_batch(x)
+    n = batch_count(x, distributed=distributed)
+    _check_correction(n, correction)
+    xc = _center(x, n, distributed)
+    return batch_sum(xc * xc, distributed=distributed) / (n - correction)
+
+
+def covariance(x: Tensor, *, correction: int = 1, distributed: bool = False) -> Tensor:
+    """Covariance matrix ``(D, D)``: ``Σ_n (x_n − μ)(x_n − μ)ᵀ / (N − correction)``.
+
+    Equals ``torch.cov(x.T, correction=correction)`` on one process.
+
+    Raises:
+        ValueError: If ``x`` is not ``(N, D)`` or ``N <= correction``.
+
+    Example:
+        >>> covariance(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+        tensor([[2., 4.],
+                [4., 8.]])
+    """
+    _check_batch(x)
+    n = batch_count(x, distributed=distributed)
+    _check_correction(n, correction)
+    xc = _center(x, n, distributed)
+    return all_reduce_with_grad(xc.T @ xc, distributed) / (n - correction)  # (D, D)
+
+
+def _standardize(x: Tensor, n: int, eps: float, correction: int, distributed: bool) -> Tensor:
+    xc = _center(x, n, distributed)
+    var = batch_sum(xc * xc, distributed=distributed) / (n - correction)  # (D,)
+    return xc * (var + eps).rsqrt()
+
+
+def standardize(
+    x: Tensor, *, eps: float = 1e-5, correction: int = 0, distributed: bool = False
+) -> Tensor:
+    """Per-dimension batch standardisation ``(x − μ) / sqrt(var + ε)``, shape ``(N, D)``.
+
+    With ``correction=0`` (default) this is ``BatchNorm1d(D, affine=False, eps=ε)`` in training
+    mode. ``eps = 0`` is exact but divides by zero on a constant dimension.
+
+    Raises:
+        ValueError: If ``x`` is not ``(N, D)``, ``N <= correction`` or ``eps < 0``.
+
+    Example:
+        >>> standardize(torch.tensor([[1.0, 2.0], [3.0, 6.0]]), eps=0.0)
+        tensor([[-1., -1.],
+                [ 1.,  1.]])
+    """
+    _check_batch(x)
+    eps = check_positive_float(eps, "eps", allow_zero=True)
+    n = batch_count(x, distributed=distributed)
+    _check_correction(n, correction)
+    return _standardize(x, n, eps, correction, distributed)
+
+
+def cross_correlation(
+    a: Tensor, b: Tensor, *, eps: float = 1e-5, distributed: bool = False
+) -> Tensor:
+    """Cross-correlation ``C = std(a)ᵀ std(b) / N`` of two batches, shape ``(D, D)``.
+
+    ``std`` is :func:`standardize` with the biased variance (BatchNorm's), so for ``ε → 0`` the
+    entries are Pearson correlations in [−1, 1] and ``C_ii = 1`` when ``a = b``: Barlow Twins'
+    matrix (Zbontar et al. 2021, Eq. 2).
+
+    Raises:
+        ValueError: If ``a`` and ``b`` are not ``(N, D)`` batches of the same shape, ``N < 1``
+            or ``eps < 0``.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [-1.0, 1.0], [0.0, -1.0]])
+        >>> torch.allclose(cross_correlation(x, x, eps=0.0).diagonal(), torch.ones(2))
+        True
+    """
+    _check_batch(a, "a")
+    _check_batch(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(
+            f"a and b must have the same shape (N, D), got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    eps = check_positive_float(eps, "eps", allow_zero=True)
+    n = batch_count(a, distributed=distributed)
+    _check_correction(n, 0)
+    sa = _standardize(a, n, eps, 0, distributed)  # (N, D)
+    sb = _standardize(b, n, eps, 0, distributed)  # (N, D)
+    return all_reduce_with_grad(sa.T @ sb, distributed) / n  # (D, D)
+
+
+def correlation(
+    x: Tensor, *, eps: float = 1e-5, correction: int = 1, distributed: bool = False
+) -> Tensor:
+    """Correlation matrix ``cov_ij / sqrt((cov_ii + ε)(cov_jj + ε))``, shape ``(D, D)``.
+
+    With ``eps = 0`` it equals ``torch.corrcoef(x.T)`` (the correction then cancels).
+
+    Raises:
+        ValueError: If ``x`` is not ``(N, D)``, ``N <= correction`` or ``eps < 0``.
+
+    Example:
+        >>> correlation(torch.tensor([[1.0, 2.0], [3.0, 6.0], [2.0, 4.0]]), eps=0.0)
+        tensor([[1., 1.],
+                [1., 1.]])
+    """
+    eps = check_positive_float(eps, "eps", allow_zero=True)
+    cov = covariance(x, correction=correction, distributed=distributed)
+    inv_std = (cov.diagonal() + eps).rsqrt()  # (D,)
+    return cov * inv_std.unsqueeze(1) * inv_std.unsqueeze(0)
+
+
+def off_diagonal(m: Tensor) -> Tensor:
+    """The ``D·(D−1)`` off-diagonal entries of a square ``(D, D)`` matrix, flattened (row-major).
+
+    Vectorised by the flatten trick: dropping the last element of the flattened matrix and
+    viewing the rest as ``(D−1, D+1)`` puts every diagonal entry in column 0.
+
+    Raises:
+        ValueError: If ``m`` is not a square matrix.
+
+    Example:
+        >>> off_diagonal(torch.arange(9.0).reshape(3, 3))
+        tensor([1., 2., 3., 5., 6., 7.])
+    """
+    if not isinstance(m, Tensor) or m.dim() != 2 or m.shape[0] != m.shape[1]:
+        shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+        raise ValueError(f"off_diagonal needs a square (D, D) matrix, got {shape}")
+    d = m.shape[0]
+    return m.flatten()[:-1].view(d - 1, d + 1)[:, 1:].flatten()
+
+
+def check_enough_samples(
+    x: Tensor, name: str, *, minimum: int = 2, distributed: bool = False
+) -> int:
+    """Return the (global) batch size of ``x``, raising if it is below ``minimum``.
+
+    Statistic losses estimate a per-dimension variance, which needs at least two samples.
+
+    Raises:
+        ValueError: If the batch (summed over ranks when ``distributed``) has < ``minimum`` rows.
+    """
+    n = batch_count(x, distributed=distributed)
+    if n < minimum:
+        where = " summed over all ranks" if world_info(distributed)[0] > 1 else ""
+        raise ValueError(
+            f"{name} must have at least {minimum} samples (rows) to estimate a variance, "
+            f"got N={n}{where}"
+        )
+    return n

@@ -1,0 +1,134 @@
+"""Barlow Twins: redundancy reduction through the cross-correlation matrix (Zbontar et al. 2021)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from embedloss._validation import check_pair, check_positive_float, compute_dtype
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.ops.statistics import check_enough_samples, cross_correlation, off_diagonal
+from embedloss.registry import register_loss
+from embedloss.self_supervised._common import check_bool
+
+__all__ = ["BarlowTwinsLoss", "BarlowTwinsTerms", "barlow_twins_loss", "barlow_twins_terms"]
+
+
+class BarlowTwinsTerms(NamedTuple):
+    """``on_diagonal = Σ_i (1 − C_ii)²`` and the unweighted ``off_diagonal = Σ_{i≠j} C_ij²``."""
+
+    on_diagonal: Tensor
+    off_diagonal: Tensor
+
+
+def barlow_twins_terms(
+    z_a: Tensor, z_b: Tensor, *, eps: float = 1e-5, gather_distributed: bool = False
+) -> BarlowTwinsTerms:
+    """The two unweighted sums of the Barlow Twins objective (see :func:`barlow_twins_loss`).
+
+    Raises:
+        ValueError: For mismatched or non-2-D shapes, fewer than 2 samples, or ``eps <= 0``.
+    """
+    check_pair(z_a, z_b, "z_a", "z_b")
+    eps = check_positive_float(eps, "eps")
+    check_enough_samples(z_a, "z_a", distributed=gather_distributed)
+    dtype = compute_dtype(z_a, z_b)
+    c = cross_correlation(z_a.to(dtype), z_b.to(dtype), eps=eps, distributed=gather_distributed)
+    return BarlowTwinsTerms((1.0 - c.diagonal()).pow(2).sum(), off_diagonal(c).pow(2).sum())
+
+
+def barlow_twins_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    lambda_coeff: float = 5e-3,
+    eps: float = 1e-5,
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""The Barlow Twins loss (Zbontar et al. 2021, Eq. 1 and Algorithm 1).
+
+    Each dimension is standardised over the batch, ``ẑ = (z − μ)/sqrt(σ² + ε)``, and the
+    cross-correlation of the two views ``C = ẑ_aᵀ ẑ_b / N`` (Eq. 2) is pushed to the identity:
+
+        L = Σ_i (1 − C_ii)² + λ·Σ_i Σ_{j≠i} C_ij²
+
+    The batch standardisation is the official code's (``BatchNorm1d(affine=False)``: biased
+    variance σ² = (1/N)·Σ_n (z_n − μ)², ε = 1e-5), so C is a correlation matrix and the optimum
+    C = I is reachable. Algorithm 1's ``z.std(0)`` (unbiased) would scale C by (N − 1)/N.
+
+    Args:
+        z_a: ``(N, D)`` embeddings of the first view, N >= 2.
+        z_b: ``(N, D)`` embeddings of the second view.
+        lambda_coeff: λ >= 0, weight of the redundancy-reduction term (default 5e-3, the paper's).
+        eps: ε > 0 added to the variance (default 1e-5, BatchNorm's).
+        gather_distributed: Standardise and correlate over the batch of all ranks (exact):
+            every rank returns the single-process loss.
+
+    Shape:
+        z_a, z_b: ``(N, D)``; output: scalar.
+
+    Raises:
+        ValueError: For mismatched shapes, N < 2, ``lambda_coeff < 0`` or ``eps <= 0``.
+
+    Example:
+        >>> import torch
+        >>> z = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+        >>> round(barlow_twins_loss(z, -z, eps=1e-12).item(), 6)  # C = −I: Σ_i (1 − (−1))² = 4·D
+        8.0
+    """
+    lam = check_positive_float(lambda_coeff, "lambda_coeff", allow_zero=True)
+    terms = barlow_twins_terms(z_a, z_b, eps=eps, gather_distributed=gather_distributed)
+    return terms.on_diagonal + lam * terms.off_diagonal
+
+
+@register_loss("barlow_twins")
+class BarlowTwinsLoss(BaseLoss):
+    """Barlow Twins: drive the views' cross-correlation matrix to the identity (Zbontar et al. 2021).
+
+    See :func:`barlow_twins_loss` for the formula. Returns a tensor like every loss (the legacy
+    class returned a tuple). Terms: ``on_diagonal`` and ``off_diagonal`` (unweighted sums).
+
+    Args:
+        lambda_coeff: λ >= 0 (default 5e-3).
+        eps: ε > 0 added to the per-dimension variance (default 1e-5).
+        gather_distributed: Use the statistics of the batch of all ranks (DDP).
+
+    Raises:
+        ValueError: If ``lambda_coeff < 0`` or ``eps <= 0``.
+
+    Example:
+        >>> import torch
+        >>> loss = BarlowTwinsLoss(lambda_coeff=0.01)
+        >>> out = loss.compute(torch.randn(16, 8), torch.randn(16, 8))
+        >>> sorted(out.terms), out.loss.shape
+        (['off_diagonal', 'on_diagonal'], torch.Size([]))
+    """
+
+    def __init__(
+        self,
+        *,
+        lambda_coeff: float = 5e-3,
+        eps: float = 1e-5,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lambda_coeff = check_positive_float(lambda_coeff, "lambda_coeff", allow_zero=True)
+        self.eps = check_positive_float(eps, "eps")
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+
+    def compute(self, z_a: Tensor, z_b: Tensor) -> LossOutput:
+        """Loss and terms for two ``(N, D)`` views."""
+        terms = barlow_twins_terms(
+            z_a, z_b, eps=self.eps, gather_distributed=self.gather_distributed
+        )
+        loss = terms.on_diagonal + self.lambda_coeff * terms.off_diagonal
+        return LossOutput(loss, detached_terms(**terms._asdict()))
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """The Barlow Twins loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
+        return self.compute(z_a, z_b).loss
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return f"lambda_coeff={self.lambda_coeff}, eps={self.eps}"

@@ -1,0 +1,315 @@
+"""Contrastive warm-up, then a linear switch to VICReg, driven by explicit steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import (
+    check_float,
+    check_int,
+    check_pair,
+    check_positive_float,
+    compute_dtype,
+)
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.mixins import TemperatureScalingMixin
+from embedloss.multimodal.clip import clip_loss, pair_similarity_terms
+from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
+from embedloss.ops.info_nce import ChunkSize
+from embedloss.ops.similarity import prepare_embeddings
+from embedloss.registry import register_loss
+from embedloss.self_supervised._common import check_bool
+from embedloss.self_supervised.vicreg import vicreg_loss, vicreg_terms
+
+__all__ = ["PHASES", "HybridVICRegLoss", "hybrid_vicreg_loss"]
+
+#: The phases of :class:`HybridVICRegLoss`, in order (``terms["phase"]`` is the index).
+PHASES = ("contrastive", "transition", "vicreg")
+
+
+def hybrid_vicreg_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    progress: float,
+    temperature: float | Tensor = 0.07,
+    sim_coeff: float = 25.0,
+    var_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    eps: float = 1e-4,
+    labels: Tensor | None = None,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Blend of CLIP's symmetric InfoNCE and VICReg at transition progress α.
+
+        L = (1 − α)·L_CLIP(z_a, z_b; τ) + α·L_VICReg(z_a, z_b; λ, μ, ν)
+
+    ``L_CLIP`` is :func:`~embedloss.multimodal.clip.clip_loss` (L2-normalised inputs, Radford et
+    al. 2021) and ``L_VICReg`` is :func:`~embedloss.self_supervised.vicreg.vicreg_loss` on the raw
+    embeddings (Bardes et al. 2022). At α = 0 or 1 only one of them is computed.
+
+    Args:
+        z_a: ``(N, D)`` first view (or modality), N >= 2.
+        z_b: ``(N, D)`` second view; row ``i`` pairs with row ``i`` of ``z_a``.
+        progress: α in [0, 1].
+        temperature: τ > 0 of the contrastive part (default 0.07).
+        sim_coeff: λ >= 0 of VICReg (default 25).
+        var_coeff: μ >= 0 of VICReg (default 25).
+        cov_coeff: ν >= 0 of VICReg (default 1).
+        eps: ε > 0 of VICReg's variance term (default 1e-4).
+        labels: Optional ``(N,)`` identities: extra positives of the contrastive part.
+        chunk_size: Tiling of the contrastive core.
+        gather_distributed: Use the batch of all ranks in both parts.
+
+    Shape:
+        z_a, z_b: ``(N, D)``; output: scalar.
+
+    Raises:
+        ValueError: For mismatched shapes, N < 2, α outside [0, 1] or invalid coefficients.
+
+    Example:
+        >>> z_a, z_b = torch.randn(8, 16), torch.randn(8, 16)
+        >>> mixed = hybrid_vicreg_loss(z_a, z_b, progress=0.25)
+        >>> ends = [hybrid_vicreg_loss(z_a, z_b, progress=p) for p in (0.0, 1.0)]
+        >>> torch.allclose(mixed, 0.75 * ends[0] + 0.25 * ends[1])
+        True
+    """
+    alpha = check_float(progress, "progress", low=0.0, high=1.0)
+    check_pair(z_a, z_b, "z_a", "z_b", labels)
+    parts = []
+    if alpha < 1.0:
+        contrastive = clip_loss(
+            z_a,
+            z_b,
+            temperature=temperature,
+            labels=labels,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
+        )
+        parts.append((1.0 - alpha) * contrastive)
+    if alpha > 0.0:
+        vicreg = vicreg_loss(
+            z_a,
+            z_b,
+            sim_coeff=sim_coeff,
+            var_coeff=var_coeff,
+            cov_coeff=cov_coeff,
+            eps=eps,
+            gather_distributed=gather_distributed,
+        )
+        parts.append(alpha * vicreg)
+    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+
+@register_loss("hybrid_vicreg")
+class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
+    """Contrastive (CLIP-style) warm-up, then a linear transition to VICReg.
+
+    The schedule is driven by :meth:`update_step` only (no per-call counters). With ``s`` the
+    last step given and ``s₀`` the transition start (``contrastive_steps`` unless moved earlier):
+
+    * ``s < s₀``: phase ``"contrastive"``, α = 0;
+    * ``s₀ <= s < s₀ + transition_steps``: phase ``"transition"``, α = (s − s₀)/transition_steps;
+    * afterwards: phase ``"vicreg"``, α = 1;
+
+    and the loss is :func:`hybrid_vicreg_loss` at α. VICReg's variance and covariance weights
+    warm up over ``warmup_steps`` counted from ``s₀`` (VICReg starts mattering there).
+
+    **Adaptive transition.** In training mode each forward records the alignment gap of its
+    batch — mean cosine of matched pairs minus mean cosine of all other pairs, computed in
+    O(N·D) — in a buffer (averaged over ranks with ``gather_distributed``). The next
+    :meth:`update_step` moves ``s₀`` to that step if the gap exceeds ``min_alignment_gap``.
+
+    All state (step, transition start, recorded gap) lives in buffers: a ``state_dict``
+    round-trip resumes the schedule exactly. ``current_phase`` is derived from it.
+
+    Terms: ``contrastive`` and ``vicreg`` (the two losses), ``invariance``, ``variance``,
+    ``covariance`` (VICReg's unweighted terms), ``transition_progress`` (α), ``warmup_factor``,
+    ``alignment_gap``, ``phase`` (index into :data:`PHASES`), ``temperature``. The part whose
+    weight is 0 is computed without gradient, for the terms.
+
+    Args:
+        contrastive_steps: Steps of pure contrastive training (default 300).
+        transition_steps: Length of the linear blend (default 100; 0 switches at once).
+        temperature: τ > 0 of the contrastive part (default 0.07).
+        adaptive_transition: Start the transition early on a large alignment gap (default True).
+        min_alignment_gap: Gap threshold of the adaptive transition (default 0.3).
+        sim_coeff: VICReg λ >= 0 (default 25).
+        var_coeff: VICReg μ >= 0 (default 25).
+        cov_coeff: VICReg ν >= 0 (default 1).
+        eps: VICReg ε > 0 (default 1e-4).
+        warmup_steps: VICReg warm-up of μ and ν, from the transition start (default 0).
+        chunk_size: Tiling of the contrastive core.
+        gather_distributed: Use the batch of all ranks (DDP).
+
+    Raises:
+        ValueError: For negative step counts or coefficients, τ <= 0 or ``eps <= 0``.
+
+    Example:
+        >>> loss = HybridVICRegLoss(contrastive_steps=2, transition_steps=2,
+        ...                         adaptive_transition=False)
+        >>> phases = []
+        >>> for step in range(5):
+        ...     loss.update_step(step)
+        ...     phases.append((loss.current_phase, loss.transition_progress))
+        >>> phases[1:4]
+        [('contrastive', 0.0), ('transition', 0.0), ('transition', 0.5)]
+        >>> loss.current_phase
+        'vicreg'
+    """
+
+    step: Tensor
+    transition_start: Tensor
+    alignment_gap: Tensor
+    gap_recorded: Tensor
+
+    def __init__(
+        self,
+        *,
+        contrastive_steps: int = 300,
+        transition_steps: int = 100,
+        temperature: float = 0.07,
+        adaptive_transition: bool = True,
+        min_alignment_gap: float = 0.3,
+        sim_coeff: float = 25.0,
+        var_coeff: float = 25.0,
+        cov_coeff: float = 1.0,
+        eps: float = 1e-4,
+        warmup_steps: int = 0,
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.contrastive_steps = check_int(contrastive_steps, "contrastive_steps", low=0)
+        self.transition_steps = check_int(transition_steps, "transition_steps", low=0)
+        self._init_temperature(temperature)
+        self.adaptive_transition = check_bool(adaptive_transition, "adaptive_transition")
+        self.min_alignment_gap = check_float(min_alignment_gap, "min_alignment_gap")
+        self.sim_coeff = check_positive_float(sim_coeff, "sim_coeff", allow_zero=True)
+        self.var_coeff = check_positive_float(var_coeff, "var_coeff", allow_zero=True)
+        self.cov_coeff = check_positive_float(cov_coeff, "cov_coeff", allow_zero=True)
+        self.eps = check_positive_float(eps, "eps")
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
+        self.chunk_size = chunk_size
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("transition_start", torch.tensor(self.contrastive_steps))
+        self.register_buffer("alignment_gap", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("gap_recorded", torch.zeros((), dtype=torch.bool))
+
+    # ----------------------------------------------------------------- schedule (from buffers)
+    def _schedule(self) -> tuple[int, float, float]:
+        """``(phase index, α, VICReg warm-up factor)`` at the current step."""
+        since = int(self.step) - int(self.transition_start)
+        if since < 0:
+            phase, alpha = 0, 0.0
+        elif since < self.transition_steps:
+            phase, alpha = 1, since / self.transition_steps
+        else:
+            phase, alpha = 2, 1.0
+        warm = 1.0 if self.warmup_steps == 0 else min(max(since, 0) / self.warmup_steps, 1.0)
+        return phase, alpha, warm
+
+    @property
+    def current_phase(self) -> str:
+        """``"contrastive"``, ``"transition"`` or ``"vicreg"`` at the current step."""
+        return PHASES[self._schedule()[0]]
+
+    @property
+    def transition_progress(self) -> float:
+        """α in [0, 1], the weight of VICReg in the loss."""
+        return self._schedule()[1]
+
+    @property
+    def warmup_factor(self) -> float:
+        """The factor in [0, 1] on VICReg's variance and covariance weights."""
+        return self._schedule()[2]
+
+    def update_step(self, step: int, total_steps: int | None = None) -> None:
+        """Advance the schedule to ``step``; act on the gap recorded since the last call."""
+        check_int(step, "step", low=0)
+        triggered = (
+            self.adaptive_transition
+            and bool(self.gap_recorded)
+            and step < int(self.transition_start)
+            and float(self.alignment_gap) > self.min_alignment_gap
+        )
+        if triggered:
+            self.transition_start.fill_(step)
+        self.gap_recorded.fill_(False)
+        self.step.fill_(step)
+
+    # ----------------------------------------------------------------------------- the loss
+    @torch.no_grad()
+    def _alignment_gap(self, z_a: Tensor, z_b: Tensor, dtype: torch.dtype) -> Tensor:
+        a = prepare_embeddings(z_a, normalize=True, dtype=dtype)
+        b = prepare_embeddings(z_b, normalize=True, dtype=dtype)
+        sims = pair_similarity_terms(a, b)
+        gap = sims["positive_similarity"] - sims["negative_similarity"]
+        world, _ = world_info(self.gather_distributed)
+        if world > 1:  # every rank must take the same schedule decision
+            gap = all_reduce_sum_no_grad(gap) / world
+        return gap
+
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for paired ``(N, D)`` embeddings (``labels``: contrastive positives)."""
+        check_pair(z_a, z_b, "z_a", "z_b", labels)
+        dtype = compute_dtype(z_a, z_b)
+        phase, alpha, warm = self._schedule()
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and alpha < 1.0):
+            contrastive = clip_loss(
+                z_a,
+                z_b,
+                temperature=1.0 / self.scale(dtype=dtype),
+                labels=labels,
+                chunk_size=self.chunk_size,
+                gather_distributed=self.gather_distributed,
+            )
+        with torch.set_grad_enabled(grad and alpha > 0.0):
+            parts = vicreg_terms(z_a, z_b, eps=self.eps, gather_distributed=self.gather_distributed)
+            vicreg = self.sim_coeff * parts.invariance + warm * (
+                self.var_coeff * parts.variance + self.cov_coeff * parts.covariance
+            )
+        if alpha == 0.0:
+            loss = contrastive
+        elif alpha == 1.0:
+            loss = vicreg
+        else:
+            loss = (1.0 - alpha) * contrastive + alpha * vicreg
+        gap = self._alignment_gap(z_a, z_b, dtype)
+        if self.training:
+            self.alignment_gap.copy_(gap)
+            self.gap_recorded.fill_(True)
+        terms = detached_terms(
+            contrastive=contrastive,
+            vicreg=vicreg,
+            **parts._asdict(),
+            transition_progress=alpha,
+            warmup_factor=warm,
+            alignment_gap=gap,
+            phase=phase,
+            temperature=self.temperature,
+        )
+        return LossOutput(loss, terms)
+
+    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The hybrid loss at the current step (see :meth:`compute`)."""
+        return self.compute(z_a, z_b, labels).loss
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """A short schedule that is in its transition phase after ``update_step(3)``."""
+        return {"contrastive_steps": 2, "transition_steps": 4}
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return (
+            f"contrastive_steps={self.contrastive_steps}, transition_steps="
+            f"{self.transition_steps}, temperature={self.temperature:.4g}, "
+            f"adaptive_transition={self.adaptive_transition}, phase={self.current_phase!r}"
+        )

@@ -1,0 +1,196 @@
+"""Negative cosine similarity with a stop-gradient target: BYOL (Grill et al. 2020), SimSiam."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import check_embeddings, check_same_shape, compute_dtype
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.ops.info_nce import AnchorLosses, reduce_anchor_losses
+from embedloss.ops.similarity import prepare_embeddings
+from embedloss.ops.statistics import variance
+from embedloss.registry import register_loss
+from embedloss.self_supervised._common import check_bool
+
+__all__ = ["NegativeCosineLoss", "negative_cosine_anchor_losses", "negative_cosine_loss"]
+
+
+def _check_inputs(
+    p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None
+) -> list[tuple[Tensor, Tensor]]:
+    if (p_b is None) != (z_a is None):
+        raise ValueError(
+            "the symmetric form needs both p_b and z_a (D(p_a, z_b)/2 + D(p_b, z_a)/2); "
+            f"got p_b={'None' if p_b is None else 'a tensor'} and "
+            f"z_a={'None' if z_a is None else 'a tensor'}"
+        )
+    pairs = [(p_a, z_b)] if p_b is None or z_a is None else [(p_a, z_b), (p_b, z_a)]
+    names = [("p_a", "z_b"), ("p_b", "z_a")]
+    for (p, z), (name_p, name_z) in zip(pairs, names, strict=False):
+        check_embeddings(p, name_p)
+        check_embeddings(z, name_z)
+        check_same_shape(p, z, name_p, name_z)
+    if len(pairs) == 2:
+        check_same_shape(p_a, pairs[1][0], "p_a", "p_b")
+    return pairs
+
+
+def _cosine_to_target(p: Tensor, z: Tensor) -> Tensor:
+    dtype = compute_dtype(p, z)
+    p_hat = prepare_embeddings(p, normalize=True, dtype=dtype)
+    z_hat = prepare_embeddings(z.detach(), normalize=True, dtype=dtype)  # stop-gradient
+    return (p_hat * z_hat).sum(dim=-1)  # (N,)
+
+
+def negative_cosine_anchor_losses(
+    p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
+) -> Tensor:
+    """Per-sample losses ``(N,)`` of :func:`negative_cosine_loss`."""
+    pairs = _check_inputs(p_a, z_b, p_b, z_a)
+    losses = [-_cosine_to_target(p, z) for p, z in pairs]
+    return losses[0] if len(losses) == 1 else (losses[0] + losses[1]) / 2
+
+
+def negative_cosine_loss(
+    p_a: Tensor,
+    z_b: Tensor,
+    p_b: Tensor | None = None,
+    z_a: Tensor | None = None,
+    *,
+    reduction: str = "mean",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Negative cosine similarity between predictions and stop-gradient targets.
+
+    SimSiam (Chen & He 2021), Eq. 1 and, with both pairs, the symmetrised Eq. 2:
+
+        D(p, z) = −(p/‖p‖₂)·(z/‖z‖₂),  z treated as a constant (stop-gradient)
+        L = ½·D(p_a, z_b) + ½·D(p_b, z_a)
+
+    BYOL's loss (Grill et al. 2020, Eq. 2) is ``2 + 2·D(q, z')`` for an online prediction ``q``
+    and a target projection ``z'``: the same gradient up to a factor of 2.
+
+    Args:
+        p_a: ``(N, D)`` predictions from the first view.
+        z_b: ``(N, D)`` targets from the second view (no gradient flows into them).
+        p_b: ``(N, D)`` predictions from the second view (symmetric form, with ``z_a``).
+        z_a: ``(N, D)`` targets from the first view.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``).
+        gather_distributed: Divide the mean by the sample count of all ranks (uneven batches);
+            the mean over ranks of the returned losses is the single-process loss.
+
+    Shape:
+        inputs ``(N, D)``; output: scalar, or ``(N,)`` with ``reduction="none"``.
+
+    Raises:
+        ValueError: For mismatched shapes, or only one of ``p_b`` and ``z_a``.
+
+    Example:
+        >>> p = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+        >>> z = torch.tensor([[3.0, 0.0], [1.0, 0.0]], requires_grad=True)
+        >>> loss = negative_cosine_loss(p, z)  # cosines 1 and 0
+        >>> loss.backward()
+        >>> loss.item(), z.grad
+        (-0.5, None)
+    """
+    per_sample = negative_cosine_anchor_losses(p_a, z_b, p_b, z_a)
+    return _reduce(per_sample, reduction, gather_distributed)
+
+
+def _reduce(per_sample: Tensor, reduction: str, distributed: bool) -> Tensor:
+    # Every sample is a valid anchor; the core's reduction handles "mean" across ranks.
+    valid = torch.ones_like(per_sample, dtype=torch.bool)
+    result = AnchorLosses(per_sample, valid, torch.zeros_like(valid))
+    return reduce_anchor_losses(result, reduction, distributed=distributed)
+
+
+@register_loss("negative_cosine", aliases=("simsiam",))
+class NegativeCosineLoss(BaseLoss):
+    """BYOL/SimSiam negative cosine similarity to a stop-gradient target (Chen & He 2021, Eq. 2).
+
+    See :func:`negative_cosine_loss`. With ``symmetric=True`` :meth:`forward` takes
+    ``(p_a, z_b, p_b, z_a)`` and averages both directions; otherwise ``(p_a, z_b)``.
+    Terms: ``cosine_similarity`` (mean over samples and directions) and ``target_std``, the mean
+    over dimensions of the batch standard deviation of the L2-normalised targets (SimSiam
+    monitors it: it falls to 0 under collapse and is about ``1/sqrt(D)`` otherwise).
+
+    Args:
+        symmetric: Require and use both directions (default False).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        gather_distributed: Count the samples of all ranks in the mean (DDP, uneven batches).
+
+    Raises:
+        ValueError: In :meth:`forward`, when the inputs do not match ``symmetric``.
+
+    Example:
+        >>> loss = NegativeCosineLoss(symmetric=True)
+        >>> p_a, z_b, p_b, z_a = torch.randn(4, 8, 16).unbind(0)
+        >>> loss(p_a, z_b, p_b, z_a).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self, *, symmetric: bool = False, reduction: str = "mean", gather_distributed: bool = False
+    ) -> None:
+        super().__init__(reduction=reduction)
+        self.symmetric = check_bool(symmetric, "symmetric")
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """The symmetric form, so that examples exercise both directions."""
+        return {"symmetric": True}
+
+    @classmethod
+    def example_inputs(
+        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(p_a, z_b, p_b, z_a)``, each ``(n, d)``, for the symmetric form."""
+        (z_a, z_b), _ = super().example_inputs(n, d, dtype=dtype, seed=seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        p_a = (z_a.float() + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
+        p_b = (z_b.float() + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
+        return (p_a, z_b, p_b, z_a), {}
+
+    def compute(
+        self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
+    ) -> LossOutput:
+        """Loss and terms; ``p_b`` and ``z_a`` are required exactly when ``symmetric``."""
+        if self.symmetric and (p_b is None or z_a is None):
+            raise ValueError(
+                "NegativeCosineLoss(symmetric=True) takes (p_a, z_b, p_b, z_a); p_b and z_a "
+                "are missing"
+            )
+        if not self.symmetric and (p_b is not None or z_a is not None):
+            raise ValueError(
+                "NegativeCosineLoss(symmetric=False) takes (p_a, z_b); pass symmetric=True to "
+                "use p_b and z_a as well"
+            )
+        per_sample = negative_cosine_anchor_losses(p_a, z_b, p_b, z_a)
+        loss = _reduce(per_sample, self.reduction, self.gather_distributed)
+        with torch.no_grad():
+            targets = [z_b] if z_a is None else [z_b, z_a]
+            dtype = compute_dtype(*targets)
+            stds = [
+                variance(prepare_embeddings(z, normalize=True, dtype=dtype), correction=0)
+                .sqrt()
+                .mean()
+                for z in targets
+            ]
+            terms = detached_terms(
+                cosine_similarity=-per_sample.mean(), target_std=sum(stds) / len(stds)
+            )
+        return LossOutput(loss, terms)
+
+    def forward(
+        self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
+    ) -> Tensor:
+        """The negative cosine loss (see :meth:`compute`)."""
+        return self.compute(p_a, z_b, p_b, z_a).loss
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return f"symmetric={self.symmetric}, reduction={self.reduction!r}"

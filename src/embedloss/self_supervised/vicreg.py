@@ -1,0 +1,200 @@
+"""VICReg: variance-invariance-covariance regularisation (Bardes, Ponce & LeCun, ICLR 2022)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from embedloss._validation import check_int, check_pair, check_positive_float, compute_dtype
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.ops.statistics import (
+    batch_count,
+    batch_sum,
+    check_enough_samples,
+    covariance,
+    off_diagonal,
+)
+from embedloss.registry import register_loss
+from embedloss.self_supervised._common import check_bool
+
+__all__ = ["VICRegLoss", "VICRegTerms", "vicreg_loss", "vicreg_terms"]
+
+
+class VICRegTerms(NamedTuple):
+    """The three unweighted VICReg terms (0-d tensors, differentiable)."""
+
+    invariance: Tensor
+    variance: Tensor
+    covariance: Tensor
+
+
+def _variance_and_covariance(z: Tensor, eps: float, distributed: bool) -> tuple[Tensor, Tensor]:
+    cov = covariance(z, correction=1, distributed=distributed)  # (D, D), unbiased
+    std = (cov.diagonal() + eps).sqrt()  # (D,)
+    return F.relu(1.0 - std).mean(), off_diagonal(cov).pow(2).sum() / z.shape[1]
+
+
+def vicreg_terms(
+    z_a: Tensor, z_b: Tensor, *, eps: float = 1e-4, gather_distributed: bool = False
+) -> VICRegTerms:
+    """Unweighted invariance, variance and covariance terms of VICReg (see :func:`vicreg_loss`).
+
+    Raises:
+        ValueError: For mismatched or non-2-D shapes, fewer than 2 samples, or ``eps <= 0``.
+    """
+    check_pair(z_a, z_b, "z_a", "z_b")
+    eps = check_positive_float(eps, "eps")
+    check_enough_samples(z_a, "z_a", distributed=gather_distributed)
+    dtype = compute_dtype(z_a, z_b)
+    a, b = z_a.to(dtype), z_b.to(dtype)
+    n = batch_count(a, distributed=gather_distributed)
+    squared = batch_sum(((a - b) ** 2).sum(dim=1), distributed=gather_distributed)
+    invariance = squared / (n * a.shape[1])  # F.mse_loss over the global batch
+    var_a, cov_a = _variance_and_covariance(a, eps, gather_distributed)
+    var_b, cov_b = _variance_and_covariance(b, eps, gather_distributed)
+    return VICRegTerms(invariance, (var_a + var_b) / 2, cov_a + cov_b)
+
+
+def vicreg_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    *,
+    sim_coeff: float = 25.0,
+    var_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    eps: float = 1e-4,
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""VICReg loss of two batches of embeddings (the official facebookresearch/vicreg code).
+
+    With ``N`` samples of dimension ``D``, the unbiased covariance ``C(z)`` of each branch and
+    ``S(z)_j = sqrt(C(z)_jj + ε)`` (Bardes et al. 2022, Eqs. 1–6):
+
+        s(z_a, z_b) = (1/(N·D))·Σ_n ‖z_a,n − z_b,n‖²                              invariance
+        v = ½·[ (1/D)·Σ_j max(0, 1 − S(z_a)_j) + (1/D)·Σ_j max(0, 1 − S(z_b)_j) ]     variance
+        c = (1/D)·Σ_{i≠j} C(z_a)_ij² + (1/D)·Σ_{i≠j} C(z_b)_ij²                   covariance
+        L = λ·s + μ·v + ν·c
+
+    The variance term averages the two branches (``/ 2``) as the official code does; the
+    paper's Algorithm 1 sums them (the difference is a factor of 2 on μ).
+
+    Args:
+        z_a: ``(N, D)`` embeddings of the first view (expander outputs), N >= 2.
+        z_b: ``(N, D)`` embeddings of the second view.
+        sim_coeff: λ >= 0, invariance weight (default 25).
+        var_coeff: μ >= 0, variance weight (default 25).
+        cov_coeff: ν >= 0, covariance weight (default 1).
+        eps: ε > 0 inside the square root (default 1e-4).
+        gather_distributed: Compute the statistics of the batch of all ranks (exact; see
+            :mod:`embedloss.ops.statistics`): every rank returns the single-process loss.
+
+    Shape:
+        z_a, z_b: ``(N, D)``; output: scalar.
+
+    Raises:
+        ValueError: For mismatched shapes, N < 2, negative coefficients or ``eps <= 0``.
+
+    Example:
+        >>> z = 2 * torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]])
+        >>> vicreg_loss(z, z)  # identical, decorrelated views with std > 1: every term is 0
+        tensor(0.)
+    """
+    coeffs = [
+        check_positive_float(c, name, allow_zero=True)
+        for c, name in (
+            (sim_coeff, "sim_coeff"),
+            (var_coeff, "var_coeff"),
+            (cov_coeff, "cov_coeff"),
+        )
+    ]
+    terms = vicreg_terms(z_a, z_b, eps=eps, gather_distributed=gather_distributed)
+    return coeffs[0] * terms.invariance + coeffs[1] * terms.variance + coeffs[2] * terms.covariance
+
+
+@register_loss("vicreg")
+class VICRegLoss(BaseLoss):
+    """VICReg: invariance, variance and covariance regularisation (Bardes et al. 2022).
+
+    See :func:`vicreg_loss` for the formula. With ``warmup_steps > 0`` the variance and
+    covariance weights are scaled by ``f = min(step / warmup_steps, 1)``, where ``step`` is the
+    last value given to :meth:`update_step` (kept in a buffer, so checkpoints resume exactly):
+    the weights grow linearly and reach their full values at ``step = warmup_steps``.
+
+    Terms: ``invariance``, ``variance``, ``covariance`` (unweighted), ``warmup_factor``.
+
+    Args:
+        sim_coeff: λ >= 0 (default 25).
+        var_coeff: μ >= 0 (default 25).
+        cov_coeff: ν >= 0 (default 1).
+        eps: ε > 0 in ``sqrt(var + ε)`` (default 1e-4).
+        warmup_steps: Steps of linear warm-up of μ and ν (default 0: none).
+        gather_distributed: Use the statistics of the batch of all ranks (DDP).
+
+    Raises:
+        ValueError: For negative coefficients, ``eps <= 0`` or ``warmup_steps < 0``.
+
+    Example:
+        >>> loss = VICRegLoss(warmup_steps=10)
+        >>> loss.update_step(5)
+        >>> out = loss.compute(torch.randn(8, 4), torch.randn(8, 4))
+        >>> sorted(out.terms), out.terms["warmup_factor"].item()
+        (['covariance', 'invariance', 'variance', 'warmup_factor'], 0.5)
+    """
+
+    step: Tensor
+
+    def __init__(
+        self,
+        *,
+        sim_coeff: float = 25.0,
+        var_coeff: float = 25.0,
+        cov_coeff: float = 1.0,
+        eps: float = 1e-4,
+        warmup_steps: int = 0,
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__()
+        self.sim_coeff = check_positive_float(sim_coeff, "sim_coeff", allow_zero=True)
+        self.var_coeff = check_positive_float(var_coeff, "var_coeff", allow_zero=True)
+        self.cov_coeff = check_positive_float(cov_coeff, "cov_coeff", allow_zero=True)
+        self.eps = check_positive_float(eps, "eps")
+        self.warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def _warmup(self, dtype: torch.dtype) -> Tensor:
+        if self.warmup_steps == 0:
+            return torch.ones((), dtype=dtype, device=self.step.device)
+        return (self.step.to(dtype) / self.warmup_steps).clamp(max=1.0)
+
+    @property
+    def warmup_factor(self) -> float:
+        """The current factor ``f`` in [0, 1] applied to the variance and covariance weights."""
+        return float(self._warmup(torch.float64))
+
+    def update_step(self, step: int, total_steps: int | None = None) -> None:
+        """Set the optimisation step that drives the warm-up (``total_steps`` is not needed)."""
+        self.step.fill_(check_int(step, "step", low=0))
+
+    def compute(self, z_a: Tensor, z_b: Tensor) -> LossOutput:
+        """Loss and terms for two ``(N, D)`` views."""
+        terms = vicreg_terms(z_a, z_b, eps=self.eps, gather_distributed=self.gather_distributed)
+        factor = self._warmup(terms.invariance.dtype)
+        loss = self.sim_coeff * terms.invariance + factor * (
+            self.var_coeff * terms.variance + self.cov_coeff * terms.covariance
+        )
+        return LossOutput(loss, detached_terms(**terms._asdict(), warmup_factor=factor))
+
+    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
+        """The VICReg loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
+        return self.compute(z_a, z_b).loss
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return (
+            f"sim_coeff={self.sim_coeff}, var_coeff={self.var_coeff}, cov_coeff={self.cov_coeff}, "
+            f"eps={self.eps}, warmup_steps={self.warmup_steps}"
+        )

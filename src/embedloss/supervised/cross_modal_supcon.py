@@ -1,0 +1,332 @@
+"""Supervised contrastive loss across two paired modalities (intra-modal and cross-modal)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import (
+    check_choice,
+    check_embeddings,
+    check_positive_float,
+    check_same_shape,
+    compute_dtype,
+)
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.info_nce import AnchorLosses, ChunkSize, reduce_anchor_losses
+from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
+from embedloss.registry import register_loss
+from embedloss.supervised.supcon import (
+    check_supervision,
+    contrast,
+    supcon_anchor_losses,
+    temperature_factor,
+)
+
+__all__ = [
+    "CrossModalSupConLoss",
+    "CrossModalSupConParts",
+    "cross_modal_supcon_anchor_losses",
+    "cross_modal_supcon_loss",
+]
+
+CROSS_MODAL_MODES = ("all", "cross", "intra")
+
+
+class CrossModalSupConParts(NamedTuple):
+    """Per-anchor results of each part; a part the ``contrast_mode`` leaves out is None.
+
+    Attributes:
+        intra_image: SupCon among the images, ``(N,)``.
+        intra_text: SupCon among the texts, ``(N,)``.
+        image_to_text: image anchors against text keys, ``(N,)``.
+        text_to_image: text anchors against image keys, ``(N,)``.
+    """
+
+    intra_image: AnchorLosses | None
+    intra_text: AnchorLosses | None
+    image_to_text: AnchorLosses | None
+    text_to_image: AnchorLosses | None
+
+
+def _one_direction(
+    query: Tensor,
+    keys: Tensor,
+    scale: Tensor | float,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    gather_distributed: bool,
+    chunk_size: ChunkSize,
+) -> AnchorLosses:
+    gathered = gather_with_grad(keys, gather_distributed)
+    n, total = query.shape[0], gathered.tensor.shape[0]
+    query_ids = torch.arange(n, device=query.device) + gathered.offset
+    key_labels = None if labels is None else gather_with_grad(labels, gather_distributed).tensor
+    return contrast(
+        query,
+        gathered.tensor,
+        scale,
+        query_ids=query_ids,
+        key_ids=torch.arange(total, device=query.device),
+        query_labels=labels,
+        key_labels=key_labels,
+        positive=None if mask is None else mask != 0,
+        chunk_size=chunk_size,
+    )
+
+
+def cross_modal_supcon_anchor_losses(
+    image_embeddings: Tensor,
+    text_embeddings: Tensor,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    temperature: float | Tensor = 0.1,
+    contrast_mode: str = "all",
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> CrossModalSupConParts:
+    """Per-anchor losses of each part (see :func:`cross_modal_supcon_loss`), without ``τ/τ_base``."""
+    check_embeddings(image_embeddings, "image_embeddings")
+    check_embeddings(text_embeddings, "text_embeddings")
+    check_same_shape(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
+    check_choice(contrast_mode, "contrast_mode", CROSS_MODAL_MODES)
+    n = image_embeddings.shape[0]
+    labels = check_supervision(labels, mask, n)
+    if labels is None and mask is None:
+        raise ValueError("cross-modal SupCon needs labels or mask to define the positives")
+    if mask is not None and gather_distributed:
+        raise ValueError("an explicit mask cannot be combined with gather_distributed; pass labels")
+    dtype = compute_dtype(image_embeddings, text_embeddings)
+    img = prepare_embeddings(image_embeddings, normalize=normalize, dtype=dtype)
+    txt = prepare_embeddings(text_embeddings, normalize=normalize, dtype=dtype)
+    intra_image = intra_text = image_to_text = text_to_image = None
+    if contrast_mode in ("all", "intra"):
+        options: dict[str, Any] = {
+            "temperature": temperature,
+            "normalize": False,
+            "chunk_size": chunk_size,
+            "gather_distributed": gather_distributed,
+        }
+        intra_image = supcon_anchor_losses(img, labels, mask, **options)
+        intra_text = supcon_anchor_losses(txt, labels, mask, **options)
+    if contrast_mode in ("all", "cross"):
+        scale = inverse_temperature(temperature, dtype)
+        mask_t = None if mask is None else mask.T
+        image_to_text = _one_direction(
+            img, txt, scale, labels, mask, gather_distributed, chunk_size
+        )
+        text_to_image = _one_direction(
+            txt, img, scale, labels, mask_t, gather_distributed, chunk_size
+        )
+    return CrossModalSupConParts(intra_image, intra_text, image_to_text, text_to_image)
+
+
+def part_weights(contrast_mode: str) -> tuple[float, float, float, float]:
+    """Weights of ``(intra_image, intra_text, image_to_text, text_to_image)`` in the loss."""
+    return {
+        "all": (1 / 3, 1 / 3, 1 / 6, 1 / 6),
+        "intra": (0.5, 0.5, 0.0, 0.0),
+        "cross": (0.0, 0.0, 0.5, 0.5),
+    }[contrast_mode]
+
+
+def combine_parts(
+    parts: CrossModalSupConParts,
+    contrast_mode: str,
+    factor: Tensor | float,
+    reduction: str,
+    distributed: bool,
+) -> Tensor:
+    """Weighted sum of the reduced parts (per pair for ``reduction="none"``)."""
+    weighted = [
+        weight * reduce_anchor_losses(part, reduction, distributed=distributed)
+        for part, weight in zip(parts, part_weights(contrast_mode), strict=True)
+        if part is not None
+    ]
+    return sum(weighted[1:], weighted[0]) * factor
+
+
+def cross_modal_supcon_loss(
+    image_embeddings: Tensor,
+    text_embeddings: Tensor,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    temperature: float | Tensor = 0.1,
+    base_temperature: float | None = None,
+    contrast_mode: str = "all",
+    reduction: str = "mean",
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Supervised contrastive loss within and across two paired modalities.
+
+    Pair ``i`` is image ``x_i`` and text ``y_i`` (L2-normalised), with a class label. Four parts,
+    each SupCon's L_out (Khosla et al. 2020, Eq. 2) averaged over its anchors with positives:
+
+    * ``intra_image``: anchors ``x_i`` against the other images, positives the same-class images;
+    * ``intra_text``: the same among the texts;
+    * ``image_to_text``: anchors ``x_i`` against all texts ``y_a``, positives the same-class texts
+      (``y_i`` included), ``ℓ_i = −mean_{p∈P(i)} log softmax_a(x_i·y_a/τ)_p``;
+    * ``text_to_image``: the reverse.
+
+    ``contrast_mode`` combines them as the legacy loss did: ``"all"`` =
+    ⅓·intra_image + ⅓·intra_text + ⅓·cross, ``"intra"`` = ½·(intra_image + intra_text),
+    ``"cross"`` = cross, where cross = ½·(image_to_text + text_to_image); everything times
+    ``τ/τ_base``. (SupCon over ``[x; y]`` as two views of each sample is
+    ``supcon_loss(torch.stack([x, y], 1), labels)``.) A part with no valid anchor contributes 0.
+
+    Args:
+        image_embeddings: ``(N, D)``.
+        text_embeddings: ``(N, D)``; row ``i`` pairs with image ``i``.
+        labels: ``(N,)`` classes or ``(N, C)`` multi-hot labels (positives share any class).
+        mask: Or an ``(N, N)`` positive mask: ``mask[i, j]`` makes sample ``j`` a positive of
+            sample ``i`` (image→text uses ``mask``, text→image ``mask.T``).
+        temperature: τ > 0 (float or 0-d tensor). Default 0.1.
+        base_temperature: τ_base of the ``τ/τ_base`` factor, or None for 1.
+        contrast_mode: ``"all"``, ``"cross"`` or ``"intra"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``: the parts' per-pair losses, weighted).
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling for ``(N,)`` labels.
+        gather_distributed: Contrast local anchors with the embeddings of every rank.
+
+    Raises:
+        ValueError: For mismatched shapes, neither or both of ``labels`` and ``mask``, an unknown
+            ``contrast_mode``, τ <= 0, or a mask with ``gather_distributed``.
+
+    Example:
+        >>> x = torch.randn(6, 8)
+        >>> labels = torch.tensor([0, 0, 1, 1, 2, 2])
+        >>> cross_modal_supcon_loss(x, x + 0.1, labels, contrast_mode="cross").shape
+        torch.Size([])
+    """
+    parts = cross_modal_supcon_anchor_losses(
+        image_embeddings,
+        text_embeddings,
+        labels,
+        mask,
+        temperature=temperature,
+        contrast_mode=contrast_mode,
+        normalize=normalize,
+        chunk_size=chunk_size,
+        gather_distributed=gather_distributed,
+    )
+    factor = temperature_factor(temperature, base_temperature)
+    return combine_parts(parts, contrast_mode, factor, reduction, gather_distributed)
+
+
+@register_loss("cross_modal_supcon")
+class CrossModalSupConLoss(BaseContrastiveLoss):
+    """Supervised contrastive loss within and across two paired modalities (Khosla et al. 2020).
+
+    See :func:`cross_modal_supcon_loss`. Terms: ``loss_intra_image``, ``loss_intra_text`` (with
+    ``contrast_mode`` ``"all"``/``"intra"``), ``loss_cross_modal`` and ``accuracy`` (its top-1,
+    with ``"all"``/``"cross"``), ``anchors_without_positives``, ``temperature``.
+
+    Args:
+        temperature: τ > 0 (default 0.1).
+        base_temperature: τ_base of the ``τ/τ_base`` factor, or None (default) for 1.
+        contrast_mode: ``"all"`` (default), ``"cross"`` or ``"intra"``.
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling (``None``, an int or ``"auto"``).
+        gather_distributed: Use the embeddings of all ranks (DDP).
+
+    Example:
+        >>> loss = CrossModalSupConLoss(contrast_mode="all")
+        >>> out = loss.compute(torch.randn(6, 8), torch.randn(6, 8), torch.tensor([0, 1, 2] * 2))
+        >>> sorted(out.terms)[:3]
+        ['accuracy', 'anchors_without_positives', 'loss_cross_modal']
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        base_temperature: float | None = None,
+        contrast_mode: str = "all",
+        learnable_temperature: bool = False,
+        reduction: str = "mean",
+        normalize: bool = True,
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+        )
+        self._init_temperature(temperature, learnable_temperature)
+        self._init_normalization(normalize)
+        self.contrast_mode = check_choice(contrast_mode, "contrast_mode", CROSS_MODAL_MODES)
+        self.base_temperature = (
+            None
+            if base_temperature is None
+            else check_positive_float(base_temperature, "base_temperature")
+        )
+
+    def compute(
+        self,
+        image_embeddings: Tensor,
+        text_embeddings: Tensor,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> LossOutput:
+        """Loss and terms for paired ``(N, D)`` embeddings and ``labels`` or ``mask``."""
+        check_embeddings(image_embeddings, "image_embeddings")
+        tau = 1.0 / self.scale(dtype=compute_dtype(image_embeddings, text_embeddings))
+        parts = cross_modal_supcon_anchor_losses(
+            image_embeddings,
+            text_embeddings,
+            labels,
+            mask,
+            temperature=tau,
+            contrast_mode=self.contrast_mode,
+            normalize=self._normalize,
+            chunk_size=self.chunk_size,
+            gather_distributed=self.gather_distributed,
+        )
+        factor = temperature_factor(tau, self.base_temperature)
+        loss = combine_parts(
+            parts, self.contrast_mode, factor, self.reduction, self.gather_distributed
+        )
+        computed = [p for p in parts if p is not None]
+        values: dict[str, Tensor | float] = {
+            "anchors_without_positives": sum(int(p.valid.numel()) for p in computed)
+            - sum(p.valid.sum() for p in computed),
+            "temperature": self.temperature,
+        }
+        if parts.intra_image is not None and parts.intra_text is not None:
+            values["loss_intra_image"] = reduce_anchor_losses(parts.intra_image, "mean") * factor
+            values["loss_intra_text"] = reduce_anchor_losses(parts.intra_text, "mean") * factor
+        if parts.image_to_text is not None and parts.text_to_image is not None:
+            i2t, t2i = parts.image_to_text, parts.text_to_image
+            cross = reduce_anchor_losses(i2t, "mean") + reduce_anchor_losses(t2i, "mean")
+            values["loss_cross_modal"] = cross * factor / 2
+            values["accuracy"] = (i2t.correct.float().mean() + t2i.correct.float().mean()) / 2
+        return LossOutput(loss, detached_terms(**values))
+
+    def forward(
+        self,
+        image_embeddings: Tensor,
+        text_embeddings: Tensor,
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> Tensor:
+        """The cross-modal SupCon loss (see :meth:`compute`)."""
+        return self.compute(image_embeddings, text_embeddings, labels, mask).loss
+
+    @classmethod
+    def example_inputs(
+        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Paired ``(n, d)`` embeddings and ``(n,)`` labels of three classes."""
+        (image, text), _ = super().example_inputs(n, d, dtype=dtype, seed=seed)
+        labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1))
+        return (image, text, labels), {}

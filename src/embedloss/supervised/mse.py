@@ -1,0 +1,114 @@
+"""Mean squared error with per-sample weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import check_reduction, check_same_shape, check_tensor, compute_dtype
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.supervised import BaseSupervisedLoss
+from embedloss.registry import register_loss
+
+__all__ = ["MSELoss", "mse_loss"]
+
+
+def _check_inputs(input: Tensor, target: Tensor, sample_weight: Tensor | None) -> None:
+    for x, name in ((input, "input"), (target, "target")):
+        check_tensor(x, name)
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() == 0 or x.shape[0] == 0:
+            raise ValueError(
+                f"{name} must have shape (N, *) with N >= 1, got shape {tuple(x.shape)}"
+            )
+    check_same_shape(input, target, "input", "target")
+    if sample_weight is not None:
+        check_tensor(sample_weight, "sample_weight")
+        if sample_weight.shape != (input.shape[0],):
+            raise ValueError(
+                f"sample_weight must have shape ({input.shape[0]},), got {tuple(sample_weight.shape)}"
+            )
+
+
+def mse_loss(
+    input: Tensor,
+    target: Tensor,
+    *,
+    sample_weight: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    r"""Mean squared error with optional per-sample weights.
+
+    For samples ``x_i, y_i`` of K elements each and weights ``s_i`` (default 1):
+
+        ℓ_i = s_i·(1/K)·Σ_k (x_ik − y_ik)²,    mean: Σ_i ℓ_i / Σ_i s_i,    sum: Σ_i ℓ_i
+
+    so the mean is a weighted mean of per-sample MSEs (``s_i = 2`` counts sample ``i`` twice)
+    and, without weights, equals ``F.mse_loss(input, target)``. ``"sum"`` adds the per-sample
+    values (the library's per-anchor contract), so it is ``F.mse_loss(..., reduction="sum") / K``.
+    If ``Σ_i s_i = 0`` the mean is 0. (The legacy ``MeanSquaredError`` divided by N·K instead of
+    ``Σ s_i``·K, and clamped the loss, which zeroes its gradient; neither is kept.)
+
+    Args:
+        input: ``(N, *)`` predictions.
+        target: Same shape as ``input``.
+        sample_weight: Optional ``(N,)`` non-negative weights.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``, i.e. ``ℓ_i``).
+
+    Raises:
+        ValueError: For mismatched shapes, an empty batch or a wrong ``sample_weight`` shape.
+        TypeError: For non-tensor or non-floating inputs.
+
+    Example:
+        >>> x, y = torch.tensor([[1.0, 3.0], [0.0, 0.0]]), torch.zeros(2, 2)
+        >>> mse_loss(x, y), mse_loss(x, y, sample_weight=torch.tensor([1.0, 3.0]))
+        (tensor(2.5000), tensor(1.2500))
+    """
+    check_reduction(reduction)
+    _check_inputs(input, target, sample_weight)
+    dtype = compute_dtype(input, target)
+    diff = input.to(dtype) - target.to(dtype)
+    per_sample = diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)  # (N,)
+    weights = torch.ones_like(per_sample)
+    if sample_weight is not None:
+        weights = sample_weight.to(per_sample)
+        per_sample = per_sample * weights
+    if reduction == "none":
+        return per_sample
+    if reduction == "sum":
+        return per_sample.sum()
+    total = weights.sum()
+    return per_sample.sum() / torch.where(total > 0, total, torch.ones_like(total))
+
+
+@register_loss("mse")
+class MSELoss(BaseSupervisedLoss):
+    """Mean squared error with per-sample weights (see :func:`mse_loss` for the mean semantics).
+
+    Terms: ``rmse`` (square root of the unweighted mean squared error).
+
+    Args:
+        reduction: ``"mean"`` (weighted mean of per-sample MSEs), ``"sum"`` or ``"none"``.
+
+    Example:
+        >>> loss = MSELoss()
+        >>> loss(torch.ones(3, 2), torch.zeros(3, 2), sample_weight=torch.tensor([1.0, 0.0, 1.0]))
+        tensor(1.)
+    """
+
+    def __init__(self, *, reduction: str = "mean") -> None:
+        super().__init__(reduction=reduction)
+
+    def compute(
+        self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None
+    ) -> LossOutput:
+        """Loss and terms for ``input``, ``target`` ``(N, *)`` and optional ``sample_weight (N,)``."""
+        loss = mse_loss(input, target, sample_weight=sample_weight, reduction=self.reduction)
+        with torch.no_grad():
+            rmse = mse_loss(input, target).sqrt()
+        return LossOutput(loss, detached_terms(rmse=rmse))
+
+    def forward(self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
+        """The MSE loss (see :meth:`compute`)."""
+        return self.compute(input, target, sample_weight).loss

@@ -1,0 +1,78 @@
+"""`torchrun --nproc_per_node 2 -m embedloss train`: DDP on gloo follows the single-process run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, free_port_fixture, env):
+    cfg = tmp_path / "cfg.yaml"
+    # LayerNorm instead of BatchNorm: per-rank batch statistics are then the only thing DDP
+    # could change, and it does not, so the two runs must agree to float rounding.
+    cfg.write_text(
+        "loss: {name: simclr, learnable_temperature: true}\n"
+        "epochs: 1\nbatch_size: 64\nmodel: {norm: layer}\n"
+    )
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    ddp = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port_fixture),
+            "-m",
+            "embedloss",
+            "train",
+            "-q",
+            "--config",
+            str(cfg),
+            "--output",
+            str(ddp_out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    single = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedloss",
+            "train",
+            "-q",
+            "--config",
+            str(cfg),
+            "--output",
+            str(single_out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    out, err = ddp.communicate(timeout=240)
+    assert ddp.returncode == 0, err
+    assert single.returncode == 0, single.stderr
+    # rank 0 alone evaluates, prints and writes
+    assert out.count("embedloss train:") == 1 and "on 2 processes (DDP)" in out
+    d = json.loads((ddp_out / "metrics.json").read_text())
+    s = json.loads((single_out / "metrics.json").read_text())
+    assert d["world_size"] == 2 and s["world_size"] == 1
+    assert d["baselines"] == s["baselines"]
+    dh, sh = d["history"][0], s["history"][0]
+    assert dh["loss"] == pytest.approx(sh["loss"], rel=1e-4)
+    # the learnable temperature got the averaged (= single-process) gradient on every rank
+    for key in ("temperature", "accuracy", "positive_similarity"):
+        assert dh["terms"][key] == pytest.approx(sh["terms"][key], rel=1e-3, abs=1e-3), key
+    for key, value in s["metrics"].items():
+        assert d["metrics"][key] == pytest.approx(value, abs=0.01), key

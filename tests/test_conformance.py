@@ -1,0 +1,169 @@
+"""The contract every registered loss must meet, checked automatically for each of them.
+
+A new loss joins this test by being registered; it supplies small inputs through the
+``example_inputs`` / ``example_kwargs`` classmethods of :class:`embedloss.BaseLoss`.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+import embedloss
+from embedloss import BaseLoss, LossOutput, list_losses, loss_info
+
+NAMES = list_losses()
+# Losses whose value is a statistic of the whole batch (no per-sample value to return with
+# reduction="none") or that delegate reduction to their parts.
+WITHOUT_REDUCTION = {
+    "vicreg",
+    "barlow_twins",
+    "decorrelation",
+    "hybrid_vicreg",
+    "combined",
+    "multitask",
+}
+
+
+def _build(name: str, **overrides):
+    cls = loss_info(name).cls
+    kwargs = {**cls.example_kwargs(), **overrides}
+    return cls(**kwargs)
+
+
+def _inputs(name: str, dtype=torch.float32, seed=0, requires_grad=True, cast=None):
+    args, kwargs = loss_info(name).cls.example_inputs(8, 16, dtype=dtype, seed=seed)
+    leaves = []
+
+    def prep(x):
+        if isinstance(x, dict):
+            return {k: prep(v) for k, v in x.items()}
+        if isinstance(x, (tuple, list)):
+            return type(x)(prep(v) for v in x)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and cast is not None:
+            x = x.to(cast)
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and requires_grad:
+            x = x.detach().clone().requires_grad_(True)
+            leaves.append(x)
+        return x
+
+    args = tuple(prep(a) for a in args)
+    kwargs = {k: prep(v) for k, v in kwargs.items()}
+    return args, kwargs, leaves
+
+
+def _has(name: str, param: str) -> bool:
+    return param in inspect.signature(loss_info(name).cls).parameters
+
+
+def test_registry_is_populated():
+    assert len(NAMES) >= 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_is_baseloss_with_explicit_documented_constructor(name):
+    cls = loss_info(name).cls
+    assert issubclass(cls, BaseLoss)
+    sig = inspect.signature(cls)
+    for p in sig.parameters.values():
+        assert p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL), f"{name}: {p} is a pass-through"
+        assert p.annotation is not inspect.Parameter.empty, (
+            f"{name}: argument {p.name} has no type annotation"
+        )
+    doc = inspect.getdoc(cls) or ""
+    assert "Example" in doc and "Args" in doc, f"{name}: class docstring needs Args and an Example"
+    for method in ("forward", "compute"):
+        assert getattr(cls, method) is not getattr(BaseLoss, method), (
+            f"{name} must define a typed {method}()"
+        )
+    assert cls.__name__ in embedloss.__all__, f"{cls.__name__} is not exported from embedloss"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scalar_loss_finite_gradients_and_terms(name):
+    loss = _build(name)
+    twin = copy.deepcopy(loss)  # stateful losses (queues) change on each call
+    args, kwargs, leaves = _inputs(name)
+    out = loss.compute(*args, **kwargs)
+    assert isinstance(out, LossOutput)
+    assert out.loss.shape == () and out.loss.dtype == torch.float32
+    assert torch.isfinite(out.loss)
+    for key, value in out.terms.items():
+        assert isinstance(key, str) and isinstance(value, torch.Tensor), key
+        assert value.shape == () and not value.requires_grad and torch.isfinite(value), key
+    torch.testing.assert_close(twin(*args, **kwargs), out.loss)
+    out.loss.backward()
+    assert leaves, f"{name}: example inputs have no float tensors"
+    assert any(x.grad is not None for x in leaves)
+    for x in leaves:
+        if x.grad is not None:
+            assert torch.isfinite(x.grad).all()
+    for p in loss.parameters():
+        if p.grad is not None:
+            assert torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reductions(name):
+    if not _has(name, "reduction"):
+        assert name in WITHOUT_REDUCTION, f"{name} needs a reduction argument"
+        return
+    args, kwargs, _ = _inputs(name, torch.float64, requires_grad=False)
+    per = _build(name, reduction="none")(*args, **kwargs)
+    total = _build(name, reduction="sum")(*args, **kwargs)
+    mean = _build(name, reduction="mean")(*args, **kwargs)
+    assert per.dim() >= 1 and torch.isfinite(per).all()
+    torch.testing.assert_close(per.sum(), total)
+    assert mean.shape == () and torch.isfinite(mean)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        _build(name, reduction="average")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtypes(name, dtype):
+    loss = _build(name)
+    args, kwargs, _ = _inputs(name, dtype, requires_grad=False)
+    out = loss(*args, **kwargs)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(out).all()
+    if dtype == torch.bfloat16:  # half inputs computed in float32: same as upcasting first
+        up = tuple(
+            a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+        )
+        kw = {
+            k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in kwargs.items()
+        }
+        torch.testing.assert_close(out, _build(name)(*up, **kw), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip(name):
+    torch.manual_seed(1)
+    first = _build(name)
+    args, kwargs, _ = _inputs(name, requires_grad=False)
+    first.train()
+    first(*args, **kwargs)  # let stateful losses (queues, EMAs) change their state
+    first.update_step(5, 10)
+    second = _build(name)
+    second.load_state_dict(first.state_dict())
+    for mod in (first, second):
+        mod.eval()
+    args2, kwargs2, _ = _inputs(name, seed=1, requires_grad=False)
+    torch.testing.assert_close(first(*args2, **kwargs2), second(*args2, **kwargs2))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_first_argument_is_a_clear_error(name):
+    args, kwargs, _ = _inputs(name, requires_grad=False)
+    if not args or not isinstance(args[0], torch.Tensor):
+        return
+    loss = _build(name)
+    with pytest.raises(TypeError, match="must be a"):
+        loss([[0.0]], *args[1:], **kwargs)
+    with pytest.raises(ValueError):
+        loss(args[0][:0], *args[1:], **kwargs)
