@@ -297,20 +297,45 @@ def test_empty_denominator_is_invalid_not_nan(chunk):
     assert all(g is None or (torch.isfinite(g).all() and (g == 0).all()) for g in grads)
 
 
-@pytest.mark.parametrize("chunk", [None, 2])
-def test_correct_means_a_positive_strictly_on_top(chunk):
-    # rows: positive on top; a negative on top; an exact tie (counts as wrong)
-    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=torch.float64)
-    k = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
-    k[2] = torch.tensor([0.0, 1.0])
-    out = info_nce(q, k, 1.0, chunk_size=chunk)  # logits rows: [1,1,0], [0,0,1], [1,1,1]
-    assert out.correct.tolist() == [False, False, False]
-    k2 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.6]], dtype=torch.float64)
-    out2 = info_nce(q, k2, 1.0, chunk_size=chunk)  # [1,0,.5], [0,1,.6], [1,1,1.1]
-    assert out2.correct.tolist() == [True, True, True]
-    a, b = symmetric_info_nce(q, k2, 1.0, chunk_size=chunk)
-    assert a.correct.tolist() == [True, True, True]
-    assert b.correct.tolist() == [False, False, True]  # columns [1,0,1], [0,1,1], [.5,.6,1.1]
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_correct_follows_the_dense_first_maximum_on_ties(chunk):
+    # exact ties between a positive and a negative: the first maximum decides, as argmax does
+    q = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    k = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2])
+    sim = PairSpec(positive_index=torch.tensor([3, 2, 1, 0]), self_index=torch.arange(4))
+    cases = [
+        PairSpec(),
+        sim,
+        PairSpec(query_labels=labels, key_labels=labels),
+        PairSpec(query_labels=labels, key_labels=labels, positive_in_denominator=False),
+    ]
+    for spec in cases:
+        dense = info_nce(q, k, 1.0, spec, chunk_size=None)
+        tiled = info_nce(q, k, 1.0, spec, chunk_size=chunk)
+        assert torch.equal(tiled.correct, dense.correct), spec
+    for lab in (None, labels):
+        d_xy, d_yx = symmetric_info_nce(q, k, 1.0, labels=lab, chunk_size=None)
+        t_xy, t_yx = symmetric_info_nce(q, k, 1.0, labels=lab, chunk_size=chunk)
+        assert torch.equal(t_xy.correct, d_xy.correct)
+        assert torch.equal(t_yx.correct, d_yx.correct)
+    # rows [1,1,0,1], [0,0,1,0], [1,1,1,1], [1,1,0,1]: row 0's positive (key 0) is the first max
+    assert info_nce(q, k, 1.0, chunk_size=chunk).correct.tolist() == [True, False, False, False]
+    # columns of the same matrix: only column 0 has its positive (row 0) first
+    assert symmetric_info_nce(q, k, 1.0, chunk_size=chunk)[1].correct.tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
+def test_correct_with_identical_embeddings_everywhere():
+    z = torch.ones(5, 3, dtype=torch.float64)
+    for chunk in (None, 2):
+        assert info_nce(z, z, 1.0, chunk_size=chunk).correct.tolist() == [True] + [False] * 4
+        xy, yx = symmetric_info_nce(z, z, 1.0, chunk_size=chunk)
+        assert xy.correct.tolist() == yx.correct.tolist() == [True] + [False] * 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -139,6 +139,36 @@ def _tile_weights(
     return w.to(logits.dtype)
 
 
+def _top1(
+    s: Tensor,
+    valid: Tensor,
+    pos_max: Tensor,
+    neg_max: Tensor,
+    positive: Tensor,
+    union: Tensor | None = None,
+) -> Tensor:
+    """``correct`` of a tile: the first maximum of ``A(i) ∪ P(i)`` is a positive.
+
+    The best positive and the best other key decide every row but exact ties; tied rows (rare)
+    take the first maximum of the row, as the dense path's ``argmax`` does. ``s`` holds the
+    raw logits, with keys outside ``A(i) ∪ P(i)`` at ``-inf`` unless ``union`` masks them;
+    ``positive`` is each row's positive column ``(c,)`` or the positive mask ``(c, M)``.
+    """
+    correct = valid & (pos_max > neg_max)
+    tie = valid & (pos_max == neg_max)
+    if bool(tie.any()):
+        idx = tie.nonzero().squeeze(1)
+        scored = s[idx]
+        if union is not None:
+            scored.masked_fill_(~union[idx], float("-inf"))
+        top = scored.argmax(1)
+        if positive.dtype == torch.bool:
+            correct[idx] = positive[idx].gather(1, top.unsqueeze(1)).squeeze(1)
+        else:
+            correct[idx] = top == positive[idx]
+    return correct
+
+
 def _put(s: Tensor, index: Tensor, where: Tensor, value: Tensor | float) -> None:
     """``s[i, index[i]] = value[i]`` for the rows where ``where`` holds; others unchanged."""
     idx = index.unsqueeze(1)
@@ -371,13 +401,15 @@ def _row_forward(
                 _put(s, sp.self_col, sp.self_ok, neg_inf)
             _put(s, sp.pos, sp.pos_ok, neg_inf)
             neg_max = s.amax(1)
-            correct[r0:r1] = v & (pos_l > neg_max)
+            _put(s, sp.pos, sp.pos_ok, pos_l)
+            correct[r0:r1] = _top1(s, v, pos_l, neg_max, sp.pos)
             if w is not None:
                 s.add_(w)
+                _put(s, sp.pos, sp.pos_ok, pos_l)  # positives are not reweighted
             if plan.spec.positive_in_denominator:
-                _put(s, sp.pos, sp.pos_ok, pos_l)
                 shift = torch.maximum(neg_max, torch.where(sp.pos_ok, pos_l, neg_inf))
             else:
+                _put(s, sp.pos, sp.pos_ok, neg_inf)
                 shift = neg_max
             if w is not None:
                 shift = s.amax(1)
@@ -398,7 +430,7 @@ def _row_forward(
                 den_mean = torch.where(den, s, 0.0).sum(1) / n_den.clamp(min=1).to(dtype)
             pos_max = s.masked_fill(~pos, neg_inf).amax(1)
             neg_max = s.masked_fill(pos | ~den, neg_inf).amax(1)
-            correct[r0:r1] = v & (pos_max > neg_max)
+            correct[r0:r1] = _top1(s, v, pos_max, neg_max, pos, den | pos)
             if w is not None:
                 s.add_(w.masked_fill(pos, 0.0))
             s.masked_fill_(~den, neg_inf)
@@ -632,6 +664,7 @@ def _sym_forward(
     pos_max_c = x.new_full((n,), neg_inf)
     neg_max_c = x.new_full((n,), neg_inf)
     buf = x.new_empty(min(chunk, n), n)
+    all_rows = torch.ones(min(chunk, n), dtype=torch.bool, device=device)
     for r0 in range(0, n, chunk):
         r1 = min(r0 + chunk, n)
         c = r1 - r0
@@ -651,10 +684,11 @@ def _sym_forward(
             neg_r = s.amax(1)
             torch.maximum(neg_max_c, s.amax(0), out=neg_max_c)
             pos_max_c[r0:r1] = d
-            correct_r[r0:r1] = d > neg_r
+            s.scatter_(1, diag, d.unsqueeze(1))
+            correct_r[r0:r1] = _top1(s, all_rows[:c], d, neg_r, rows)
             if w is not None:
                 s.add_(w)
-            s.scatter_(1, diag, d.unsqueeze(1))
+                s.scatter_(1, diag, d.unsqueeze(1))
             shift = s.amax(1) if w is not None else torch.maximum(neg_r, d)
         else:
             pos = _sym_positive(plan, rows, cols)
@@ -669,7 +703,7 @@ def _sym_forward(
             nmax_r = masked.amax(1)
             torch.maximum(neg_max_c, masked.amax(0), out=neg_max_c)
             del masked
-            correct_r[r0:r1] = pmax_r > nmax_r
+            correct_r[r0:r1] = _top1(s, all_rows[:c], pmax_r, nmax_r, pos)
             if w is not None:
                 s.add_(w.masked_fill(pos, 0.0))
                 shift = s.amax(1)
@@ -692,13 +726,37 @@ def _sym_forward(
                 sb.add_(wb.masked_fill(_sym_positive(plan, rows, bad_cols), 0.0))
             tile_lse[bad_cols] = sb.logsumexp(0)
         torch.logaddexp(lse_c, tile_lse, out=lse_c)
+    correct_c = pos_max_c > neg_max_c
+    tie = pos_max_c == neg_max_c
+    if bool(tie.any()):
+        correct_c[tie] = _column_top1(x, y, scale, plan, tie.nonzero().squeeze(1))
     n_pos = plan.n_pos.to(dtype)
     loss_r = lse_r - (1.0 - eps) * pos_r / n_pos
     loss_c = lse_c - (1.0 - eps) * pos_c / n_pos
     if eps > 0:
         loss_r = loss_r - eps * tot_r / n
         loss_c = loss_c - eps * tot_c / n
-    return loss_r, loss_c, correct_r, pos_max_c > neg_max_c, lse_r, lse_c
+    return loss_r, loss_c, correct_r, correct_c, lse_r, lse_c
+
+
+def _column_top1(x: Tensor, y: Tensor, scale: Tensor, plan: _SymPlan, cols: Tensor) -> Tensor:
+    """``correct`` of tied columns: whether the first maximum over all rows is a positive.
+
+    Scans the row tiles again for these columns only (rare: exact ties of a positive with a
+    negative), keeping the first row that attains each column's maximum.
+    """
+    best = x.new_full((cols.numel(),), float("-inf"))
+    arg = torch.zeros(cols.numel(), dtype=torch.long, device=x.device)
+    y_c = y[cols]
+    for r0 in range(0, x.shape[0], plan.chunk):
+        v = torch.mm(x[r0 : r0 + plan.chunk] * scale, y_c.T)  # (c, k)
+        top_v, top_i = v.amax(0), v.argmax(0)
+        better = top_v > best  # strict: an earlier tile keeps a tie
+        best = torch.where(better, top_v, best)
+        arg = torch.where(better, top_i + r0, arg)
+    if plan.labels is None:
+        return arg == cols
+    return plan.labels[arg] == plan.labels[cols]
 
 
 def _sym_backward(

@@ -53,8 +53,7 @@ class AnchorLosses(NamedTuple):
     Attributes:
         loss: ``(N,)`` per-anchor losses; 0 where ``valid`` is false.
         valid: ``(N,)`` bool, anchors with at least one positive and a non-empty denominator.
-        correct: ``(N,)`` bool, whether the top-1 key of ``A(i) ∪ P(i)`` is a positive: some
-            positive scores strictly higher than every other key (a tie counts as wrong).
+        correct: ``(N,)`` bool, whether the highest-scoring key of ``A(i) ∪ P(i)`` is a positive.
     """
 
     loss: Tensor
@@ -154,10 +153,9 @@ def anchor_losses_from_logits(
         loss = loss - label_smoothing * den_mean
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     with torch.no_grad():
-        # max-based rather than argmax-based: the chunked path computes the same from tiles
-        pos_max = logits.masked_fill(~positive, float("-inf")).amax(dim=1)
-        neg_max = logits.masked_fill(positive | ~denominator, float("-inf")).amax(dim=1)
-        correct = (pos_max > neg_max) & valid
+        scored = logits.masked_fill(~(denominator | positive), torch.finfo(logits.dtype).min)
+        top = scored.argmax(dim=1, keepdim=True)  # the first maximum: ties go to the lower index
+        correct = positive.gather(1, top).squeeze(1) & valid
     return AnchorLosses(loss, valid, correct)
 
 
