@@ -441,7 +441,9 @@ def test_tiled_path_never_builds_an_n_by_m_buffer(kind):
 def test_resolve_chunk_size_policy():
     limit_rows = int(math.sqrt(chunked.DENSE_LIMIT_BYTES / (4 * chunked.DENSE_BUFFERS)))
     assert chunked.resolve_chunk_size("auto", limit_rows - 10, limit_rows - 10) is None
-    rows = chunked.resolve_chunk_size("auto", limit_rows + 10, limit_rows + 10)
+    # just above the limit: tiled, one tile covering every row
+    assert chunked.resolve_chunk_size("auto", limit_rows + 10, limit_rows + 10) == limit_rows + 10
+    rows = chunked.resolve_chunk_size("auto", 10_000, 3000)
     assert rows is not None and rows % 64 == 0 and rows >= chunked.MIN_TILE_ROWS
     assert chunked.resolve_chunk_size("auto", 131072, 131072) == chunked.MIN_TILE_ROWS
     assert chunked.resolve_chunk_size("auto", 200_000, 300, torch.float64) == 4096
