@@ -19,18 +19,25 @@ buffer, so every row's log-sum-exp is exact and the masks of a tile come from
   tile once and combines both directions into one ``G`` (four GEMM units).
 
 Single-positive layouts (the diagonal, ``positive_index``, ``self_index``) never build masks:
-positives and exclusions are written with ``scatter`` and the target terms of ``G`` are applied
-to the GEMM results (``K[p_i]``, column sums) instead of the ``(chunk, M)`` tile. Each tile needs
-one ``exp`` pass per direction pair; where one ``exp`` serves two shifts (the column sums of the
-symmetric loss), a range check guarantees the result is exact and otherwise falls back.
+positives and exclusions are written with ``scatter``, and the target part of ``G`` (``K[p_i]``,
+label smoothing over ``A(i)``) is applied to the gradients once after the last tile, as
+gathers and index-adds of whole rows. Per tile the elementwise work is one ``exp`` per logit and
+a few reductions; in the symmetric loss one ``exp`` serves both directions (the column sums in
+the forward, ``g_r·P_row + g_c·P_col`` in the backward), guarded by range checks that fall back
+to a second ``exp`` (or a per-column recomputation) where a shared exponent could underflow,
+e.g. at τ = 1e-3. ``correct`` reproduces the dense ``argmax`` (ties go to the first maximum).
 
 Exactness: the same expression as the dense path, in a different summation order — equal to
 ~1e-15 (float64) / ~1e-6 (float32). Half-precision inputs are computed in float32. The tiled
-functions give first-order gradients (``create_graph=True`` raises; use the dense path); negative log-weights are constants
-(a weight tensor that requires grad makes :func:`~embedloss.ops.info_nce.info_nce` use the dense
-path). A callable weight function is called once per tile in the forward and again in a
-recomputing backward; it must be deterministic, compute each entry from its tile row (full key
-width) and must not modify the logits it is given.
+functions give first-order gradients (``create_graph=True`` raises; use ``chunk_size=None``).
+Negative log-weights are constants (a weight tensor that requires grad makes
+:func:`~embedloss.ops.info_nce.info_nce` use the dense path). A callable weight function is
+called once per tile in the forward and again in a recomputing backward; it must be
+deterministic, compute each entry from its tile row (full key width) and not modify the
+logits it is given.
+
+Devices: every tensor is created on the inputs' device and nothing assumes a CPU; the host
+synchronises per tile only for the range checks and for exact ties (a scalar each).
 """
 
 from __future__ import annotations
@@ -59,10 +66,11 @@ __all__ = [
 #: for tiny batches, where it does fewer Python-level operations.
 DENSE_LIMIT_BYTES = 512 * 2**10
 DENSE_BUFFERS = 6
-#: Target size of one tile buffer for ``"auto"`` (16 MiB: cache-friendly on CPUs, large enough
-#: GEMMs on GPUs); the row count is clamped to [``MIN_TILE_ROWS``, ``MAX_TILE_ROWS``].
+#: Target size of one tile buffer for ``"auto"`` (16 MiB: the tile and its coefficient buffer
+#: stay in a 32 MiB L3 cache); the row count is clamped to [``MIN_TILE_ROWS``,
+#: ``MAX_TILE_ROWS``], the minimum keeping the three GEMMs per tile efficient for wide keys.
 TILE_BYTES = 16 * 2**20
-MIN_TILE_ROWS = 128
+MIN_TILE_ROWS = 512
 MAX_TILE_ROWS = 4096
 
 WeightFn = Callable[[Tensor, Tensor, Tensor], Tensor]
