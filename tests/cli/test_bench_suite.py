@@ -212,7 +212,17 @@ def test_run_in_subprocesses_writes_json_docs_and_plot(tmp_path, capsys, monkeyp
     assert set(first["peak_bytes"]) == {"embedloss", "plain", "openclip_style"}
     assert math.isfinite(first["ratio_floor"])
     assert (tmp_path / "benchmarks.png").exists()
-    assert "## Speed and memory" in (tmp_path / "benchmarks.md").read_text()
+    section = (tmp_path / "benchmarks.md").read_text()
+    assert "## Speed and memory" in section
+
+    # a saved run re-renders the same report without measuring again
+    again = tmp_path / "again"
+    code = bench.main(
+        ["--from-json", str(tmp_path / "benchmarks.json"), "--write", "--docs", str(again)]
+    )
+    assert code == 0
+    assert (again / "benchmarks.md").read_text() == section
+    assert (again / "benchmarks.png").exists() and not (again / "benchmarks.json").exists()
 
 
 def test_spawn_reports_failures(tmp_path):
@@ -235,7 +245,7 @@ def test_required_run_without_memory_reports_missing_targets(monkeypatch, capsys
     args = argparse.Namespace(
         worker=None, case=None, required=True, repeats=None, peers_dir=None, peers=False,
         device="cpu", dtype="float32", threads=1, no_memory=False, timeout=1.0, json=None,
-        write=False, docs=Path("docs"),
+        write=False, docs=Path("docs"), from_json=None,
     )  # fmt: skip
     assert bench.run(args) == 1  # targets not met: nothing was measured
     assert calls == ["time"] * len(bench.REQUIRED_CASES)

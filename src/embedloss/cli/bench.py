@@ -585,6 +585,21 @@ def format_section(
     return "\n".join(parts) + "\n"
 
 
+def load_results(path: Path) -> tuple[list[CaseResult], dict[str, Any]]:
+    """The results and machine description of a JSON file written by a previous run."""
+    payload = json.loads(Path(path).read_text())
+    results = []
+    for r in payload["results"]:
+        c = r["case"]
+        case = Case(c["loss"], c["n"], c["d"], c["repeats"], tuple(c["impls"]))
+        results.append(
+            CaseResult(
+                case, r["seconds"], r["peak_bytes"], r["notes"], r["floor_mode"], r["rounds"]
+            )
+        )
+    return results, payload["machine"]
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace (or append) the "Speed and memory" section of the markdown file ``path``."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -608,7 +623,7 @@ def plot(results: Sequence[CaseResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(13, 5))
     labels = [r.case.label for r in results]
     impls = [
         i
@@ -620,14 +635,16 @@ def plot(results: Sequence[CaseResult], path: Path) -> None:
         xs = [i + k * width for i in range(len(results))]
         ratios = [r.ratio(impl) or 0.0 for r in results]
         mems = [r.peak_bytes.get(impl, 0) / 2**20 for r in results]
-        ax_t.bar(xs, ratios, width, label=impl)
+        bars = ax_t.bar(xs, ratios, width, label=impl)
+        ax_t.bar_label(bars, labels=[f"{r:.2f}" if r else "" for r in ratios], fontsize=7)
         ax_m.bar(xs, mems, width, label=impl)
     for ax in (ax_t, ax_m):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))])
         ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
         ax.legend(fontsize=8)
     ax_t.axhline(1.0, color="k", lw=0.8)
-    ax_t.set_ylabel("fwd+bwd time / 3-GEMM floor")
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("fwd+bwd time / 3-GEMM floor (log)")
     if any(v > 0 for r in results for v in r.peak_bytes.values()):
         ax_m.set_yscale("log")
     ax_m.set_ylabel("peak extra memory (MiB)")
@@ -690,6 +707,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--docs", type=Path, default=Path("docs"), help="docs folder for --write")
     parser.add_argument("--peers-dir", default=None, help="folder of peers.py (default: ./bench)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per subprocess")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="report a previous run's JSON instead of measuring (with --write: "
+        "re-render the docs section and plot)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
@@ -709,19 +734,22 @@ def run(args: argparse.Namespace) -> int:
     peers_dir = args.peers_dir
     if peers_dir is None and Path("bench", "peers.py").exists():
         peers_dir = str(Path("bench").resolve())
-    results = run_suite(
-        cases,
-        peers=args.peers or args.required,
-        device=args.device,
-        dtype=args.dtype,
-        threads=args.threads,
-        peers_dir=peers_dir,
-        memory=not args.no_memory,
-        timeout=args.timeout,
-        log=lambda s: print(s, file=sys.stderr, flush=True),
-    )
+    if args.from_json is not None:
+        results, machine = load_results(args.from_json)
+    else:
+        results = run_suite(
+            cases,
+            peers=args.peers or args.required,
+            device=args.device,
+            dtype=args.dtype,
+            threads=args.threads,
+            peers_dir=peers_dir,
+            memory=not args.no_memory,
+            timeout=args.timeout,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
+        machine = machine_info(args.threads, args.device)
     checks = check_requirements(results)
-    machine = machine_info(args.threads, args.device)
     print(format_markdown(results))
     if checks:
         print()
@@ -739,7 +767,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "checks": [asdict(c) for c in checks],
     }
-    json_path = args.json
+    json_path = args.json if args.from_json is None else None
     if args.write:
         args.docs.mkdir(parents=True, exist_ok=True)
         command = "python bench/bench_losses.py" + (" --required" if args.required else "")
@@ -747,7 +775,8 @@ def run(args: argparse.Namespace) -> int:
             args.docs / "benchmarks.md", format_section(results, checks, machine, command)
         )
         plot(results, args.docs / "benchmarks.png")
-        json_path = json_path or args.docs / "benchmarks.json"
+        if args.from_json is None:
+            json_path = json_path or args.docs / "benchmarks.json"
     if json_path is not None:
         json_path.write_text(json.dumps(payload, indent=2) + "\n")
     return 0 if all(c.ok for c in checks) else 1
