@@ -30,6 +30,7 @@ __all__ = [
     "clip_loss",
     "combine_directions",
     "direction_terms",
+    "mean_accuracy",
     "pair_similarity_terms",
 ]
 
@@ -146,12 +147,17 @@ def combine_directions(
 def direction_terms(
     first: AnchorLosses, second: AnchorLosses, names: tuple[str, str]
 ) -> dict[str, Tensor]:
-    """``loss_<name>`` (the mean) of both directions and ``accuracy``, their mean top-1."""
+    """``loss_<name>`` (the mean) of both directions and their ``accuracy``."""
     return {
         f"loss_{names[0]}": reduce_anchor_losses(first, "mean"),
         f"loss_{names[1]}": reduce_anchor_losses(second, "mean"),
-        "accuracy": (first.correct.float().mean() + second.correct.float().mean()) / 2,
+        "accuracy": mean_accuracy(first, second),
     }
+
+
+def mean_accuracy(first: AnchorLosses, second: AnchorLosses) -> Tensor:
+    """Mean of both directions' top-1 accuracies (share of anchors whose top-1 is a positive)."""
+    return (first.correct.float().mean() + second.correct.float().mean()) / 2
 
 
 @register_loss("clip")
