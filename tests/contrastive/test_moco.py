@@ -6,7 +6,8 @@ from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
 
 from embedloss import MoCoLoss, create_loss
 from embedloss.functional import moco_loss
-from tests.contrastive.oracles import assert_close_with_grads, moco_direction_oracle, randn64
+from tests.contrastive.oracles import moco_direction_oracle
+from tests.helpers import assert_close_with_grads, randn64
 
 
 def _oracle_sequence(
