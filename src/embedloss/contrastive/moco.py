@@ -397,15 +397,17 @@ class MoCoLoss(BaseContrastiveLoss):
                 f"key embedding size D={dim} does not match the queue's D={self.queue.shape[1]}; "
                 "use a new MoCoLoss for a new embedding size"
             )
-        past_queries = self.query_queue[:count] if self.symmetric else None
+        # Clones: autograd keeps the bank for backward, and _enqueue overwrites the buffer in place.
+        bank = self.queue[:count].clone()
+        past_queries = self.query_queue[:count].clone() if self.symmetric else None
         if labels is None:
-            return self.queue[:count], past_queries, None
+            return bank, past_queries, None
         if not bool(self.queue_labeled[:count].all()):
             raise ValueError(
                 "labels were given but the queue holds keys enqueued without labels; pass labels "
                 "on every call or call reset_queue()"
             )
-        return self.queue[:count], past_queries, self.queue_labels[:count]
+        return bank, past_queries, self.queue_labels[:count]
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor, queries: Tensor, labels: Tensor | None) -> None:
