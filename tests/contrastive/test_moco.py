@@ -321,7 +321,7 @@ def test_pure_function_bad_inputs():
 def test_unnormalized_training_steps_backpropagate_after_enqueue(symmetric):
     # Regression: the scored queue was a view that the enqueue overwrote before backward.
     loss = MoCoLoss(queue_size=16, normalize=False, symmetric=symmetric)
-    for step in range(3):
+    for _ in range(3):
         q = torch.randn(4, 8, requires_grad=True)
         k = torch.randn(4, 8, requires_grad=True)
         loss(q, k).backward()
