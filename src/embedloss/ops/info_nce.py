@@ -140,7 +140,6 @@ def anchor_losses_from_logits(
     The dense kernel of the core, public for losses whose keys differ per query (e.g. per-query
     negatives of shape ``(N, M, D)``), where there is no shared key matrix to tile.
     """
-    neg_inf = torch.finfo(logits.dtype).min
     weighted = logits if log_weights is None else logits + log_weights.masked_fill(positive, 0.0)
     lse = weighted.masked_fill(~denominator, float("-inf")).logsumexp(dim=1)  # (N,)
     n_pos = positive.sum(dim=1)
@@ -154,8 +153,8 @@ def anchor_losses_from_logits(
         loss = loss - label_smoothing * den_mean
     loss = torch.where(valid, loss, torch.zeros_like(loss))
     with torch.no_grad():
-        scored = logits.masked_fill(~(denominator | positive), neg_inf)
-        top = scored.argmax(dim=1, keepdim=True)
+        scored = logits.masked_fill(~(denominator | positive), torch.finfo(logits.dtype).min)
+        top = scored.argmax(dim=1, keepdim=True)  # the first maximum: ties go to the lower index
         correct = positive.gather(1, top).squeeze(1) & valid
     return AnchorLosses(loss, valid, correct)
 
@@ -173,12 +172,18 @@ def _check_core_args(
         check_int(chunk_size, "chunk_size", low=1)
 
 
-def _use_dense(chunk_size: ChunkSize, n: int, m: int) -> bool:
-    if chunk_size is None:
-        return True
-    if chunk_size == "auto":
-        return True  # dense until the tiled path lands (scale issue)
-    raise NotImplementedError("chunked InfoNCE is not available yet; pass chunk_size=None")
+def _tile_rows(
+    chunk_size: ChunkSize, n: int, m: int, dtype: torch.dtype, weights: NegativeLogWeights
+) -> int | None:
+    """Rows per tile for the chunked path, or None for the dense path.
+
+    A weight tensor that requires grad needs the dense path (its gradient is an N×M tensor).
+    """
+    from embedloss.ops.chunked import resolve_chunk_size
+
+    if isinstance(weights, Tensor) and weights.requires_grad and torch.is_grad_enabled():
+        return None
+    return resolve_chunk_size(chunk_size, n, m, dtype)
 
 
 def info_nce(
@@ -201,7 +206,9 @@ def info_nce(
         negative_log_weights: ``(N, M)`` tensor or a :data:`LogWeightFn`; added to non-positive
             logits in the denominator (hard-negative reweighting).
         label_smoothing: ε in [0, 1], spread uniformly over ``A(i)``.
-        chunk_size: ``None`` (dense), an int (tiles of that many rows/columns) or ``"auto"``.
+        chunk_size: ``None`` (dense), an int (tiles of that many query rows, see
+            :mod:`embedloss.ops.chunked`) or ``"auto"`` (dense while the dense working set is
+            below 256 MiB, tiles above). Tiled and dense agree in value and gradient.
 
     Returns:
         :class:`AnchorLosses` with ``(N,)`` tensors.
@@ -220,7 +227,19 @@ def info_nce(
         raise ValueError(
             f"without positive_index or labels, keys need at least N={n} rows, got {m}"
         )
-    _use_dense(chunk_size, n, m)
+    chunk = _tile_rows(chunk_size, n, m, query.dtype, negative_log_weights)
+    if chunk is not None:
+        from embedloss.ops.chunked import chunked_info_nce
+
+        return chunked_info_nce(
+            query,
+            keys,
+            scale,
+            spec,
+            negative_log_weights=negative_log_weights,
+            label_smoothing=label_smoothing,
+            chunk_size=chunk,
+        )
     rows = torch.arange(n, device=query.device)
     cols = torch.arange(m, device=query.device)
     logits = (query @ keys.T) * scale  # (N, M)
@@ -257,7 +276,21 @@ def symmetric_info_nce(
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same N, got {x.shape[0]} and {y.shape[0]}")
     n = x.shape[0]
-    _use_dense(chunk_size, n, n)
+    if labels is not None and labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+    chunk = _tile_rows(chunk_size, n, n, x.dtype, negative_log_weights)
+    if chunk is not None:
+        from embedloss.ops.chunked import chunked_symmetric_info_nce
+
+        return chunked_symmetric_info_nce(
+            x,
+            y,
+            scale,
+            labels=labels,
+            negative_log_weights=negative_log_weights,
+            label_smoothing=label_smoothing,
+            chunk_size=chunk,
+        )
     spec = PairSpec(query_labels=labels, key_labels=labels)
     idx = torch.arange(n, device=x.device)
     logits = (x @ y.T) * scale  # (N, N)
