@@ -363,6 +363,7 @@ class CaseResult:
     peak_bytes: dict[str, int] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     floor_mode: str = "full"
+    rounds: dict[str, list[float]] = field(default_factory=dict)  # every timed round
 
     def ratio(self, impl: str, base: str = "floor") -> float | None:
         """Time of ``impl`` over the time of ``base``."""
@@ -404,6 +405,7 @@ def run_suite(
             res.notes["time"] = out["error"]
         else:
             res.seconds = out["seconds"]
+            res.rounds = out["all_seconds"]
             res.notes.update(out["errors"])
             res.floor_mode = out["floor_mode"]
         if memory:
@@ -560,9 +562,20 @@ def format_section(
         "Forward+backward medians over interleaved rounds in one process per case; `× floor` is "
         "the ratio to the three GEMMs `A@Bᵀ`, `G@B`, `Gᵀ@A` at the same shapes timed in that "
         "process; peak extra memory is the growth of the peak RSS over the allocated inputs, "
-        "each implementation in a fresh process.",
+        "each implementation in a fresh process. `plain` is the straightforward materialising "
+        "loss (`logits = a@bᵀ/τ`, `F.cross_entropy` both ways); `openclip_style` builds both "
+        "logit matrices as open_clip's `ClipLoss` does. Every per-round time is in "
+        "`benchmarks.json`.",
+        "",
+        'How embedloss gets there (`embedloss/ops/chunked.py`, `chunk_size="auto"`): row tiles '
+        "of the logits (about 16 MiB each) with exact row log-sum-exps, never an N×N buffer. "
+        "SimCLR / InfoNCE compute their gradients during the forward (the 3 GEMMs of the floor, "
+        "one `exp` per logit); CLIP accumulates the column log-sum-exps online and recomputes "
+        "each tile once in the backward (4 GEMM units, one `exp` per logit per pass).",
         "",
         format_markdown(results),
+        "",
+        "![time relative to the GEMM floor, and peak extra memory](benchmarks.png)",
     ]
     if checks:
         parts += ["", "Targets of the scale issue:", "", format_checks(checks)]

@@ -207,8 +207,9 @@ def info_nce(
             logits in the denominator (hard-negative reweighting).
         label_smoothing: ε in [0, 1], spread uniformly over ``A(i)``.
         chunk_size: ``None`` (dense), an int (tiles of that many query rows, see
-            :mod:`embedloss.ops.chunked`) or ``"auto"`` (dense while the dense working set is
-            below 256 MiB, tiles above). Tiled and dense agree in value and gradient.
+            :mod:`embedloss.ops.chunked`) or ``"auto"`` (dense for tiny problems, whose
+            working set is below 512 KiB, tiles above). Tiled and dense agree in value and
+            gradient; the tiled path gives first-order gradients only.
 
     Returns:
         :class:`AnchorLosses` with ``(N,)`` tensors.
