@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m embedloss list
-	$(PY) examples/quickstart.py
+	$(PY) -m embedloss train --output runs/demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check

@@ -12,7 +12,8 @@ def randn64(*shape: int, seed: int = 0, requires_grad: bool = True) -> Tensor:
 
 
 def grads(loss: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
-    return torch.autograd.grad(loss, inputs)
+    # The graph is kept so that a test may differentiate the same loss again.
+    return torch.autograd.grad(loss, inputs, retain_graph=True)
 
 
 def assert_close_with_grads(

@@ -11,41 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def randn64(*shape: int, seed: int = 0, requires_grad: bool = True) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
-
-
-def assert_close_with_grads(
-    fast: Tensor, slow: Tensor, inputs: tuple[Tensor, ...], tol: float = 1e-9
-) -> None:
-    """Value and gradient of ``fast`` equal those of ``slow`` (both functions of ``inputs``)."""
-    torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
-    g_fast = torch.autograd.grad(fast, inputs, retain_graph=True)
-    g_slow = torch.autograd.grad(slow, inputs, retain_graph=True)
-    for gf, gs in zip(g_fast, g_slow, strict=True):
-        torch.testing.assert_close(gf, gs, rtol=tol, atol=tol)
-
-
-def normalize_rows(x: Tensor) -> list[list[Tensor]]:
-    rows = []
-    for i in range(x.shape[0]):
-        norm = torch.sqrt(sum(x[i, d] * x[i, d] for d in range(x.shape[1])))
-        rows.append([x[i, d] / norm for d in range(x.shape[1])])
-    return rows
-
-
-def dot(u: list[Tensor], v: list[Tensor]) -> Tensor:
-    return sum(a * b for a, b in zip(u, v, strict=True))
-
-
-def _lse(values: list[Tensor]) -> Tensor:
-    top = max(float(v.detach()) for v in values)
-    return top + torch.log(sum(torch.exp(v - top) for v in values))
-
+from tests.oracles import dot, lse, normalize_rows
 
 # ----------------------------------------------------------------------------- MoCo
 
@@ -81,7 +47,7 @@ def moco_direction_oracle(
                 for j in range(n)
                 if j != i and (labels is None or labels[j] != labels[i])
             ]
-        total = total + (_lse([pos, *negatives]) - pos)
+        total = total + (lse([pos, *negatives]) - pos)
     return total / n
 
 
@@ -158,7 +124,7 @@ def hard_negative_oracle(
             )
             terms = [s[j] / tau + math.log(w[j]) for j in range(n)]
             mean_pos = sum(s[j] / tau for j in range(n) if positive[j]) / sum(positive)
-            total = total + _lse(terms) - mean_pos
+            total = total + lse(terms) - mean_pos
         return total / n
 
     return (direction(xn, yn) + direction(yn, xn)) / 2
@@ -211,5 +177,5 @@ def dcl_oracle(
         positives = [k for k in range(2 * n) if k != i and lab[k] == lab[i]]
         negatives = [k for k in range(2 * n) if k != i and lab[k] != lab[i]]
         mean_pos = sum(dot(z[i], z[p]) / tau for p in positives) / len(positives)
-        total = total - weights[i % n] * mean_pos + _lse([dot(z[i], z[j]) / tau for j in negatives])
+        total = total - weights[i % n] * mean_pos + lse([dot(z[i], z[j]) / tau for j in negatives])
     return total / (2 * n)

@@ -6,7 +6,8 @@ import torch
 from embedloss import DCLLoss, DCLWLoss, create_loss
 from embedloss.contrastive.dcl import von_mises_fisher_weights
 from embedloss.functional import dcl_loss, dclw_loss, simclr_loss
-from tests.contrastive.oracles import assert_close_with_grads, dcl_oracle, randn64
+from tests.contrastive.oracles import dcl_oracle
+from tests.helpers import assert_close_with_grads, randn64
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.5, 2.0])

@@ -9,10 +9,10 @@ be identical on every rank and equal to the single-process queue.
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from embedloss import DCLLoss, DCLWLoss, DynamicTemperatureLoss, HardNegativeLoss, MoCoLoss
+from tests.distributed.harness import free_port, process_group
 
 SIZES = (3, 2)
 WORLD = len(SIZES)
@@ -55,10 +55,8 @@ def _run(rows, gather):
     return out
 
 
-def _worker(rank, init_file, result_dir):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
+def _worker(rank, port, result_dir):
+    with process_group(rank, WORLD, port):
         start = sum(SIZES[:rank])
         results = _run(slice(start, start + SIZES[rank]), True)
         # each rank's batch fits a queue of 4, the gathered batch of 5 does not
@@ -68,12 +66,10 @@ def _worker(rank, init_file, result_dir):
         except ValueError as err:
             results["queue_error"] = str(err)
         torch.save(results, os.path.join(result_dir, f"{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_gathered_losses_equal_single_process(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
     for r in ranks:
         assert r.pop("queue_error").startswith(

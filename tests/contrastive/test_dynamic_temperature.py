@@ -6,13 +6,8 @@ import torch
 from embedloss import DynamicTemperatureLoss, create_loss
 from embedloss.contrastive.dynamic_temperature import gap_temperature, similarity_gap
 from embedloss.functional import clip_loss, dynamic_temperature_loss
-from tests.contrastive.oracles import (
-    assert_close_with_grads,
-    hard_negative_oracle,
-    legacy_gap_rule,
-    randn64,
-    similarity_gap_oracle,
-)
+from tests.contrastive.oracles import hard_negative_oracle, legacy_gap_rule, similarity_gap_oracle
+from tests.helpers import assert_close_with_grads, randn64
 
 
 @pytest.mark.parametrize("labels", [None, torch.tensor([0, 1, 0, 2, 1, 3])])

@@ -7,7 +7,8 @@ from embedloss import HardNegativeLoss, create_loss
 from embedloss.contrastive.hard_negative import hard_negative_anchor_losses
 from embedloss.functional import clip_loss, hard_negative_loss
 from embedloss.multimodal.clip import clip_anchor_losses
-from tests.contrastive.oracles import assert_close_with_grads, hard_negative_oracle, randn64
+from tests.contrastive.oracles import hard_negative_oracle
+from tests.helpers import assert_close_with_grads, randn64
 
 STRATEGIES = ["none", "hard", "semi_hard", "beta"]
 

@@ -6,7 +6,8 @@ from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
 
 from embedloss import MoCoLoss, create_loss
 from embedloss.functional import moco_loss
-from tests.contrastive.oracles import assert_close_with_grads, moco_direction_oracle, randn64
+from tests.contrastive.oracles import moco_direction_oracle
+from tests.helpers import assert_close_with_grads, randn64
 
 
 def _oracle_sequence(
@@ -314,3 +315,15 @@ def test_pure_function_bad_inputs():
     # no queue, or an empty one, is allowed (and adds nothing)
     assert moco_loss(q, q).item() == 0.0
     assert moco_loss(q, q, torch.zeros(0, 4), labels=torch.arange(3)).item() == 0.0
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_unnormalized_training_steps_backpropagate_after_enqueue(symmetric):
+    # Regression: the scored queue was a view that the enqueue overwrote before backward.
+    loss = MoCoLoss(queue_size=16, normalize=False, symmetric=symmetric)
+    for _ in range(3):
+        q = torch.randn(4, 8, requires_grad=True)
+        k = torch.randn(4, 8, requires_grad=True)
+        loss(q, k).backward()
+        assert torch.isfinite(q.grad).all()
+    assert int(loss.queue_count) == 12

@@ -9,9 +9,11 @@ gradient on each rank's slice equals world_size × the single-process gradient o
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,17 +93,27 @@ def run_case(case: Case, sizes: list[int], rank: int | None) -> dict[str, Any]:
     return results
 
 
+@contextmanager
+def process_group(
+    rank: int, world: int, port: int, timeout_s: float | None = None
+) -> Iterator[None]:
+    """Join a gloo group of ``world`` single-threaded processes on 127.0.0.1; leave it on exit."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    timeout = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+    dist.init_process_group("gloo", rank=rank, world_size=world, **timeout)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def _worker(
     rank: int, world: int, port: int, cases: list[Case], sizes: list[int], out_dir: str
 ) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, port):
         results = {case.id: run_case(case, sizes, rank) for case in cases}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def run_distributed(cases: list[Case], sizes: list[int], out_dir: str) -> list[dict[str, Any]]:

@@ -10,21 +10,7 @@ import math
 import torch
 from torch import Tensor
 
-
-def randn64(*shape: int, seed: int = 0, requires_grad: bool = True) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(requires_grad)
-
-
-def assert_close_with_grads(
-    fast: Tensor, slow: Tensor, inputs: tuple[Tensor, ...], tol: float = 1e-9
-) -> None:
-    """Value and gradient of ``fast`` equal those of ``slow`` (both functions of ``inputs``)."""
-    torch.testing.assert_close(fast, slow, rtol=tol, atol=tol)
-    g_fast = torch.autograd.grad(fast, inputs)
-    g_slow = torch.autograd.grad(slow, inputs)
-    for gf, gs in zip(g_fast, g_slow, strict=True):
-        torch.testing.assert_close(gf, gs, rtol=tol, atol=tol)
+from tests.oracles import dot
 
 
 def rows(x: Tensor, normalize: bool = True) -> list[list[Tensor]]:
@@ -33,10 +19,6 @@ def rows(x: Tensor, normalize: bool = True) -> list[list[Tensor]]:
         norm = torch.sqrt(sum(x[i, d] * x[i, d] for d in range(x.shape[1]))) if normalize else 1.0
         out.append([x[i, d] / norm for d in range(x.shape[1])])
     return out
-
-
-def dot(u: list[Tensor], v: list[Tensor]) -> Tensor:
-    return sum(a * b for a, b in zip(u, v, strict=True))
 
 
 def sq_dist(u: list[Tensor], v: list[Tensor]) -> Tensor:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from embedloss import SigLIPLoss
 from embedloss.metrics import uniformity
-from tests.distributed.harness import _split, free_port
+from tests.distributed.harness import _split, free_port, process_group
 
 SIZES = [4, 2]
 
@@ -44,15 +43,10 @@ def _run(x, y, distributed):
 
 
 def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with process_group(rank, world, port):
         x, y = _data()
         result = _run(_split(x, SIZES, rank), _split(y, SIZES, rank), True)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 def test_parameter_gradients_and_uniformity_metric(tmp_path):

@@ -5,7 +5,8 @@ from torch import nn
 
 from embedloss import FeatureConsistencyLoss, create_loss
 from embedloss.functional import feature_consistency_loss
-from tests.multimodal.oracles import assert_close_with_grads, feature_consistency_oracle, randn64
+from tests.helpers import assert_close_with_grads, randn64
+from tests.multimodal.oracles import feature_consistency_oracle
 
 DISTANCES = ["cosine", "l2", "l1", "smooth_l1"]
 

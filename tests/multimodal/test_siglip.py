@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from embedloss import SigLIPLoss, create_loss
 from embedloss.functional import siglip_loss
-from tests.multimodal.oracles import assert_close_with_grads, log_sigmoid, randn64, siglip_oracle
+from tests.helpers import assert_close_with_grads, randn64
+from tests.multimodal.oracles import log_sigmoid, siglip_oracle
 
 
 @pytest.mark.parametrize(("tau", "bias"), [(0.1, -10.0), (0.5, 1.0), (2.0, 0.3)])

@@ -15,15 +15,11 @@ the single-process computation on the concatenated batch:
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
@@ -43,6 +39,7 @@ from embedloss.self_supervised import (
     negative_cosine_loss,
     vicreg_loss,
 )
+from tests.distributed.harness import _split, free_port, process_group
 
 D = 4
 
@@ -122,26 +119,11 @@ def _run(a: Tensor, b: Tensor, w: Tensor, distributed: bool) -> dict[str, tuple[
 
 
 def _worker(rank: int, world: int, port: int, sizes: list[int], outdir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
+    with process_group(rank, world, port, timeout_s=60):
         a, b = _batch(sum(sizes))
         _, w = _weights(sum(sizes))
-        lo = sum(sizes[:rank])
-        hi = lo + sizes[rank]
-        torch.save(_run(a[lo:hi], b[lo:hi], w[lo:hi], True), Path(outdir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        local = (_split(t, sizes, rank) for t in (a, b, w))
+        torch.save(_run(*local, True), Path(outdir) / f"rank{rank}.pt")
 
 
 CONFIGS = {"world2_uneven": [3, 5], "world3_uneven": [2, 1, 4]}
@@ -151,7 +133,7 @@ CONFIGS = {"world2_uneven": [3, 5], "world3_uneven": [2, 1, 4]}
 def spawned(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     sizes = CONFIGS[request.param]
     outdir = tmp_path_factory.mktemp(request.param)
-    mp.spawn(_worker, args=(len(sizes), _free_port(), sizes, str(outdir)), nprocs=len(sizes))
+    mp.spawn(_worker, args=(len(sizes), free_port(), sizes, str(outdir)), nprocs=len(sizes))
     ranks = [torch.load(outdir / f"rank{r}.pt") for r in range(len(sizes))]
     a, b = _batch(sum(sizes))
     _, w = _weights(sum(sizes))

@@ -11,16 +11,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from tests.oracles import lse
+
 Positive = Callable[[int, int], bool]
 
 
 def unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True)
-
-
-def _log_sum_exp(values: list[Tensor]) -> Tensor:
-    top = max(float(v.detach()) for v in values)
-    return top + torch.log(sum(torch.exp(v - top) for v in values))
 
 
 def supcon_eq2(
@@ -51,7 +48,7 @@ def supcon_eq2(
             valid.append(False)
             continue
         logits = {(w, j): (z[i, v] @ z[j, w]) / temperature for w, j in others}
-        log_den = _log_sum_exp(list(logits.values()))
+        log_den = lse(list(logits.values()))
         terms = [logits[p] - log_den for p in positives]
         losses.append(-factor * sum(terms) / len(positives))
         valid.append(True)
@@ -76,7 +73,7 @@ def cross_direction_eq2(
             losses.append(torch.zeros((), dtype=q.dtype))
             valid.append(False)
             continue
-        log_den = _log_sum_exp(logits)
+        log_den = lse(logits)
         losses.append(-sum(logits[a] - log_den for a in positives) / len(positives))
         valid.append(True)
     return torch.stack(losses), valid

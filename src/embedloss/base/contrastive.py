@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import TypedDict
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_labels
-from embedloss.base.base_loss import BaseLoss
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.base.mixins import NormalizationMixin, TemperatureScalingMixin
 from embedloss.ops.info_nce import (
+    AnchorLosses,
     ChunkSize,
     NegativeLogWeights,
     PairSpec,
@@ -19,22 +21,37 @@ from embedloss.ops.info_nce import (
 )
 from embedloss.ops.similarity import (
     labels_from_match_ids,
+    mean_pair_similarity,
     positive_mask_from_labels,
     similarity_matrix,
 )
 
-__all__ = ["BaseContrastiveLoss"]
+__all__ = ["BaseContrastiveLoss", "CoreOptions"]
+
+
+class CoreOptions(TypedDict):
+    """The options a contrastive module hands to its pure ``xxx_anchor_losses`` function."""
+
+    temperature: Tensor
+    normalize: bool
+    chunk_size: ChunkSize
+    gather_distributed: bool
 
 
 class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss):
     """Shared machinery of contrastive losses.
 
-    Concrete losses call ``self._init_temperature`` / ``self._init_normalization`` from their
-    own explicit constructors and compute through :mod:`embedloss.ops` (via the helpers below),
-    never through a private copy of similarity, masking or temperature code.
+    Concrete losses pass their explicit constructor arguments through to this constructor
+    (which initialises the temperature and normalisation mixins when ``temperature`` /
+    ``normalize`` are given; a loss with its own temperature rule leaves them None) and compute
+    through :mod:`embedloss.ops` (via the helpers below), never through a private copy of
+    similarity, masking or temperature code.
 
     Args:
+        temperature: Initial τ > 0 (``self._init_temperature``), or None to skip.
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (with ``temperature``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (``self._init_normalization``), or None to skip.
         chunk_size: Passed to the InfoNCE core: ``None`` dense, an int tiles, ``"auto"`` picks.
         gather_distributed: Gather keys from all ranks (see :mod:`embedloss.ops.distributed`).
     """
@@ -42,7 +59,10 @@ class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss)
     def __init__(
         self,
         *,
+        temperature: float | None = None,
+        learnable_temperature: bool = False,
         reduction: str = "mean",
+        normalize: bool | None = None,
         chunk_size: ChunkSize = "auto",
         gather_distributed: bool = False,
     ) -> None:
@@ -53,6 +73,37 @@ class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss)
             )
         self.chunk_size = chunk_size
         self.gather_distributed = gather_distributed
+        if temperature is not None:
+            self._init_temperature(temperature, learnable_temperature)
+        if normalize is not None:
+            self._init_normalization(normalize)
+
+    def core_options(self, dtype: torch.dtype, logit_scale: Tensor | None = None) -> CoreOptions:
+        """This module's options for its pure function: τ (as a ``dtype`` tensor) and the rest."""
+        return CoreOptions(
+            temperature=1.0 / self.scale(logit_scale, dtype=dtype),
+            normalize=self._normalize,
+            chunk_size=self.chunk_size,
+            gather_distributed=self.gather_distributed,
+        )
+
+    def anchor_output(
+        self, result: AnchorLosses, a: Tensor, b: Tensor, *, distributed: bool | None = None
+    ) -> LossOutput:
+        """``result`` reduced with this loss's ``reduction`` and the terms of a one-way loss.
+
+        Terms: ``accuracy`` (share of anchors whose top-1 is a positive), ``positive_similarity``
+        (mean ``a_i·b_i`` of the prepared views ``a``, ``b``) and ``temperature``. The reduction
+        runs over ranks when ``distributed`` (default: ``gather_distributed``).
+        """
+        distributed = self.gather_distributed if distributed is None else distributed
+        loss = reduce_anchor_losses(result, self.reduction, distributed=distributed)
+        terms = detached_terms(
+            accuracy=result.correct.float().mean(),
+            positive_similarity=mean_pair_similarity(a, b),
+            temperature=self.temperature,
+        )
+        return LossOutput(loss, terms)
 
     def compute_similarity(self, a: Tensor, b: Tensor, logit_scale: Tensor | None = None) -> Tensor:
         """Logits ``(N, M)``: normalised (if enabled) ``a @ b.T`` divided by τ."""

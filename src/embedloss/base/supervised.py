@@ -9,7 +9,7 @@ from torch import Tensor
 from embedloss._validation import check_embeddings, check_float, check_labels, check_tensor
 from embedloss.base.base_loss import BaseLoss
 
-__all__ = ["BaseSupervisedLoss", "weighted_cross_entropy"]
+__all__ = ["BaseSupervisedLoss", "weighted_cross_entropy", "weighted_reduction"]
 
 
 def weighted_cross_entropy(
@@ -73,12 +73,24 @@ def weighted_cross_entropy(
         sample_weight = sample_weight.to(per_sample)
         per_sample = per_sample * sample_weight
         denom_w = denom_w * sample_weight
+    return weighted_reduction(per_sample, denom_w, reduction)
+
+
+def weighted_reduction(per_sample: Tensor, weights: Tensor, reduction: str) -> Tensor:
+    """Reduce weighted per-sample losses ``(N,)``: ``"mean"`` divides their sum by ``Σ weights``.
+
+    ``"none"`` returns ``per_sample``, ``"sum"`` its sum. When the weights sum to 0 (every sample
+    ignored or weighted 0) the mean is 0, not ``0/0 = NaN`` as ``F.cross_entropy`` gives.
+
+    Example:
+        >>> weighted_reduction(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 1.0]), "mean")
+        tensor(2.)
+    """
     if reduction == "none":
         return per_sample
     if reduction == "sum":
         return per_sample.sum()
-    # Every sample ignored (or zero weight): 0, not F.cross_entropy's 0/0 = NaN.
-    total = denom_w.sum()
+    total = weights.sum()
     return per_sample.sum() / torch.where(total > 0, total, torch.ones_like(total))
 
 

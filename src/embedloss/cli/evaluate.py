@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from embedloss import metrics
 from embedloss.cli.data import Split, perturb
 
 __all__ = [
@@ -92,16 +93,12 @@ def linear_probe_accuracy(
 
 
 def recall_at_k(a: Tensor, b: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Cross-modal recall@k, averaged over a→b and b→a (pair ``i`` matches pair ``i``)."""
-    sim = _unit(a) @ _unit(b).T  # (n, n)
-    matched = sim.diagonal()
-    rank_ab = (sim > matched[:, None]).sum(1)  # better-scored wrong candidates per query
-    rank_ba = (sim > matched[None, :]).sum(0)
-    out = {}
-    for k in ks:
-        hit = ((rank_ab < k).double().mean() + (rank_ba < k).double().mean()) / 2
-        out[f"recall@{k}"] = float(hit)
-    return out
+    """Cross-modal recall@k, averaged over a→b and b→a (pair ``i`` matches pair ``i``).
+
+    A thin view of :func:`embedloss.metrics.recall_at_k` keeping only the averaged keys.
+    """
+    both = metrics.recall_at_k(a, b, k=tuple(ks))
+    return {f"recall@{k}": both[f"recall@{k}"] for k in ks}
 
 
 @torch.no_grad()

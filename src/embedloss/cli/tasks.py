@@ -91,6 +91,9 @@ OVERRIDES: dict[str, Override] = {
         note="linear head regressing one-hot class targets",
     ),
     "supcon": Override(style="labels", task="supervised"),
+    "cross_modal_supcon": Override(
+        style="pair", task="supervised", note="the two views as modalities, with labels"
+    ),
     "feature_consistency": Override(style="pair", task="paired"),
     "alignment_uniformity": Override(style="pair", task="paired"),
     # The digits training split has ~1350 samples: a 65536-key queue would hold stale copies of

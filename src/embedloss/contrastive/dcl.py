@@ -8,11 +8,11 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_pair, check_positive_float, compute_dtype
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.contrastive.simclr import two_view_layout
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.info_nce import AnchorLosses, ChunkSize, info_nce, reduce_anchor_losses
+from embedloss.ops.layouts import two_view_layout
 from embedloss.ops.similarity import inverse_temperature, l2_normalize, prepare_embeddings
 from embedloss.registry import register_loss
 
@@ -251,34 +251,22 @@ class DCLLoss(BaseContrastiveLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
 
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for views ``z_a``, ``z_b`` ``(N, D)`` and optional ``labels (N,)``."""
         check_pair(z_a, z_b, "z_a", "z_b", labels)
         dtype = compute_dtype(z_a, z_b)
-        result = dcl_anchor_losses(
-            z_a,
-            z_b,
-            temperature=1.0 / self.scale(dtype=dtype),
-            sigma=self._sigma,
-            labels=labels,
-            normalize=self._normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
-        )
-        loss = reduce_anchor_losses(result, self.reduction, distributed=self.gather_distributed)
-        with torch.no_grad():
-            cos = (l2_normalize(z_a.to(dtype)) * l2_normalize(z_b.to(dtype))).sum(-1)
-        terms = detached_terms(
-            accuracy=result.correct.float().mean(),
-            positive_similarity=cos.mean(),
-            temperature=self.temperature,
-        )
-        return LossOutput(loss, terms)
+        options = self.core_options(dtype)
+        result = dcl_anchor_losses(z_a, z_b, sigma=self._sigma, labels=labels, **options)
+        # positive_similarity is the cosine whatever `normalize` says.
+        return self.anchor_output(result, l2_normalize(z_a.to(dtype)), l2_normalize(z_b.to(dtype)))
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
         """The loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""

@@ -16,9 +16,9 @@ from embedloss._validation import (
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.multimodal.clip import clip_anchor_losses, combine_directions
+from embedloss.multimodal.clip import clip_anchor_losses, combine_directions, direction_terms
 from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import AnchorLosses, ChunkSize, reduce_anchor_losses
+from embedloss.ops.info_nce import AnchorLosses, ChunkSize
 from embedloss.ops.schedules import cosine_schedule
 from embedloss.ops.similarity import l2_normalize
 from embedloss.registry import register_loss
@@ -332,7 +332,5 @@ def _terms(
         similarity_gap=stats.gap,
         positive_similarity=stats.positive,
         negative_similarity=stats.negative,
-        loss_a_to_b=reduce_anchor_losses(a2b, "mean"),
-        loss_b_to_a=reduce_anchor_losses(b2a, "mean"),
-        accuracy=(a2b.correct.float().mean() + b2a.correct.float().mean()) / 2,
+        **direction_terms(a2b, b2a, ("a_to_b", "b_to_a")),
     )

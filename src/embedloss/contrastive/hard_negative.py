@@ -11,17 +11,15 @@ from embedloss._validation import check_pair, compute_dtype
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.base.mixins import HardNegativeMiningMixin
-from embedloss.multimodal.clip import combine_directions, pair_similarity_terms
-from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import (
-    AnchorLosses,
-    ChunkSize,
-    PairSpec,
-    info_nce,
-    pair_masks,
-    reduce_anchor_losses,
+from embedloss.multimodal.clip import combine_directions, direction_terms
+from embedloss.ops.info_nce import AnchorLosses, ChunkSize, info_nce, pair_masks
+from embedloss.ops.layouts import paired_layout
+from embedloss.ops.similarity import (
+    inverse_temperature,
+    l2_normalize,
+    pair_similarity_terms,
+    prepare_embeddings,
 )
-from embedloss.ops.similarity import inverse_temperature, l2_normalize, prepare_embeddings
 from embedloss.registry import register_loss
 
 __all__ = ["HardNegativeLoss", "hard_negative_anchor_losses", "hard_negative_loss"]
@@ -51,22 +49,17 @@ def _direction(
     gather_distributed: bool,
     chunk_size: ChunkSize,
 ) -> tuple[AnchorLosses, Tensor]:
-    gathered = gather_with_grad(keys, gather_distributed)
+    global_keys, spec = paired_layout(query, keys, labels, gather_distributed)
     rows = torch.arange(query.shape[0], device=query.device)
-    cols = torch.arange(gathered.tensor.shape[0], device=query.device)
-    spec = PairSpec(positive_index=rows + gathered.offset)
-    if labels is not None:
-        spec = PairSpec(
-            query_labels=labels, key_labels=gather_with_grad(labels, gather_distributed).tensor
-        )
+    cols = torch.arange(global_keys.shape[0], device=query.device)
     with torch.no_grad():
         # Mining looks at cosine similarities, per anchor row, whatever `normalize` says.
-        cosine = l2_normalize(query.detach()) @ l2_normalize(gathered.tensor.detach()).T  # (n, N)
+        cosine = l2_normalize(query.detach()) @ l2_normalize(global_keys.detach()).T  # (n, N)
         positive, _ = pair_masks(spec, rows, cols)
         log_w = miner.negative_log_weights(cosine, positive)
         hard = ((log_w > 0) & ~positive).sum() / (~positive).sum().clamp(min=1)
     result = info_nce(
-        query, gathered.tensor, scale, spec, negative_log_weights=log_w, chunk_size=chunk_size
+        query, global_keys, scale, spec, negative_log_weights=log_w, chunk_size=chunk_size
     )
     return result, hard
 
@@ -248,10 +241,13 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
         self._init_hard_negative_mining(strategy, hard_negative_factor, percentile, margin, beta)
 
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
@@ -274,9 +270,7 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss):
         a = self.normalize_embeddings(z_a.to(dtype))
         b = self.normalize_embeddings(z_b.to(dtype))
         terms = detached_terms(
-            loss_a_to_b=reduce_anchor_losses(a2b, "mean"),
-            loss_b_to_a=reduce_anchor_losses(b2a, "mean"),
-            accuracy=(a2b.correct.float().mean() + b2a.correct.float().mean()) / 2,
+            **direction_terms(a2b, b2a, ("a_to_b", "b_to_a")),
             hard_negative_fraction=mined.hard_fraction,
             temperature=self.temperature,
             **pair_similarity_terms(a, b),

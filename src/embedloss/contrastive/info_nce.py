@@ -12,9 +12,8 @@ from embedloss._validation import (
     check_same_dim,
     compute_dtype,
 )
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.info_nce import (
     AnchorLosses,
     ChunkSize,
@@ -23,6 +22,7 @@ from embedloss.ops.info_nce import (
     info_nce,
     reduce_anchor_losses,
 )
+from embedloss.ops.layouts import paired_layout
 from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
 from embedloss.registry import register_loss
 
@@ -65,15 +65,10 @@ def info_nce_anchor_losses(
     p = prepare_embeddings(positive_key, normalize=normalize, dtype=dtype)
     scale = inverse_temperature(temperature, dtype)
     if negative_keys is None:
-        gathered = gather_with_grad(p, gather_distributed)
-        positive_index = torch.arange(q.shape[0], device=q.device) + gathered.offset
-        spec = PairSpec(positive_index=positive_index)
         if labels is not None:
             check_labels(labels, q.shape[0])
-            spec = PairSpec(
-                query_labels=labels, key_labels=gather_with_grad(labels, gather_distributed).tensor
-            )
-        return info_nce(q, gathered.tensor, scale, spec, chunk_size=chunk_size)
+        keys, spec = paired_layout(q, p, labels, gather_distributed)
+        return info_nce(q, keys, scale, spec, chunk_size=chunk_size)
     neg = prepare_embeddings(negative_keys, normalize=normalize, dtype=dtype)
     if neg.dim() == 2:
         keys = torch.cat([p, neg])  # (N + M, D): the positives, then the shared negatives
@@ -190,10 +185,13 @@ class InfoNCELoss(BaseContrastiveLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
 
     def compute(
         self,
@@ -205,30 +203,15 @@ class InfoNCELoss(BaseContrastiveLoss):
         """Loss and terms; arguments as in :func:`info_nce_loss`."""
         _check_inputs(query, positive_key, negative_keys, labels)
         dtype = compute_dtype(query, positive_key)
-        distributed = self.gather_distributed and negative_keys is None
+        distributed = self.gather_distributed and negative_keys is None  # explicit negatives: local
+        options = self.core_options(dtype)
+        options["gather_distributed"] = distributed
         result = info_nce_anchor_losses(
-            query,
-            positive_key,
-            negative_keys,
-            temperature=1.0 / self.scale(dtype=dtype),
-            labels=labels,
-            normalize=self._normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=distributed,
+            query, positive_key, negative_keys, labels=labels, **options
         )
-        loss = reduce_anchor_losses(result, self.reduction, distributed=distributed)
-        with torch.no_grad():
-            q, k = (
-                self.normalize_embeddings(query.to(dtype)),
-                self.normalize_embeddings(positive_key.to(dtype)),
-            )
-            cos = (q * k).sum(-1)
-        terms = detached_terms(
-            accuracy=result.correct.float().mean(),
-            positive_similarity=cos.mean(),
-            temperature=self.temperature,
-        )
-        return LossOutput(loss, terms)
+        q = self.normalize_embeddings(query.to(dtype))
+        k = self.normalize_embeddings(positive_key.to(dtype))
+        return self.anchor_output(result, q, k, distributed=distributed)
 
     def forward(
         self,

@@ -17,7 +17,7 @@ from embedloss._validation import (
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.multimodal.clip import combine_directions
+from embedloss.multimodal.clip import combine_directions, direction_terms
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.info_nce import (
     AnchorLosses,
@@ -127,21 +127,25 @@ def _check_inputs(
         )
 
 
+class _Options(NamedTuple):
+    in_batch_negatives: bool
+    symmetric: bool
+    normalize: bool
+    gather_distributed: bool
+
+
 def _moco(
     query: Tensor,
     key: Tensor,
     queue: Tensor | None,
-    *,
-    scale: Tensor | float,
+    query_queue: Tensor | None,
     labels: Tensor | None,
     queue_labels: Tensor | None,
-    query_queue: Tensor | None,
-    in_batch_negatives: bool,
-    symmetric: bool,
-    normalize: bool,
-    gather_distributed: bool,
+    scale: Tensor | float,
     dtype: torch.dtype,
+    options: _Options,
 ) -> _Batch:
+    in_batch_negatives, symmetric, normalize, gather_distributed = options
     q = prepare_embeddings(query, normalize=normalize, dtype=dtype)
     k = prepare_embeddings(key, normalize=normalize, dtype=dtype)
     gk = gather_with_grad(k, gather_distributed)
@@ -183,20 +187,9 @@ def moco_anchor_losses(
     """Per-query MoCo losses ``(query→key, key→query or None)``, each ``(n,)`` (see :func:`moco_loss`)."""
     _check_inputs(query, key, queue, labels, queue_labels, query_queue, symmetric)
     dtype = compute_dtype(query, key)
-    batch = _moco(
-        query,
-        key,
-        queue,
-        scale=inverse_temperature(temperature, dtype),
-        labels=labels,
-        queue_labels=queue_labels,
-        query_queue=query_queue,
-        in_batch_negatives=in_batch_negatives,
-        symmetric=symmetric,
-        normalize=normalize,
-        gather_distributed=gather_distributed,
-        dtype=dtype,
-    )
+    scale = inverse_temperature(temperature, dtype)
+    options = _Options(in_batch_negatives, symmetric, normalize, gather_distributed)
+    batch = _moco(query, key, queue, query_queue, labels, queue_labels, scale, dtype, options)
     return batch.query_to_key, batch.key_to_query
 
 
@@ -360,10 +353,13 @@ class MoCoLoss(BaseContrastiveLoss):
     ) -> None:
         # Dense: MoCo's per-query positive column makes the keys differ per query (no tiling).
         super().__init__(
-            reduction=reduction, chunk_size=None, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=None,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
         self.queue_size = check_int(queue_size, "queue_size", low=1)
         for name, flag in (("in_batch_negatives", in_batch_negatives), ("symmetric", symmetric)):
             if not isinstance(flag, bool):
@@ -401,15 +397,17 @@ class MoCoLoss(BaseContrastiveLoss):
                 f"key embedding size D={dim} does not match the queue's D={self.queue.shape[1]}; "
                 "use a new MoCoLoss for a new embedding size"
             )
-        past_queries = self.query_queue[:count] if self.symmetric else None
+        # Clones: autograd keeps the bank for backward, and _enqueue overwrites the buffer in place.
+        bank = self.queue[:count].clone()
+        past_queries = self.query_queue[:count].clone() if self.symmetric else None
         if labels is None:
-            return self.queue[:count], past_queries, None
+            return bank, past_queries, None
         if not bool(self.queue_labeled[:count].all()):
             raise ValueError(
                 "labels were given but the queue holds keys enqueued without labels; pass labels "
                 "on every call or call reset_queue()"
             )
-        return self.queue[:count], past_queries, self.queue_labels[:count]
+        return bank, past_queries, self.queue_labels[:count]
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor, queries: Tensor, labels: Tensor | None) -> None:
@@ -463,20 +461,11 @@ class MoCoLoss(BaseContrastiveLoss):
             )
         bank, past_queries, bank_labels = self._filled(query.shape[1], labels)
         dtype = compute_dtype(query, key)
-        batch = _moco(
-            query,
-            key,
-            bank,
-            scale=self.scale(dtype=dtype),
-            labels=labels,
-            queue_labels=bank_labels,
-            query_queue=past_queries,
-            in_batch_negatives=self.in_batch_negatives,
-            symmetric=self.symmetric,
-            normalize=self._normalize,
-            gather_distributed=self.gather_distributed,
-            dtype=dtype,
+        options = _Options(
+            self.in_batch_negatives, self.symmetric, self._normalize, self.gather_distributed
         )
+        scale = self.scale(dtype=dtype)
+        batch = _moco(query, key, bank, past_queries, labels, bank_labels, scale, dtype, options)
         if batch.keys.shape[0] > self.queue_size:
             raise ValueError(
                 f"the batch gathered from all ranks ({batch.keys.shape[0]} keys) is larger than "
@@ -509,13 +498,10 @@ class MoCoLoss(BaseContrastiveLoss):
                 q.shape[0] * count
             )
         accuracy = forward.correct.float().mean()
-        extra = {}
+        extra: dict[str, Tensor] = {}
         if backward is not None:
-            accuracy = (accuracy + backward.correct.float().mean()) / 2
-            extra = {
-                "loss_query_to_key": reduce_anchor_losses(forward, "mean"),
-                "loss_key_to_query": reduce_anchor_losses(backward, "mean"),
-            }
+            extra = direction_terms(forward, backward, ("query_to_key", "key_to_query"))
+            accuracy = extra.pop("accuracy")
         return detached_terms(
             accuracy=accuracy,
             positive_similarity=(q * k).sum(-1).mean(),

@@ -2,47 +2,17 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from embedloss._validation import check_pair, compute_dtype
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import AnchorLosses, ChunkSize, PairSpec, info_nce, reduce_anchor_losses
+from embedloss.ops.info_nce import AnchorLosses, ChunkSize, info_nce, reduce_anchor_losses
+from embedloss.ops.layouts import two_view_layout
 from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
 from embedloss.registry import register_loss
 
 __all__ = ["SimCLRLoss", "simclr_anchor_losses", "simclr_loss", "two_view_layout"]
-
-
-def two_view_layout(
-    a: Tensor, b: Tensor, labels: Tensor | None = None, gather_distributed: bool = False
-) -> tuple[Tensor, Tensor, PairSpec]:
-    """SimCLR's 2N-anchor layout of two prepared views ``a``, ``b`` ``(n, D)``.
-
-    Returns ``(query, keys, spec)``: the local anchors ``[a; b]`` ``(2n, D)``, the keys
-    ``[a_all; b_all]`` ``(2N, D)`` of every rank (``N = n`` without ``gather_distributed``), and
-    a :class:`PairSpec` whose positive is the anchor's other view (with ``labels``: every other
-    view of the same label) and which removes the anchor itself. Shared by the losses that
-    contrast 2N views (SimCLR, DCL).
-    """
-    ga, gb = gather_with_grad(a, gather_distributed), gather_with_grad(b, gather_distributed)
-    total = ga.tensor.shape[0]
-    query = torch.cat([a, b])  # (2n, D) local anchors
-    keys = torch.cat([ga.tensor, gb.tensor])  # (2N, D) global keys
-    local = torch.arange(a.shape[0], device=a.device) + ga.offset
-    self_index = torch.cat([local, local + total])
-    if labels is None:
-        spec = PairSpec(positive_index=torch.cat([local + total, local]), self_index=self_index)
-    else:
-        global_labels = gather_with_grad(labels, gather_distributed).tensor
-        spec = PairSpec(
-            query_labels=torch.cat([labels, labels]),
-            key_labels=torch.cat([global_labels, global_labels]),
-            self_index=self_index,
-        )
-    return query, keys, spec
 
 
 def simclr_anchor_losses(
@@ -103,7 +73,7 @@ def simclr_loss(
         ValueError: For mismatched shapes, an empty batch, labels of the wrong length or τ <= 0.
 
     Example:
-        >>> import math
+        >>> import math, torch
         >>> z = torch.eye(4)
         >>> loss = simclr_loss(z, z, temperature=1.0)  # identical views: closed form below
         >>> round(loss.item(), 6) == round(math.log(math.e + 6) - 1, 6)
@@ -137,6 +107,7 @@ class SimCLRLoss(BaseContrastiveLoss):
         gather_distributed: Use the keys of all ranks (DDP).
 
     Example:
+        >>> import torch
         >>> loss = SimCLRLoss(temperature=0.2)
         >>> z_a, z_b = torch.randn(8, 32), torch.randn(8, 32)
         >>> loss(z_a, z_b).shape
@@ -154,35 +125,21 @@ class SimCLRLoss(BaseContrastiveLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
 
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for views ``z_a``, ``z_b`` ``(N, D)`` and optional ``labels (N,)``."""
         check_pair(z_a, z_b, "z_a", "z_b", labels)
         dtype = compute_dtype(z_a, z_b)
-        result = simclr_anchor_losses(
-            z_a,
-            z_b,
-            temperature=1.0 / self.scale(dtype=dtype),
-            labels=labels,
-            normalize=self._normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
-        )
-        loss = reduce_anchor_losses(result, self.reduction, distributed=self.gather_distributed)
-        with torch.no_grad():
-            cos = (
-                self.normalize_embeddings(z_a.to(dtype)) * self.normalize_embeddings(z_b.to(dtype))
-            ).sum(-1)
-        terms = detached_terms(
-            accuracy=result.correct.float().mean(),
-            positive_similarity=cos.mean(),
-            temperature=self.temperature,
-        )
-        return LossOutput(loss, terms)
+        result = simclr_anchor_losses(z_a, z_b, labels=labels, **self.core_options(dtype))
+        a, b = self.normalize_embeddings(z_a.to(dtype)), self.normalize_embeddings(z_b.to(dtype))
+        return self.anchor_output(result, a, b)
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
         """The NT-Xent loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""

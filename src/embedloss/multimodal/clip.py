@@ -8,42 +8,31 @@ from torch import Tensor
 from embedloss._validation import check_float, check_pair, compute_dtype
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.info_nce import (
     AnchorLosses,
     ChunkSize,
     NegativeLogWeights,
-    PairSpec,
     info_nce,
     reduce_anchor_losses,
     symmetric_info_nce,
 )
-from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
+from embedloss.ops.layouts import paired_layout
+from embedloss.ops.similarity import (
+    inverse_temperature,
+    pair_similarity_terms,
+    prepare_embeddings,
+)
 from embedloss.registry import register_loss
 
-__all__ = ["CLIPLoss", "clip_anchor_losses", "clip_loss", "pair_similarity_terms"]
-
-
-def _one_direction(
-    query: Tensor,
-    keys: Tensor,
-    scale: Tensor | float,
-    labels: Tensor | None,
-    gather_distributed: bool,
-    label_smoothing: float,
-    chunk_size: ChunkSize,
-) -> AnchorLosses:
-    gathered = gather_with_grad(keys, gather_distributed)
-    spec = PairSpec(
-        positive_index=torch.arange(query.shape[0], device=query.device) + gathered.offset
-    )
-    if labels is not None:
-        spec = PairSpec(
-            query_labels=labels, key_labels=gather_with_grad(labels, gather_distributed).tensor
-        )
-    return info_nce(
-        query, gathered.tensor, scale, spec, label_smoothing=label_smoothing, chunk_size=chunk_size
-    )
+__all__ = [
+    "CLIPLoss",
+    "clip_anchor_losses",
+    "clip_loss",
+    "combine_directions",
+    "direction_terms",
+    "mean_accuracy",
+    "pair_similarity_terms",
+]
 
 
 def clip_anchor_losses(
@@ -81,8 +70,13 @@ def clip_anchor_losses(
     if negative_log_weights is not None:
         raise ValueError("negative_log_weights cannot be combined with gather_distributed")
     # Across ranks the logits are local×global, so each direction is its own core call.
-    i2t = _one_direction(img, txt, scale, labels, True, label_smoothing, chunk_size)
-    t2i = _one_direction(txt, img, scale, labels, True, label_smoothing, chunk_size)
+    i2t, t2i = (
+        info_nce(q, keys, scale, spec, label_smoothing=label_smoothing, chunk_size=chunk_size)
+        for q, (keys, spec) in (
+            (img, paired_layout(img, txt, labels, gather_distributed=True)),
+            (txt, paired_layout(txt, img, labels, gather_distributed=True)),
+        )
+    )
     return i2t, t2i
 
 
@@ -150,14 +144,20 @@ def combine_directions(
     return (first + second) / 2
 
 
-@torch.no_grad()
-def pair_similarity_terms(a: Tensor, b: Tensor) -> dict[str, Tensor]:
-    """Mean cosine of matched pairs and of mismatched pairs, in O(N·D) (normalised inputs)."""
-    n = a.shape[0]
-    matched = (a * b).sum(-1)  # (N,)
-    total = a.sum(0) @ b.sum(0)  # Σ_ij a_i·b_j without an N×N matrix
-    mismatched = (total - matched.sum()) / max(n * (n - 1), 1)
-    return {"positive_similarity": matched.mean(), "negative_similarity": mismatched}
+def direction_terms(
+    first: AnchorLosses, second: AnchorLosses, names: tuple[str, str]
+) -> dict[str, Tensor]:
+    """``loss_<name>`` (the mean) of both directions and their ``accuracy``."""
+    return {
+        f"loss_{names[0]}": reduce_anchor_losses(first, "mean"),
+        f"loss_{names[1]}": reduce_anchor_losses(second, "mean"),
+        "accuracy": mean_accuracy(first, second),
+    }
+
+
+def mean_accuracy(first: AnchorLosses, second: AnchorLosses) -> Tensor:
+    """Mean of both directions' top-1 accuracies (share of anchors whose top-1 is a positive)."""
+    return (first.correct.float().mean() + second.correct.float().mean()) / 2
 
 
 @register_loss("clip")
@@ -196,10 +196,13 @@ class CLIPLoss(BaseContrastiveLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
         self.label_smoothing = check_float(label_smoothing, "label_smoothing", low=0.0, high=1.0)
 
     def compute(
@@ -212,23 +215,19 @@ class CLIPLoss(BaseContrastiveLoss):
         """Loss and terms for paired ``(N, D)`` embeddings; ``logit_scale`` overrides the module's."""
         check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings", labels)
         dtype = compute_dtype(image_embeddings, text_embeddings)
+        options = self.core_options(dtype, logit_scale)
         i2t, t2i = clip_anchor_losses(
             image_embeddings,
             text_embeddings,
-            temperature=1.0 / self.scale(logit_scale, dtype=dtype),
             labels=labels,
             label_smoothing=self.label_smoothing,
-            normalize=self._normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
+            **options,
         )
         loss = combine_directions(i2t, t2i, self.reduction, self.gather_distributed)
         img = self.normalize_embeddings(image_embeddings.to(dtype))
         txt = self.normalize_embeddings(text_embeddings.to(dtype))
         terms = detached_terms(
-            loss_image_to_text=reduce_anchor_losses(i2t, "mean"),
-            loss_text_to_image=reduce_anchor_losses(t2i, "mean"),
-            accuracy=(i2t.correct.float().mean() + t2i.correct.float().mean()) / 2,
+            **direction_terms(i2t, t2i, ("image_to_text", "text_to_image")),
             temperature=1.0 / self.scale(logit_scale, dtype=torch.float64),
             **pair_similarity_terms(img, txt),
         )

@@ -11,7 +11,7 @@ from embedloss._validation import check_float, check_labels, check_pair, compute
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.contrastive.simclr import simclr_anchor_losses
-from embedloss.multimodal.clip import clip_anchor_losses, combine_directions
+from embedloss.multimodal.clip import clip_anchor_losses, combine_directions, mean_accuracy
 from embedloss.ops.info_nce import AnchorLosses, ChunkSize, reduce_anchor_losses
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.registry import register_loss
@@ -206,10 +206,13 @@ class MixedMultimodalLoss(BaseContrastiveLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
         self.weights = _check_weights(clip_weight, nt_xent_weight, supcon_weight)
 
     def compute(
@@ -221,23 +224,20 @@ class MixedMultimodalLoss(BaseContrastiveLoss):
     ) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings, optional ``labels`` and ``pair_labels``."""
         check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
-        dtype = compute_dtype(image_embeddings, text_embeddings)
+        options = self.core_options(compute_dtype(image_embeddings, text_embeddings))
         parts, i2t, t2i = mixed_multimodal_parts(
             image_embeddings,
             text_embeddings,
             labels=labels,
             pair_labels=pair_labels,
-            temperature=1.0 / self.scale(dtype=dtype),
             reduction=self.reduction,
-            normalize=self._normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
+            **options,
         )
         loss = _weighted(parts, self.weights)
         terms = detached_terms(
             **{f"loss_{name}": value for name, value in parts.items()},
             supcon_active=float("supcon" in parts),
-            accuracy=(i2t.correct.float().mean() + t2i.correct.float().mean()) / 2,
+            accuracy=mean_accuracy(i2t, t2i),
             temperature=self.temperature,
         )
         return LossOutput(loss, terms)

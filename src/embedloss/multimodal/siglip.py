@@ -11,10 +11,14 @@ from torch import Tensor, nn
 from embedloss._validation import check_float, check_pair, check_tensor, compute_dtype
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.multimodal.clip import pair_similarity_terms
-from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import AnchorLosses, PairSpec, pair_masks, reduce_anchor_losses
-from embedloss.ops.similarity import inverse_temperature, prepare_embeddings, similarity_matrix
+from embedloss.ops.info_nce import AnchorLosses, pair_masks, reduce_anchor_losses
+from embedloss.ops.layouts import paired_layout
+from embedloss.ops.similarity import (
+    inverse_temperature,
+    pair_similarity_terms,
+    prepare_embeddings,
+    similarity_matrix,
+)
 from embedloss.registry import register_loss
 
 __all__ = ["SigLIPLoss", "siglip_anchor_losses", "siglip_loss"]
@@ -54,15 +58,11 @@ def siglip_anchor_losses(
     txt = prepare_embeddings(text_embeddings, normalize=normalize, dtype=dtype)
     scale = inverse_temperature(temperature, dtype)
     b = _scalar(bias, "bias", dtype)
-    gathered = gather_with_grad(txt, gather_distributed)
+    keys, spec = paired_layout(img, txt, labels, gather_distributed)
     rows = torch.arange(img.shape[0], device=img.device)
-    cols = torch.arange(gathered.tensor.shape[0], device=img.device)
-    spec = PairSpec(positive_index=rows + gathered.offset)
-    if labels is not None:
-        key_labels = gather_with_grad(labels, gather_distributed).tensor
-        spec = PairSpec(query_labels=labels, key_labels=key_labels)
+    cols = torch.arange(keys.shape[0], device=img.device)
     positive, _ = pair_masks(spec, rows, cols)  # (n, N)
-    logits = similarity_matrix(img, gathered.tensor, scale) + b  # (n, N)
+    logits = similarity_matrix(img, keys, scale) + b  # (n, N)
     signs = positive.to(logits.dtype) * 2 - 1  # z_ij: +1 positive, −1 negative
     loss = -F.logsigmoid(signs * logits).sum(dim=1)  # (n,)
     with torch.no_grad():
@@ -178,10 +178,13 @@ class SigLIPLoss(BaseContrastiveLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            reduction=reduction, chunk_size=None, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=None,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
         value = check_float(bias, "bias")
         if not isinstance(learnable_bias, bool):
             raise TypeError(f"learnable_bias must be a bool, got {type(learnable_bias).__name__}")

@@ -15,6 +15,8 @@ __all__ = [
     "inverse_temperature",
     "l2_normalize",
     "labels_from_match_ids",
+    "mean_pair_similarity",
+    "pair_similarity_terms",
     "positive_mask_from_labels",
     "prepare_embeddings",
     "similarity_matrix",
@@ -111,3 +113,24 @@ def prepare_embeddings(x: Tensor, *, normalize: bool, dtype: torch.dtype) -> Ten
     """Cast ``x`` to the compute ``dtype`` (halves go to float32) and L2-normalise if asked."""
     x = x.to(dtype)
     return l2_normalize(x) if normalize else x
+
+
+@torch.no_grad()
+def mean_pair_similarity(a: Tensor, b: Tensor) -> Tensor:
+    """Mean ``a_i·b_i`` of matched rows ``(N, D)`` (the mean cosine for normalised inputs), detached.
+
+    Example:
+        >>> mean_pair_similarity(torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        tensor(0.5000)
+    """
+    return (a * b).sum(-1).mean()
+
+
+@torch.no_grad()
+def pair_similarity_terms(a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    """Mean cosine of matched pairs and of mismatched pairs, in O(N·D) (normalised inputs)."""
+    n = a.shape[0]
+    matched = (a * b).sum(-1)  # (N,)
+    total = a.sum(0) @ b.sum(0)  # Σ_ij a_i·b_j without an N×N matrix
+    mismatched = (total - matched.sum()) / max(n * (n - 1), 1)
+    return {"positive_similarity": matched.mean(), "negative_similarity": mismatched}

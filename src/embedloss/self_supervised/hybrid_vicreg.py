@@ -16,10 +16,10 @@ from embedloss._validation import (
 )
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.base.mixins import TemperatureScalingMixin
-from embedloss.multimodal.clip import clip_loss, pair_similarity_terms
+from embedloss.multimodal.clip import clip_loss
 from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
 from embedloss.ops.info_nce import ChunkSize
-from embedloss.ops.similarity import prepare_embeddings
+from embedloss.ops.similarity import pair_similarity_terms, prepare_embeddings
 from embedloss.registry import register_loss
 from embedloss.self_supervised._common import check_bool
 from embedloss.self_supervised.vicreg import vicreg_loss, vicreg_terms

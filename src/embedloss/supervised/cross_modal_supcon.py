@@ -10,17 +10,18 @@ from torch import Tensor
 from embedloss._validation import (
     check_choice,
     check_embeddings,
-    check_positive_float,
     check_same_shape,
     compute_dtype,
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.multimodal.clip import mean_accuracy
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.info_nce import AnchorLosses, ChunkSize, reduce_anchor_losses
 from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
 from embedloss.registry import register_loss
 from embedloss.supervised.supcon import (
+    check_base_temperature,
     check_supervision,
     contrast,
     supcon_anchor_losses,
@@ -260,16 +261,15 @@ class CrossModalSupConLoss(BaseContrastiveLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
         self.contrast_mode = check_choice(contrast_mode, "contrast_mode", CROSS_MODAL_MODES)
-        self.base_temperature = (
-            None
-            if base_temperature is None
-            else check_positive_float(base_temperature, "base_temperature")
-        )
+        self.base_temperature = check_base_temperature(base_temperature)
 
     def compute(
         self,
@@ -280,19 +280,16 @@ class CrossModalSupConLoss(BaseContrastiveLoss):
     ) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings and ``labels`` or ``mask``."""
         check_embeddings(image_embeddings, "image_embeddings")
-        tau = 1.0 / self.scale(dtype=compute_dtype(image_embeddings, text_embeddings))
+        options = self.core_options(compute_dtype(image_embeddings, text_embeddings))
         parts = cross_modal_supcon_anchor_losses(
             image_embeddings,
             text_embeddings,
             labels,
             mask,
-            temperature=tau,
             contrast_mode=self.contrast_mode,
-            normalize=self._normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
+            **options,
         )
-        factor = temperature_factor(tau, self.base_temperature)
+        factor = temperature_factor(options["temperature"], self.base_temperature)
         loss = combine_parts(
             parts, self.contrast_mode, factor, self.reduction, self.gather_distributed
         )
@@ -309,7 +306,7 @@ class CrossModalSupConLoss(BaseContrastiveLoss):
             i2t, t2i = parts.image_to_text, parts.text_to_image
             cross = reduce_anchor_losses(i2t, "mean") + reduce_anchor_losses(t2i, "mean")
             values["loss_cross_modal"] = cross * factor / 2
-            values["accuracy"] = (i2t.correct.float().mean() + t2i.correct.float().mean()) / 2
+            values["accuracy"] = mean_accuracy(i2t, t2i)
         return LossOutput(loss, detached_terms(**values))
 
     def forward(

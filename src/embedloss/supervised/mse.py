@@ -7,7 +7,7 @@ from torch import Tensor
 
 from embedloss._validation import check_reduction, check_same_shape, check_tensor, compute_dtype
 from embedloss.base.base_loss import LossOutput, detached_terms
-from embedloss.base.supervised import BaseSupervisedLoss
+from embedloss.base.supervised import BaseSupervisedLoss, weighted_reduction
 from embedloss.registry import register_loss
 
 __all__ = ["MSELoss", "mse_loss"]
@@ -74,12 +74,7 @@ def mse_loss(
     if sample_weight is not None:
         weights = sample_weight.to(per_sample)
         per_sample = per_sample * weights
-    if reduction == "none":
-        return per_sample
-    if reduction == "sum":
-        return per_sample.sum()
-    total = weights.sum()
-    return per_sample.sum() / torch.where(total > 0, total, torch.ones_like(total))
+    return weighted_reduction(per_sample, weights, reduction)
 
 
 @register_loss("mse")

@@ -32,6 +32,7 @@ from embedloss.registry import register_loss
 
 __all__ = [
     "SupConLoss",
+    "check_base_temperature",
     "check_supervision",
     "contrast",
     "positive_mask_from_multi_hot",
@@ -131,13 +132,19 @@ def contrast(
     return anchor_losses_from_logits(logits, positive & denominator, denominator)
 
 
+def check_base_temperature(base_temperature: float | None) -> float | None:
+    """``base_temperature`` checked > 0 (as a float), or None (no ``τ/τ_base`` factor)."""
+    if base_temperature is None:
+        return None
+    return check_positive_float(base_temperature, "base_temperature")
+
+
 def temperature_factor(
     temperature: float | Tensor, base_temperature: float | None
 ) -> Tensor | float:
     """SupCon's ``τ/τ_base`` loss factor (1 when ``base_temperature`` is None)."""
-    if base_temperature is None:
-        return 1.0
-    return temperature / check_positive_float(base_temperature, "base_temperature")
+    base = check_base_temperature(base_temperature)
+    return 1.0 if base is None else temperature / base
 
 
 def supcon_anchor_losses(
@@ -310,34 +317,25 @@ class SupConLoss(BaseContrastiveLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
         )
-        self._init_temperature(temperature, learnable_temperature)
-        self._init_normalization(normalize)
         self.contrast_mode = check_choice(contrast_mode, "contrast_mode", CONTRAST_MODES)
-        self.base_temperature = (
-            None
-            if base_temperature is None
-            else check_positive_float(base_temperature, "base_temperature")
-        )
+        self.base_temperature = check_base_temperature(base_temperature)
 
     def compute(
         self, embeddings: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
     ) -> LossOutput:
         """Loss and terms for ``embeddings (N, D) | (N, V, D)`` and ``labels`` or ``mask``."""
         check_embeddings(embeddings, "embeddings", ndim=(2, 3))
-        tau = 1.0 / self.scale(dtype=compute_dtype(embeddings))
-        result = supcon_anchor_losses(
-            embeddings,
-            labels,
-            mask,
-            temperature=tau,
-            contrast_mode=self.contrast_mode,
-            normalize=self._normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
-        )
-        factor = temperature_factor(tau, self.base_temperature)
+        options = self.core_options(compute_dtype(embeddings))
+        mode = self.contrast_mode
+        result = supcon_anchor_losses(embeddings, labels, mask, contrast_mode=mode, **options)
+        factor = temperature_factor(options["temperature"], self.base_temperature)
         scaled = AnchorLosses(result.loss * factor, result.valid, result.correct)
         loss = reduce_anchor_losses(scaled, self.reduction, distributed=self.gather_distributed)
         valid = result.valid.sum()
