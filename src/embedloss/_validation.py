@@ -109,6 +109,11 @@ def check_positive_float(value: Any, name: str, *, allow_zero: bool = False) -> 
     return v
 
 
+def check_optional_positive(value: Any, name: str) -> float | None:
+    """``None``, or ``value`` checked finite and > 0 (as a float)."""
+    return None if value is None else check_positive_float(value, name)
+
+
 def check_float(
     value: Any, name: str, *, low: float | None = None, high: float | None = None
 ) -> float:
@@ -130,6 +135,34 @@ def check_int(value: Any, name: str, *, low: int | None = None) -> int:
     if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value}")
     return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """Return ``value`` after checking it is a ``bool`` (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {describe(value)}")
+    return value
+
+
+def check_chunk_size(chunk_size: Any) -> Any:
+    """Validate a core tiling option: ``None`` (dense), ``"auto"`` or an int >= 1."""
+    if chunk_size is None or chunk_size == "auto":
+        return chunk_size
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(
+            f"chunk_size must be None, 'auto' or an int >= 1 (rows per tile), "
+            f"got {describe(chunk_size)}"
+        )
+    return check_int(chunk_size, "chunk_size", low=1)
+
+
+def on_host(x: Tensor) -> bool:
+    """Whether reading ``x``'s values costs no device synchronisation (a CPU tensor).
+
+    Value checks on tensors (τ > 0, finite weights) run only then; on an accelerator (or the
+    ``meta`` device) the step path never reads a value back to the host.
+    """
+    return x.device.type == "cpu"
 
 
 def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:

@@ -7,6 +7,7 @@ Example:
     torch.Size([])
 """
 
+from embedloss.composite import hybrid_vicreg_loss, mixed_multimodal_loss
 from embedloss.contrastive import (
     dcl_loss,
     dclw_loss,
@@ -16,15 +17,15 @@ from embedloss.contrastive import (
     moco_loss,
     simclr_loss,
 )
-from embedloss.multimodal import clip_loss
-from embedloss.multimodal.alignment_uniformity import alignment_uniformity_loss
-from embedloss.multimodal.feature_consistency import feature_consistency_loss
-from embedloss.multimodal.mixed_multimodal import mixed_multimodal_loss
-from embedloss.multimodal.siglip import siglip_loss
+from embedloss.multimodal import (
+    alignment_uniformity_loss,
+    clip_loss,
+    feature_consistency_loss,
+    siglip_loss,
+)
 from embedloss.self_supervised import (
     barlow_twins_loss,
     decorrelation_loss,
-    hybrid_vicreg_loss,
     negative_cosine_loss,
     vicreg_loss,
 )

@@ -24,8 +24,8 @@ from embedloss._validation import (
     check_tensor,
     compute_dtype,
 )
+from embedloss.ops.anchors import AnchorLosses, reduce_anchor_losses
 from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import AnchorLosses, reduce_anchor_losses
 from embedloss.ops.similarity import positive_mask_from_labels, prepare_embeddings
 
 __all__ = ["accuracy", "alignment", "effective_rank", "recall_at_k", "uniformity"]

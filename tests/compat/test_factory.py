@@ -105,7 +105,7 @@ def test_hard_negative_strategy_is_honoured(given, batch_size, strategy, factor)
     loss = create_loss_function(
         args(loss_type="hard_negative", mining_strategy=given, batch_size=batch_size)
     )
-    assert loss.loss._hn_strategy == strategy and loss.hard_negative_factor == factor
+    assert loss.loss.mining.strategy == strategy and loss.hard_negative_factor == factor
 
 
 def test_vicreg_hybrid_and_barlow_arguments():

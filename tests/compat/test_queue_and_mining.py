@@ -157,7 +157,7 @@ def test_hard_negative_mining_is_hard_negative_loss(legacy, new):
 
 def test_consolidation_hard_negative_loss_percentile_and_bad_strategy():
     loss = HardNegativeLoss(mining_strategy="hard", hard_negative_percentile=50.0)
-    assert loss.loss._hn_percentile == 0.5
+    assert loss.loss.mining.percentile == 0.5
     with pytest.raises(ValueError, match="mining_strategy must be one of 'hard', 'semi-hard'"):
         HardNegativeMiningContrastiveLoss(mining_strategy="hardest")
 

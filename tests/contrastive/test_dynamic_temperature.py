@@ -78,7 +78,7 @@ def test_ema_smooths_updates_only_in_training_and_resumes():
         )
         for s in range(4)
     ]
-    raw = [gap_temperature(similarity_gap(a, b).gap, 0.07, 0.04, 0.2) for a, b in batches]
+    raw = [float(gap_temperature(similarity_gap(a, b).gap, 0.07, 0.04, 0.2)) for a, b in batches]
     loss_fn = DynamicTemperatureLoss(ema_momentum=0.8)
     assert loss_fn.temperature == 0.07  # not initialised yet: the base
     expected = raw[0]

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import embedloss
+from embedloss.composite.mixed_multimodal import MixedMultimodalLoss, mixed_multimodal_loss
 from embedloss.contrastive.simclr import simclr_loss
 from embedloss.multimodal.clip import clip_loss
-from embedloss.multimodal.mixed_multimodal import MixedMultimodalLoss, mixed_multimodal_loss
 from embedloss.supervised.supcon import supcon_loss
 
 TOL = {"rtol": 1e-9, "atol": 1e-9}

@@ -21,13 +21,8 @@ from torch.utils._pytree import tree_flatten
 
 from embedloss import CLIPLoss, InfoNCELoss, SimCLRLoss
 from embedloss.ops import chunked
-from embedloss.ops.info_nce import (
-    AnchorLosses,
-    PairSpec,
-    info_nce,
-    reduce_anchor_losses,
-    symmetric_info_nce,
-)
+from embedloss.ops.anchors import AnchorLosses, PairSpec, reduce_anchor_losses
+from embedloss.ops.info_nce import info_nce, symmetric_info_nce
 
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
 

@@ -11,7 +11,7 @@ from embedloss.ops import (
     reduce_anchor_losses,
     symmetric_info_nce,
 )
-from embedloss.ops.info_nce import anchor_losses_from_logits
+from embedloss.ops.anchors import anchor_losses_from_logits
 from embedloss.ops.similarity import labels_from_match_ids, positive_mask_from_labels
 from tests.helpers import randn64
 

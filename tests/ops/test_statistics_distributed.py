@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import Tensor
 
+from embedloss.composite import HybridVICRegLoss
 from embedloss.ops.statistics import (
     batch_mean,
     correlation,
@@ -33,7 +34,6 @@ from embedloss.ops.statistics import (
 )
 from embedloss.self_supervised import (
     DecorrelationLoss,
-    HybridVICRegLoss,
     barlow_twins_loss,
     decorrelation_loss,
     negative_cosine_loss,

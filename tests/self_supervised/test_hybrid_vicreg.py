@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from embedloss import create_loss
+from embedloss.composite import HybridVICRegLoss, hybrid_vicreg_loss
+from embedloss.composite.hybrid_vicreg import PHASES
 from embedloss.multimodal.clip import clip_loss
-from embedloss.self_supervised import HybridVICRegLoss, hybrid_vicreg_loss, vicreg_loss
-from embedloss.self_supervised.hybrid_vicreg import PHASES
+from embedloss.self_supervised import vicreg_loss
 from embedloss.self_supervised.vicreg import vicreg_terms
 
 

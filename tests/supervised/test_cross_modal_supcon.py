@@ -3,11 +3,7 @@ import torch
 
 import embedloss
 from embedloss.multimodal.clip import clip_loss
-from embedloss.supervised.cross_modal_supcon import (
-    CrossModalSupConLoss,
-    cross_modal_supcon_anchor_losses,
-    cross_modal_supcon_loss,
-)
+from embedloss.supervised.cross_modal_supcon import CrossModalSupConLoss, cross_modal_supcon_loss
 from embedloss.supervised.supcon import supcon_loss
 from tests.supervised.supervised_oracles import cross_direction_eq2, mean_valid, supcon_eq2
 
@@ -93,11 +89,15 @@ def test_cross_with_distinct_labels_is_clip():
 
 def test_intra_parts_are_single_view_supcon():
     x, y = _pair(seed=4)
-    parts = cross_modal_supcon_anchor_losses(x, y, LABELS, temperature=0.2, contrast_mode="intra")
-    assert parts.image_to_text is None and parts.text_to_image is None
-    expected = supcon_loss(x, LABELS, temperature=0.2, reduction="none")
-    torch.testing.assert_close(parts.intra_image.loss, expected, **TOL)
-    assert parts.intra_image.valid.tolist() == [True, True, True, False, True, False]
+    terms = CrossModalSupConLoss(temperature=0.2, contrast_mode="intra").compute(x, y, LABELS).terms
+    assert "loss_cross_modal" not in terms and "accuracy" not in terms
+    intra_x = supcon_loss(x, LABELS, temperature=0.2, reduction="none")
+    intra_y = supcon_loss(y, LABELS, temperature=0.2, reduction="none")
+    per_pair = cross_modal_supcon_loss(
+        x, y, LABELS, temperature=0.2, contrast_mode="intra", reduction="none"
+    )
+    torch.testing.assert_close(per_pair, (intra_x + intra_y) / 2, **TOL)
+    assert (intra_x != 0).tolist() == [True, True, True, False, True, False]
     both = cross_modal_supcon_loss(x, y, LABELS, temperature=0.2, contrast_mode="intra")
     expected = (
         supcon_loss(x, LABELS, temperature=0.2) + supcon_loss(y, LABELS, temperature=0.2)
@@ -108,12 +108,11 @@ def test_intra_parts_are_single_view_supcon():
 def test_reduction_none_is_per_pair_weighted_sum():
     x, y = _pair(seed=5)
     per_pair = cross_modal_supcon_loss(x, y, LABELS, reduction="none")
-    parts = cross_modal_supcon_anchor_losses(x, y, LABELS)
+    cross = cross_modal_supcon_loss(x, y, LABELS, contrast_mode="cross", reduction="none")
     expected = (
-        parts.intra_image.loss / 3
-        + parts.intra_text.loss / 3
-        + parts.image_to_text.loss / 6
-        + parts.text_to_image.loss / 6
+        supcon_loss(x, LABELS, reduction="none") / 3
+        + supcon_loss(y, LABELS, reduction="none") / 3
+        + cross / 3  # (image_to_text + text_to_image) / 2 per pair
     )
     assert per_pair.shape == (6,)
     torch.testing.assert_close(per_pair, expected, **TOL)

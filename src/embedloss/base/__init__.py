@@ -8,6 +8,7 @@ from embedloss.base.mixins import (
     ProjectionMixin,
     TemperatureScalingMixin,
 )
+from embedloss.base.momentum_encoder import MomentumEncoder
 from embedloss.base.supervised import BaseSupervisedLoss
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "BaseSupervisedLoss",
     "HardNegativeMiningMixin",
     "LossOutput",
+    "MomentumEncoder",
     "NormalizationMixin",
     "ProjectionMixin",
     "TemperatureScalingMixin",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, NamedTuple
 
 import torch
@@ -47,9 +49,63 @@ class BaseLoss(nn.Module):
         ValueError: If ``reduction`` is not one of the three.
     """
 
+    _counters: dict[str, int]
+
     def __init__(self, *, reduction: str = "mean") -> None:
         super().__init__()
         self.reduction = check_reduction(reduction)
+        self._counters = {}
+
+    def __init_subclass__(cls, **defaults: Any) -> None:
+        """Let a subclass change its inherited constructor's defaults in the class statement.
+
+        ``class SimCLRLoss(BaseContrastiveLoss, temperature=0.5)`` is the base constructor with
+        τ = 0.5 by default: ``inspect.signature(SimCLRLoss)`` shows it, nothing is relayed.
+
+        Raises:
+            TypeError: If a default names no constructor argument.
+        """
+        super().__init_subclass__()
+        if not defaults:
+            return
+        known = inspect.signature(cls.__init__).parameters
+        unknown = sorted(set(defaults) - set(known))
+        if unknown:
+            raise TypeError(f"{cls.__name__}: no constructor argument(s) {unknown} to default")
+        cls.__init__ = functools.partialmethod(cls.__init__, **defaults)  # type: ignore[assignment]
+
+    def _init_counter(self, name: str, value: int = 0) -> None:
+        """A 0-d integer buffer ``name`` (saved in ``state_dict``) with an exact host copy.
+
+        Counters (steps, queue pointers) decide shapes and branches; reading them from the
+        host copy keeps the step path free of device synchronisation. :meth:`_set_counter`
+        writes both; loading a ``state_dict`` refreshes the copy.
+        """
+        self.register_buffer(name, torch.tensor(value, dtype=torch.long))
+        self._counters[name] = value
+
+    def _set_counter(self, name: str, value: int) -> None:
+        getattr(self, name).fill_(value)
+        self._counters[name] = value
+
+    def _counter(self, name: str) -> int:
+        return self._counters[name]
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        for name in self._counters:
+            self._counters[name] = int(getattr(self, name))  # loading is off the step path
 
     def compute(self, *args: Any, **kwargs: Any) -> LossOutput:
         """Return the loss and its named terms; implemented by every concrete loss."""

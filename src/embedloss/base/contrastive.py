@@ -3,107 +3,105 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import TypedDict
 
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_labels
+from embedloss._validation import check_bool, check_chunk_size, check_labels
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.base.mixins import NormalizationMixin, TemperatureScalingMixin
-from embedloss.ops.info_nce import (
-    AnchorLosses,
-    ChunkSize,
-    NegativeLogWeights,
-    PairSpec,
-    info_nce,
-    reduce_anchor_losses,
-)
+from embedloss.ops.anchors import ChunkSize, NegativeLogWeights, PairSpec, direction_terms
+from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, info_nce, nt_xent
 from embedloss.ops.similarity import (
     labels_from_match_ids,
     mean_pair_similarity,
+    pair_similarity_terms,
     positive_mask_from_labels,
     similarity_matrix,
 )
 
-__all__ = ["BaseContrastiveLoss", "CoreOptions"]
-
-
-class CoreOptions(TypedDict):
-    """The options a contrastive module hands to its pure ``xxx_anchor_losses`` function."""
-
-    temperature: Tensor
-    normalize: bool
-    chunk_size: ChunkSize
-    gather_distributed: bool
+__all__ = ["BaseContrastiveLoss"]
 
 
 class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss):
     """Shared machinery of contrastive losses.
 
-    Concrete losses pass their explicit constructor arguments through to this constructor
-    (which initialises the temperature and normalisation mixins when ``temperature`` /
-    ``normalize`` are given; a loss with its own temperature rule leaves them None) and compute
-    through :mod:`embedloss.ops` (via the helpers below), never through a private copy of
-    similarity, masking or temperature code.
+    The constructor takes the options every InfoNCE-family loss has; a loss that only changes
+    their defaults says so in its class statement (``class SimCLRLoss(BaseContrastiveLoss,
+    temperature=0.5)``), one with options of its own passes these through in one call.
+    :meth:`options` hands them, with the current temperature, to the loss's pure function as
+    one :class:`~embedloss.ops.info_nce.ContrastiveOptions`; :meth:`paired_output` turns the
+    function's :class:`~embedloss.ops.info_nce.PairedResult` into the loss and its terms.
 
     Args:
-        temperature: Initial τ > 0 (``self._init_temperature``), or None to skip.
-        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (with ``temperature``).
+        temperature: Initial τ > 0 (default 0.1).
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (``self._init_normalization``), or None to skip.
-        chunk_size: Passed to the InfoNCE core: ``None`` dense, an int tiles, ``"auto"`` picks.
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling: ``None`` dense, an int tiles, ``"auto"`` picks.
         gather_distributed: Gather keys from all ranks (see :mod:`embedloss.ops.distributed`).
     """
+
+    #: ε of the losses that offer label smoothing (set by their constructor).
+    label_smoothing: float = 0.0
 
     def __init__(
         self,
         *,
-        temperature: float | None = None,
+        temperature: float = 0.1,
         learnable_temperature: bool = False,
         reduction: str = "mean",
-        normalize: bool | None = None,
+        normalize: bool = True,
         chunk_size: ChunkSize = "auto",
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(reduction=reduction)
-        if not isinstance(gather_distributed, bool):
-            raise TypeError(
-                f"gather_distributed must be a bool, got {type(gather_distributed).__name__}"
-            )
-        self.chunk_size = chunk_size
-        self.gather_distributed = gather_distributed
-        if temperature is not None:
-            self._init_temperature(temperature, learnable_temperature)
-        if normalize is not None:
-            self._init_normalization(normalize)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        self._init_temperature(temperature, learnable_temperature)
+        self._init_normalization(normalize)
 
-    def core_options(self, dtype: torch.dtype, logit_scale: Tensor | None = None) -> CoreOptions:
-        """This module's options for its pure function: τ (as a ``dtype`` tensor) and the rest."""
-        return CoreOptions(
-            temperature=1.0 / self.scale(logit_scale, dtype=dtype),
+    def options(self, logit_scale: Tensor | None = None) -> ContrastiveOptions:
+        """This module's options and temperature (or an external ``logit_scale``) as one object."""
+        ls, clamp = self._logit_scale_and_clamp(logit_scale)
+        return ContrastiveOptions(
+            logit_scale=ls,
+            max_logit_scale=clamp,
+            reduction=self.reduction,
             normalize=self._normalize,
             chunk_size=self.chunk_size,
             gather_distributed=self.gather_distributed,
+            label_smoothing=self.label_smoothing,
         )
 
-    def anchor_output(
-        self, result: AnchorLosses, a: Tensor, b: Tensor, *, distributed: bool | None = None
+    def paired_output(
+        self,
+        result: PairedResult,
+        options: ContrastiveOptions,
+        names: tuple[str, str] | None = None,
+        **extra: Tensor | float,
     ) -> LossOutput:
-        """``result`` reduced with this loss's ``reduction`` and the terms of a one-way loss.
+        """The loss and terms of a one-way (``names=None``) or two-way result.
 
-        Terms: ``accuracy`` (share of anchors whose top-1 is a positive), ``positive_similarity``
-        (mean ``a_i·b_i`` of the prepared views ``a``, ``b``) and ``temperature``. The reduction
-        runs over ranks when ``distributed`` (default: ``gather_distributed``).
+        Terms: ``accuracy`` (share of anchors whose top-1 key is a positive, averaged over the
+        directions), ``temperature``, and ``positive_similarity`` (mean ``a_i·b_i`` of the
+        inputs as scored); two-way results add ``loss_<name>`` per direction and
+        ``negative_similarity``; ``extra`` terms are added (replacing a term of the same name).
         """
-        distributed = self.gather_distributed if distributed is None else distributed
-        loss = reduce_anchor_losses(result, self.reduction, distributed=distributed)
-        terms = detached_terms(
-            accuracy=result.correct.float().mean(),
-            positive_similarity=mean_pair_similarity(a, b),
-            temperature=self.temperature,
-        )
-        return LossOutput(loss, terms)
+        with torch.no_grad():
+            tau = 1.0 / options.scale_as(torch.float64)
+            if names is None:
+                values = {
+                    "accuracy": result.anchors[0].correct.float().mean(),
+                    "positive_similarity": mean_pair_similarity(result.a, result.b),
+                }
+            else:
+                values = {
+                    **direction_terms(result.anchors[0], result.anchors[-1], names),
+                    **pair_similarity_terms(result.a, result.b),
+                }
+            terms = detached_terms(**{**values, "temperature": tau, **extra})
+        return LossOutput(result.loss, terms)
 
     def compute_similarity(self, a: Tensor, b: Tensor, logit_scale: Tensor | None = None) -> Tensor:
         """Logits ``(N, M)``: normalised (if enabled) ``a @ b.T`` divided by τ."""
@@ -152,31 +150,21 @@ class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss)
 
         Key ``i`` is the positive of query ``i``, or, with labels, every key of the same label.
         """
-        q, k = self.normalize_embeddings(query), self.normalize_embeddings(keys)
+        options = self.options(logit_scale)
+        q, k = options.prepare(query, keys)
         if labels is not None:
             key_labels = labels if key_labels is None else key_labels
-        spec = PairSpec(query_labels=labels, key_labels=key_labels)
         result = info_nce(
             q,
             k,
-            self.scale(logit_scale, dtype=q.dtype),
-            spec,
+            options.scale_as(q.dtype),
+            PairSpec(query_labels=labels, key_labels=key_labels),
             negative_log_weights=negative_log_weights,
             label_smoothing=label_smoothing,
             chunk_size=self.chunk_size,
         )
-        return reduce_anchor_losses(result, self.reduction)
+        return options.reduce(result, distributed=False)
 
     def nt_xent_loss(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
         """NT-Xent (SimCLR) over the 2N views ``[z_a; z_b]``, reduced with this loss's ``reduction``."""
-        from embedloss.contrastive.simclr import simclr_loss
-
-        return simclr_loss(
-            z_a,
-            z_b,
-            temperature=self.temperature,
-            labels=labels,
-            reduction=self.reduction,
-            normalize=self._normalize,
-            chunk_size=self.chunk_size,
-        )
+        return nt_xent(z_a, z_b, labels, self.options()).loss

@@ -13,20 +13,35 @@ import torch
 from torch import Tensor, nn
 
 from embedloss._validation import (
+    check_bool,
     check_choice,
-    check_float,
     check_int,
     check_positive_float,
     check_tensor,
 )
-from embedloss.ops.similarity import l2_normalize
+from embedloss.ops.mining import HardNegativeMining, hard_negative_log_weights
+from embedloss.ops.similarity import l2_normalize, scale_from_logit
 
 __all__ = [
+    "register_scalar",
     "HardNegativeMiningMixin",
     "NormalizationMixin",
     "ProjectionMixin",
     "TemperatureScalingMixin",
 ]
+
+
+def register_scalar(module: nn.Module, name: str, value: float, learnable: bool) -> None:
+    """Give ``module`` a 0-d ``name``: an ``nn.Parameter`` when learnable, else a float64 buffer.
+
+    The one way a loss stores a scalar it may learn (τ as ``logit_scale``, SigLIP's bias): a
+    buffer follows ``.to()`` and ``state_dict`` like any state, and float64 keeps a fixed value
+    exact (it is cast to the compute dtype when used).
+    """
+    if learnable:
+        setattr(module, name, nn.Parameter(torch.tensor(value)))
+    else:
+        module.register_buffer(name, torch.tensor(value, dtype=torch.float64))
 
 
 class TemperatureScalingMixin:
@@ -49,16 +64,9 @@ class TemperatureScalingMixin:
     ) -> None:
         tau = check_positive_float(temperature, name)
         check_positive_float(max_scale, "max_scale")
-        if not isinstance(learnable, bool):
-            raise TypeError(f"learnable_temperature must be a bool, got {type(learnable).__name__}")
-        self._learnable_temperature = learnable
+        self._learnable_temperature = check_bool(learnable, "learnable_temperature")
         self._max_logit_scale = math.log(max_scale)
-        if learnable:
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / tau)))  # type: ignore[assignment]
-        else:
-            # float64 keeps a fixed τ exact (loss.temperature == 0.07); it is cast when used.
-            value = torch.tensor(math.log(1.0 / tau), dtype=torch.float64)
-            self.register_buffer("logit_scale", value)  # type: ignore[attr-defined]
+        register_scalar(self, "logit_scale", math.log(1.0 / tau), learnable)  # type: ignore[arg-type]
 
     def scale(
         self, logit_scale: Tensor | None = None, dtype: torch.dtype = torch.float32
@@ -69,19 +77,20 @@ class TemperatureScalingMixin:
             logit_scale: An externally owned ``log(1/τ)`` to use instead of this module's.
             dtype: The dtype of the result (the loss's compute dtype).
         """
+        ls, clamp = self._logit_scale_and_clamp(logit_scale)
+        return scale_from_logit(ls, dtype, clamp)
+
+    def _logit_scale_and_clamp(self, logit_scale: Tensor | None) -> tuple[Tensor, float | None]:
+        """The ``log(1/τ)`` to use (this module's or ``logit_scale``) and its clamp, if any."""
         if logit_scale is None:
-            ls = self.logit_scale
-        else:
-            ls = check_tensor(logit_scale, "logit_scale")
-            if ls.numel() != 1:
-                raise ValueError(
-                    f"logit_scale must be a scalar tensor, got shape {tuple(ls.shape)}"
-                )
-            ls = ls.reshape(())
-        ls = ls.to(dtype)
-        if self._learnable_temperature or logit_scale is not None:
-            ls = ls.clamp(max=self._max_logit_scale)
-        return ls.exp()
+            clamp = self._max_logit_scale if self._learnable_temperature else None
+            return self.logit_scale, clamp
+        check_tensor(logit_scale, "logit_scale")
+        if logit_scale.numel() != 1:
+            raise ValueError(
+                f"logit_scale must be a scalar tensor, got shape {tuple(logit_scale.shape)}"
+            )
+        return logit_scale, self._max_logit_scale
 
     @property
     def temperature(self) -> float:
@@ -100,9 +109,7 @@ class NormalizationMixin:
     def _init_normalization(
         self, normalize: bool = True, dim: int = -1, eps: float = 1e-12
     ) -> None:
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-        self._normalize = normalize
+        self._normalize = check_bool(normalize, "normalize")
         self._norm_dim = dim
         self._norm_eps = check_positive_float(eps, "eps")
 
@@ -182,28 +189,15 @@ class ProjectionMixin:
         return self.projection(x)
 
 
-HARD_NEGATIVE_STRATEGIES = ("none", "hard", "semi_hard", "beta")
-
-
 class HardNegativeMiningMixin:
     """Per-row reweighting of negatives, returned as log-weights added to the negative logits.
 
-    Strategies (weights are computed without gradient, as importance weights):
-
-    * ``"none"``: all zeros.
-    * ``"hard"``: negatives at or above the row's ``percentile`` of negative similarity get weight
-      ``factor`` (log-weight ``log(factor)``).
-    * ``"semi_hard"``: negatives with ``s_pos − margin < s_neg < s_pos`` (close to, but below, the
-      positive) get weight ``factor``.
-    * ``"beta"``: Robinson et al. 2021 (Eq. 4): weights ∝ ``exp(β·s_neg)``, normalised so the mean
-      weight over a row's negatives is 1.
+    The strategies (``"none"``, ``"hard"``, ``"semi_hard"``, ``"beta"``) and their options are
+    those of :func:`embedloss.ops.mining.hard_negative_log_weights`, the one implementation this
+    mixin stores options for.
     """
 
-    _hn_strategy: str
-    _hn_factor: float
-    _hn_percentile: float
-    _hn_margin: float
-    _hn_beta: float
+    mining: HardNegativeMining
 
     def _init_hard_negative_mining(
         self,
@@ -213,33 +207,11 @@ class HardNegativeMiningMixin:
         margin: float = 0.2,
         beta: float = 1.0,
     ) -> None:
-        self._hn_strategy = check_choice(strategy, "strategy", HARD_NEGATIVE_STRATEGIES)
-        self._hn_factor = check_float(factor, "hard_negative_factor", low=1.0)
-        self._hn_percentile = check_float(percentile, "percentile", low=0.0, high=1.0)
-        self._hn_margin = check_positive_float(margin, "margin", allow_zero=True)
-        self._hn_beta = check_positive_float(beta, "beta", allow_zero=True)
+        self.mining = HardNegativeMining.create(strategy, factor, percentile, margin, beta)
 
-    @torch.no_grad()
     def negative_log_weights(self, similarity: Tensor, positive: Tensor) -> Tensor:
         """Log-weights ``(N, M)`` for ``similarity (N, M)`` and a boolean ``positive`` mask.
 
         Entries on positives are 0; the loss core ignores them anyway.
         """
-        negative = ~positive
-        zeros = torch.zeros_like(similarity)
-        if self._hn_strategy == "none":
-            return zeros
-        if self._hn_strategy == "beta":
-            scores = (self._hn_beta * similarity).masked_fill(positive, float("-inf"))
-            count = negative.sum(dim=1, keepdim=True).clamp(min=1).to(similarity.dtype)
-            log_w = scores - scores.logsumexp(dim=1, keepdim=True) + count.log()
-            return torch.where(negative, log_w, zeros)
-        boost = math.log(self._hn_factor)
-        if self._hn_strategy == "hard":
-            masked = similarity.masked_fill(positive, float("nan"))
-            threshold = masked.nanquantile(self._hn_percentile, dim=1, keepdim=True)
-            chosen = negative & (similarity >= threshold)
-        else:
-            pos_sim = similarity.masked_fill(negative, float("-inf")).amax(dim=1, keepdim=True)
-            chosen = negative & (similarity < pos_sim) & (similarity > pos_sim - self._hn_margin)
-        return torch.where(chosen, torch.full_like(similarity, boost), zeros)
+        return hard_negative_log_weights(similarity, positive, self.mining)

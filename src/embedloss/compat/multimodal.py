@@ -16,10 +16,10 @@ from embedloss.compat._adapter import (
     retrieval_metrics,
     warn_ignored,
 )
+from embedloss.composite.mixed_multimodal import MixedMultimodalLoss as _Mixed
 from embedloss.metrics import recall_at_k
 from embedloss.multimodal.clip import CLIPLoss as _CLIP
 from embedloss.multimodal.feature_consistency import FeatureConsistencyLoss as _Consistency
-from embedloss.multimodal.mixed_multimodal import MixedMultimodalLoss as _Mixed
 from embedloss.ops.similarity import l2_normalize, positive_mask_from_labels
 from embedloss.supervised.mse import MSELoss as _MSE
 

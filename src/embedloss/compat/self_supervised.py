@@ -10,10 +10,10 @@ from torch import Tensor
 
 from embedloss._validation import check_choice
 from embedloss.compat._adapter import LegacyLoss, metric, warn_ignored
+from embedloss.composite.hybrid_vicreg import HybridVICRegLoss as _Hybrid
 from embedloss.ops.similarity import labels_from_match_ids
 from embedloss.self_supervised.barlow_twins import BarlowTwinsLoss as _BarlowTwins
 from embedloss.self_supervised.decorrelation import DecorrelationLoss as _Decorrelation
-from embedloss.self_supervised.hybrid_vicreg import HybridVICRegLoss as _Hybrid
 from embedloss.self_supervised.vicreg import VICRegLoss as _VICReg
 
 __all__ = ["BarlowTwinsLoss", "DecorrelationLoss", "HybridPretrainVICRegLoss", "VICRegLoss"]

@@ -1,5 +1,6 @@
 """Contrastive losses: one file per loss, each a pure function and a registered module."""
 
+from embedloss.base.momentum_encoder import MomentumEncoder
 from embedloss.contrastive.dcl import DCLLoss, DCLWLoss, dcl_loss, dclw_loss
 from embedloss.contrastive.dynamic_temperature import (
     DynamicTemperatureLoss,
@@ -8,7 +9,6 @@ from embedloss.contrastive.dynamic_temperature import (
 from embedloss.contrastive.hard_negative import HardNegativeLoss, hard_negative_loss
 from embedloss.contrastive.info_nce import InfoNCELoss, info_nce_loss
 from embedloss.contrastive.moco import MoCoLoss, moco_loss
-from embedloss.contrastive.momentum_encoder import MomentumEncoder
 from embedloss.contrastive.simclr import SimCLRLoss, simclr_loss
 
 __all__ = [

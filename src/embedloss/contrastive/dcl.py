@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_pair, check_positive_float, compute_dtype
+from embedloss._validation import check_positive_float
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.ops.anchors import AnchorLosses, ChunkSize
 from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import AnchorLosses, ChunkSize, info_nce, reduce_anchor_losses
+from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, nt_xent
 from embedloss.ops.layouts import two_view_layout
-from embedloss.ops.similarity import inverse_temperature, l2_normalize, prepare_embeddings
+from embedloss.ops.similarity import l2_normalize, label_codes
 from embedloss.registry import register_loss
 
-__all__ = [
-    "DCLLoss",
-    "DCLWLoss",
-    "dcl_anchor_losses",
-    "dcl_loss",
-    "dclw_loss",
-    "von_mises_fisher_weights",
-]
+__all__ = ["DCLLoss", "DCLWLoss", "dcl_loss", "dclw_loss", "von_mises_fisher_weights"]
 
 
 @torch.no_grad()
@@ -46,40 +38,6 @@ def von_mises_fisher_weights(
     return weights[gathered.offset : gathered.offset + cosine.shape[0]]
 
 
-def dcl_anchor_losses(
-    z_a: Tensor,
-    z_b: Tensor,
-    *,
-    temperature: float | Tensor = 0.1,
-    sigma: float | None = None,
-    labels: Tensor | None = None,
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
-) -> AnchorLosses:
-    """Per-anchor DCL (``sigma=None``) or DCLW losses of the 2n anchors ``[z_a; z_b]``.
-
-    The core, with the positives left out of the denominator, returns
-    ``lse_neg − s_pos``; DCLW adds ``(1 − w)·s_pos`` to make it ``lse_neg − w·s_pos``, where
-    ``s_pos`` is the (mean) positive logit. See :func:`dcl_loss` and :func:`dclw_loss`.
-    """
-    check_pair(z_a, z_b, "z_a", "z_b", labels)
-    dtype = compute_dtype(z_a, z_b)
-    a = prepare_embeddings(z_a, normalize=normalize, dtype=dtype)
-    b = prepare_embeddings(z_b, normalize=normalize, dtype=dtype)
-    scale = inverse_temperature(temperature, dtype)
-    query, keys, spec = two_view_layout(a, b, labels, gather_distributed)
-    spec = dataclasses.replace(spec, positive_in_denominator=False)
-    result = info_nce(query, keys, scale, spec, chunk_size=chunk_size)
-    if sigma is None:
-        return result
-    weights = von_mises_fisher_weights(a, b, sigma, gather_distributed=gather_distributed)
-    w = torch.cat([weights, weights]).to(dtype)  # (2n,): both views of pair i share w_i
-    s_pos = _mean_positive_logit(query, keys, scale, spec.query_labels, spec.key_labels, a.shape[0])
-    loss = torch.where(result.valid, result.loss + (1 - w) * s_pos, torch.zeros_like(result.loss))
-    return AnchorLosses(loss, result.valid, result.correct)
-
-
 def _mean_positive_logit(
     query: Tensor,
     keys: Tensor,
@@ -93,12 +51,40 @@ def _mean_positive_logit(
         partner = torch.cat([query[n:], query[:n]])  # each anchor's other view
         return (query * partner).sum(-1) * scale
     # Positives of anchor i: every key of its label except itself (it is a key too).
-    codes, inverse = torch.unique(torch.cat([query_labels, key_labels]), return_inverse=True)
-    q_codes, k_codes = inverse[: query.shape[0]], inverse[query.shape[0] :]
-    sums = keys.new_zeros(codes.shape[0], keys.shape[1]).index_add(0, k_codes, keys)  # (C, D)
-    counts = torch.bincount(k_codes, minlength=codes.shape[0])[q_codes] - 1  # (2n,)
+    m = query.shape[0]
+    codes = label_codes(torch.cat([query_labels, key_labels]))
+    q_codes, k_codes = codes[:m], codes[m:]
+    sums = keys.new_zeros(codes.shape[0], keys.shape[1]).index_add(0, k_codes, keys)  # by code
+    counts = torch.zeros_like(codes).index_add_(0, k_codes, torch.ones_like(k_codes))[q_codes] - 1
     positive_sum = (query * (sums[q_codes] - query)).sum(-1)
     return positive_sum / counts.clamp(min=1) * scale
+
+
+def _dcl(
+    z_a: Tensor,
+    z_b: Tensor,
+    labels: Tensor | None,
+    options: ContrastiveOptions,
+    sigma: float | None,
+) -> PairedResult:
+    """DCL (``sigma=None``) or DCLW of the 2n anchors ``[z_a; z_b]``, reduced.
+
+    The core, with the positives left out of the denominator, returns ``lse_neg − s_pos``;
+    DCLW adds ``(1 − w)·s_pos`` to make it ``lse_neg − w·s_pos``, where ``s_pos`` is the (mean)
+    positive logit.
+    """
+    plain = nt_xent(z_a, z_b, labels, options, decoupled=True)
+    if sigma is None:
+        return plain
+    a, b, result = plain.a, plain.b, plain.anchors[0]
+    weights = von_mises_fisher_weights(a, b, sigma, gather_distributed=options.gather_distributed)
+    w = torch.cat([weights, weights]).to(a.dtype)  # (2n,): both views of pair i share w_i
+    query, keys, spec = two_view_layout(a, b, labels, options.gather_distributed)
+    scale = options.scale_as(a.dtype)
+    s_pos = _mean_positive_logit(query, keys, scale, spec.query_labels, spec.key_labels, a.shape[0])
+    loss = torch.where(result.valid, result.loss + (1 - w) * s_pos, torch.zeros_like(result.loss))
+    weighted = AnchorLosses(loss, result.valid, result.correct)
+    return PairedResult(options.reduce(weighted), (weighted,), a, b)
 
 
 def dcl_loss(
@@ -147,16 +133,10 @@ def dcl_loss(
         >>> round(loss.item(), 6) == round(math.log(4) - 1, 6)
         True
     """
-    result = dcl_anchor_losses(
-        z_a,
-        z_b,
-        temperature=temperature,
-        labels=labels,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
     )
-    return reduce_anchor_losses(result, reduction, distributed=gather_distributed)
+    return _dcl(z_a, z_b, labels, options, None).loss
 
 
 def dclw_loss(
@@ -204,17 +184,10 @@ def dclw_loss(
         >>> bool(torch.isclose(dclw_loss(z, z), dcl_loss(z, z)))
         True
     """
-    result = dcl_anchor_losses(
-        z_a,
-        z_b,
-        temperature=temperature,
-        sigma=check_positive_float(sigma, "sigma"),
-        labels=labels,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
     )
-    return reduce_anchor_losses(result, reduction, distributed=gather_distributed)
+    return _dcl(z_a, z_b, labels, options, check_positive_float(sigma, "sigma")).loss
 
 
 @register_loss("dcl")
@@ -238,39 +211,19 @@ class DCLLoss(BaseContrastiveLoss):
         torch.Size([])
     """
 
-    _sigma: float | None = None
-
-    def __init__(
-        self,
-        *,
-        temperature: float = 0.1,
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
+    sigma: float | None = None
 
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for views ``z_a``, ``z_b`` ``(N, D)`` and optional ``labels (N,)``."""
-        check_pair(z_a, z_b, "z_a", "z_b", labels)
-        dtype = compute_dtype(z_a, z_b)
-        options = self.core_options(dtype)
-        result = dcl_anchor_losses(z_a, z_b, sigma=self._sigma, labels=labels, **options)
+        options = self.options()
+        result = _dcl(z_a, z_b, labels, options, self.sigma)
         # positive_similarity is the cosine whatever `normalize` says.
-        return self.anchor_output(result, l2_normalize(z_a.to(dtype)), l2_normalize(z_b.to(dtype)))
+        cosine = result._replace(a=l2_normalize(result.a), b=l2_normalize(result.b))
+        return self.paired_output(cosine, options)
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
         """The loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
-        return self.compute(z_a, z_b, labels).loss
+        return _dcl(z_a, z_b, labels, self.options(), self.sigma).loss
 
 
 @register_loss("dclw")
@@ -313,10 +266,10 @@ class DCLWLoss(DCLLoss):
             chunk_size=chunk_size,
             gather_distributed=gather_distributed,
         )
-        self._sigma = check_positive_float(sigma, "sigma")
+        self.sigma = check_positive_float(sigma, "sigma")
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
         return (
-            f"temperature={self.temperature:g}, sigma={self._sigma:g}, reduction={self.reduction!r}"
+            f"temperature={self.temperature:g}, sigma={self.sigma:g}, reduction={self.reduction!r}"
         )

@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import (
+    check_bool,
     check_choice,
+    check_chunk_size,
     check_float,
     check_pair,
     check_positive_float,
 )
-from embedloss.base.base_loss import LossOutput, detached_terms
-from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.multimodal.clip import clip_anchor_losses, combine_directions, direction_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.mixins import NormalizationMixin
+from embedloss.ops.anchors import ChunkSize, direction_terms
 from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import AnchorLosses, ChunkSize
+from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, paired_symmetric
 from embedloss.ops.schedules import cosine_schedule
-from embedloss.ops.similarity import l2_normalize
+from embedloss.ops.similarity import group_counts, l2_normalize, label_codes
 from embedloss.registry import register_loss
 
 __all__ = [
@@ -67,12 +68,11 @@ def similarity_gap(
         codes = torch.arange(n, device=a.device)
     else:
         labels = gather_with_grad(labels, gather_distributed).tensor
-        codes = torch.unique(labels, return_inverse=True)[1]
-    groups = int(codes.max()) + 1
-    sum_a = a.new_zeros(groups, a.shape[1]).index_add_(0, codes, a)  # (C, D)
-    sum_b = b.new_zeros(groups, b.shape[1]).index_add_(0, codes, b)
+        codes = label_codes(labels)
+    sum_a = a.new_zeros(a.shape).index_add_(0, codes, a)  # (n, D): per-group sums, by code
+    sum_b = b.new_zeros(b.shape).index_add_(0, codes, b)
     positive_sum = (sum_a * sum_b).sum()
-    positive_count = torch.bincount(codes, minlength=groups).double().square().sum()
+    positive_count = group_counts(codes).double().square().sum()
     negative_count = n * n - positive_count
     negative_sum = a.sum(0) @ b.sum(0) - positive_sum
     negative = torch.where(
@@ -83,15 +83,21 @@ def similarity_gap(
 
 def gap_temperature(
     gap: Tensor | float, base_temperature: float, min_temperature: float, max_temperature: float
-) -> float:
-    """The legacy rule ``τ = clamp(τ₀·(0.8 + 0.4·exp(−2·gap)), τ_min, τ_max)`` as a float.
+) -> Tensor | float:
+    """The legacy rule ``τ = clamp(τ₀·(0.8 + 0.4·exp(−2·gap)), τ_min, τ_max)``.
+
+    A tensor gap gives a tensor τ (computed on its device: no host synchronisation), a float a
+    float.
 
     Example:
         >>> round(gap_temperature(0.0, 0.07, 0.04, 0.2), 6)  # no gap: 1.2·τ₀
         0.084
     """
-    raw = base_temperature * (0.8 + 0.4 * math.exp(-2.0 * float(gap)))
-    return min(max(raw, min_temperature), max_temperature)
+    g = gap if isinstance(gap, Tensor) else torch.tensor(float(gap), dtype=torch.float64)
+    tau = (base_temperature * (0.8 + 0.4 * torch.exp(-2.0 * g))).clamp(
+        min_temperature, max_temperature
+    )
+    return tau if isinstance(gap, Tensor) else float(tau)
 
 
 def _check_range(base: float, low: float, high: float) -> None:
@@ -153,23 +159,17 @@ def dynamic_temperature_loss(
         True
     """
     _check_range(base_temperature, min_temperature, max_temperature)
+    options = ContrastiveOptions.create(
+        base_temperature, reduction, normalize, chunk_size, gather_distributed
+    )
     check_pair(z_a, z_b, "z_a", "z_b", labels)
     stats = similarity_gap(z_a, z_b, labels, gather_distributed=gather_distributed)
     tau = gap_temperature(stats.gap, base_temperature, min_temperature, max_temperature)
-    a2b, b2a = clip_anchor_losses(
-        z_a,
-        z_b,
-        temperature=tau,
-        labels=labels,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
-    )
-    return combine_directions(a2b, b2a, reduction, gather_distributed)
+    return paired_symmetric(z_a, z_b, labels, options.at(tau)).loss
 
 
 @register_loss("dynamic_temperature")
-class DynamicTemperatureLoss(BaseContrastiveLoss):
+class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
     """Symmetric InfoNCE with a similarity-gap-driven or scheduled temperature (legacy dynamic_temp).
 
     ``schedule="gap"`` (default): τ follows the batch's positive/negative similarity gap by the
@@ -229,9 +229,9 @@ class DynamicTemperatureLoss(BaseContrastiveLoss):
         chunk_size: ChunkSize = "auto",
         gather_distributed: bool = False,
     ) -> None:
-        super().__init__(
-            reduction=reduction, chunk_size=chunk_size, gather_distributed=gather_distributed
-        )
+        super().__init__(reduction=reduction)
+        self.chunk_size = check_chunk_size(chunk_size)
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
         _check_range(base_temperature, min_temperature, max_temperature)
         self.base_temperature = float(base_temperature)
         self.min_temperature = float(min_temperature)
@@ -277,43 +277,53 @@ class DynamicTemperatureLoss(BaseContrastiveLoss):
         self.scheduled_temperature.fill_(tau)
 
     @torch.no_grad()
-    def _current_temperature(self, gap: Tensor) -> float:
+    def _current_temperature(self, gap: Tensor) -> Tensor:
+        """τ of this batch (float64, on the buffers' device); updates the EMA in training."""
         if self.schedule == "cosine":
-            return float(self.scheduled_temperature)
-        tau = gap_temperature(
-            gap, self.base_temperature, self.min_temperature, self.max_temperature
-        )
+            return self.scheduled_temperature.clone()
+        rule = (self.base_temperature, self.min_temperature, self.max_temperature)
+        tau = cast(Tensor, gap_temperature(gap.to(self.ema_temperature), *rule))
         if self.ema_momentum is None:
             return tau
         if self.training:
-            if bool(self.ema_initialized):
-                m = self.ema_momentum
-                self.ema_temperature.mul_(m).add_((1.0 - m) * tau)
-            else:
-                self.ema_temperature.fill_(tau)
-                self.ema_initialized.fill_(True)
-        return float(self.ema_temperature) if bool(self.ema_initialized) else tau
+            m = self.ema_momentum
+            smoothed = torch.where(
+                self.ema_initialized, m * self.ema_temperature + (1 - m) * tau, tau
+            )
+            self.ema_temperature.copy_(smoothed)
+            self.ema_initialized.fill_(True)
+        return torch.where(self.ema_initialized, self.ema_temperature, tau)
 
-    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
-        """Loss and terms for paired ``(n, D)`` embeddings and optional ``labels (n,)``."""
+    def _result(
+        self, z_a: Tensor, z_b: Tensor, labels: Tensor | None
+    ) -> tuple[PairedResult, Tensor, SimilarityGap]:
         check_pair(z_a, z_b, "z_a", "z_b", labels)
         stats = similarity_gap(z_a, z_b, labels, gather_distributed=self.gather_distributed)
         tau = self._current_temperature(stats.gap)
-        a2b, b2a = clip_anchor_losses(
-            z_a,
-            z_b,
-            temperature=tau,
-            labels=labels,
+        options = ContrastiveOptions(
+            tau,
+            reduction=self.reduction,
             normalize=self._normalize,
             chunk_size=self.chunk_size,
             gather_distributed=self.gather_distributed,
         )
-        loss = combine_directions(a2b, b2a, self.reduction, self.gather_distributed)
-        return LossOutput(loss, _terms(a2b, b2a, stats, tau))
+        return paired_symmetric(z_a, z_b, labels, options), tau, stats
+
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for paired ``(n, D)`` embeddings and optional ``labels (n,)``."""
+        result, tau, stats = self._result(z_a, z_b, labels)
+        terms = detached_terms(
+            temperature=tau,
+            similarity_gap=stats.gap,
+            positive_similarity=stats.positive,
+            negative_similarity=stats.negative,
+            **direction_terms(result.anchors[0], result.anchors[-1], ("a_to_b", "b_to_a")),
+        )
+        return LossOutput(result.loss, terms)
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
         """The dynamic-temperature loss (see :meth:`compute`)."""
-        return self.compute(z_a, z_b, labels).loss
+        return self._result(z_a, z_b, labels)[0].loss
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
@@ -322,15 +332,3 @@ class DynamicTemperatureLoss(BaseContrastiveLoss):
             f"max_temperature={self.max_temperature:g}, schedule={self.schedule!r}, "
             f"ema_momentum={self.ema_momentum}, reduction={self.reduction!r}"
         )
-
-
-def _terms(
-    a2b: AnchorLosses, b2a: AnchorLosses, stats: SimilarityGap, tau: float
-) -> dict[str, Tensor]:
-    return detached_terms(
-        temperature=tau,
-        similarity_gap=stats.gap,
-        positive_similarity=stats.positive,
-        negative_similarity=stats.negative,
-        **direction_terms(a2b, b2a, ("a_to_b", "b_to_a")),
-    )

@@ -2,64 +2,46 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_pair, compute_dtype
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss._validation import check_pair
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.base.mixins import HardNegativeMiningMixin
-from embedloss.multimodal.clip import combine_directions, direction_terms
-from embedloss.ops.info_nce import AnchorLosses, ChunkSize, info_nce, pair_masks
+from embedloss.ops.anchors import AnchorLosses, ChunkSize, pair_masks
+from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, info_nce
 from embedloss.ops.layouts import paired_layout
-from embedloss.ops.similarity import (
-    inverse_temperature,
-    l2_normalize,
-    pair_similarity_terms,
-    prepare_embeddings,
-)
+from embedloss.ops.mining import HardNegativeMining, hard_negative_log_weights
+from embedloss.ops.similarity import l2_normalize
 from embedloss.registry import register_loss
 
-__all__ = ["HardNegativeLoss", "hard_negative_anchor_losses", "hard_negative_loss"]
-
-
-class _Miner(HardNegativeMiningMixin):
-    """The mixin's weighting as a standalone object, for the pure functions."""
-
-    def __init__(
-        self, strategy: str, factor: float, percentile: float, margin: float, beta: float
-    ) -> None:
-        self._init_hard_negative_mining(strategy, factor, percentile, margin, beta)
-
-
-class _Mined(NamedTuple):
-    a_to_b: AnchorLosses
-    b_to_a: AnchorLosses
-    hard_fraction: Tensor  # share of negatives that were up-weighted, both directions
+__all__ = ["HardNegativeLoss", "hard_negative_loss"]
 
 
 def _direction(
     query: Tensor,
     keys: Tensor,
-    scale: Tensor | float,
     labels: Tensor | None,
-    miner: HardNegativeMiningMixin,
-    gather_distributed: bool,
-    chunk_size: ChunkSize,
+    mining: HardNegativeMining,
+    options: ContrastiveOptions,
 ) -> tuple[AnchorLosses, Tensor]:
-    global_keys, spec = paired_layout(query, keys, labels, gather_distributed)
+    """One direction: mine each anchor row's negatives, then score with their weights.
+
+    Returns the per-anchor results and the share of negatives that were up-weighted.
+    """
+    global_keys, spec = paired_layout(query, keys, labels, options.gather_distributed)
     rows = torch.arange(query.shape[0], device=query.device)
     cols = torch.arange(global_keys.shape[0], device=query.device)
     with torch.no_grad():
         # Mining looks at cosine similarities, per anchor row, whatever `normalize` says.
         cosine = l2_normalize(query.detach()) @ l2_normalize(global_keys.detach()).T  # (n, N)
         positive, _ = pair_masks(spec, rows, cols)
-        log_w = miner.negative_log_weights(cosine, positive)
+        log_w = hard_negative_log_weights(cosine, positive, mining)
         hard = ((log_w > 0) & ~positive).sum() / (~positive).sum().clamp(min=1)
+    scale = options.scale_as(query.dtype)
     result = info_nce(
-        query, global_keys, scale, spec, negative_log_weights=log_w, chunk_size=chunk_size
+        query, global_keys, scale, spec, negative_log_weights=log_w, chunk_size=options.chunk_size
     )
     return result, hard
 
@@ -67,53 +49,17 @@ def _direction(
 def _hard_negative(
     z_a: Tensor,
     z_b: Tensor,
-    *,
-    scale: Tensor | float,
-    miner: HardNegativeMiningMixin,
     labels: Tensor | None,
-    normalize: bool,
-    chunk_size: ChunkSize,
-    gather_distributed: bool,
-    dtype: torch.dtype,
-) -> _Mined:
-    a = prepare_embeddings(z_a, normalize=normalize, dtype=dtype)
-    b = prepare_embeddings(z_b, normalize=normalize, dtype=dtype)
-    a2b, hard_a = _direction(a, b, scale, labels, miner, gather_distributed, chunk_size)
-    b2a, hard_b = _direction(b, a, scale, labels, miner, gather_distributed, chunk_size)
-    return _Mined(a2b, b2a, (hard_a + hard_b) / 2)
-
-
-def hard_negative_anchor_losses(
-    z_a: Tensor,
-    z_b: Tensor,
-    *,
-    temperature: float | Tensor = 0.07,
-    strategy: str = "semi_hard",
-    hard_negative_factor: float = 2.0,
-    percentile: float = 0.9,
-    margin: float = 0.2,
-    beta: float = 1.0,
-    labels: Tensor | None = None,
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
-) -> tuple[AnchorLosses, AnchorLosses]:
-    """Per-anchor losses ``(a→b, b→a)``, each ``(n,)`` (see :func:`hard_negative_loss`)."""
+    mining: HardNegativeMining,
+    options: ContrastiveOptions,
+) -> tuple[PairedResult, Tensor]:
+    """Both directions, reduced and averaged, and the mean share of up-weighted negatives."""
     check_pair(z_a, z_b, "z_a", "z_b", labels)
-    miner = _Miner(strategy, hard_negative_factor, percentile, margin, beta)
-    dtype = compute_dtype(z_a, z_b)
-    mined = _hard_negative(
-        z_a,
-        z_b,
-        scale=inverse_temperature(temperature, dtype),
-        miner=miner,
-        labels=labels,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
-        dtype=dtype,
-    )
-    return mined.a_to_b, mined.b_to_a
+    a, b = options.prepare(z_a, z_b)
+    a2b, hard_a = _direction(a, b, labels, mining, options)
+    b2a, hard_b = _direction(b, a, labels, mining, options)
+    loss = (options.reduce(a2b) + options.reduce(b2a)) / 2
+    return PairedResult(loss, (a2b, b2a), a, b), (hard_a + hard_b) / 2
 
 
 def hard_negative_loss(
@@ -180,21 +126,11 @@ def hard_negative_loss(
         >>> bool(hard_negative_loss(a, b, strategy="hard") >= clip_loss(a, b))
         True
     """
-    a2b, b2a = hard_negative_anchor_losses(
-        z_a,
-        z_b,
-        temperature=temperature,
-        strategy=strategy,
-        hard_negative_factor=hard_negative_factor,
-        percentile=percentile,
-        margin=margin,
-        beta=beta,
-        labels=labels,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
+    mining = HardNegativeMining.create(strategy, hard_negative_factor, percentile, margin, beta)
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
     )
-    return combine_directions(a2b, b2a, reduction, gather_distributed)
+    return _hard_negative(z_a, z_b, labels, mining, options)[0].loss
 
 
 @register_loss("hard_negative")
@@ -252,38 +188,19 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss):
 
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for paired ``(n, D)`` embeddings and optional ``labels (n,)``."""
-        check_pair(z_a, z_b, "z_a", "z_b", labels)
-        dtype = compute_dtype(z_a, z_b)
-        mined = _hard_negative(
-            z_a,
-            z_b,
-            scale=self.scale(dtype=dtype),
-            miner=self,
-            labels=labels,
-            normalize=self._normalize,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
-            dtype=dtype,
+        options = self.options()
+        result, hard = _hard_negative(z_a, z_b, labels, self.mining, options)
+        return self.paired_output(
+            result, options, ("a_to_b", "b_to_a"), hard_negative_fraction=hard
         )
-        a2b, b2a = mined.a_to_b, mined.b_to_a
-        loss = combine_directions(a2b, b2a, self.reduction, self.gather_distributed)
-        a = self.normalize_embeddings(z_a.to(dtype))
-        b = self.normalize_embeddings(z_b.to(dtype))
-        terms = detached_terms(
-            **direction_terms(a2b, b2a, ("a_to_b", "b_to_a")),
-            hard_negative_fraction=mined.hard_fraction,
-            temperature=self.temperature,
-            **pair_similarity_terms(a, b),
-        )
-        return LossOutput(loss, terms)
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
         """The hard-negative loss (see :meth:`compute`)."""
-        return self.compute(z_a, z_b, labels).loss
+        return _hard_negative(z_a, z_b, labels, self.mining, self.options())[0].loss
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
         return (
-            f"temperature={self.temperature:g}, strategy={self._hn_strategy!r}, "
-            f"hard_negative_factor={self._hn_factor:g}, reduction={self.reduction!r}"
+            f"temperature={self.temperature:g}, strategy={self.mining.strategy!r}, "
+            f"hard_negative_factor={self.mining.factor:g}, reduction={self.reduction!r}"
         )

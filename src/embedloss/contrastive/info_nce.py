@@ -5,28 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from embedloss._validation import (
-    check_embeddings,
-    check_labels,
-    check_pair,
-    check_same_dim,
-    compute_dtype,
-)
+from embedloss._validation import check_embeddings, check_pair, check_same_dim
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.info_nce import (
-    AnchorLosses,
-    ChunkSize,
-    PairSpec,
-    anchor_losses_from_logits,
-    info_nce,
-    reduce_anchor_losses,
-)
+from embedloss.ops.anchors import AnchorLosses, ChunkSize, PairSpec, anchor_losses_from_logits
+from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, info_nce
 from embedloss.ops.layouts import paired_layout
-from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
 from embedloss.registry import register_loss
 
-__all__ = ["InfoNCELoss", "info_nce_anchor_losses", "info_nce_loss"]
+__all__ = ["InfoNCELoss", "info_nce_loss"]
 
 
 def _check_inputs(
@@ -47,50 +34,55 @@ def _check_inputs(
         )
 
 
-def info_nce_anchor_losses(
-    query: Tensor,
-    positive_key: Tensor,
-    negative_keys: Tensor | None = None,
-    *,
-    temperature: float | Tensor = 0.1,
-    labels: Tensor | None = None,
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
-) -> AnchorLosses:
-    """Per-query InfoNCE (see :func:`info_nce_loss`)."""
-    _check_inputs(query, positive_key, negative_keys, labels)
-    dtype = compute_dtype(query, positive_key, *(() if negative_keys is None else (negative_keys,)))
-    q = prepare_embeddings(query, normalize=normalize, dtype=dtype)
-    p = prepare_embeddings(positive_key, normalize=normalize, dtype=dtype)
-    scale = inverse_temperature(temperature, dtype)
-    if negative_keys is None:
-        if labels is not None:
-            check_labels(labels, q.shape[0])
-        keys, spec = paired_layout(q, p, labels, gather_distributed)
-        return info_nce(q, keys, scale, spec, chunk_size=chunk_size)
-    neg = prepare_embeddings(negative_keys, normalize=normalize, dtype=dtype)
-    if neg.dim() == 2:
-        keys = torch.cat([p, neg])  # (N + M, D): the positives, then the shared negatives
-        n, m = q.shape[0], neg.shape[0]
-        # Other queries' positives are not negatives here: give every query and positive key one
-        # label and the negatives another, then drop same-label non-positives from the denominator.
-        group = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(m, dtype=torch.long)]).to(
-            q.device
-        )
-        spec = PairSpec(
-            positive_index=torch.arange(n, device=q.device),
-            query_labels=group[:n],
-            key_labels=group,
-            labels_mark="false_negatives",
-        )
-        return info_nce(q, keys, scale, spec, chunk_size=chunk_size)
+def _shared_negatives_spec(n: int, m: int, device: torch.device) -> PairSpec:
+    """Keys ``[positives (n); negatives (m)]``: query ``i``'s positive is key ``i``.
+
+    Other queries' positives are not negatives here: every query and positive key gets one
+    label and the negatives another, and same-label non-positives leave the denominator.
+    """
+    group = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(m, dtype=torch.long)])
+    group = group.to(device)
+    return PairSpec(
+        positive_index=torch.arange(n, device=device),
+        query_labels=group[:n],
+        key_labels=group,
+        labels_mark="false_negatives",
+    )
+
+
+def _per_query(q: Tensor, p: Tensor, neg: Tensor, scale: Tensor | float) -> AnchorLosses:
+    """Each query against its own positive and its own ``(M, D)`` negatives (dense)."""
     pos_logit = (q * p).sum(-1, keepdim=True)  # (N, 1)
     neg_logits = torch.einsum("nd,nmd->nm", q, neg)  # (N, M)
     logits = torch.cat([pos_logit, neg_logits], dim=1) * scale  # (N, 1 + M)
     positive = torch.zeros_like(logits, dtype=torch.bool)
     positive[:, 0] = True
     return anchor_losses_from_logits(logits, positive, torch.ones_like(positive))
+
+
+def _info_nce(
+    query: Tensor,
+    positive_key: Tensor,
+    negative_keys: Tensor | None,
+    labels: Tensor | None,
+    options: ContrastiveOptions,
+) -> PairedResult:
+    """Checked, prepared and reduced InfoNCE in one of the three negative modes."""
+    _check_inputs(query, positive_key, negative_keys, labels)
+    extra = () if negative_keys is None else (negative_keys,)
+    q, p, *neg = options.prepare(query, positive_key, *extra)
+    scale = options.scale_as(q.dtype)
+    chunk = options.chunk_size
+    if not neg:
+        keys, spec = paired_layout(q, p, labels, options.gather_distributed)
+        result = info_nce(q, keys, scale, spec, chunk_size=chunk)
+        return PairedResult(options.reduce(result), (result,), q, p)
+    if neg[0].dim() == 2:
+        spec = _shared_negatives_spec(q.shape[0], neg[0].shape[0], q.device)
+        result = info_nce(q, torch.cat([p, neg[0]]), scale, spec, chunk_size=chunk)
+    else:
+        result = _per_query(q, p, neg[0], scale)
+    return PairedResult(options.reduce(result, distributed=False), (result,), q, p)
 
 
 def info_nce_loss(
@@ -137,19 +129,10 @@ def info_nce_loss(
         >>> round(loss.item(), 6) == round(math.log(math.e + 2) - 1, 6)
         True
     """
-    result = info_nce_anchor_losses(
-        query,
-        positive_key,
-        negative_keys,
-        temperature=temperature,
-        labels=labels,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
     )
-    return reduce_anchor_losses(
-        result, reduction, distributed=gather_distributed and negative_keys is None
-    )
+    return _info_nce(query, positive_key, negative_keys, labels, options).loss
 
 
 @register_loss("info_nce")
@@ -174,25 +157,6 @@ class InfoNCELoss(BaseContrastiveLoss):
         torch.Size([])
     """
 
-    def __init__(
-        self,
-        *,
-        temperature: float = 0.1,
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
-
     def compute(
         self,
         query: Tensor,
@@ -201,17 +165,9 @@ class InfoNCELoss(BaseContrastiveLoss):
         labels: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms; arguments as in :func:`info_nce_loss`."""
-        _check_inputs(query, positive_key, negative_keys, labels)
-        dtype = compute_dtype(query, positive_key)
-        distributed = self.gather_distributed and negative_keys is None  # explicit negatives: local
-        options = self.core_options(dtype)
-        options["gather_distributed"] = distributed
-        result = info_nce_anchor_losses(
-            query, positive_key, negative_keys, labels=labels, **options
-        )
-        q = self.normalize_embeddings(query.to(dtype))
-        k = self.normalize_embeddings(positive_key.to(dtype))
-        return self.anchor_output(result, q, k, distributed=distributed)
+        options = self.options()
+        result = _info_nce(query, positive_key, negative_keys, labels, options)
+        return self.paired_output(result, options)
 
     def forward(
         self,
@@ -221,4 +177,4 @@ class InfoNCELoss(BaseContrastiveLoss):
         labels: Tensor | None = None,
     ) -> Tensor:
         """The InfoNCE loss (see :meth:`compute`)."""
-        return self.compute(query, positive_key, negative_keys, labels).loss
+        return _info_nce(query, positive_key, negative_keys, labels, self.options()).loss

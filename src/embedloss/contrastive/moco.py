@@ -8,33 +8,36 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import (
+    check_bool,
     check_int,
     check_labels,
     check_pair,
     check_tensor,
-    compute_dtype,
     describe,
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.multimodal.clip import combine_directions, direction_terms
-from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import (
+from embedloss.ops.anchors import (
     AnchorLosses,
     PairSpec,
     anchor_losses_from_logits,
+    direction_terms,
     pair_masks,
-    reduce_anchor_losses,
 )
-from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
+from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.info_nce import ContrastiveOptions
 from embedloss.registry import register_loss
 
-__all__ = ["MoCoLoss", "moco_anchor_losses", "moco_loss"]
+__all__ = ["MoCoLoss", "moco_loss"]
 
 
 class _Batch(NamedTuple):
+    loss: Tensor  # reduced (directions averaged when symmetric)
     query_to_key: AnchorLosses
     key_to_query: AnchorLosses | None
+    q: Tensor  # (n, D) prepared queries
+    k: Tensor  # (n, D) prepared keys
+    bank: Tensor  # (K, D) prepared queue entries scored
     keys: Tensor  # (N, D) prepared keys of every rank, in rank order: what the queue receives
     queries: Tensor  # (N, D) prepared queries of every rank (the query queue of symmetric MoCo)
     labels: Tensor | None  # (N,) labels of every rank
@@ -130,8 +133,6 @@ def _check_inputs(
 class _Options(NamedTuple):
     in_batch_negatives: bool
     symmetric: bool
-    normalize: bool
-    gather_distributed: bool
 
 
 def _moco(
@@ -141,64 +142,35 @@ def _moco(
     query_queue: Tensor | None,
     labels: Tensor | None,
     queue_labels: Tensor | None,
-    scale: Tensor | float,
-    dtype: torch.dtype,
-    options: _Options,
+    options: ContrastiveOptions,
+    flags: _Options,
 ) -> _Batch:
-    in_batch_negatives, symmetric, normalize, gather_distributed = options
-    q = prepare_embeddings(query, normalize=normalize, dtype=dtype)
-    k = prepare_embeddings(key, normalize=normalize, dtype=dtype)
-    gk = gather_with_grad(k, gather_distributed)
-    gq = gather_with_grad(q, gather_distributed and symmetric)
-    all_labels = None if labels is None else gather_with_grad(labels, gather_distributed).tensor
-    empty = k.new_zeros((0, k.shape[1]))
-    bank = empty if queue is None else prepare_embeddings(queue, normalize=normalize, dtype=dtype)
-    others = gk.tensor if in_batch_negatives else None
-    other_labels = all_labels if in_batch_negatives else None
+    """Both directions (the second only when symmetric), reduced, and what the queue receives."""
+    q, k = options.prepare(query, key)
+    scale = options.scale_as(q.dtype)
+    gather = options.gather_distributed
+    gk = gather_with_grad(k, gather)
+    gq = gather_with_grad(q, gather and flags.symmetric)
+    all_labels = None if labels is None else gather_with_grad(labels, gather).tensor
+    bank, past = (
+        k.new_zeros((0, k.shape[1])) if x is None else options.prepare(x.to(q.dtype))[0]
+        for x in (queue, query_queue)
+    )
+    in_batch = flags.in_batch_negatives
+    other_labels = all_labels if in_batch else None
+    others = gk.tensor if in_batch else None
     forward = _direction(q, k, others, gk.offset, bank, scale, labels, other_labels, queue_labels)
     backward = None
-    if symmetric:
-        past = (
-            empty
-            if query_queue is None
-            else prepare_embeddings(query_queue, normalize=normalize, dtype=dtype)
-        )
-        others = gq.tensor if in_batch_negatives else None
+    loss = options.reduce(forward)
+    if flags.symmetric:
+        others = gq.tensor if in_batch else None
         backward = _direction(
             k, q, others, gq.offset, past, scale, labels, other_labels, queue_labels
         )
-    return _Batch(forward, backward, gk.tensor.detach(), gq.tensor.detach(), all_labels)
-
-
-def moco_anchor_losses(
-    query: Tensor,
-    key: Tensor,
-    queue: Tensor | None = None,
-    *,
-    temperature: float | Tensor = 0.2,
-    labels: Tensor | None = None,
-    queue_labels: Tensor | None = None,
-    query_queue: Tensor | None = None,
-    in_batch_negatives: bool = False,
-    symmetric: bool = False,
-    normalize: bool = True,
-    gather_distributed: bool = False,
-) -> tuple[AnchorLosses, AnchorLosses | None]:
-    """Per-query MoCo losses ``(query→key, key→query or None)``, each ``(n,)`` (see :func:`moco_loss`)."""
-    _check_inputs(query, key, queue, labels, queue_labels, query_queue, symmetric)
-    dtype = compute_dtype(query, key)
-    scale = inverse_temperature(temperature, dtype)
-    options = _Options(in_batch_negatives, symmetric, normalize, gather_distributed)
-    batch = _moco(query, key, queue, query_queue, labels, queue_labels, scale, dtype, options)
-    return batch.query_to_key, batch.key_to_query
-
-
-def _reduce(
-    forward: AnchorLosses, backward: AnchorLosses | None, reduction: str, distributed: bool
-) -> Tensor:
-    if backward is None:
-        return reduce_anchor_losses(forward, reduction, distributed=distributed)
-    return combine_directions(forward, backward, reduction, distributed)
+        loss = (loss + options.reduce(backward)) / 2
+    return _Batch(
+        loss, forward, backward, q, k, bank, gk.tensor.detach(), gq.tensor.detach(), all_labels
+    )
 
 
 def moco_loss(
@@ -259,20 +231,12 @@ def moco_loss(
         >>> round(loss.item(), 6) == round(math.log(math.e + 2) - 1, 6)
         True
     """
-    forward, backward = moco_anchor_losses(
-        query,
-        key,
-        queue,
-        temperature=temperature,
-        labels=labels,
-        queue_labels=queue_labels,
-        query_queue=query_queue,
-        in_batch_negatives=in_batch_negatives,
-        symmetric=symmetric,
-        normalize=normalize,
-        gather_distributed=gather_distributed,
+    _check_inputs(query, key, queue, labels, queue_labels, query_queue, symmetric)
+    options = ContrastiveOptions.create(temperature, reduction, normalize, None, gather_distributed)
+    flags = _Options(
+        check_bool(in_batch_negatives, "in_batch_negatives"), check_bool(symmetric, "symmetric")
     )
-    return _reduce(forward, backward, reduction, gather_distributed)
+    return _moco(query, key, queue, query_queue, labels, queue_labels, options, flags).loss
 
 
 @register_loss("moco", aliases=("memory_queue",))
@@ -361,18 +325,18 @@ class MoCoLoss(BaseContrastiveLoss):
             gather_distributed=gather_distributed,
         )
         self.queue_size = check_int(queue_size, "queue_size", low=1)
-        for name, flag in (("in_batch_negatives", in_batch_negatives), ("symmetric", symmetric)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
-        self.in_batch_negatives = in_batch_negatives
-        self.symmetric = symmetric
+        self.in_batch_negatives = check_bool(in_batch_negatives, "in_batch_negatives")
+        self.symmetric = check_bool(symmetric, "symmetric")
         self.register_buffer("queue", torch.zeros(0, 0))
         if symmetric:
             self.register_buffer("query_queue", torch.zeros(0, 0))
         self.register_buffer("queue_labels", torch.zeros(queue_size, dtype=torch.long))
         self.register_buffer("queue_labeled", torch.zeros(queue_size, dtype=torch.bool))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+        self._init_counter("queue_ptr")
+        self._init_counter("queue_count")
+        # A host copy of the labelled flags (it follows from whether labels were passed), so
+        # that the step path checks the queue without reading a buffer back from the device.
+        self._labeled_host = bytearray(queue_size)
 
     def _queue_names(self) -> tuple[str, ...]:
         return ("queue", "query_queue") if self.symmetric else ("queue",)
@@ -384,12 +348,13 @@ class MoCoLoss(BaseContrastiveLoss):
             getattr(self, name).zero_()
         self.queue_labels.zero_()
         self.queue_labeled.zero_()
-        self.queue_ptr.zero_()
-        self.queue_count.zero_()
+        self._set_counter("queue_ptr", 0)
+        self._set_counter("queue_count", 0)
+        self._labeled_host = bytearray(self.queue_size)
 
     def _filled(self, dim: int, labels: Tensor | None) -> tuple[Tensor | None, ...]:
         """The scored part of the queues: ``(queue, query_queue, queue_labels)``, or Nones."""
-        count = int(self.queue_count)
+        count = self._counter("queue_count")
         if count == 0:
             return None, None, None
         if self.queue.shape[1] != dim:
@@ -402,7 +367,7 @@ class MoCoLoss(BaseContrastiveLoss):
         past_queries = self.query_queue[:count].clone() if self.symmetric else None
         if labels is None:
             return bank, past_queries, None
-        if not bool(self.queue_labeled[:count].all()):
+        if self._labeled_host.count(0, 0, count):
             raise ValueError(
                 "labels were given but the queue holds keys enqueued without labels; pass labels "
                 "on every call or call reset_queue()"
@@ -411,20 +376,23 @@ class MoCoLoss(BaseContrastiveLoss):
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor, queries: Tensor, labels: Tensor | None) -> None:
-        b = keys.shape[0]
+        b, size, ptr = keys.shape[0], self.queue_size, self._counter("queue_ptr")
         if self.queue.numel() == 0:
             for name in self._queue_names():
-                setattr(self, name, keys.new_zeros(self.queue_size, keys.shape[1]))
-        ptr = int(self.queue_ptr)
-        slots = (torch.arange(b, device=self.queue_ptr.device) + ptr) % self.queue_size
+                setattr(self, name, keys.new_zeros(size, keys.shape[1]))
+        slots = (torch.arange(b, device=self.queue_ptr.device) + ptr) % size
         self.queue[slots] = keys.to(self.queue.dtype)
         if self.symmetric:
             self.query_queue[slots] = queries.to(self.query_queue.dtype)
         if labels is not None:
             self.queue_labels[slots] = labels.to(self.queue_labels.dtype)
         self.queue_labeled[slots] = labels is not None
-        self.queue_ptr.fill_((ptr + b) % self.queue_size)
-        self.queue_count.fill_(min(int(self.queue_count) + b, self.queue_size))
+        flag, end = bytes([labels is not None]), ptr + b
+        self._labeled_host[ptr : min(end, size)] = flag * (min(end, size) - ptr)
+        if end > size:  # wrapped around
+            self._labeled_host[: end - size] = flag * (end - size)
+        self._set_counter("queue_ptr", end % size)
+        self._set_counter("queue_count", min(self._counter("queue_count") + b, size))
 
     def _load_from_state_dict(
         self,
@@ -445,9 +413,11 @@ class MoCoLoss(BaseContrastiveLoss):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        # Loading is off the step path: the host copy is read back here, once.
+        self._labeled_host = bytearray(self.queue_labeled.cpu().tolist())
 
-    def compute(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> LossOutput:
-        """Loss and terms for ``query``, ``key`` ``(n, D)`` and optional ``labels (n,)``; then enqueue."""
+    def _batch(self, query: Tensor, key: Tensor, labels: Tensor | None) -> _Batch:
+        """Score a batch against the filled queue; enqueue its keys in training mode."""
         check_pair(query, key, "query", "key", labels)
         if query.device != self.queue_ptr.device:
             raise ValueError(
@@ -460,60 +430,44 @@ class MoCoLoss(BaseContrastiveLoss):
                 f"(queue_size={self.queue_size}); raise queue_size or lower the batch size"
             )
         bank, past_queries, bank_labels = self._filled(query.shape[1], labels)
-        dtype = compute_dtype(query, key)
-        options = _Options(
-            self.in_batch_negatives, self.symmetric, self._normalize, self.gather_distributed
-        )
-        scale = self.scale(dtype=dtype)
-        batch = _moco(query, key, bank, past_queries, labels, bank_labels, scale, dtype, options)
+        flags = _Options(self.in_batch_negatives, self.symmetric)
+        options = self.options()
+        batch = _moco(query, key, bank, past_queries, labels, bank_labels, options, flags)
         if batch.keys.shape[0] > self.queue_size:
             raise ValueError(
                 f"the batch gathered from all ranks ({batch.keys.shape[0]} keys) is larger than "
                 f"the queue (queue_size={self.queue_size}); raise queue_size"
             )
-        forward, backward = batch.query_to_key, batch.key_to_query
-        loss = _reduce(forward, backward, self.reduction, self.gather_distributed)
-        terms = self._terms(query, key, bank, forward, backward, dtype)
         if self.training:
             self._enqueue(batch.keys, batch.queries, batch.labels)
-        return LossOutput(loss, terms)
+        return batch
 
-    @torch.no_grad()
-    def _terms(
-        self,
-        query: Tensor,
-        key: Tensor,
-        bank: Tensor | None,
-        forward: AnchorLosses,
-        backward: AnchorLosses | None,
-        dtype: torch.dtype,
-    ) -> dict[str, Tensor]:
-        q = self.normalize_embeddings(query.to(dtype))
-        k = self.normalize_embeddings(key.to(dtype))
-        count = 0 if bank is None else bank.shape[0]
-        negative: Tensor | float = 0.0
-        if bank is not None:
-            # mean_{i,m} q_i·u_m without an (n, K) matrix
-            negative = (q.sum(0) @ self.normalize_embeddings(bank.to(dtype)).sum(0)) / (
-                q.shape[0] * count
+    def compute(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for ``query``, ``key`` ``(n, D)`` and optional ``labels (n,)``; then enqueue."""
+        count = self._counter("queue_count")
+        batch = self._batch(query, key, labels)
+        with torch.no_grad():
+            q, bank = batch.q, batch.bank
+            negative = (q.sum(0) @ bank.sum(0)) / max(q.shape[0] * bank.shape[0], 1)  # no (n, K)
+            accuracy = batch.query_to_key.correct.float().mean()
+            extra: dict[str, Tensor] = {}
+            if batch.key_to_query is not None:
+                names = ("query_to_key", "key_to_query")
+                extra = direction_terms(batch.query_to_key, batch.key_to_query, names)
+                accuracy = extra.pop("accuracy")
+            terms = detached_terms(
+                accuracy=accuracy,
+                positive_similarity=(q * batch.k).sum(-1).mean(),
+                negative_similarity=negative,
+                queue_fill=count / self.queue_size,
+                temperature=1.0 / self.scale(dtype=torch.float64),
+                **extra,
             )
-        accuracy = forward.correct.float().mean()
-        extra: dict[str, Tensor] = {}
-        if backward is not None:
-            extra = direction_terms(forward, backward, ("query_to_key", "key_to_query"))
-            accuracy = extra.pop("accuracy")
-        return detached_terms(
-            accuracy=accuracy,
-            positive_similarity=(q * k).sum(-1).mean(),
-            negative_similarity=negative,
-            queue_fill=count / self.queue_size,
-            temperature=self.temperature,
-            **extra,
-        )
+        return LossOutput(batch.loss, terms)
 
     def forward(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> Tensor:
         """The MoCo loss (see :meth:`compute`); enqueues the keys in training mode."""
-        return self.compute(query, key, labels).loss
+        return self._batch(query, key, labels).loss
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

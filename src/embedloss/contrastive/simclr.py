@@ -4,35 +4,13 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from embedloss._validation import check_pair, compute_dtype
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.info_nce import AnchorLosses, ChunkSize, info_nce, reduce_anchor_losses
-from embedloss.ops.layouts import two_view_layout
-from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
+from embedloss.ops.anchors import ChunkSize
+from embedloss.ops.info_nce import ContrastiveOptions, nt_xent
 from embedloss.registry import register_loss
 
-__all__ = ["SimCLRLoss", "simclr_anchor_losses", "simclr_loss", "two_view_layout"]
-
-
-def simclr_anchor_losses(
-    z_a: Tensor,
-    z_b: Tensor,
-    *,
-    temperature: float | Tensor = 0.5,
-    labels: Tensor | None = None,
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
-) -> AnchorLosses:
-    """Per-anchor NT-Xent for the 2N anchors ``[z_a; z_b]`` (see :func:`simclr_loss`)."""
-    check_pair(z_a, z_b, "z_a", "z_b", labels)
-    dtype = compute_dtype(z_a, z_b)
-    a = prepare_embeddings(z_a, normalize=normalize, dtype=dtype)
-    b = prepare_embeddings(z_b, normalize=normalize, dtype=dtype)
-    scale = inverse_temperature(temperature, dtype)
-    query, keys, spec = two_view_layout(a, b, labels, gather_distributed)
-    return info_nce(query, keys, scale, spec, chunk_size=chunk_size)
+__all__ = ["SimCLRLoss", "simclr_loss"]
 
 
 def simclr_loss(
@@ -79,20 +57,14 @@ def simclr_loss(
         >>> round(loss.item(), 6) == round(math.log(math.e + 6) - 1, 6)
         True
     """
-    result = simclr_anchor_losses(
-        z_a,
-        z_b,
-        temperature=temperature,
-        labels=labels,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
     )
-    return reduce_anchor_losses(result, reduction, distributed=gather_distributed)
+    return nt_xent(z_a, z_b, labels, options).loss
 
 
 @register_loss("simclr", aliases=("nt_xent",))
-class SimCLRLoss(BaseContrastiveLoss):
+class SimCLRLoss(BaseContrastiveLoss, temperature=0.5):
     """SimCLR's NT-Xent loss over the 2N views of a batch (Chen et al. 2020, Eq. 1).
 
     See :func:`simclr_loss` for the formula. Terms: ``accuracy`` (top-1 of each anchor's row is
@@ -114,33 +86,11 @@ class SimCLRLoss(BaseContrastiveLoss):
         torch.Size([])
     """
 
-    def __init__(
-        self,
-        *,
-        temperature: float = 0.5,
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
-
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for views ``z_a``, ``z_b`` ``(N, D)`` and optional ``labels (N,)``."""
-        check_pair(z_a, z_b, "z_a", "z_b", labels)
-        dtype = compute_dtype(z_a, z_b)
-        result = simclr_anchor_losses(z_a, z_b, labels=labels, **self.core_options(dtype))
-        a, b = self.normalize_embeddings(z_a.to(dtype)), self.normalize_embeddings(z_b.to(dtype))
-        return self.anchor_output(result, a, b)
+        options = self.options()
+        return self.paired_output(nt_xent(z_a, z_b, labels, options), options)
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
         """The NT-Xent loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
-        return self.compute(z_a, z_b, labels).loss
+        return self.nt_xent_loss(z_a, z_b, labels)

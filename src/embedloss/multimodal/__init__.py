@@ -1,4 +1,4 @@
-"""Multimodal losses: paired embeddings of two modalities."""
+"""Multimodal losses: CLIP, SigLIP, feature consistency, alignment/uniformity."""
 
 from embedloss.multimodal.alignment_uniformity import (
     AlignmentUniformityLoss,
@@ -9,11 +9,15 @@ from embedloss.multimodal.feature_consistency import (
     FeatureConsistencyLoss,
     feature_consistency_loss,
 )
-from embedloss.multimodal.mixed_multimodal import MixedMultimodalLoss, mixed_multimodal_loss
 from embedloss.multimodal.siglip import SigLIPLoss, siglip_loss
 
-__all__ = ["CLIPLoss", "clip_loss"]
-__all__ += ["MixedMultimodalLoss", "mixed_multimodal_loss"]
-__all__ += ["SigLIPLoss", "siglip_loss"]
-__all__ += ["FeatureConsistencyLoss", "feature_consistency_loss"]
-__all__ += ["AlignmentUniformityLoss", "alignment_uniformity_loss"]
+__all__ = [
+    "AlignmentUniformityLoss",
+    "CLIPLoss",
+    "FeatureConsistencyLoss",
+    "SigLIPLoss",
+    "alignment_uniformity_loss",
+    "clip_loss",
+    "feature_consistency_loss",
+    "siglip_loss",
+]

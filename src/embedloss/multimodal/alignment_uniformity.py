@@ -9,8 +9,8 @@ from embedloss._validation import check_pair, check_positive_float, compute_dtyp
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.base.mixins import NormalizationMixin
 from embedloss.metrics import alignment, uniformity
+from embedloss.ops.anchors import AnchorLosses, reduce_anchor_losses
 from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import AnchorLosses, reduce_anchor_losses
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.registry import register_loss
 

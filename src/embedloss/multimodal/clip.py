@@ -2,82 +2,18 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from embedloss._validation import check_float, check_pair, compute_dtype
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss._validation import check_float
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.info_nce import (
-    AnchorLosses,
-    ChunkSize,
-    NegativeLogWeights,
-    info_nce,
-    reduce_anchor_losses,
-    symmetric_info_nce,
-)
-from embedloss.ops.layouts import paired_layout
-from embedloss.ops.similarity import (
-    inverse_temperature,
-    pair_similarity_terms,
-    prepare_embeddings,
-)
+from embedloss.ops.anchors import ChunkSize
+from embedloss.ops.info_nce import ContrastiveOptions, paired_symmetric
 from embedloss.registry import register_loss
 
-__all__ = [
-    "CLIPLoss",
-    "clip_anchor_losses",
-    "clip_loss",
-    "combine_directions",
-    "direction_terms",
-    "mean_accuracy",
-    "pair_similarity_terms",
-]
+__all__ = ["CLIPLoss", "clip_loss"]
 
-
-def clip_anchor_losses(
-    image_embeddings: Tensor,
-    text_embeddings: Tensor,
-    *,
-    temperature: float | Tensor = 0.07,
-    labels: Tensor | None = None,
-    label_smoothing: float = 0.0,
-    normalize: bool = True,
-    negative_log_weights: NegativeLogWeights = None,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
-) -> tuple[AnchorLosses, AnchorLosses]:
-    """Per-anchor CLIP losses ``(image→text, text→image)``, each ``(N,)`` (see :func:`clip_loss`).
-
-    ``negative_log_weights`` (``(N, N)`` image→text, transposed for text→image) is for losses
-    that reweight negatives; it is not available with ``gather_distributed``.
-    """
-    check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings", labels)
-    dtype = compute_dtype(image_embeddings, text_embeddings)
-    img = prepare_embeddings(image_embeddings, normalize=normalize, dtype=dtype)
-    txt = prepare_embeddings(text_embeddings, normalize=normalize, dtype=dtype)
-    scale = inverse_temperature(temperature, dtype)
-    if not gather_distributed:
-        return symmetric_info_nce(
-            img,
-            txt,
-            scale,
-            labels=labels,
-            negative_log_weights=negative_log_weights,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-        )
-    if negative_log_weights is not None:
-        raise ValueError("negative_log_weights cannot be combined with gather_distributed")
-    # Across ranks the logits are local×global, so each direction is its own core call.
-    i2t, t2i = (
-        info_nce(q, keys, scale, spec, label_smoothing=label_smoothing, chunk_size=chunk_size)
-        for q, (keys, spec) in (
-            (img, paired_layout(img, txt, labels, gather_distributed=True)),
-            (txt, paired_layout(txt, img, labels, gather_distributed=True)),
-        )
-    )
-    return i2t, t2i
+NAMES = ("image_embeddings", "text_embeddings")
 
 
 def clip_loss(
@@ -122,42 +58,10 @@ def clip_loss(
         >>> round(clip_loss(x, x, temperature=1.0).item(), 6) == round(math.log(math.e + 2) - 1, 6)
         True
     """
-    i2t, t2i = clip_anchor_losses(
-        image_embeddings,
-        text_embeddings,
-        temperature=temperature,
-        labels=labels,
-        label_smoothing=label_smoothing,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed, label_smoothing
     )
-    return combine_directions(i2t, t2i, reduction, gather_distributed)
-
-
-def combine_directions(
-    i2t: AnchorLosses, t2i: AnchorLosses, reduction: str, distributed: bool
-) -> Tensor:
-    """Average of the two directions' reduced losses (per pair for ``reduction="none"``)."""
-    first = reduce_anchor_losses(i2t, reduction, distributed=distributed)
-    second = reduce_anchor_losses(t2i, reduction, distributed=distributed)
-    return (first + second) / 2
-
-
-def direction_terms(
-    first: AnchorLosses, second: AnchorLosses, names: tuple[str, str]
-) -> dict[str, Tensor]:
-    """``loss_<name>`` (the mean) of both directions and their ``accuracy``."""
-    return {
-        f"loss_{names[0]}": reduce_anchor_losses(first, "mean"),
-        f"loss_{names[1]}": reduce_anchor_losses(second, "mean"),
-        "accuracy": mean_accuracy(first, second),
-    }
-
-
-def mean_accuracy(first: AnchorLosses, second: AnchorLosses) -> Tensor:
-    """Mean of both directions' top-1 accuracies (share of anchors whose top-1 is a positive)."""
-    return (first.correct.float().mean() + second.correct.float().mean()) / 2
+    return paired_symmetric(image_embeddings, text_embeddings, labels, options, NAMES).loss
 
 
 @register_loss("clip")
@@ -213,25 +117,9 @@ class CLIPLoss(BaseContrastiveLoss):
         logit_scale: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings; ``logit_scale`` overrides the module's."""
-        check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings", labels)
-        dtype = compute_dtype(image_embeddings, text_embeddings)
-        options = self.core_options(dtype, logit_scale)
-        i2t, t2i = clip_anchor_losses(
-            image_embeddings,
-            text_embeddings,
-            labels=labels,
-            label_smoothing=self.label_smoothing,
-            **options,
-        )
-        loss = combine_directions(i2t, t2i, self.reduction, self.gather_distributed)
-        img = self.normalize_embeddings(image_embeddings.to(dtype))
-        txt = self.normalize_embeddings(text_embeddings.to(dtype))
-        terms = detached_terms(
-            **direction_terms(i2t, t2i, ("image_to_text", "text_to_image")),
-            temperature=1.0 / self.scale(logit_scale, dtype=torch.float64),
-            **pair_similarity_terms(img, txt),
-        )
-        return LossOutput(loss, terms)
+        options = self.options(logit_scale)
+        result = paired_symmetric(image_embeddings, text_embeddings, labels, options, NAMES)
+        return self.paired_output(result, options, ("image_to_text", "text_to_image"))
 
     def forward(
         self,
@@ -241,4 +129,5 @@ class CLIPLoss(BaseContrastiveLoss):
         logit_scale: Tensor | None = None,
     ) -> Tensor:
         """The CLIP loss (see :meth:`compute`)."""
-        return self.compute(image_embeddings, text_embeddings, labels, logit_scale).loss
+        options = self.options(logit_scale)
+        return paired_symmetric(image_embeddings, text_embeddings, labels, options, NAMES).loss

@@ -20,7 +20,7 @@ from embedloss._validation import (
     describe,
 )
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.ops.info_nce import AnchorLosses, reduce_anchor_losses
+from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.registry import register_loss
 
@@ -120,8 +120,7 @@ def feature_consistency_loss(
         smooth_l1_beta=smooth_l1_beta,
         detach_reference=detach_reference,
     )
-    valid = torch.ones_like(per, dtype=torch.bool)
-    return reduce_anchor_losses(AnchorLosses(per, valid, valid), reduction)
+    return reduce_samples(per, reduction)
 
 
 def _by_modality(value: Any, name: str) -> dict[str, Any]:
@@ -302,11 +301,7 @@ class FeatureConsistencyLoss(BaseLoss):
                 smooth_l1_beta=self.smooth_l1_beta,
                 detach_reference=self.detach_reference,
             )
-            valid = torch.ones_like(per, dtype=torch.bool)
-            losses.append(
-                self.weights.get(modality, 1.0)
-                * reduce_anchor_losses(AnchorLosses(per, valid, valid), self.reduction)
-            )
+            losses.append(self.weights.get(modality, 1.0) * reduce_samples(per, self.reduction))
             parts["consistency" if single else f"consistency_{modality}"] = per.mean()
         if self.reduction == "none" and len({t.shape for t in losses}) > 1:
             raise ValueError(

@@ -2,72 +2,64 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from embedloss._validation import check_float, check_pair, check_tensor, compute_dtype
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss._validation import check_bool, check_float, check_pair, check_tensor, on_host
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.info_nce import AnchorLosses, pair_masks, reduce_anchor_losses
+from embedloss.base.mixins import register_scalar
+from embedloss.ops.anchors import AnchorLosses, pair_masks
+from embedloss.ops.info_nce import ContrastiveOptions, PairedResult
 from embedloss.ops.layouts import paired_layout
-from embedloss.ops.similarity import (
-    inverse_temperature,
-    pair_similarity_terms,
-    prepare_embeddings,
-    similarity_matrix,
-)
+from embedloss.ops.similarity import pair_similarity_terms, similarity_matrix
 from embedloss.registry import register_loss
 
-__all__ = ["SigLIPLoss", "siglip_anchor_losses", "siglip_loss"]
+__all__ = ["SigLIPLoss", "siglip_loss"]
+
+NAMES = ("image_embeddings", "text_embeddings")
 
 
-def _scalar(value: float | Tensor, name: str, dtype: torch.dtype) -> Tensor | float:
-    """A float bias (checked finite) or a 0-d tensor bias (kept differentiable)."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        if not math.isfinite(float(value.detach())):
-            raise ValueError(f"{name} must be finite, got {float(value.detach())!r}")
-        return value.reshape(()).to(dtype)
-    return check_float(value, name)
+def _check_bias(bias: float | Tensor) -> float | Tensor:
+    """A float bias (checked finite) or a 0-d tensor bias (checked on CPU, kept differentiable)."""
+    if not isinstance(bias, Tensor):
+        return check_float(bias, "bias")
+    if bias.numel() != 1:
+        raise ValueError(f"bias must be a scalar, got a tensor of shape {tuple(bias.shape)}")
+    if on_host(bias) and not bool(torch.isfinite(bias.detach()).all()):
+        raise ValueError(f"bias must be finite, got {float(bias.detach())!r}")
+    return bias.reshape(())
 
 
-def siglip_anchor_losses(
+def _siglip(
     image_embeddings: Tensor,
     text_embeddings: Tensor,
-    *,
-    temperature: float | Tensor = 0.1,
-    bias: float | Tensor = -10.0,
-    labels: Tensor | None = None,
-    normalize: bool = True,
-    gather_distributed: bool = False,
-) -> AnchorLosses:
-    """Per-image row sums ``L_i = −Σ_j log σ(z_ij·ℓ_ij)``, ``(N,)`` (see :func:`siglip_loss`).
+    labels: Tensor | None,
+    bias: float | Tensor,
+    options: ContrastiveOptions,
+) -> PairedResult:
+    """Per-image row sums ``L_i = −Σ_j log σ(z_ij·ℓ_ij)`` ``(n,)``, reduced.
 
     With ``gather_distributed`` the texts of every rank are gathered (with gradient) and each
     rank's images are scored against all of them, so the rows of all ranks together cover every
     image–text pair of the global batch exactly once. ``correct`` marks images whose top-scoring
     text is a positive; every anchor is ``valid``.
     """
-    check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings", labels)
-    dtype = compute_dtype(image_embeddings, text_embeddings)
-    img = prepare_embeddings(image_embeddings, normalize=normalize, dtype=dtype)
-    txt = prepare_embeddings(text_embeddings, normalize=normalize, dtype=dtype)
-    scale = inverse_temperature(temperature, dtype)
-    b = _scalar(bias, "bias", dtype)
-    keys, spec = paired_layout(img, txt, labels, gather_distributed)
+    check_pair(image_embeddings, text_embeddings, *NAMES, labels)
+    img, txt = options.prepare(image_embeddings, text_embeddings)
+    b = bias.to(img.dtype) if isinstance(bias, Tensor) else bias
+    keys, spec = paired_layout(img, txt, labels, options.gather_distributed)
     rows = torch.arange(img.shape[0], device=img.device)
     cols = torch.arange(keys.shape[0], device=img.device)
     positive, _ = pair_masks(spec, rows, cols)  # (n, N)
-    logits = similarity_matrix(img, keys, scale) + b  # (n, N)
+    logits = similarity_matrix(img, keys, options.scale_as(img.dtype)) + b  # (n, N)
     signs = positive.to(logits.dtype) * 2 - 1  # z_ij: +1 positive, −1 negative
     loss = -F.logsigmoid(signs * logits).sum(dim=1)  # (n,)
     with torch.no_grad():
         correct = positive.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
-    return AnchorLosses(loss, torch.ones_like(correct), correct)
+    result = AnchorLosses(loss, torch.ones_like(correct), correct)
+    return PairedResult(options.reduce(result), (result,), img, txt)
 
 
 def siglip_loss(
@@ -120,16 +112,8 @@ def siglip_loss(
         >>> round(loss.item(), 6) == round(expected, 6)
         True
     """
-    result = siglip_anchor_losses(
-        image_embeddings,
-        text_embeddings,
-        temperature=temperature,
-        bias=bias,
-        labels=labels,
-        normalize=normalize,
-        gather_distributed=gather_distributed,
-    )
-    return reduce_anchor_losses(result, reduction, distributed=gather_distributed)
+    options = ContrastiveOptions.create(temperature, reduction, normalize, None, gather_distributed)
+    return _siglip(image_embeddings, text_embeddings, labels, _check_bias(bias), options).loss
 
 
 @register_loss("siglip")
@@ -185,20 +169,26 @@ class SigLIPLoss(BaseContrastiveLoss):
             chunk_size=None,
             gather_distributed=gather_distributed,
         )
-        value = check_float(bias, "bias")
-        if not isinstance(learnable_bias, bool):
-            raise TypeError(f"learnable_bias must be a bool, got {type(learnable_bias).__name__}")
-        self._learnable_bias = learnable_bias
-        if learnable_bias:
-            self.logit_bias = nn.Parameter(torch.tensor(value))
-        else:
-            # float64 keeps a fixed bias exact; it is cast to the compute dtype when used.
-            self.register_buffer("logit_bias", torch.tensor(value, dtype=torch.float64))
+        self._learnable_bias = check_bool(learnable_bias, "learnable_bias")
+        register_scalar(self, "logit_bias", check_float(bias, "bias"), learnable_bias)
 
     @property
     def bias(self) -> float:
         """The current logit bias ``b``."""
         return float(self.logit_bias.detach())
+
+    def _result(
+        self,
+        image: Tensor,
+        text: Tensor,
+        labels: Tensor | None,
+        logit_scale: Tensor | None,
+        logit_bias: Tensor | None,
+    ) -> PairedResult:
+        bias = self.logit_bias if logit_bias is None else check_tensor(logit_bias, "logit_bias")
+        if bias.numel() != 1:
+            raise ValueError(f"logit_bias must be a scalar tensor, got shape {tuple(bias.shape)}")
+        return _siglip(image, text, labels, bias.reshape(()), self.options(logit_scale))
 
     def compute(
         self,
@@ -209,31 +199,10 @@ class SigLIPLoss(BaseContrastiveLoss):
         logit_bias: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms; ``logit_scale``/``logit_bias`` (0-d) override the module's own."""
-        check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings", labels)
-        dtype = compute_dtype(image_embeddings, text_embeddings)
-        bias = self.logit_bias if logit_bias is None else check_tensor(logit_bias, "logit_bias")
-        if bias.numel() != 1:
-            raise ValueError(f"logit_bias must be a scalar tensor, got shape {tuple(bias.shape)}")
-        bias = bias.reshape(()).to(dtype)
-        result = siglip_anchor_losses(
-            image_embeddings,
-            text_embeddings,
-            temperature=1.0 / self.scale(logit_scale, dtype=dtype),
-            bias=bias,
-            labels=labels,
-            normalize=self._normalize,
-            gather_distributed=self.gather_distributed,
-        )
-        loss = reduce_anchor_losses(result, self.reduction, distributed=self.gather_distributed)
-        img = self.normalize_embeddings(image_embeddings.to(dtype))
-        txt = self.normalize_embeddings(text_embeddings.to(dtype))
-        terms = detached_terms(
-            accuracy=result.correct.float().mean(),
-            temperature=1.0 / self.scale(logit_scale, dtype=torch.float64),
-            bias=bias,
-            **pair_similarity_terms(img, txt),
-        )
-        return LossOutput(loss, terms)
+        result = self._result(image_embeddings, text_embeddings, labels, logit_scale, logit_bias)
+        bias = self.logit_bias if logit_bias is None else logit_bias
+        extra = {"bias": bias.reshape(()), **pair_similarity_terms(result.a, result.b)}
+        return self.paired_output(result, self.options(logit_scale), None, **extra)
 
     def forward(
         self,
@@ -244,7 +213,7 @@ class SigLIPLoss(BaseContrastiveLoss):
         logit_bias: Tensor | None = None,
     ) -> Tensor:
         """The SigLIP loss (see :meth:`compute`)."""
-        return self.compute(image_embeddings, text_embeddings, labels, logit_scale, logit_bias).loss
+        return self._result(image_embeddings, text_embeddings, labels, logit_scale, logit_bias).loss
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

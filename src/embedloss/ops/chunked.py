@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from embedloss.ops.info_nce import AnchorLosses, PairSpec, pair_masks
+from embedloss.ops.anchors import AnchorLosses, PairSpec, pair_masks
 
 __all__ = [
     "DENSE_LIMIT_BYTES",

@@ -1,175 +1,145 @@
 """The exact InfoNCE core: the one place every InfoNCE-family loss computes through.
 
-For queries ``q_i`` (N, D), keys ``k_a`` (M, D) and a scale ``s = 1/τ`` the logits are
-``ℓ_ia = s · q_i·k_a``. Each anchor ``i`` has a set of positives ``P(i)`` and a denominator set
-``A(i)`` (every key except the anchor itself, except keys excluded as false negatives, and — for
-decoupled losses — except the positives). The per-anchor loss is
-
-    L_i = log Σ_{a∈A(i)} exp(ℓ_ia + w_ia) − (1 − ε)·mean_{p∈P(i)} ℓ_ip − ε·mean_{a∈A(i)} ℓ_ia
-
-with optional negative log-weights ``w_ia`` (zero on positives) and label smoothing ``ε``. With a
-single positive, no weights and ε = 0 it is the cross-entropy of the softmax over ``A(i)``; with
-several positives it is the cross-entropy against a uniform target over them (SupCon's L_out,
-Khosla et al. 2020, Eq. 2). Anchors with no positive (or an empty denominator) are invalid: they
-get loss 0 and are left out of the mean, never NaN.
-
-The positives and exclusions are described by a :class:`PairSpec` rather than by an (N, M) mask,
-so that a tiled path can build the mask of any tile from indices alone (:func:`pair_masks`).
+:func:`info_nce` scores queries against shared keys, :func:`symmetric_info_nce` scores a paired
+batch in both directions (CLIP), :func:`nt_xent` scores the 2N views of a batch (SimCLR). Each
+chooses between the dense kernel (:mod:`embedloss.ops.anchors`) and the tiled one
+(:mod:`embedloss.ops.chunked`) by ``chunk_size``; the formula is in :mod:`embedloss.ops.anchors`.
+A loss hands its options to these functions as one :class:`ContrastiveOptions` object.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_float, check_int, check_reduction
-from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
+from embedloss._validation import (
+    check_bool,
+    check_chunk_size,
+    check_float,
+    check_pair,
+    check_reduction,
+    compute_dtype,
+)
+from embedloss.ops import chunked
+from embedloss.ops.anchors import (
+    AnchorLosses,
+    ChunkSize,
+    NegativeLogWeights,
+    PairSpec,
+    dense_anchor_losses,
+    reduce_anchor_losses,
+)
+from embedloss.ops.layouts import paired_layout, two_view_layout
+from embedloss.ops.similarity import inverse_temperature, prepare_embeddings, scale_from_logit
 
 __all__ = [
-    "AnchorLosses",
-    "LogWeightFn",
-    "PairSpec",
-    "anchor_losses_from_logits",
+    "ContrastiveOptions",
+    "PairedResult",
     "info_nce",
-    "pair_masks",
-    "reduce_anchor_losses",
+    "nt_xent",
+    "paired_symmetric",
     "symmetric_info_nce",
 ]
 
-#: A per-tile negative log-weight function: ``fn(logits_tile, rows, cols) -> (n, m)`` where
-#: ``logits_tile`` is detached and ``rows``/``cols`` are the global query/key indices of the tile.
-LogWeightFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-NegativeLogWeights = Tensor | LogWeightFn | None
-ChunkSize = int | Literal["auto"] | None
 
+@dataclass(frozen=True)
+class ContrastiveOptions:
+    """How an InfoNCE-family loss scores a batch, handed to its pure function as one object.
 
-class AnchorLosses(NamedTuple):
-    """Per-anchor results of the core.
+    A module builds it per call (``BaseContrastiveLoss.options()``, from checked constructor
+    arguments); a functional loss builds it from its keywords with :meth:`create`. The scale
+    ``1/τ`` comes from ``temperature`` (functional) or from a module's ``logit_scale``
+    (``log(1/τ)``, clamped at ``max_logit_scale``); it is computed in the inputs' dtype.
 
     Attributes:
-        loss: ``(N,)`` per-anchor losses; 0 where ``valid`` is false.
-        valid: ``(N,)`` bool, anchors with at least one positive and a non-empty denominator.
-        correct: ``(N,)`` bool, whether the highest-scoring key of ``A(i) ∪ P(i)`` is a positive.
+        temperature: τ, a float or a 0-d tensor (used when ``logit_scale`` is None).
+        logit_scale: ``log(1/τ)``, a 0-d tensor (a module's buffer or parameter), or None.
+        max_logit_scale: Clamp of ``logit_scale`` (learnable or external scales), or None.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise the inputs first.
+        chunk_size: Core tiling: ``None`` dense, an int, or ``"auto"``.
+        gather_distributed: Score local anchors against the keys of every rank.
+        label_smoothing: ε in [0, 1] of the losses that offer it (spread over ``A(i)``).
+    """
+
+    temperature: float | Tensor = 0.1
+    logit_scale: Tensor | None = None
+    max_logit_scale: float | None = None
+    reduction: str = "mean"
+    normalize: bool = True
+    chunk_size: ChunkSize = "auto"
+    gather_distributed: bool = False
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def create(
+        cls,
+        temperature: float | Tensor,
+        reduction: str = "mean",
+        normalize: bool = True,
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+        label_smoothing: float = 0.0,
+    ) -> ContrastiveOptions:
+        """Checked options from a functional loss's keywords (a tensor τ is checked on CPU)."""
+        inverse_temperature(temperature)  # the check only
+        return cls(
+            temperature,
+            reduction=check_reduction(reduction),
+            normalize=check_bool(normalize, "normalize"),
+            chunk_size=check_chunk_size(chunk_size),
+            gather_distributed=check_bool(gather_distributed, "gather_distributed"),
+            label_smoothing=check_float(label_smoothing, "label_smoothing", low=0.0, high=1.0),
+        )
+
+    def at(self, temperature: float | Tensor) -> ContrastiveOptions:
+        """These options at another temperature τ (a float or a 0-d tensor)."""
+        return dataclasses.replace(self, temperature=temperature, logit_scale=None)
+
+    def scale_as(self, dtype: torch.dtype) -> Tensor | float:
+        """``1/τ`` in the compute ``dtype`` (a float τ gives a float)."""
+        if self.logit_scale is None:
+            return inverse_temperature(self.temperature, dtype)
+        return scale_from_logit(self.logit_scale, dtype, self.max_logit_scale)
+
+    def prepare(self, *xs: Tensor) -> list[Tensor]:
+        """The inputs in their common compute dtype, L2-normalised when ``normalize``."""
+        dtype = compute_dtype(*xs)
+        return [prepare_embeddings(x, normalize=self.normalize, dtype=dtype) for x in xs]
+
+    def reduce(self, result: AnchorLosses, distributed: bool | None = None) -> Tensor:
+        """``result`` reduced with ``reduction`` (over ranks when ``gather_distributed``)."""
+        dist = self.gather_distributed if distributed is None else distributed
+        return reduce_anchor_losses(result, self.reduction, distributed=dist)
+
+
+class PairedResult(NamedTuple):
+    """A reduced loss and what its terms need: the per-anchor results and the prepared inputs.
+
+    Attributes:
+        loss: The reduced loss.
+        anchors: Per-anchor results, one :class:`AnchorLosses` per direction.
+        a: The first input as scored (dtype-cast, normalised if asked).
+        b: The second input as scored.
     """
 
     loss: Tensor
-    valid: Tensor
-    correct: Tensor
+    anchors: tuple[AnchorLosses, ...]
+    a: Tensor
+    b: Tensor
 
 
-@dataclass(frozen=True)
-class PairSpec:
-    """Which keys are positives of which query, and which keys are left out.
-
-    Attributes:
-        positive_index: ``(N,)`` long, the key index of each query's positive; used when no
-            labels are given, or with ``labels_mark="false_negatives"``.
-        query_labels: ``(N,)`` labels of the queries (optional).
-        key_labels: ``(M,)`` labels of the keys (required with ``query_labels``).
-        labels_mark: ``"positives"``: keys sharing a query's label are its positives (and
-            ``positive_index`` is ignored); ``"false_negatives"``: positives come from
-            ``positive_index`` and other same-label keys are removed from the denominator.
-        self_index: ``(N,)`` long, a key to remove entirely from each query's row (its own
-            embedding, as in NT-Xent), or None.
-        positive_in_denominator: False removes the positives from ``A(i)`` (decoupled losses).
-    """
-
-    positive_index: Tensor | None = None
-    query_labels: Tensor | None = None
-    key_labels: Tensor | None = None
-    labels_mark: Literal["positives", "false_negatives"] = "positives"
-    self_index: Tensor | None = None
-    positive_in_denominator: bool = True
-
-
-def pair_masks(spec: PairSpec, rows: Tensor, cols: Tensor) -> tuple[Tensor, Tensor]:
-    """Masks of one tile: ``(positive, denominator)``, each ``(len(rows), len(cols))`` bool.
-
-    ``rows`` and ``cols`` are the global query and key indices of the tile, so a chunked path can
-    build any tile without an (N, M) buffer.
-    """
-    same_label = None
-    if spec.query_labels is not None and spec.key_labels is not None:
-        same_label = spec.query_labels[rows].unsqueeze(1) == spec.key_labels[cols].unsqueeze(0)
-    if same_label is not None and spec.labels_mark == "positives":
-        positive = same_label
-    elif spec.positive_index is not None:
-        positive = spec.positive_index[rows].unsqueeze(1) == cols.unsqueeze(0)
-    else:
-        positive = rows.unsqueeze(1) == cols.unsqueeze(0)
-    denominator = torch.ones_like(positive)
-    if spec.self_index is not None:
-        is_self = spec.self_index[rows].unsqueeze(1) == cols.unsqueeze(0)
-        positive = positive & ~is_self
-        denominator = denominator & ~is_self
-    if same_label is not None and spec.labels_mark == "false_negatives":
-        denominator = denominator & (positive | ~same_label)
-    if not spec.positive_in_denominator:
-        denominator = denominator & ~positive
-    return positive, denominator
-
-
-def _resolve_log_weights(
-    weights: NegativeLogWeights, logits: Tensor, rows: Tensor, cols: Tensor
-) -> Tensor | None:
-    if weights is None:
-        return None
-    if isinstance(weights, Tensor):
-        if weights.shape != logits.shape:
-            raise ValueError(
-                f"negative_log_weights must have shape {tuple(logits.shape)} (queries, keys), "
-                f"got {tuple(weights.shape)}"
-            )
-        return weights[rows][:, cols] if weights.shape[0] != rows.numel() else weights
-    return weights(logits.detach(), rows, cols)
-
-
-def anchor_losses_from_logits(
-    logits: Tensor,
-    positive: Tensor,
-    denominator: Tensor,
-    log_weights: Tensor | None = None,
-    label_smoothing: float = 0.0,
-) -> AnchorLosses:
-    """Per-anchor InfoNCE from materialised ``logits (N, M)`` and boolean masks ``(N, M)``.
-
-    The dense kernel of the core, public for losses whose keys differ per query (e.g. per-query
-    negatives of shape ``(N, M, D)``), where there is no shared key matrix to tile.
-    """
-    weighted = logits if log_weights is None else logits + log_weights.masked_fill(positive, 0.0)
-    lse = weighted.masked_fill(~denominator, float("-inf")).logsumexp(dim=1)  # (N,)
-    n_pos = positive.sum(dim=1)
-    n_den = denominator.sum(dim=1)
-    valid = (n_pos > 0) & (n_den > 0)
-    zeros = torch.zeros_like(logits)
-    pos_mean = torch.where(positive, logits, zeros).sum(dim=1) / n_pos.clamp(min=1)
-    loss = lse - (1.0 - label_smoothing) * pos_mean
-    if label_smoothing > 0.0:
-        den_mean = torch.where(denominator, logits, zeros).sum(dim=1) / n_den.clamp(min=1)
-        loss = loss - label_smoothing * den_mean
-    loss = torch.where(valid, loss, torch.zeros_like(loss))
-    with torch.no_grad():
-        scored = logits.masked_fill(~(denominator | positive), torch.finfo(logits.dtype).min)
-        top = scored.argmax(dim=1, keepdim=True)  # the first maximum: ties go to the lower index
-        correct = positive.gather(1, top).squeeze(1) & valid
-    return AnchorLosses(loss, valid, correct)
-
-
-def _check_core_args(
-    query: Tensor, keys: Tensor, label_smoothing: float, chunk_size: ChunkSize
-) -> None:
+def _check_core_args(query: Tensor, keys: Tensor, label_smoothing: float) -> None:
     if query.dim() != 2 or keys.dim() != 2 or query.shape[1] != keys.shape[1]:
         raise ValueError(
             "query and keys must be (N, D) and (M, D) with the same D, "
             f"got {tuple(query.shape)} and {tuple(keys.shape)}"
         )
     check_float(label_smoothing, "label_smoothing", low=0.0, high=1.0)
-    if chunk_size is not None and chunk_size != "auto":
-        check_int(chunk_size, "chunk_size", low=1)
 
 
 def _tile_rows(
@@ -179,11 +149,24 @@ def _tile_rows(
 
     A weight tensor that requires grad needs the dense path (its gradient is an N×M tensor).
     """
-    from embedloss.ops.chunked import resolve_chunk_size
-
     if isinstance(weights, Tensor) and weights.requires_grad and torch.is_grad_enabled():
         return None
-    return resolve_chunk_size(chunk_size, n, m, dtype)
+    return chunked.resolve_chunk_size(check_chunk_size(chunk_size), n, m, dtype)
+
+
+def _resolve_weights(weights: NegativeLogWeights, logits: Tensor) -> Tensor | None:
+    if weights is None:
+        return None
+    if isinstance(weights, Tensor):
+        if weights.shape != logits.shape:
+            raise ValueError(
+                f"negative_log_weights must have shape {tuple(logits.shape)} (queries, keys), "
+                f"got {tuple(weights.shape)}"
+            )
+        return weights
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    return weights(logits.detach(), rows, cols)
 
 
 def info_nce(
@@ -195,8 +178,9 @@ def info_nce(
     negative_log_weights: NegativeLogWeights = None,
     label_smoothing: float = 0.0,
     chunk_size: ChunkSize = None,
+    reduced: bool = False,
 ) -> AnchorLosses:
-    """Per-anchor InfoNCE of ``query`` against ``keys`` (see the module docstring for the formula).
+    """Per-anchor InfoNCE of ``query`` against ``keys`` (formula: :mod:`embedloss.ops.anchors`).
 
     Args:
         query: ``(N, D)`` anchors (normalised by the caller if wanted).
@@ -207,9 +191,12 @@ def info_nce(
             logits in the denominator (hard-negative reweighting).
         label_smoothing: ε in [0, 1], spread uniformly over ``A(i)``.
         chunk_size: ``None`` (dense), an int (tiles of that many query rows, see
-            :mod:`embedloss.ops.chunked`) or ``"auto"`` (dense for tiny problems, whose
-            working set is below 512 KiB, tiles above). Tiled and dense agree in value and
-            gradient; the tiled path gives first-order gradients only.
+            :mod:`embedloss.ops.chunked`) or ``"auto"`` (dense for tiny problems, tiles above).
+            Tiled and dense agree in value and gradient; the tiled path gives first-order
+            gradients only.
+        reduced: The caller only sums or averages the per-anchor losses (``reduction`` mean or
+            sum), so their upstream gradient is the same for every anchor: the tiled path may
+            then finish the gradients during the forward.
 
     Returns:
         :class:`AnchorLosses` with ``(N,)`` tensors.
@@ -222,7 +209,7 @@ def info_nce(
         True
     """
     spec = PairSpec() if spec is None else spec
-    _check_core_args(query, keys, label_smoothing, chunk_size)
+    _check_core_args(query, keys, label_smoothing)
     n, m = query.shape[0], keys.shape[0]
     if spec.positive_index is None and spec.query_labels is None and m < n:
         raise ValueError(
@@ -230,9 +217,7 @@ def info_nce(
         )
     chunk = _tile_rows(chunk_size, n, m, query.dtype, negative_log_weights)
     if chunk is not None:
-        from embedloss.ops.chunked import chunked_info_nce
-
-        return chunked_info_nce(
+        return chunked.chunked_info_nce(
             query,
             keys,
             scale,
@@ -241,12 +226,39 @@ def info_nce(
             label_smoothing=label_smoothing,
             chunk_size=chunk,
         )
-    rows = torch.arange(n, device=query.device)
-    cols = torch.arange(m, device=query.device)
     logits = (query @ keys.T) * scale  # (N, M)
-    positive, denominator = pair_masks(spec, rows, cols)
-    log_w = _resolve_log_weights(negative_log_weights, logits, rows, cols)
-    return anchor_losses_from_logits(logits, positive, denominator, log_w, label_smoothing)
+    log_w = _resolve_weights(negative_log_weights, logits)
+    return dense_anchor_losses(logits, spec, log_w, label_smoothing)
+
+
+def _symmetric_local(
+    x: Tensor,
+    y: Tensor,
+    scale: Tensor | float,
+    labels: Tensor | None,
+    negative_log_weights: NegativeLogWeights,
+    label_smoothing: float,
+    chunk_size: ChunkSize,
+) -> tuple[AnchorLosses, AnchorLosses]:
+    """Both directions of a local paired batch from one logit matrix (or its tiles)."""
+    n = x.shape[0]
+    chunk = _tile_rows(chunk_size, n, n, x.dtype, negative_log_weights)
+    if chunk is not None:
+        return chunked.chunked_symmetric_info_nce(
+            x,
+            y,
+            scale,
+            labels=labels,
+            negative_log_weights=negative_log_weights,
+            label_smoothing=label_smoothing,
+            chunk_size=chunk,
+        )
+    spec = PairSpec(query_labels=labels, key_labels=labels)
+    logits = (x @ y.T) * scale  # (N, N)
+    log_w = _resolve_weights(negative_log_weights, logits)
+    log_w_t = None if log_w is None else log_w.T
+    forward = dense_anchor_losses(logits, spec, log_w, label_smoothing)
+    return forward, dense_anchor_losses(logits.T, spec, log_w_t, label_smoothing)
 
 
 def symmetric_info_nce(
@@ -258,12 +270,15 @@ def symmetric_info_nce(
     negative_log_weights: NegativeLogWeights = None,
     label_smoothing: float = 0.0,
     chunk_size: ChunkSize = None,
+    gather_distributed: bool = False,
 ) -> tuple[AnchorLosses, AnchorLosses]:
     """InfoNCE in both directions of a paired batch (x→y rows, y→x columns), as in CLIP.
 
-    Shares one logit matrix between the directions. Pair ``i`` of ``x`` and ``y`` is positive;
-    with ``labels`` every pair of equal labels is. ``negative_log_weights`` given as a tensor is
-    the ``(N, N)`` x→y matrix; its transpose serves y→x.
+    Pair ``i`` of ``x`` and ``y`` is positive; with ``labels`` every pair of equal labels is.
+    Locally one logit matrix serves both directions; ``negative_log_weights`` given as a tensor
+    is the ``(N, N)`` x→y matrix and its transpose serves y→x. With ``gather_distributed`` the
+    local rows of each side are scored against the gathered other side (one core call per
+    direction; no negative weights).
 
     Returns:
         ``(x_to_y, y_to_x)`` per-anchor results.
@@ -273,62 +288,71 @@ def symmetric_info_nce(
         >>> torch.allclose(a.loss, b.loss)
         True
     """
-    _check_core_args(x, y, label_smoothing, chunk_size)
+    _check_core_args(x, y, label_smoothing)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must have the same N, got {x.shape[0]} and {y.shape[0]}")
     n = x.shape[0]
     if labels is not None and labels.shape != (n,):
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
-    chunk = _tile_rows(chunk_size, n, n, x.dtype, negative_log_weights)
-    if chunk is not None:
-        from embedloss.ops.chunked import chunked_symmetric_info_nce
-
-        return chunked_symmetric_info_nce(
-            x,
-            y,
-            scale,
-            labels=labels,
-            negative_log_weights=negative_log_weights,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk,
+    if not gather_distributed:
+        return _symmetric_local(
+            x, y, scale, labels, negative_log_weights, label_smoothing, chunk_size
         )
-    spec = PairSpec(query_labels=labels, key_labels=labels)
-    idx = torch.arange(n, device=x.device)
-    logits = (x @ y.T) * scale  # (N, N)
-    positive, denominator = pair_masks(spec, idx, idx)
-    log_w = _resolve_log_weights(negative_log_weights, logits, idx, idx)
-    forward = anchor_losses_from_logits(logits, positive, denominator, log_w, label_smoothing)
-    log_w_t = None if log_w is None else log_w.T
-    backward = anchor_losses_from_logits(
-        logits.T, positive.T, denominator.T, log_w_t, label_smoothing
+    if negative_log_weights is not None:
+        raise ValueError("negative_log_weights cannot be combined with gather_distributed")
+    x_keys, x_spec = paired_layout(y, x, labels, gather_distributed=True)
+    y_keys, y_spec = paired_layout(x, y, labels, gather_distributed=True)
+    return (
+        info_nce(x, y_keys, scale, y_spec, label_smoothing=label_smoothing, chunk_size=chunk_size),
+        info_nce(y, x_keys, scale, x_spec, label_smoothing=label_smoothing, chunk_size=chunk_size),
     )
-    return forward, backward
 
 
-def reduce_anchor_losses(
-    result: AnchorLosses, reduction: str, *, distributed: bool = False
-) -> Tensor:
-    """Reduce per-anchor losses: mean over *valid* anchors, sum, or ``(N,)`` for ``"none"``.
+def paired_symmetric(
+    a: Tensor,
+    b: Tensor,
+    labels: Tensor | None,
+    options: ContrastiveOptions,
+    names: tuple[str, str] = ("z_a", "z_b"),
+) -> PairedResult:
+    """Checked, prepared and reduced :func:`symmetric_info_nce` of paired inputs (CLIP's loss).
 
-    With ``distributed=True`` (and an initialised process group) the mean divides by the number
-    of valid anchors on all ranks and the result is multiplied by the world size, so that the
-    mean over ranks of the returned losses equals the single-process loss on the whole batch and
-    each rank's gradient is world_size × the single-process gradient (what DDP averages back).
-
-    Example:
-        >>> r = AnchorLosses(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([True, False, True]),
-        ...                  torch.tensor([True, False, True]))
-        >>> reduce_anchor_losses(r, "mean")
-        tensor(2.)
+    ``names`` name the inputs in errors. The loss averages the two directions (per pair for
+    ``reduction="none"``).
     """
-    check_reduction(reduction)
-    if reduction == "none":
-        return result.loss
-    world, _ = world_info(distributed)
-    total = result.loss.sum()
-    if reduction == "sum":
-        return total * world
-    count = result.valid.sum().to(result.loss.dtype)
-    if world > 1:
-        count = all_reduce_sum_no_grad(count)
-    return total * world / count.clamp(min=1)
+    check_pair(a, b, *names, labels)
+    x, y = options.prepare(a, b)
+    first, second = symmetric_info_nce(
+        x,
+        y,
+        options.scale_as(x.dtype),
+        labels=labels,
+        label_smoothing=options.label_smoothing,
+        chunk_size=options.chunk_size,
+        gather_distributed=options.gather_distributed,
+    )
+    loss = (options.reduce(first) + options.reduce(second)) / 2
+    return PairedResult(loss, (first, second), x, y)
+
+
+def nt_xent(
+    z_a: Tensor,
+    z_b: Tensor,
+    labels: Tensor | None,
+    options: ContrastiveOptions,
+    *,
+    decoupled: bool = False,
+) -> PairedResult:
+    """NT-Xent (SimCLR) over the 2n anchors ``[z_a; z_b]``, checked, prepared and reduced.
+
+    Each anchor's positive is its other view (with ``labels``: every other view of its label)
+    and the anchor itself leaves the denominator; ``decoupled`` also removes the positives from
+    it (DCL). ``anchors[0]`` holds the ``(2n,)`` per-anchor results.
+    """
+    check_pair(z_a, z_b, "z_a", "z_b", labels)
+    a, b = options.prepare(z_a, z_b)
+    query, keys, spec = two_view_layout(a, b, labels, options.gather_distributed)
+    if decoupled:
+        spec = dataclasses.replace(spec, positive_in_denominator=False)
+    result = info_nce(query, keys, options.scale_as(a.dtype), spec, chunk_size=options.chunk_size)
+    return PairedResult(options.reduce(result), (result,), a, b)

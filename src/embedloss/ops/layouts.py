@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from embedloss.ops.anchors import PairSpec
 from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import PairSpec
 
 __all__ = ["paired_layout", "two_view_layout"]
 

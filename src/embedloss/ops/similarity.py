@@ -9,16 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from embedloss._validation import check_labels, check_positive_float
+from embedloss._validation import check_labels, check_positive_float, on_host
 
 __all__ = [
     "inverse_temperature",
+    "group_counts",
     "l2_normalize",
+    "label_codes",
     "labels_from_match_ids",
     "mean_pair_similarity",
     "pair_similarity_terms",
     "positive_mask_from_labels",
     "prepare_embeddings",
+    "scale_from_logit",
     "similarity_matrix",
 ]
 
@@ -61,6 +64,26 @@ def positive_mask_from_labels(query_labels: Tensor, key_labels: Tensor | None = 
     return query_labels.unsqueeze(1) == keys.unsqueeze(0)
 
 
+def label_codes(labels: Tensor) -> Tensor:
+    """Group ids in ``[0, N)`` of ``labels (N,)``: equal labels get equal codes.
+
+    A code is the position of the label's first occurrence in sorted order, so the result has
+    a fixed shape and is computed without reading a value back to the host (unlike
+    ``torch.unique``): per-group sums can use ``(N, ...)`` buffers and ``index_add``.
+
+    Example:
+        >>> label_codes(torch.tensor([7, 3, 7, 5]))
+        tensor([2, 0, 2, 1])
+    """
+    ordered = labels.reshape(-1).sort().values
+    return torch.searchsorted(ordered, labels.reshape(-1))
+
+
+def group_counts(codes: Tensor) -> Tensor:
+    """``(N,)`` sizes of the groups of :func:`label_codes` ``codes``, indexed by code."""
+    return torch.zeros_like(codes).index_add_(0, codes, torch.ones_like(codes))
+
+
 def labels_from_match_ids(
     match_ids: Sequence[Hashable] | Tensor, device: torch.device | None = None
 ) -> Tensor:
@@ -90,9 +113,12 @@ def labels_from_match_ids(
 
 
 def inverse_temperature(
-    temperature: Tensor | float, dtype: torch.dtype = torch.float32
+    temperature: Tensor | float, dtype: torch.dtype | None = None
 ) -> Tensor | float:
     """``1/τ`` for a float τ (checked finite and > 0) or a 0-d tensor τ (kept differentiable).
+
+    A tensor τ is checked only when it is on the CPU (no device synchronisation otherwise) and
+    cast to ``dtype`` when one is given.
 
     Raises:
         ValueError: If τ is not finite and positive, or a tensor τ has more than one element.
@@ -102,11 +128,27 @@ def inverse_temperature(
             raise ValueError(
                 f"temperature must be a scalar, got a tensor of shape {tuple(temperature.shape)}"
             )
-        value = float(temperature.detach())
-        if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
-        return 1.0 / temperature.reshape(()).to(dtype)
+        if on_host(temperature):
+            value = float(temperature.detach())
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+        tau = temperature.reshape(())
+        return 1.0 / (tau if dtype is None else tau.to(dtype))
     return 1.0 / check_positive_float(temperature, "temperature")
+
+
+def scale_from_logit(
+    logit_scale: Tensor, dtype: torch.dtype, max_logit_scale: float | None = None
+) -> Tensor:
+    """``1/τ = exp(logit_scale)`` in ``dtype``, the log-scale clamped at ``max_logit_scale``.
+
+    CLIP stores a learnable temperature as ``logit_scale = log(1/τ)`` and clamps it at
+    ``log 100``; the cast comes first so that the exponential is computed in ``dtype``.
+    """
+    ls = logit_scale.reshape(()).to(dtype)
+    if max_logit_scale is not None:
+        ls = ls.clamp(max=max_logit_scale)
+    return ls.exp()
 
 
 def prepare_embeddings(x: Tensor, *, normalize: bool, dtype: torch.dtype) -> Tensor:

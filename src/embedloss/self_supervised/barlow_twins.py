@@ -6,11 +6,10 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from embedloss._validation import check_pair, check_positive_float, compute_dtype
+from embedloss._validation import check_bool, check_pair, check_positive_float, compute_dtype
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.ops.statistics import check_enough_samples, cross_correlation, off_diagonal
 from embedloss.registry import register_loss
-from embedloss.self_supervised._common import check_bool
 
 __all__ = ["BarlowTwinsLoss", "BarlowTwinsTerms", "barlow_twins_loss", "barlow_twins_terms"]
 

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import (
+    check_bool,
     check_embeddings,
     check_positive_float,
     compute_dtype,
@@ -14,7 +15,6 @@ from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.ops.statistics import check_enough_samples, covariance, off_diagonal
 from embedloss.registry import register_loss
-from embedloss.self_supervised._common import check_bool
 
 __all__ = ["DecorrelationLoss", "decorrelation_loss"]
 

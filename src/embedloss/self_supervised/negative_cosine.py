@@ -7,13 +7,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_embeddings, check_same_shape, compute_dtype
+from embedloss._validation import check_bool, check_embeddings, check_same_shape, compute_dtype
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.ops.info_nce import AnchorLosses, reduce_anchor_losses
+from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.ops.statistics import variance
 from embedloss.registry import register_loss
-from embedloss.self_supervised._common import check_bool
 
 __all__ = ["NegativeCosineLoss", "negative_cosine_anchor_losses", "negative_cosine_loss"]
 
@@ -97,14 +96,7 @@ def negative_cosine_loss(
         (-0.5, None)
     """
     per_sample = negative_cosine_anchor_losses(p_a, z_b, p_b, z_a)
-    return _reduce(per_sample, reduction, gather_distributed)
-
-
-def _reduce(per_sample: Tensor, reduction: str, distributed: bool) -> Tensor:
-    # Every sample is a valid anchor; the core's reduction handles "mean" across ranks.
-    valid = torch.ones_like(per_sample, dtype=torch.bool)
-    result = AnchorLosses(per_sample, valid, torch.zeros_like(valid))
-    return reduce_anchor_losses(result, reduction, distributed=distributed)
+    return reduce_samples(per_sample, reduction, distributed=gather_distributed)
 
 
 @register_loss("negative_cosine", aliases=("simsiam",))
@@ -170,7 +162,7 @@ class NegativeCosineLoss(BaseLoss):
                 "use p_b and z_a as well"
             )
         per_sample = negative_cosine_anchor_losses(p_a, z_b, p_b, z_a)
-        loss = _reduce(per_sample, self.reduction, self.gather_distributed)
+        loss = reduce_samples(per_sample, self.reduction, distributed=self.gather_distributed)
         with torch.no_grad():
             targets = [z_b] if z_a is None else [z_b, z_a]
             dtype = compute_dtype(*targets)

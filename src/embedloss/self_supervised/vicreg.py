@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from embedloss._validation import check_int, check_pair, check_positive_float, compute_dtype
+from embedloss._validation import (
+    check_bool,
+    check_int,
+    check_pair,
+    check_positive_float,
+    compute_dtype,
+)
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.ops.statistics import (
     batch_count,
@@ -18,7 +24,6 @@ from embedloss.ops.statistics import (
     off_diagonal,
 )
 from embedloss.registry import register_loss
-from embedloss.self_supervised._common import check_bool
 
 __all__ = ["VICRegLoss", "VICRegTerms", "vicreg_loss", "vicreg_terms"]
 

@@ -10,32 +10,25 @@ from torch import Tensor
 from embedloss._validation import (
     check_choice,
     check_embeddings,
+    check_optional_positive,
     check_same_shape,
-    compute_dtype,
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.multimodal.clip import mean_accuracy
-from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import AnchorLosses, ChunkSize, reduce_anchor_losses
-from embedloss.ops.similarity import inverse_temperature, prepare_embeddings
+from embedloss.ops.anchors import AnchorLosses, ChunkSize, mean_accuracy, reduce_anchor_losses
+from embedloss.ops.info_nce import ContrastiveOptions
+from embedloss.ops.supcon import check_supervision, cross_contrast, multi_view_contrast
 from embedloss.registry import register_loss
-from embedloss.supervised.supcon import (
-    check_base_temperature,
-    check_supervision,
-    contrast,
-    supcon_anchor_losses,
-    temperature_factor,
-)
 
-__all__ = [
-    "CrossModalSupConLoss",
-    "CrossModalSupConParts",
-    "cross_modal_supcon_anchor_losses",
-    "cross_modal_supcon_loss",
-]
+__all__ = ["CrossModalSupConLoss", "cross_modal_supcon_loss"]
 
 CROSS_MODAL_MODES = ("all", "cross", "intra")
+#: Weights of ``(intra_image, intra_text, image_to_text, text_to_image)`` per contrast mode.
+PART_WEIGHTS = {
+    "all": (1 / 3, 1 / 3, 1 / 6, 1 / 6),
+    "intra": (0.5, 0.5, 0.0, 0.0),
+    "cross": (0.0, 0.0, 0.5, 0.5),
+}
 
 
 class CrossModalSupConParts(NamedTuple):
@@ -54,103 +47,52 @@ class CrossModalSupConParts(NamedTuple):
     text_to_image: AnchorLosses | None
 
 
-def _one_direction(
-    query: Tensor,
-    keys: Tensor,
-    scale: Tensor | float,
-    labels: Tensor | None,
-    mask: Tensor | None,
-    gather_distributed: bool,
-    chunk_size: ChunkSize,
-) -> AnchorLosses:
-    gathered = gather_with_grad(keys, gather_distributed)
-    n, total = query.shape[0], gathered.tensor.shape[0]
-    query_ids = torch.arange(n, device=query.device) + gathered.offset
-    key_labels = None if labels is None else gather_with_grad(labels, gather_distributed).tensor
-    return contrast(
-        query,
-        gathered.tensor,
-        scale,
-        query_ids=query_ids,
-        key_ids=torch.arange(total, device=query.device),
-        query_labels=labels,
-        key_labels=key_labels,
-        positive=None if mask is None else mask != 0,
-        chunk_size=chunk_size,
-    )
+class _Result(NamedTuple):
+    loss: Tensor
+    parts: CrossModalSupConParts
+    factor: Tensor | float  # τ/τ_base (1 without a base temperature)
 
 
-def cross_modal_supcon_anchor_losses(
+def _cross_modal_supcon(
     image_embeddings: Tensor,
     text_embeddings: Tensor,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    *,
-    temperature: float | Tensor = 0.1,
-    contrast_mode: str = "all",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
-) -> CrossModalSupConParts:
-    """Per-anchor losses of each part (see :func:`cross_modal_supcon_loss`), without ``τ/τ_base``."""
+    labels: Tensor | None,
+    mask: Tensor | None,
+    options: ContrastiveOptions,
+    contrast_mode: str,
+    base_temperature: float | None,
+) -> _Result:
+    """The parts (per anchor), their weighted and reduced sum, and the ``τ/τ_base`` factor."""
     check_embeddings(image_embeddings, "image_embeddings")
     check_embeddings(text_embeddings, "text_embeddings")
     check_same_shape(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
     check_choice(contrast_mode, "contrast_mode", CROSS_MODAL_MODES)
-    n = image_embeddings.shape[0]
-    labels = check_supervision(labels, mask, n)
+    labels = check_supervision(labels, mask, image_embeddings.shape[0])
     if labels is None and mask is None:
         raise ValueError("cross-modal SupCon needs labels or mask to define the positives")
-    if mask is not None and gather_distributed:
+    gather, chunk = options.gather_distributed, options.chunk_size
+    if mask is not None and gather:
         raise ValueError("an explicit mask cannot be combined with gather_distributed; pass labels")
-    dtype = compute_dtype(image_embeddings, text_embeddings)
-    img = prepare_embeddings(image_embeddings, normalize=normalize, dtype=dtype)
-    txt = prepare_embeddings(text_embeddings, normalize=normalize, dtype=dtype)
+    img, txt = options.prepare(image_embeddings, text_embeddings)
+    scale = options.scale_as(img.dtype)
     intra_image = intra_text = image_to_text = text_to_image = None
     if contrast_mode in ("all", "intra"):
-        options: dict[str, Any] = {
-            "temperature": temperature,
-            "normalize": False,
-            "chunk_size": chunk_size,
-            "gather_distributed": gather_distributed,
-        }
-        intra_image = supcon_anchor_losses(img, labels, mask, **options)
-        intra_text = supcon_anchor_losses(txt, labels, mask, **options)
+        intra_image, intra_text = (
+            multi_view_contrast(x, labels, mask, scale, chunk_size=chunk, gather_distributed=gather)
+            for x in (img, txt)
+        )
     if contrast_mode in ("all", "cross"):
-        scale = inverse_temperature(temperature, dtype)
         mask_t = None if mask is None else mask.T
-        image_to_text = _one_direction(
-            img, txt, scale, labels, mask, gather_distributed, chunk_size
-        )
-        text_to_image = _one_direction(
-            txt, img, scale, labels, mask_t, gather_distributed, chunk_size
-        )
-    return CrossModalSupConParts(intra_image, intra_text, image_to_text, text_to_image)
-
-
-def part_weights(contrast_mode: str) -> tuple[float, float, float, float]:
-    """Weights of ``(intra_image, intra_text, image_to_text, text_to_image)`` in the loss."""
-    return {
-        "all": (1 / 3, 1 / 3, 1 / 6, 1 / 6),
-        "intra": (0.5, 0.5, 0.0, 0.0),
-        "cross": (0.0, 0.0, 0.5, 0.5),
-    }[contrast_mode]
-
-
-def combine_parts(
-    parts: CrossModalSupConParts,
-    contrast_mode: str,
-    factor: Tensor | float,
-    reduction: str,
-    distributed: bool,
-) -> Tensor:
-    """Weighted sum of the reduced parts (per pair for ``reduction="none"``)."""
+        image_to_text = cross_contrast(img, txt, scale, labels, mask, gather, chunk)
+        text_to_image = cross_contrast(txt, img, scale, labels, mask_t, gather, chunk)
+    parts = CrossModalSupConParts(intra_image, intra_text, image_to_text, text_to_image)
     weighted = [
-        weight * reduce_anchor_losses(part, reduction, distributed=distributed)
-        for part, weight in zip(parts, part_weights(contrast_mode), strict=True)
+        weight * options.reduce(part)
+        for part, weight in zip(parts, PART_WEIGHTS[contrast_mode], strict=True)
         if part is not None
     ]
-    return sum(weighted[1:], weighted[0]) * factor
+    factor = 1.0 if base_temperature is None else 1.0 / (scale * base_temperature)
+    return _Result(sum(weighted[1:], weighted[0]) * factor, parts, factor)
 
 
 def cross_modal_supcon_loss(
@@ -208,19 +150,13 @@ def cross_modal_supcon_loss(
         >>> cross_modal_supcon_loss(x, x + 0.1, labels, contrast_mode="cross").shape
         torch.Size([])
     """
-    parts = cross_modal_supcon_anchor_losses(
-        image_embeddings,
-        text_embeddings,
-        labels,
-        mask,
-        temperature=temperature,
-        contrast_mode=contrast_mode,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
     )
-    factor = temperature_factor(temperature, base_temperature)
-    return combine_parts(parts, contrast_mode, factor, reduction, gather_distributed)
+    base = check_optional_positive(base_temperature, "base_temperature")
+    return _cross_modal_supcon(
+        image_embeddings, text_embeddings, labels, mask, options, contrast_mode, base
+    ).loss
 
 
 @register_loss("cross_modal_supcon")
@@ -269,7 +205,14 @@ class CrossModalSupConLoss(BaseContrastiveLoss):
             gather_distributed=gather_distributed,
         )
         self.contrast_mode = check_choice(contrast_mode, "contrast_mode", CROSS_MODAL_MODES)
-        self.base_temperature = check_base_temperature(base_temperature)
+        self.base_temperature = check_optional_positive(base_temperature, "base_temperature")
+
+    def _result(
+        self, image: Tensor, text: Tensor, labels: Tensor | None, mask: Tensor | None
+    ) -> _Result:
+        options = self.options()
+        mode, base = self.contrast_mode, self.base_temperature
+        return _cross_modal_supcon(image, text, labels, mask, options, mode, base)
 
     def compute(
         self,
@@ -279,25 +222,12 @@ class CrossModalSupConLoss(BaseContrastiveLoss):
         mask: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings and ``labels`` or ``mask``."""
-        check_embeddings(image_embeddings, "image_embeddings")
-        options = self.core_options(compute_dtype(image_embeddings, text_embeddings))
-        parts = cross_modal_supcon_anchor_losses(
-            image_embeddings,
-            text_embeddings,
-            labels,
-            mask,
-            contrast_mode=self.contrast_mode,
-            **options,
-        )
-        factor = temperature_factor(options["temperature"], self.base_temperature)
-        loss = combine_parts(
-            parts, self.contrast_mode, factor, self.reduction, self.gather_distributed
-        )
+        loss, parts, factor = self._result(image_embeddings, text_embeddings, labels, mask)
         computed = [p for p in parts if p is not None]
         values: dict[str, Tensor | float] = {
             "anchors_without_positives": sum(int(p.valid.numel()) for p in computed)
             - sum(p.valid.sum() for p in computed),
-            "temperature": self.temperature,
+            "temperature": 1.0 / self.scale(dtype=torch.float64),
         }
         if parts.intra_image is not None and parts.intra_text is not None:
             values["loss_intra_image"] = reduce_anchor_losses(parts.intra_image, "mean") * factor
@@ -317,7 +247,7 @@ class CrossModalSupConLoss(BaseContrastiveLoss):
         mask: Tensor | None = None,
     ) -> Tensor:
         """The cross-modal SupCon loss (see :meth:`compute`)."""
-        return self.compute(image_embeddings, text_embeddings, labels, mask).loss
+        return self._result(image_embeddings, text_embeddings, labels, mask).loss
 
     @classmethod
     def example_inputs(

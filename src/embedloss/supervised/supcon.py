@@ -2,208 +2,54 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from embedloss._validation import (
-    check_choice,
-    check_embeddings,
-    check_labels,
-    check_positive_float,
-    check_tensor,
-    compute_dtype,
-)
+from embedloss._validation import check_choice, check_embeddings, check_optional_positive
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import (
-    AnchorLosses,
-    ChunkSize,
-    PairSpec,
-    anchor_losses_from_logits,
-    info_nce,
-    pair_masks,
-    reduce_anchor_losses,
-)
-from embedloss.ops.similarity import inverse_temperature, prepare_embeddings, similarity_matrix
+from embedloss.ops.anchors import AnchorLosses, ChunkSize
+from embedloss.ops.info_nce import ContrastiveOptions
+from embedloss.ops.supcon import multi_view_contrast
 from embedloss.registry import register_loss
 
-__all__ = [
-    "SupConLoss",
-    "check_base_temperature",
-    "check_supervision",
-    "contrast",
-    "positive_mask_from_multi_hot",
-    "supcon_anchor_losses",
-    "supcon_loss",
-    "temperature_factor",
-]
+__all__ = ["SupConLoss", "supcon_loss"]
 
 CONTRAST_MODES = ("all", "one")
 
 
-def check_supervision(labels: Any, mask: Any, n: int) -> Tensor | None:
-    """Validate SupCon's supervision: integer ``labels (N,)``, multi-hot ``(N, C)`` or ``mask (N, N)``.
-
-    Returns the labels, with ``(N, 1)`` read as ``(N,)`` classes (as the reference code and the
-    legacy loss did), not as a one-column multi-hot matrix.
-
-    Raises:
-        ValueError: If both are given, or a shape does not match the batch of ``n`` samples.
-        TypeError: If either is not a tensor, or ``(N,)`` labels are not integers.
-    """
-    if labels is not None and mask is not None:
-        raise ValueError("pass either labels or mask, not both")
-    if labels is not None:
-        check_tensor(labels, "labels")
-        if labels.dim() == 2 and labels.shape[1] == 1:
-            labels = labels.reshape(-1)
-        if labels.dim() == 2:
-            if labels.shape[0] != n:
-                raise ValueError(
-                    f"multi-hot labels must have shape ({n}, C) to match the batch, got {tuple(labels.shape)}"
-                )
-        else:
-            check_labels(labels, n)
-    if mask is not None:
-        check_tensor(mask, "mask")
-        if mask.shape != (n, n):
-            raise ValueError(f"mask must have shape ({n}, {n}), got {tuple(mask.shape)}")
-    return labels
+class _SupCon(NamedTuple):
+    loss: Tensor
+    anchors: AnchorLosses
 
 
-def positive_mask_from_multi_hot(query_labels: Tensor, key_labels: Tensor) -> Tensor:
-    """``(N, M)`` bool: query ``i`` and key ``a`` share at least one label (non-zero entries).
-
-    Example:
-        >>> y = torch.tensor([[1, 0], [1, 1], [0, 1]])
-        >>> positive_mask_from_multi_hot(y, y).int()
-        tensor([[1, 1, 0],
-                [1, 1, 1],
-                [0, 1, 1]], dtype=torch.int32)
-    """
-    q = (query_labels != 0).to(torch.float32)
-    k = (key_labels != 0).to(torch.float32)
-    return (q @ k.T) > 0
-
-
-def contrast(
-    query: Tensor,
-    keys: Tensor,
-    scale: Tensor | float,
-    *,
-    query_ids: Tensor,
-    key_ids: Tensor,
-    query_labels: Tensor | None = None,
-    key_labels: Tensor | None = None,
-    positive: Tensor | None = None,
-    self_index: Tensor | None = None,
-    chunk_size: ChunkSize = "auto",
-) -> AnchorLosses:
-    """Multi-positive InfoNCE of ``query (n, D)`` against ``keys (m, D)`` through the core.
-
-    Positives are, in order of precedence: the explicit bool ``positive (n, m)``; keys sharing
-    a multi-hot label row (``(n, C)`` / ``(m, C)`` labels) or the same sample id; keys with
-    equal ``(n,)`` / ``(m,)`` labels; otherwise keys with the same sample id (``query_ids``,
-    ``key_ids``: which sample each row comes from). ``self_index`` removes each query's own
-    key from its row. 1-D labels run through :func:`~embedloss.ops.info_nce.info_nce` (and its
-    tiling); multi-hot labels and explicit masks materialise the logits (dense).
-    """
-    dense = positive is not None or (query_labels is not None and query_labels.dim() == 2)
-    if not dense:
-        use_labels = query_labels is not None and key_labels is not None
-        spec = PairSpec(
-            query_labels=query_labels if use_labels else query_ids,
-            key_labels=key_labels if use_labels else key_ids,
-            self_index=self_index,
-        )
-        return info_nce(query, keys, scale, spec, chunk_size=chunk_size)
-    rows = torch.arange(query.shape[0], device=query.device)
-    cols = torch.arange(keys.shape[0], device=query.device)
-    spec = PairSpec(query_labels=query_ids, key_labels=key_ids, self_index=self_index)
-    same_sample, denominator = pair_masks(spec, rows, cols)  # (n, m) each
-    if positive is None:
-        positive = same_sample
-        if query_labels is not None and key_labels is not None:
-            positive = positive | positive_mask_from_multi_hot(query_labels, key_labels)
-    logits = similarity_matrix(query, keys, scale)  # (n, m)
-    return anchor_losses_from_logits(logits, positive & denominator, denominator)
-
-
-def check_base_temperature(base_temperature: float | None) -> float | None:
-    """``base_temperature`` checked > 0 (as a float), or None (no ``τ/τ_base`` factor)."""
-    if base_temperature is None:
-        return None
-    return check_positive_float(base_temperature, "base_temperature")
-
-
-def temperature_factor(
-    temperature: float | Tensor, base_temperature: float | None
-) -> Tensor | float:
-    """SupCon's ``τ/τ_base`` loss factor (1 when ``base_temperature`` is None)."""
-    base = check_base_temperature(base_temperature)
-    return 1.0 if base is None else temperature / base
-
-
-def supcon_anchor_losses(
+def _supcon(
     embeddings: Tensor,
-    labels: Tensor | None = None,
-    mask: Tensor | None = None,
-    *,
-    temperature: float | Tensor = 0.1,
-    contrast_mode: str = "all",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
-) -> AnchorLosses:
-    """Per-anchor L_out without the ``τ/τ_base`` factor (see :func:`supcon_loss`).
-
-    Anchors are ordered view-major: ``(V·N,)`` for ``contrast_mode="all"``, ``(N,)`` for ``"one"``.
-    """
+    labels: Tensor | None,
+    mask: Tensor | None,
+    options: ContrastiveOptions,
+    contrast_mode: str,
+    base_temperature: float | None,
+) -> _SupCon:
+    """Checked, prepared, scaled by ``τ/τ_base`` and reduced SupCon."""
     check_embeddings(embeddings, "embeddings", ndim=(2, 3))
     check_choice(contrast_mode, "contrast_mode", CONTRAST_MODES)
-    x = embeddings if embeddings.dim() == 3 else embeddings.unsqueeze(1)  # (n, V, D)
-    n, views = x.shape[0], x.shape[1]
-    labels = check_supervision(labels, mask, n)
-    if labels is None and mask is None and views == 1:
-        raise ValueError(
-            "SupCon with a single view needs labels or mask: otherwise no anchor has a positive"
-        )
-    if mask is not None and gather_distributed:
-        raise ValueError("an explicit mask cannot be combined with gather_distributed; pass labels")
-    dtype = compute_dtype(embeddings)
-    x = prepare_embeddings(x, normalize=normalize, dtype=dtype)
-    scale = inverse_temperature(temperature, dtype)
-    gathered = gather_with_grad(x, gather_distributed)
-    total = gathered.tensor.shape[0]
-    keys = gathered.tensor.transpose(0, 1).reshape(views * total, -1)  # (V·N_all, D)
-    anchor_views = views if contrast_mode == "all" else 1
-    query = x[:, :anchor_views].transpose(0, 1).reshape(anchor_views * n, -1)  # (A·n, D)
-    local = torch.arange(n, device=x.device) + gathered.offset
-    offsets = torch.arange(anchor_views, device=x.device).repeat_interleave(n) * total
-    key_ids = torch.arange(total, device=x.device).repeat(views)
-    query_ids = local.repeat(anchor_views)
-    key_labels = query_labels = positive = None
-    if labels is not None:
-        global_labels = gather_with_grad(labels, gather_distributed).tensor
-        query_labels = labels.repeat(anchor_views, *([1] * (labels.dim() - 1)))
-        key_labels = global_labels.repeat(views, *([1] * (labels.dim() - 1)))
-    if mask is not None:
-        positive = (mask != 0).repeat(anchor_views, views)  # (A·n, V·n), as the reference tiles it
-    return contrast(
-        query,
-        keys,
+    (x,) = options.prepare(embeddings)
+    scale = options.scale_as(x.dtype)
+    result = multi_view_contrast(
+        x,
+        labels,
+        mask,
         scale,
-        query_ids=query_ids,
-        key_ids=key_ids,
-        query_labels=query_labels,
-        key_labels=key_labels,
-        positive=positive,
-        self_index=query_ids + offsets,
-        chunk_size=chunk_size,
+        contrast_mode=contrast_mode,
+        chunk_size=options.chunk_size,
+        gather_distributed=options.gather_distributed,
     )
+    if base_temperature is not None:  # the official code's τ/τ_base factor
+        result = result._replace(loss=result.loss / (scale * base_temperature))
+    return _SupCon(options.reduce(result), result)
 
 
 def supcon_loss(
@@ -263,19 +109,11 @@ def supcon_loss(
         >>> round(loss.item(), 6) == round(math.log(math.e + 6) - 1, 6)
         True
     """
-    result = supcon_anchor_losses(
-        embeddings,
-        labels,
-        mask,
-        temperature=temperature,
-        contrast_mode=contrast_mode,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
     )
-    factor = temperature_factor(temperature, base_temperature)
-    scaled = AnchorLosses(result.loss * factor, result.valid, result.correct)
-    return reduce_anchor_losses(scaled, reduction, distributed=gather_distributed)
+    base = check_optional_positive(base_temperature, "base_temperature")
+    return _supcon(embeddings, labels, mask, options, contrast_mode, base).loss
 
 
 @register_loss("supcon", aliases=("supervised_contrastive",))
@@ -325,39 +163,29 @@ class SupConLoss(BaseContrastiveLoss):
             gather_distributed=gather_distributed,
         )
         self.contrast_mode = check_choice(contrast_mode, "contrast_mode", CONTRAST_MODES)
-        self.base_temperature = check_base_temperature(base_temperature)
+        self.base_temperature = check_optional_positive(base_temperature, "base_temperature")
 
     def compute(
         self, embeddings: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
     ) -> LossOutput:
         """Loss and terms for ``embeddings (N, D) | (N, V, D)`` and ``labels`` or ``mask``."""
-        check_embeddings(embeddings, "embeddings", ndim=(2, 3))
-        options = self.core_options(compute_dtype(embeddings))
-        mode = self.contrast_mode
-        result = supcon_anchor_losses(embeddings, labels, mask, contrast_mode=mode, **options)
-        factor = temperature_factor(options["temperature"], self.base_temperature)
-        scaled = AnchorLosses(result.loss * factor, result.valid, result.correct)
-        loss = reduce_anchor_losses(scaled, self.reduction, distributed=self.gather_distributed)
-        valid = result.valid.sum()
-        terms = detached_terms(
-            accuracy=result.correct.sum() / valid.clamp(min=1),
-            anchors_without_positives=result.valid.numel() - valid,
-            temperature=self.temperature,
-        )
+        options = self.options()
+        mode, base = self.contrast_mode, self.base_temperature
+        loss, result = _supcon(embeddings, labels, mask, options, mode, base)
+        with torch.no_grad():
+            valid = result.valid.sum()
+            terms = detached_terms(
+                accuracy=result.correct.sum() / valid.clamp(min=1),
+                anchors_without_positives=result.valid.numel() - valid,
+                temperature=1.0 / options.scale_as(torch.float64),
+            )
         return LossOutput(loss, terms)
 
     def forward(
         self, embeddings: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
     ) -> Tensor:
         """The SupCon loss (see :meth:`compute`)."""
-        return self.compute(embeddings, labels, mask).loss
-
-    @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Two views ``(n, 2, d)`` and ``(n,)`` labels of three classes."""
-        g = torch.Generator().manual_seed(seed)
-        embeddings = torch.randn(n, 2, d, generator=g).to(dtype)
-        labels = torch.randint(0, 3, (n,), generator=g)
-        return (embeddings, labels), {}
+        options = self.options()
+        return _supcon(
+            embeddings, labels, mask, options, self.contrast_mode, self.base_temperature
+        ).loss

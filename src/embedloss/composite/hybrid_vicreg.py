@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import (
+    check_bool,
+    check_chunk_size,
     check_float,
     check_int,
     check_pair,
@@ -17,11 +19,10 @@ from embedloss._validation import (
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.base.mixins import TemperatureScalingMixin
 from embedloss.multimodal.clip import clip_loss
+from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
-from embedloss.ops.info_nce import ChunkSize
 from embedloss.ops.similarity import pair_similarity_terms, prepare_embeddings
 from embedloss.registry import register_loss
-from embedloss.self_supervised._common import check_bool
 from embedloss.self_supervised.vicreg import vicreg_loss, vicreg_terms
 
 __all__ = ["PHASES", "HybridVICRegLoss", "hybrid_vicreg_loss"]
@@ -105,7 +106,7 @@ def hybrid_vicreg_loss(
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
 
-@register_loss("hybrid_vicreg")
+@register_loss("hybrid_vicreg", category="self_supervised")
 class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
     """Contrastive (CLIP-style) warm-up, then a linear transition to VICReg.
 
@@ -194,17 +195,17 @@ class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
         self.cov_coeff = check_positive_float(cov_coeff, "cov_coeff", allow_zero=True)
         self.eps = check_positive_float(eps, "eps")
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
-        self.register_buffer("transition_start", torch.tensor(self.contrastive_steps))
+        self._init_counter("step")
+        self._init_counter("transition_start", self.contrastive_steps)
         self.register_buffer("alignment_gap", torch.zeros((), dtype=torch.float64))
         self.register_buffer("gap_recorded", torch.zeros((), dtype=torch.bool))
 
     # ----------------------------------------------------------------- schedule (from buffers)
     def _schedule(self) -> tuple[int, float, float]:
         """``(phase index, α, VICReg warm-up factor)`` at the current step."""
-        since = int(self.step) - int(self.transition_start)
+        since = self._counter("step") - self._counter("transition_start")
         if since < 0:
             phase, alpha = 0, 0.0
         elif since < self.transition_steps:
@@ -235,13 +236,13 @@ class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
         triggered = (
             self.adaptive_transition
             and bool(self.gap_recorded)
-            and step < int(self.transition_start)
+            and step < self._counter("transition_start")
             and float(self.alignment_gap) > self.min_alignment_gap
         )
         if triggered:
-            self.transition_start.fill_(step)
+            self._set_counter("transition_start", step)
         self.gap_recorded.fill_(False)
-        self.step.fill_(step)
+        self._set_counter("step", step)
 
     # ----------------------------------------------------------------------------- the loss
     @torch.no_grad()
@@ -293,7 +294,7 @@ class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
             warmup_factor=warm,
             alignment_gap=gap,
             phase=phase,
-            temperature=self.temperature,
+            temperature=1.0 / self.scale(dtype=torch.float64),
         )
         return LossOutput(loss, terms)
 

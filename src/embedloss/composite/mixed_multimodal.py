@@ -2,83 +2,73 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_float, check_labels, check_pair, compute_dtype
+from embedloss._validation import check_float, check_labels, check_pair
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.contrastive.simclr import simclr_anchor_losses
-from embedloss.multimodal.clip import clip_anchor_losses, combine_directions, mean_accuracy
-from embedloss.ops.info_nce import AnchorLosses, ChunkSize, reduce_anchor_losses
-from embedloss.ops.similarity import prepare_embeddings
+from embedloss.ops.anchors import AnchorLosses, ChunkSize, mean_accuracy
+from embedloss.ops.info_nce import ContrastiveOptions, nt_xent, paired_symmetric
+from embedloss.ops.supcon import multi_view_contrast
 from embedloss.registry import register_loss
-from embedloss.supervised.supcon import supcon_anchor_losses
 
-__all__ = ["MixedMultimodalLoss", "mixed_multimodal_loss", "mixed_multimodal_parts"]
+__all__ = ["MixedMultimodalLoss", "mixed_multimodal_loss"]
+
+NAMES = ("image_embeddings", "text_embeddings")
 
 
-def _per_pair(result: AnchorLosses, reduction: str, distributed: bool) -> Tensor:
+class _Mixed(NamedTuple):
+    loss: Tensor
+    parts: dict[str, Tensor]  # reduced "clip", "nt_xent"[, "supcon"]
+    clip: tuple[AnchorLosses, ...]  # CLIP's two directions
+
+
+def _per_pair(reduced: Tensor, reduction: str) -> Tensor:
     # NT-Xent and SupCon score 2N anchors [images; texts]; a pair's value is the mean of its
     # two anchors, so "none" is (N,) and "sum" adds pairs (as clip adds averaged directions).
-    reduced = reduce_anchor_losses(result, reduction, distributed=distributed)
     if reduction == "none":
         return reduced.reshape(2, -1).mean(dim=0)
     return reduced / 2 if reduction == "sum" else reduced
 
 
-def mixed_multimodal_parts(
+def _mixed(
     image_embeddings: Tensor,
     text_embeddings: Tensor,
-    *,
-    labels: Tensor | None = None,
-    pair_labels: Tensor | None = None,
-    temperature: float | Tensor = 0.07,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
-) -> tuple[dict[str, Tensor], AnchorLosses, AnchorLosses]:
-    """The reduced parts ``{"clip", "nt_xent"[, "supcon"]}`` and CLIP's two directions.
-
-    ``"supcon"`` is present only when ``labels`` are given (see :func:`mixed_multimodal_loss`).
-    """
-    check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
+    labels: Tensor | None,
+    pair_labels: Tensor | None,
+    options: ContrastiveOptions,
+    weights: dict[str, float],
+) -> _Mixed:
+    """The reduced parts and their weighted sum; ``"supcon"`` only with ``labels``."""
+    check_pair(image_embeddings, text_embeddings, *NAMES)
     n = image_embeddings.shape[0]
     if labels is not None:
         check_labels(labels, n)
     if pair_labels is not None:
         check_labels(pair_labels, n, "pair_labels")
-    dtype = compute_dtype(image_embeddings, text_embeddings)
-    img = prepare_embeddings(image_embeddings, normalize=normalize, dtype=dtype)
-    txt = prepare_embeddings(text_embeddings, normalize=normalize, dtype=dtype)
-    common: dict[str, Any] = {
-        "temperature": temperature,
-        "normalize": False,
-        "chunk_size": chunk_size,
-        "gather_distributed": gather_distributed,
-    }
-    i2t, t2i = clip_anchor_losses(img, txt, labels=pair_labels, **common)
-    parts = {
-        "clip": combine_directions(i2t, t2i, reduction, gather_distributed),
-        "nt_xent": _per_pair(
-            simclr_anchor_losses(img, txt, labels=pair_labels, **common),
-            reduction,
-            gather_distributed,
-        ),
-    }
+    img, txt = options.prepare(image_embeddings, text_embeddings)
+    prepared = dataclasses.replace(options, normalize=False)
+    clip = paired_symmetric(img, txt, pair_labels, prepared, NAMES)
+    nt = nt_xent(img, txt, pair_labels, prepared)
+    parts = {"clip": clip.loss, "nt_xent": _per_pair(nt.loss, options.reduction)}
     if labels is not None:
         views = torch.stack([img, txt], dim=1)  # (N, 2, D): anchors [images; texts]
-        supcon = supcon_anchor_losses(views, labels, **common)
-        parts["supcon"] = _per_pair(supcon, reduction, gather_distributed)
-    return parts, i2t, t2i
-
-
-def _weighted(parts: dict[str, Tensor], weights: dict[str, float]) -> Tensor:
+        scale = options.scale_as(img.dtype)
+        supcon = multi_view_contrast(
+            views,
+            labels,
+            None,
+            scale,
+            chunk_size=options.chunk_size,
+            gather_distributed=options.gather_distributed,
+        )
+        parts["supcon"] = _per_pair(options.reduce(supcon), options.reduction)
     values = [weights[name] * value for name, value in parts.items()]
-    return sum(values[1:], values[0])
+    return _Mixed(sum(values[1:], values[0]), parts, clip.anchors)
 
 
 def mixed_multimodal_loss(
@@ -141,18 +131,10 @@ def mixed_multimodal_loss(
         True
     """
     weights = _check_weights(clip_weight, nt_xent_weight, supcon_weight)
-    parts, _, _ = mixed_multimodal_parts(
-        image_embeddings,
-        text_embeddings,
-        labels=labels,
-        pair_labels=pair_labels,
-        temperature=temperature,
-        reduction=reduction,
-        normalize=normalize,
-        chunk_size=chunk_size,
-        gather_distributed=gather_distributed,
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
     )
-    return _weighted(parts, weights)
+    return _mixed(image_embeddings, text_embeddings, labels, pair_labels, options, weights).loss
 
 
 def _check_weights(clip: float, nt_xent: float, supcon: float) -> dict[str, float]:
@@ -163,7 +145,7 @@ def _check_weights(clip: float, nt_xent: float, supcon: float) -> dict[str, floa
     }
 
 
-@register_loss("mixed_multimodal")
+@register_loss("mixed_multimodal", category="multimodal")
 class MixedMultimodalLoss(BaseContrastiveLoss):
     """Weighted sum of CLIP, NT-Xent and (with labels) SupCon over two modalities.
 
@@ -223,24 +205,17 @@ class MixedMultimodalLoss(BaseContrastiveLoss):
         pair_labels: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings, optional ``labels`` and ``pair_labels``."""
-        check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
-        options = self.core_options(compute_dtype(image_embeddings, text_embeddings))
-        parts, i2t, t2i = mixed_multimodal_parts(
-            image_embeddings,
-            text_embeddings,
-            labels=labels,
-            pair_labels=pair_labels,
-            reduction=self.reduction,
-            **options,
+        options = self.options()
+        result = _mixed(
+            image_embeddings, text_embeddings, labels, pair_labels, options, self.weights
         )
-        loss = _weighted(parts, self.weights)
         terms = detached_terms(
-            **{f"loss_{name}": value for name, value in parts.items()},
-            supcon_active=float("supcon" in parts),
-            accuracy=mean_accuracy(i2t, t2i),
-            temperature=self.temperature,
+            **{f"loss_{name}": value for name, value in result.parts.items()},
+            supcon_active=float("supcon" in result.parts),
+            accuracy=mean_accuracy(*result.clip),
+            temperature=1.0 / options.scale_as(torch.float64),
         )
-        return LossOutput(loss, terms)
+        return LossOutput(result.loss, terms)
 
     def forward(
         self,
@@ -250,7 +225,10 @@ class MixedMultimodalLoss(BaseContrastiveLoss):
         pair_labels: Tensor | None = None,
     ) -> Tensor:
         """The mixed loss (see :meth:`compute`)."""
-        return self.compute(image_embeddings, text_embeddings, labels, pair_labels).loss
+        options = self.options()
+        return _mixed(
+            image_embeddings, text_embeddings, labels, pair_labels, options, self.weights
+        ).loss
 
     @classmethod
     def example_inputs(
