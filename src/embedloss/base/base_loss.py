@@ -27,10 +27,19 @@ class LossOutput(NamedTuple):
 
 
 def detached_terms(**values: Tensor | float) -> dict[str, Tensor]:
-    """Build a terms dict: every value detached and turned into a 0-d float tensor."""
+    """Build a terms dict: every value detached and turned into a 0-d float tensor.
+
+    Python numbers become tensors on the device of the tensor values (all terms of a loss live
+    on one device).
+    """
+    device = next((v.device for v in values.values() if isinstance(v, Tensor)), None)
     out: dict[str, Tensor] = {}
     for key, value in values.items():
-        t = value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
+        t = (
+            value.detach()
+            if isinstance(value, Tensor)
+            else torch.tensor(float(value), device=device)
+        )
         out[key] = t.float().mean() if t.numel() != 1 else t.float().reshape(())
     return out
 

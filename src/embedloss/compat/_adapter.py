@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from embedloss._validation import check_labels, check_pair
 from embedloss.base.base_loss import BaseLoss
 from embedloss.base.mixins import ProjectionMixin
+from embedloss.metrics import recall_at_k
 from embedloss.ops.similarity import labels_from_match_ids
 
 __all__ = [
@@ -160,8 +161,6 @@ def retrieval_metrics(vision: Tensor, text: Tensor, labels: Tensor | None = None
     ``t2i_recall@k`` (also spelt ``t2v_recall@k``, as ``CLIPStyleLoss`` did) and ``avg_recall@k``
     for k in (1, 5, 10); a k at or above the batch size gives 1.
     """
-    from embedloss.metrics import recall_at_k
-
     r = recall_at_k(vision.detach(), text.detach(), k=RECALL_KS, labels=labels)
     recalls: dict[str, float] = {}
     for k in RECALL_KS:

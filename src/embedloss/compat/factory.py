@@ -7,6 +7,19 @@ from typing import Any
 from torch import nn
 
 from embedloss.compat import _adapter
+from embedloss.compat.composite import CombinedLoss
+from embedloss.compat.contrastive import ContrastiveLoss, DecoupledContrastiveLoss
+from embedloss.compat.multimodal import MultiModalMixedContrastiveLoss, SimpleContrastiveLoss
+from embedloss.compat.queue import MemoryQueueContrastiveLoss
+from embedloss.compat.reweighted import (
+    DynamicTemperatureContrastiveLoss,
+    HardNegativeMiningContrastiveLoss,
+)
+from embedloss.compat.self_supervised import (
+    BarlowTwinsLoss,
+    HybridPretrainVICRegLoss,
+    VICRegLoss,
+)
 
 __all__ = ["LOSS_TYPES", "create_loss_function"]
 
@@ -49,10 +62,26 @@ def _queue_size(args: Any, dataset_size: int | None) -> int:
     return 2048
 
 
-def _cls(name: str) -> Any:
-    import embedloss.compat as compat
+_CLASSES: dict[str, Any] = {
+    cls.__name__: cls
+    for cls in (
+        BarlowTwinsLoss,
+        CombinedLoss,
+        ContrastiveLoss,
+        DecoupledContrastiveLoss,
+        DynamicTemperatureContrastiveLoss,
+        HardNegativeMiningContrastiveLoss,
+        HybridPretrainVICRegLoss,
+        MemoryQueueContrastiveLoss,
+        MultiModalMixedContrastiveLoss,
+        SimpleContrastiveLoss,
+        VICRegLoss,
+    )
+}
 
-    return getattr(compat, name)
+
+def _cls(name: str) -> Any:
+    return _CLASSES[name]
 
 
 def _mixed_weights(args: Any) -> dict[str, float]:
