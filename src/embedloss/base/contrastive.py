@@ -162,6 +162,7 @@ class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss)
             negative_log_weights=negative_log_weights,
             label_smoothing=label_smoothing,
             chunk_size=self.chunk_size,
+            reduced=options.reduced,
         )
         return options.reduce(result, distributed=False)
 

@@ -65,6 +65,7 @@ def _mixed(
             scale,
             chunk_size=options.chunk_size,
             gather_distributed=options.gather_distributed,
+            reduced=options.reduced,
         )
         parts["supcon"] = _per_pair(options.reduce(supcon), options.reduction)
     values = [weights[name] * value for name, value in parts.items()]

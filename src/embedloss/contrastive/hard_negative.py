@@ -41,7 +41,13 @@ def _direction(
         hard = ((log_w > 0) & ~positive).sum() / (~positive).sum().clamp(min=1)
     scale = options.scale_as(query.dtype)
     result = info_nce(
-        query, global_keys, scale, spec, negative_log_weights=log_w, chunk_size=options.chunk_size
+        query,
+        global_keys,
+        scale,
+        spec,
+        negative_log_weights=log_w,
+        chunk_size=options.chunk_size,
+        reduced=options.reduced,
     )
     return result, hard
 

@@ -72,14 +72,19 @@ def _info_nce(
     extra = () if negative_keys is None else (negative_keys,)
     q, p, *neg = options.prepare(query, positive_key, *extra)
     scale = options.scale_as(q.dtype)
-    chunk = options.chunk_size
+
+    def score(keys: Tensor, spec: PairSpec) -> AnchorLosses:
+        return info_nce(
+            q, keys, scale, spec, chunk_size=options.chunk_size, reduced=options.reduced
+        )
+
     if not neg:
         keys, spec = paired_layout(q, p, labels, options.gather_distributed)
-        result = info_nce(q, keys, scale, spec, chunk_size=chunk)
+        result = score(keys, spec)
         return PairedResult(options.reduce(result), (result,), q, p)
     if neg[0].dim() == 2:
         spec = _shared_negatives_spec(q.shape[0], neg[0].shape[0], q.device)
-        result = info_nce(q, torch.cat([p, neg[0]]), scale, spec, chunk_size=chunk)
+        result = score(torch.cat([p, neg[0]]), spec)
     else:
         result = _per_query(q, p, neg[0], scale)
     return PairedResult(options.reduce(result, distributed=False), (result,), q, p)

@@ -603,6 +603,7 @@ def chunked_info_nce(
     negative_log_weights: Weights = None,
     label_smoothing: float = 0.0,
     chunk_size: int,
+    reduced: bool = False,
 ) -> AnchorLosses:
     """Tiled :func:`~embedloss.ops.info_nce.info_nce` (arguments checked by the caller).
 
@@ -937,6 +938,7 @@ def chunked_symmetric_info_nce(
     negative_log_weights: Weights = None,
     label_smoothing: float = 0.0,
     chunk_size: int,
+    reduced: bool = False,
 ) -> tuple[AnchorLosses, AnchorLosses]:
     """Tiled :func:`~embedloss.ops.info_nce.symmetric_info_nce` (arguments checked by the caller).
 

@@ -111,6 +111,11 @@ class ContrastiveOptions:
         dtype = compute_dtype(*xs)
         return [prepare_embeddings(x, normalize=self.normalize, dtype=dtype) for x in xs]
 
+    @property
+    def reduced(self) -> bool:
+        """Whether per-anchor losses are only summed or averaged (``reduction`` mean or sum)."""
+        return self.reduction != "none"
+
     def reduce(self, result: AnchorLosses, distributed: bool | None = None) -> Tensor:
         """``result`` reduced with ``reduction`` (over ranks when ``gather_distributed``)."""
         dist = self.gather_distributed if distributed is None else distributed
@@ -225,6 +230,7 @@ def info_nce(
             negative_log_weights=negative_log_weights,
             label_smoothing=label_smoothing,
             chunk_size=chunk,
+            reduced=reduced,
         )
     logits = (query @ keys.T) * scale  # (N, M)
     log_w = _resolve_weights(negative_log_weights, logits)
@@ -239,6 +245,7 @@ def _symmetric_local(
     negative_log_weights: NegativeLogWeights,
     label_smoothing: float,
     chunk_size: ChunkSize,
+    reduced: bool,
 ) -> tuple[AnchorLosses, AnchorLosses]:
     """Both directions of a local paired batch from one logit matrix (or its tiles)."""
     n = x.shape[0]
@@ -252,6 +259,7 @@ def _symmetric_local(
             negative_log_weights=negative_log_weights,
             label_smoothing=label_smoothing,
             chunk_size=chunk,
+            reduced=reduced,
         )
     spec = PairSpec(query_labels=labels, key_labels=labels)
     logits = (x @ y.T) * scale  # (N, N)
@@ -271,6 +279,7 @@ def symmetric_info_nce(
     label_smoothing: float = 0.0,
     chunk_size: ChunkSize = None,
     gather_distributed: bool = False,
+    reduced: bool = False,
 ) -> tuple[AnchorLosses, AnchorLosses]:
     """InfoNCE in both directions of a paired batch (x→y rows, y→x columns), as in CLIP.
 
@@ -278,7 +287,7 @@ def symmetric_info_nce(
     Locally one logit matrix serves both directions; ``negative_log_weights`` given as a tensor
     is the ``(N, N)`` x→y matrix and its transpose serves y→x. With ``gather_distributed`` the
     local rows of each side are scored against the gathered other side (one core call per
-    direction; no negative weights).
+    direction; no negative weights). ``reduced`` is as in :func:`info_nce`.
 
     Returns:
         ``(x_to_y, y_to_x)`` per-anchor results.
@@ -296,16 +305,31 @@ def symmetric_info_nce(
         raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
     if not gather_distributed:
         return _symmetric_local(
-            x, y, scale, labels, negative_log_weights, label_smoothing, chunk_size
+            x, y, scale, labels, negative_log_weights, label_smoothing, chunk_size, reduced
         )
     if negative_log_weights is not None:
         raise ValueError("negative_log_weights cannot be combined with gather_distributed")
     x_keys, x_spec = paired_layout(y, x, labels, gather_distributed=True)
     y_keys, y_spec = paired_layout(x, y, labels, gather_distributed=True)
-    return (
-        info_nce(x, y_keys, scale, y_spec, label_smoothing=label_smoothing, chunk_size=chunk_size),
-        info_nce(y, x_keys, scale, x_spec, label_smoothing=label_smoothing, chunk_size=chunk_size),
+    first = info_nce(
+        x,
+        y_keys,
+        scale,
+        y_spec,
+        label_smoothing=label_smoothing,
+        chunk_size=chunk_size,
+        reduced=reduced,
     )
+    second = info_nce(
+        y,
+        x_keys,
+        scale,
+        x_spec,
+        label_smoothing=label_smoothing,
+        chunk_size=chunk_size,
+        reduced=reduced,
+    )
+    return first, second
 
 
 def paired_symmetric(
@@ -330,6 +354,7 @@ def paired_symmetric(
         label_smoothing=options.label_smoothing,
         chunk_size=options.chunk_size,
         gather_distributed=options.gather_distributed,
+        reduced=options.reduced,
     )
     loss = (options.reduce(first) + options.reduce(second)) / 2
     return PairedResult(loss, (first, second), x, y)
@@ -354,5 +379,8 @@ def nt_xent(
     query, keys, spec = two_view_layout(a, b, labels, options.gather_distributed)
     if decoupled:
         spec = dataclasses.replace(spec, positive_in_denominator=False)
-    result = info_nce(query, keys, options.scale_as(a.dtype), spec, chunk_size=options.chunk_size)
+    scale = options.scale_as(a.dtype)
+    result = info_nce(
+        query, keys, scale, spec, chunk_size=options.chunk_size, reduced=options.reduced
+    )
     return PairedResult(options.reduce(result), (result,), a, b)

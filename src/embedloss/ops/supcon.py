@@ -90,6 +90,7 @@ def contrast(
     positive: Tensor | None = None,
     self_index: Tensor | None = None,
     chunk_size: ChunkSize = "auto",
+    reduced: bool = False,
 ) -> AnchorLosses:
     """Multi-positive InfoNCE of ``query (n, D)`` against ``keys (m, D)`` through the core.
 
@@ -108,7 +109,7 @@ def contrast(
             key_labels=key_labels if use_labels else key_ids,
             self_index=self_index,
         )
-        return info_nce(query, keys, scale, spec, chunk_size=chunk_size)
+        return info_nce(query, keys, scale, spec, chunk_size=chunk_size, reduced=reduced)
     rows = torch.arange(query.shape[0], device=query.device)
     cols = torch.arange(keys.shape[0], device=query.device)
     spec = PairSpec(query_labels=query_ids, key_labels=key_ids, self_index=self_index)
@@ -130,6 +131,7 @@ def multi_view_contrast(
     contrast_mode: str = "all",
     chunk_size: ChunkSize = "auto",
     gather_distributed: bool = False,
+    reduced: bool = False,
 ) -> AnchorLosses:
     """SupCon's per-anchor L_out of prepared ``embeddings (n, D) | (n, V, D)``, unscaled.
 
@@ -174,6 +176,7 @@ def multi_view_contrast(
         positive=positive,
         self_index=query_ids + offsets,
         chunk_size=chunk_size,
+        reduced=reduced,
     )
 
 
@@ -185,6 +188,7 @@ def cross_contrast(
     mask: Tensor | None,
     gather_distributed: bool,
     chunk_size: ChunkSize,
+    reduced: bool = False,
 ) -> AnchorLosses:
     """Anchors ``query (n, D)`` against the keys of every rank, positives by label or ``mask``.
 
@@ -205,4 +209,5 @@ def cross_contrast(
         key_labels=key_labels,
         positive=None if mask is None else mask != 0,
         chunk_size=chunk_size,
+        reduced=reduced,
     )

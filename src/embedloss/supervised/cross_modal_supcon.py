@@ -70,7 +70,7 @@ def _cross_modal_supcon(
     labels = check_supervision(labels, mask, image_embeddings.shape[0])
     if labels is None and mask is None:
         raise ValueError("cross-modal SupCon needs labels or mask to define the positives")
-    gather, chunk = options.gather_distributed, options.chunk_size
+    gather, chunk, reduced = options.gather_distributed, options.chunk_size, options.reduced
     if mask is not None and gather:
         raise ValueError("an explicit mask cannot be combined with gather_distributed; pass labels")
     img, txt = options.prepare(image_embeddings, text_embeddings)
@@ -78,13 +78,15 @@ def _cross_modal_supcon(
     intra_image = intra_text = image_to_text = text_to_image = None
     if contrast_mode in ("all", "intra"):
         intra_image, intra_text = (
-            multi_view_contrast(x, labels, mask, scale, chunk_size=chunk, gather_distributed=gather)
+            multi_view_contrast(
+                x, labels, mask, scale, chunk_size=chunk, gather_distributed=gather, reduced=reduced
+            )
             for x in (img, txt)
         )
     if contrast_mode in ("all", "cross"):
         mask_t = None if mask is None else mask.T
-        image_to_text = cross_contrast(img, txt, scale, labels, mask, gather, chunk)
-        text_to_image = cross_contrast(txt, img, scale, labels, mask_t, gather, chunk)
+        image_to_text = cross_contrast(img, txt, scale, labels, mask, gather, chunk, reduced)
+        text_to_image = cross_contrast(txt, img, scale, labels, mask_t, gather, chunk, reduced)
     parts = CrossModalSupConParts(intra_image, intra_text, image_to_text, text_to_image)
     weighted = [
         weight * options.reduce(part)

@@ -46,6 +46,7 @@ def _supcon(
         contrast_mode=contrast_mode,
         chunk_size=options.chunk_size,
         gather_distributed=options.gather_distributed,
+        reduced=options.reduced,
     )
     if base_temperature is not None:  # the official code's τ/τ_base factor
         result = result._replace(loss=result.loss / (scale * base_temperature))
