@@ -30,6 +30,7 @@ LAYER = {
     "ops": 1,
     "base": 2,
     "metrics": 2,
+    "momentum": 2,
     **dict.fromkeys(FAMILIES, 3),
     "composite": 4,
     "functional": 5,

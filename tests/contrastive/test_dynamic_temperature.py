@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from embedloss import DynamicTemperatureLoss, create_loss
-from embedloss.contrastive.dynamic_temperature import gap_temperature, similarity_gap
+from embedloss.contrastive.dynamic_temperature import gap_temperature
 from embedloss.functional import clip_loss, dynamic_temperature_loss
+from embedloss.ops.similarity import similarity_gap
 from tests.contrastive.oracles import hard_negative_oracle, legacy_gap_rule, similarity_gap_oracle
 from tests.helpers import assert_close_with_grads, randn64
 

@@ -8,7 +8,6 @@ from embedloss.base.mixins import (
     ProjectionMixin,
     TemperatureScalingMixin,
 )
-from embedloss.base.momentum_encoder import MomentumEncoder
 from embedloss.base.supervised import BaseSupervisedLoss
 
 __all__ = [
@@ -17,7 +16,6 @@ __all__ = [
     "BaseSupervisedLoss",
     "HardNegativeMiningMixin",
     "LossOutput",
-    "MomentumEncoder",
     "NormalizationMixin",
     "ProjectionMixin",
     "TemperatureScalingMixin",

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from embedloss._validation import check_float
-from embedloss.base.momentum_encoder import MomentumEncoder
 from embedloss.compat._adapter import LegacyLoss, metric, warn_ignored
 from embedloss.contrastive.moco import MoCoLoss as _MoCo
+from embedloss.momentum import MomentumEncoder
 
 __all__ = ["EMAMoCoLoss", "MemoryQueueContrastiveLoss", "MoCoLoss"]
 

@@ -1,6 +1,5 @@
 """Contrastive losses: one file per loss, each a pure function and a registered module."""
 
-from embedloss.base.momentum_encoder import MomentumEncoder
 from embedloss.contrastive.dcl import DCLLoss, DCLWLoss, dcl_loss, dclw_loss
 from embedloss.contrastive.dynamic_temperature import (
     DynamicTemperatureLoss,
@@ -10,6 +9,7 @@ from embedloss.contrastive.hard_negative import HardNegativeLoss, hard_negative_
 from embedloss.contrastive.info_nce import InfoNCELoss, info_nce_loss
 from embedloss.contrastive.moco import MoCoLoss, moco_loss
 from embedloss.contrastive.simclr import SimCLRLoss, simclr_loss
+from embedloss.momentum import MomentumEncoder
 
 __all__ = [
     "DCLLoss",

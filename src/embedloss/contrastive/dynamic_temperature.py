@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -18,67 +18,18 @@ from embedloss._validation import (
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.base.mixins import NormalizationMixin
 from embedloss.ops.anchors import ChunkSize, direction_terms
-from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, paired_symmetric
 from embedloss.ops.schedules import cosine_schedule
-from embedloss.ops.similarity import group_counts, l2_normalize, label_codes
+from embedloss.ops.similarity import SimilarityGap, similarity_gap
 from embedloss.registry import register_loss
 
 __all__ = [
     "DynamicTemperatureLoss",
     "dynamic_temperature_loss",
     "gap_temperature",
-    "similarity_gap",
 ]
 
 SCHEDULES = ("gap", "cosine")
-
-
-class SimilarityGap(NamedTuple):
-    """Mean cosine of positive pairs and of negative pairs (float64, detached)."""
-
-    positive: Tensor
-    negative: Tensor
-
-    @property
-    def gap(self) -> Tensor:
-        """``positive − negative``."""
-        return self.positive - self.negative
-
-
-@torch.no_grad()
-def similarity_gap(
-    z_a: Tensor, z_b: Tensor, labels: Tensor | None = None, *, gather_distributed: bool = False
-) -> SimilarityGap:
-    """Mean cosine of the positive pairs ``(i, j)`` (``i = j``, or equal labels) and of the rest.
-
-    Computed in float64 in O(N·D) from per-identity sums, without an N×N matrix: the positive
-    sum is ``Σ_c (Σ_{i∈c} a_i)·(Σ_{j∈c} b_j)``. With no negative pair the negative mean is 0.
-    With ``gather_distributed`` the statistics are those of the batch of every rank.
-
-    Example:
-        >>> stats = similarity_gap(torch.eye(3), torch.eye(3))
-        >>> stats.positive.item(), stats.negative.item()
-        (1.0, 0.0)
-    """
-    a = l2_normalize(gather_with_grad(z_a.detach(), gather_distributed).tensor.double())
-    b = l2_normalize(gather_with_grad(z_b.detach(), gather_distributed).tensor.double())
-    n = a.shape[0]
-    if labels is None:
-        codes = torch.arange(n, device=a.device)
-    else:
-        labels = gather_with_grad(labels, gather_distributed).tensor
-        codes = label_codes(labels)
-    sum_a = a.new_zeros(a.shape).index_add_(0, codes, a)  # (n, D): per-group sums, by code
-    sum_b = b.new_zeros(b.shape).index_add_(0, codes, b)
-    positive_sum = (sum_a * sum_b).sum()
-    positive_count = group_counts(codes).double().square().sum()
-    negative_count = n * n - positive_count
-    negative_sum = a.sum(0) @ b.sum(0) - positive_sum
-    negative = torch.where(
-        negative_count > 0, negative_sum / negative_count.clamp(min=1), negative_sum.new_zeros(())
-    )
-    return SimilarityGap(positive_sum / positive_count, negative)
 
 
 def gap_temperature(

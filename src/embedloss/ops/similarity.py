@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from embedloss._validation import check_labels, check_positive_float, on_host
+from embedloss.ops.distributed import gather_with_grad
 
 __all__ = [
+    "SimilarityGap",
     "inverse_temperature",
     "group_counts",
     "l2_normalize",
@@ -22,6 +25,7 @@ __all__ = [
     "positive_mask_from_labels",
     "prepare_embeddings",
     "scale_from_logit",
+    "similarity_gap",
     "similarity_matrix",
 ]
 
@@ -176,3 +180,50 @@ def pair_similarity_terms(a: Tensor, b: Tensor) -> dict[str, Tensor]:
     total = a.sum(0) @ b.sum(0)  # Σ_ij a_i·b_j without an N×N matrix
     mismatched = (total - matched.sum()) / max(n * (n - 1), 1)
     return {"positive_similarity": matched.mean(), "negative_similarity": mismatched}
+
+
+class SimilarityGap(NamedTuple):
+    """Mean cosine of positive pairs and of negative pairs (float64, detached)."""
+
+    positive: Tensor
+    negative: Tensor
+
+    @property
+    def gap(self) -> Tensor:
+        """``positive − negative``."""
+        return self.positive - self.negative
+
+
+@torch.no_grad()
+def similarity_gap(
+    z_a: Tensor, z_b: Tensor, labels: Tensor | None = None, *, gather_distributed: bool = False
+) -> SimilarityGap:
+    """Mean cosine of the positive pairs ``(i, j)`` (``i = j``, or equal labels) and of the rest.
+
+    Computed in float64 in O(N·D) from per-identity sums, without an N×N matrix: the positive
+    sum is ``Σ_c (Σ_{i∈c} a_i)·(Σ_{j∈c} b_j)``. With no negative pair the negative mean is 0.
+    With ``gather_distributed`` the statistics are those of the batch of every rank.
+
+    Example:
+        >>> stats = similarity_gap(torch.eye(3), torch.eye(3))
+        >>> stats.positive.item(), stats.negative.item()
+        (1.0, 0.0)
+    """
+    a = l2_normalize(gather_with_grad(z_a.detach(), gather_distributed).tensor.double())
+    b = l2_normalize(gather_with_grad(z_b.detach(), gather_distributed).tensor.double())
+    n = a.shape[0]
+    if labels is None:
+        codes = torch.arange(n, device=a.device)
+    else:
+        labels = gather_with_grad(labels, gather_distributed).tensor
+        codes = label_codes(labels)
+    sum_a = a.new_zeros(a.shape).index_add_(0, codes, a)  # (n, D): per-group sums, by code
+    sum_b = b.new_zeros(b.shape).index_add_(0, codes, b)
+    positive_sum = (sum_a * sum_b).sum()
+    positive_count = group_counts(codes).double().square().sum()
+    negative_count = n * n - positive_count
+    negative_sum = a.sum(0) @ b.sum(0) - positive_sum
+    negative = torch.where(
+        negative_count > 0, negative_sum / negative_count.clamp(min=1), negative_sum.new_zeros(())
+    )
+    return SimilarityGap(positive_sum / positive_count, negative)
