@@ -23,6 +23,7 @@ FAMILIES = (
     "supervised",
     "self_distillation",
     "metric_learning",
+    "text",
 )
 LAYER = {
     "_validation": 0,

@@ -28,7 +28,16 @@ __all__ = [
     "register_loss",
 ]
 
-CATEGORIES = ("contrastive", "multimodal", "self_supervised", "supervised", "composite")
+CATEGORIES = (
+    "contrastive",
+    "multimodal",
+    "self_supervised",
+    "self_distillation",
+    "supervised",
+    "metric_learning",
+    "text",
+    "composite",
+)
 T = TypeVar("T", bound=type[nn.Module])
 
 
