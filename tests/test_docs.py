@@ -91,3 +91,11 @@ def test_guide_links_the_catalogue_and_the_architecture():
 if __name__ == "__main__":
     CATALOGUE.write_text(render(), encoding="utf-8")
     print(f"wrote {CATALOGUE.relative_to(ROOT)}")
+
+
+def test_architecture_stands_on_its_own():
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    for outside in ("DESIGN.md", "shared/", "../"):
+        assert outside not in text, f"docs/ARCHITECTURE.md points outside the repository: {outside}"
+    for heading in ("## The dependency DAG", "## The loss template", "## Adding a loss"):
+        assert heading in text
