@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# lightly (a parity reference in tests) requires torchvision, which cannot sit beside this
+	# torch: install it without dependencies; the tests load its loss modules one by one.
+	$(PY) -m pip install -q --no-deps "lightly==1.6.0"
 	touch $(STAMP)
 
 install: $(STAMP)
