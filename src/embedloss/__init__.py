@@ -11,11 +11,14 @@ from embedloss import (
     composite,
     contrastive,
     functional,
+    metric_learning,
     metrics,
     multimodal,
     ops,
+    self_distillation,
     self_supervised,
     supervised,
+    text,
 )
 from embedloss.base import (
     BaseContrastiveLoss,
@@ -29,6 +32,7 @@ from embedloss.base import (
 )
 from embedloss.composite import *
 from embedloss.contrastive import *
+from embedloss.metric_learning import *
 from embedloss.multimodal import *
 from embedloss.registry import (
     LossInfo,
@@ -39,8 +43,10 @@ from embedloss.registry import (
     loss_info,
     register_loss,
 )
+from embedloss.self_distillation import *
 from embedloss.self_supervised import *
 from embedloss.supervised import *
+from embedloss.text import *
 
 __version__ = "0.1.0"
 __all__ = [
@@ -65,6 +71,9 @@ __all__ = [
     *contrastive.__all__,
     *multimodal.__all__,
     *self_supervised.__all__,
+    *self_distillation.__all__,
     *supervised.__all__,
+    *metric_learning.__all__,
+    *text.__all__,
     *composite.__all__,
 ]

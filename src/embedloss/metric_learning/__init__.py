@@ -1,0 +1,3 @@
+"""Metric-learning losses over labelled embeddings: triplet, margin, multi-similarity, proxies."""
+
+__all__: list[str] = []
