@@ -7,14 +7,31 @@ without reading the library's source.
 
 from __future__ import annotations
 
+import contextvars
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor
 
 REDUCTIONS = ("mean", "sum", "none")
+_EMPTY_BATCH_OK = contextvars.ContextVar("empty_batch_ok", default=False)
+
+
+@contextmanager
+def allow_empty_batch() -> Iterator[None]:
+    """Within this block an input may have no rows: a rank of a distributed batch may be empty.
+
+    Such a rank still joins every collective and contributes no anchors; the loss of the whole
+    batch is computed by the ranks that have some.
+    """
+    token = _EMPTY_BATCH_OK.set(True)
+    try:
+        yield
+    finally:
+        _EMPTY_BATCH_OK.reset(token)
 
 
 def describe(value: Any) -> str:
@@ -59,7 +76,7 @@ def check_embeddings(
         raise ValueError(f"{name} must have shape {shapes}, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and not _EMPTY_BATCH_OK.get():
         raise ValueError(
             f"{name} must contain at least one sample, got an empty batch {tuple(x.shape)}"
         )

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from embedloss._validation import check_reduction
+from embedloss._validation import allow_empty_batch, check_reduction
+from embedloss.ops.distributed import is_distributed, ranks_agree
 
 __all__ = ["BaseLoss", "LossOutput"]
 
@@ -44,6 +46,32 @@ def detached_terms(**values: Tensor | float) -> dict[str, Tensor]:
     return out
 
 
+#: ``nn.Module``'s own attributes (registries, hooks): not settings of a loss.
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
+
+
+def _agreeing(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` preceded, under ``gather_distributed``, by the ranks' agreement check."""
+    signature = inspect.signature(method)
+
+    @functools.wraps(method)
+    def checked(self: BaseLoss, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "gather_distributed", False) and is_distributed():
+            inputs = dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:])
+            tensors = [v for v in inputs.values() if isinstance(v, Tensor)]
+            device = tensors[0].device if tensors else torch.device("cpu")
+            options = {f"option {k}": v for k, v in self.options_fingerprint().items()}
+            parts = {**options, **inputs}
+            context = f"{type(self).__name__}.{method.__name__}"
+            # A rank may hold no rows of the batch; all ranks agree before they exchange data.
+            with ranks_agree(context, parts, device), allow_empty_batch():
+                return method(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    checked.__agreeing__ = True  # type: ignore[attr-defined]
+    return checked
+
+
 class BaseLoss(nn.Module):
     """Root of every embedloss loss.
 
@@ -66,7 +94,13 @@ class BaseLoss(nn.Module):
         self._counters = {}
 
     def __init_subclass__(cls, **defaults: Any) -> None:
-        """Let a subclass change its inherited constructor's defaults in the class statement.
+        """Set up a subclass: agreement across ranks, and defaults given in the class statement.
+
+        ``compute`` and ``forward`` defined by the subclass are wrapped so that, with
+        ``gather_distributed`` and a process group, every rank first agrees on the loss's options
+        and its inputs' structure (:func:`~embedloss.ops.distributed.ranks_agree`: one small
+        collective; a disagreement, or an error on one rank, is the same ``ValueError`` on every
+        rank, never a hang).
 
         ``class SimCLRLoss(BaseContrastiveLoss, temperature=0.5)`` is the base constructor with
         τ = 0.5 by default: ``inspect.signature(SimCLRLoss)`` shows it, nothing is relayed.
@@ -75,6 +109,10 @@ class BaseLoss(nn.Module):
             TypeError: If a default names no constructor argument.
         """
         super().__init_subclass__()
+        for name in ("compute", "forward"):
+            method = cls.__dict__.get(name)
+            if method is not None and not hasattr(method, "__agreeing__"):
+                setattr(cls, name, _agreeing(method))
         if not defaults:
             return
         known = inspect.signature(cls.__init__).parameters
@@ -82,6 +120,24 @@ class BaseLoss(nn.Module):
         if unknown:
             raise TypeError(f"{cls.__name__}: no constructor argument(s) {unknown} to default")
         cls.__init__ = functools.partialmethod(cls.__init__, **defaults)  # type: ignore[assignment]
+
+    def options_fingerprint(self) -> dict[str, Any]:
+        """What ranks must share: the loss's plain settings and its fixed scalar buffers.
+
+        Plain attributes (numbers, strings, flags, tuples and mappings of them, the training
+        mode) and the values of 0-d float64 buffers (a fixed τ, a fixed bias). Read only under
+        ``gather_distributed``, where the ranks synchronise anyway.
+        """
+        plain = (bool, int, float, str, type(None), tuple, Mapping)
+        settings: dict[str, Any] = {
+            k: v
+            for k, v in vars(self).items()
+            if k not in _MODULE_INTERNALS and isinstance(v, plain)
+        }
+        for name, buffer in self.named_buffers(recurse=False):
+            if buffer.dim() == 0 and buffer.dtype == torch.float64:
+                settings[name] = float(buffer)
+        return settings
 
     def _init_counter(self, name: str, value: int = 0) -> None:
         """A 0-d integer buffer ``name`` (saved in ``state_dict``) with an exact host copy.

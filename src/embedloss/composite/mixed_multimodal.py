@@ -31,7 +31,7 @@ def _per_pair(reduced: Tensor, reduction: str) -> Tensor:
     # NT-Xent and SupCon score 2N anchors [images; texts]; a pair's value is the mean of its
     # two anchors, so "none" is (N,) and "sum" adds pairs (as clip adds averaged directions).
     if reduction == "none":
-        return reduced.reshape(2, -1).mean(dim=0)
+        return reduced.reshape(2, reduced.shape[0] // 2).mean(dim=0)
     return reduced / 2 if reduction == "sum" else reduced
 
 

@@ -151,9 +151,10 @@ def multi_view_contrast(
         raise ValueError("an explicit mask cannot be combined with gather_distributed; pass labels")
     gathered = gather_with_grad(x, gather_distributed)
     total = gathered.tensor.shape[0]
-    keys = gathered.tensor.transpose(0, 1).reshape(views * total, -1)  # (V·N_all, D)
+    d = x.shape[-1]  # explicit: a rank of a distributed batch may hold no rows
+    keys = gathered.tensor.transpose(0, 1).reshape(views * total, d)  # (V·N_all, D)
     anchor_views = views if contrast_mode == "all" else 1
-    query = x[:, :anchor_views].transpose(0, 1).reshape(anchor_views * n, -1)  # (A·n, D)
+    query = x[:, :anchor_views].transpose(0, 1).reshape(anchor_views * n, d)  # (A·n, D)
     local = torch.arange(n, device=x.device) + gathered.offset
     offsets = torch.arange(anchor_views, device=x.device).repeat_interleave(n) * total
     key_ids = torch.arange(total, device=x.device).repeat(views)
