@@ -20,6 +20,7 @@ from embedloss import (
     supervised,
     text,
 )
+from embedloss._validation import set_value_checks
 from embedloss.base import (
     BaseContrastiveLoss,
     BaseLoss,
@@ -68,6 +69,7 @@ __all__ = [
     "metrics",
     "ops",
     "register_loss",
+    "set_value_checks",
     *contrastive.__all__,
     *multimodal.__all__,
     *self_supervised.__all__,

@@ -82,7 +82,7 @@ def check_embeddings(
         )
     if x.shape[-1] == 0:
         raise ValueError(f"{name} must have a non-empty feature dimension, got {tuple(x.shape)}")
-    return x
+    return check_finite(x, name)
 
 
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
@@ -173,13 +173,61 @@ def check_chunk_size(chunk_size: Any) -> Any:
     return check_int(chunk_size, "chunk_size", low=1)
 
 
-def on_host(x: Tensor) -> bool:
-    """Whether reading ``x``'s values costs no device synchronisation (a CPU tensor).
+#: Where value checks run: "cpu" (default), "always" or "never" (see :func:`set_value_checks`).
+VALUE_CHECKS = ("cpu", "always", "never")
+_value_checks = {"mode": "cpu"}  # process-wide, like torch's own global switches
 
-    Value checks on tensors (τ > 0, finite weights) run only then; on an accelerator (or the
-    ``meta`` device) the step path never reads a value back to the host.
+
+def set_value_checks(mode: str) -> None:
+    """Choose where losses check the values of their inputs (finite embeddings, τ, weights).
+
+    ``"cpu"`` (default): on CPU tensors, where reading a value costs no device synchronisation;
+    on an accelerator a NaN input then surfaces as a NaN loss whose terms are NaN too.
+    ``"always"``: on accelerators as well, at one host synchronisation per check (for
+    debugging a diverging run). ``"never"``: no value checks (shapes and types are still
+    checked).
+
+    Raises:
+        ValueError: For another mode.
+
+    Example:
+        >>> set_value_checks("always"); set_value_checks("cpu")
     """
-    return x.device.type == "cpu"
+    _value_checks["mode"] = check_choice(mode, "mode", VALUE_CHECKS)
+
+
+def on_host(x: Tensor) -> bool:
+    """Whether a value check may read ``x``: a CPU tensor (by default; see :func:`set_value_checks`).
+
+    On an accelerator (or the ``meta`` device) the step path never reads a value back to the
+    host unless ``set_value_checks("always")`` asks for it.
+    """
+    mode = _value_checks["mode"]
+    if mode == "never" or x.device.type == "meta":
+        return False
+    return mode == "always" or x.device.type == "cpu"
+
+
+def check_finite(x: Tensor, name: str) -> Tensor:
+    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or infinite values (see :func:`on_host`)."""
+    if on_host(x) and x.is_floating_point():
+        bad = ~torch.isfinite(x.detach())
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} contains NaN or infinite values ({int(bad.sum())} of {x.numel()} "
+                "entries); the loss would be NaN. Check the model's outputs (a diverged step, "
+                "an overflow in half precision, a division by zero)"
+            )
+    return x
+
+
+def check_finite_scalar(x: Tensor, name: str) -> None:
+    """Raise ``ValueError`` if the 0-d tensor ``x`` is NaN or infinite (checked on CPU only)."""
+    if on_host(x) and not bool(torch.isfinite(x.detach()).all()):
+        raise ValueError(
+            f"{name} must be finite, got {x.detach().reshape(-1)[0].item()!r}; a learned scalar "
+            "that became NaN or infinite means training diverged (lower the learning rate)"
+        )
 
 
 def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:

@@ -90,17 +90,22 @@ def register_loss(
     The category is the package folder the class lives in (``embedloss.contrastive`` →
     ``"contrastive"``), ``category`` for a loss defined elsewhere, or ``"custom"``.
 
+    Registering a class again under its own names — the same module and qualified name, as when
+    a notebook cell is run twice — replaces the earlier definition.
+
     Raises:
-        ValueError: If ``name`` or an alias is already taken.
+        ValueError: If ``name`` or an alias is already taken by a different class.
         TypeError: If the constructor takes ``*args`` or ``**kwargs``.
     """
     alias_tuple = tuple(aliases)
 
     def decorator(cls: T) -> T:
         taken = [n for n in (name, *alias_tuple) if n in _LOSSES or n in _ALIASES]
-        if taken:
+        if taken and not _is_redefinition(cls, name, alias_tuple):
+            owner = _LOSSES[_resolve(taken[0])].cls
             raise ValueError(
-                f"loss name {taken[0]!r} is already registered (to {_resolve(taken[0])!r})"
+                f"loss name {taken[0]!r} is already registered (to {_resolve(taken[0])!r}, "
+                f"class {owner.__module__}.{owner.__qualname__}); choose another name"
             )
         _check_explicit_constructor(cls)
         doc = inspect.getdoc(cls) or ""
@@ -112,6 +117,16 @@ def register_loss(
         return cls
 
     return decorator
+
+
+def _is_redefinition(cls: type, name: str, aliases: tuple[str, ...]) -> bool:
+    """Whether ``name`` (and its aliases) belong to an earlier definition of the same class."""
+    old = _LOSSES.get(name)
+    same = old is not None and (old.cls.__module__, old.cls.__qualname__) == (
+        cls.__module__,
+        cls.__qualname__,
+    )
+    return same and all(_ALIASES.get(a, name) == name for a in aliases)
 
 
 def _resolve(name: str) -> str:

@@ -65,8 +65,14 @@ def test_gradcheck_with_learnable_temperature():
 
 
 def test_learnable_temperature_clamped_and_external_logit_scale():
-    loss = CLIPLoss(temperature=0.001, learnable_temperature=True)
-    assert loss.temperature == pytest.approx(0.01, rel=1e-6)  # clamped at scale 100
+    # a learnable τ below the clamp's floor would silently train at 0.01: refused up front
+    with pytest.raises(ValueError, match=r"temperature=0\.001 is below 0\.01, the smallest"):
+        CLIPLoss(temperature=0.001, learnable_temperature=True)
+    assert CLIPLoss(temperature=0.001).temperature == pytest.approx(0.001)  # a fixed τ is exact
+    loss = CLIPLoss(temperature=0.01, learnable_temperature=True)
+    with torch.no_grad():
+        loss.logit_scale.add_(1.0)  # training pushed it past log(100): the scale is clamped
+    assert loss.temperature == pytest.approx(0.01, rel=1e-6)
     x, y = torch.randn(4, 8), torch.randn(4, 8)
     external = torch.tensor(math.log(1 / 0.5), requires_grad=True)
     out = loss.compute(x, y, logit_scale=external)

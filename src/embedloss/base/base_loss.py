@@ -50,26 +50,42 @@ def detached_terms(**values: Tensor | float) -> dict[str, Tensor]:
 _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 
 
-def _agreeing(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` preceded, under ``gather_distributed``, by the ranks' agreement check."""
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward``/``compute`` with the contract's cross-cutting rules applied once, here.
+
+    Under ``gather_distributed`` with a process group, the call runs inside
+    :func:`~embedloss.ops.distributed.ranks_agree` (and a rank may hold an empty batch). The
+    terms of ``compute`` become NaN when its loss is NaN or infinite, so that a diverged step is
+    never logged with healthy-looking terms (device-side: no synchronisation).
+    """
     signature = inspect.signature(method)
+    is_compute = method.__name__ == "compute"
 
     @functools.wraps(method)
-    def checked(self: BaseLoss, *args: Any, **kwargs: Any) -> Any:
+    def guarded(self: BaseLoss, *args: Any, **kwargs: Any) -> Any:
         if getattr(self, "gather_distributed", False) and is_distributed():
             inputs = dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:])
             tensors = [v for v in inputs.values() if isinstance(v, Tensor)]
             device = tensors[0].device if tensors else torch.device("cpu")
             options = {f"option {k}": v for k, v in self.options_fingerprint().items()}
-            parts = {**options, **inputs}
             context = f"{type(self).__name__}.{method.__name__}"
-            # A rank may hold no rows of the batch; all ranks agree before they exchange data.
-            with ranks_agree(context, parts, device), allow_empty_batch():
-                return method(self, *args, **kwargs)
-        return method(self, *args, **kwargs)
+            with ranks_agree(context, {**options, **inputs}, device), allow_empty_batch():
+                result = method(self, *args, **kwargs)
+        else:
+            result = method(self, *args, **kwargs)
+        return _poisoned_terms(result) if is_compute else result
 
-    checked.__agreeing__ = True  # type: ignore[attr-defined]
-    return checked
+    guarded.__guarded__ = True  # type: ignore[attr-defined]
+    return guarded
+
+
+def _poisoned_terms(output: LossOutput) -> LossOutput:
+    """``output`` with every term NaN where the loss is not finite (``0·x`` is NaN then)."""
+    if not output.terms:
+        return output
+    zero_or_nan = output.loss.detach().sum() * 0
+    terms = {k: v + zero_or_nan.to(v) for k, v in output.terms.items()}
+    return LossOutput(output.loss, terms)
 
 
 class BaseLoss(nn.Module):
@@ -94,13 +110,13 @@ class BaseLoss(nn.Module):
         self._counters = {}
 
     def __init_subclass__(cls, **defaults: Any) -> None:
-        """Set up a subclass: agreement across ranks, and defaults given in the class statement.
+        """Set up a subclass: its call guard, and defaults given in the class statement.
 
-        ``compute`` and ``forward`` defined by the subclass are wrapped so that, with
-        ``gather_distributed`` and a process group, every rank first agrees on the loss's options
-        and its inputs' structure (:func:`~embedloss.ops.distributed.ranks_agree`: one small
-        collective; a disagreement, or an error on one rank, is the same ``ValueError`` on every
-        rank, never a hang).
+        ``compute`` and ``forward`` defined by the subclass are wrapped (:func:`_guarded`): with
+        ``gather_distributed`` and a process group, every rank first agrees on the loss's
+        options and its inputs' structure (one small collective; a disagreement, or an error on
+        one rank, is the same ``ValueError`` on every rank, never a hang); ``compute``'s terms
+        are NaN whenever its loss is.
 
         ``class SimCLRLoss(BaseContrastiveLoss, temperature=0.5)`` is the base constructor with
         τ = 0.5 by default: ``inspect.signature(SimCLRLoss)`` shows it, nothing is relayed.
@@ -111,8 +127,8 @@ class BaseLoss(nn.Module):
         super().__init_subclass__()
         for name in ("compute", "forward"):
             method = cls.__dict__.get(name)
-            if method is not None and not hasattr(method, "__agreeing__"):
-                setattr(cls, name, _agreeing(method))
+            if method is not None and not hasattr(method, "__guarded__"):
+                setattr(cls, name, _guarded(method))
         if not defaults:
             return
         known = inspect.signature(cls.__init__).parameters
@@ -138,6 +154,17 @@ class BaseLoss(nn.Module):
             if buffer.dim() == 0 and buffer.dtype == torch.float64:
                 settings[name] = float(buffer)
         return settings
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> BaseLoss:
+        # Fixed scalars (register_scalar) keep their exact float64 value through dtype casts
+        # such as .half(); device moves apply as usual.
+        exact = {n: self._buffers[n] for n in self.__dict__.get("_exact_scalars", ())}
+        super()._apply(fn, recurse)
+        for name, before in exact.items():
+            after = self._buffers[name]
+            if before is not None and after is not None and after.dtype != torch.float64:
+                self._buffers[name] = before.to(device=after.device)
+        return self
 
     def _init_counter(self, name: str, value: int = 0) -> None:
         """A 0-d integer buffer ``name`` (saved in ``state_dict``) with an exact host copy.

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from embedloss._validation import (
     check_bool,
     check_choice,
+    check_finite_scalar,
     check_int,
     check_positive_float,
     check_tensor,
@@ -36,12 +37,16 @@ def register_scalar(module: nn.Module, name: str, value: float, learnable: bool)
 
     The one way a loss stores a scalar it may learn (τ as ``logit_scale``, SigLIP's bias): a
     buffer follows ``.to()`` and ``state_dict`` like any state, and float64 keeps a fixed value
-    exact (it is cast to the compute dtype when used).
+    exact (it is cast to the compute dtype when used). The buffer stays float64 through
+    ``module.half()`` / ``.bfloat16()`` / ``.float()`` (``BaseLoss`` keeps it exact), so a fixed
+    τ reads the same whatever the module's dtype.
     """
     if learnable:
         setattr(module, name, nn.Parameter(torch.tensor(value)))
-    else:
-        module.register_buffer(name, torch.tensor(value, dtype=torch.float64))
+        return
+    module.register_buffer(name, torch.tensor(value, dtype=torch.float64))
+    exact: set[str] = module.__dict__.setdefault("_exact_scalars", set())
+    exact.add(name)
 
 
 class TemperatureScalingMixin:
@@ -66,6 +71,13 @@ class TemperatureScalingMixin:
         check_positive_float(max_scale, "max_scale")
         self._learnable_temperature = check_bool(learnable, "learnable_temperature")
         self._max_logit_scale = math.log(max_scale)
+        if learnable and tau < 1.0 / max_scale:
+            raise ValueError(
+                f"{name}={temperature!r} is below {1.0 / max_scale:g}, the smallest a learnable "
+                f"temperature can take (logit_scale = log(1/τ) is clamped at log({max_scale:g}), "
+                f"as CLIP does); pass learnable_temperature=False to train at {temperature!r}, "
+                f"or a {name} >= {1.0 / max_scale:g}"
+            )
         register_scalar(self, "logit_scale", math.log(1.0 / tau), learnable)  # type: ignore[arg-type]
 
     def scale(
@@ -81,15 +93,22 @@ class TemperatureScalingMixin:
         return scale_from_logit(ls, dtype, clamp)
 
     def _logit_scale_and_clamp(self, logit_scale: Tensor | None) -> tuple[Tensor, float | None]:
-        """The ``log(1/τ)`` to use (this module's or ``logit_scale``) and its clamp, if any."""
+        """The ``log(1/τ)`` to use (this module's or ``logit_scale``) and its clamp, if any.
+
+        Raises:
+            ValueError: If ``logit_scale`` is not a scalar, or (on CPU) either scale is not
+                finite — a learnable one that became NaN means training diverged.
+        """
         if logit_scale is None:
             clamp = self._max_logit_scale if self._learnable_temperature else None
+            check_finite_scalar(self.logit_scale, "the loss's own logit_scale (log(1/τ))")
             return self.logit_scale, clamp
         check_tensor(logit_scale, "logit_scale")
         if logit_scale.numel() != 1:
             raise ValueError(
                 f"logit_scale must be a scalar tensor, got shape {tuple(logit_scale.shape)}"
             )
+        check_finite_scalar(logit_scale, "logit_scale")
         return logit_scale, self._max_logit_scale
 
     @property

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_labels, check_tensor
+from embedloss._validation import check_labels, check_tensor, on_host
 from embedloss.ops.anchors import (
     AnchorLosses,
     ChunkSize,
@@ -40,8 +40,10 @@ def check_supervision(labels: Any, mask: Any, n: int) -> Tensor | None:
     legacy loss did), not as a one-column multi-hot matrix.
 
     Raises:
-        ValueError: If both are given, or a shape does not match the batch of ``n`` samples.
-        TypeError: If either is not a tensor, or ``(N,)`` labels are not integers.
+        ValueError: If both are given, a shape does not match the batch of ``n`` samples, or a
+            mask holds values other than 0 and 1 (checked on CPU): scores are not a relation.
+        TypeError: If either is not a tensor, or labels (class indices or multi-hot rows) are
+            floating point: a float ``(N, D)`` tensor is more likely a second view than labels.
     """
     if labels is not None and mask is not None:
         raise ValueError("pass either labels or mask, not both")
@@ -54,13 +56,28 @@ def check_supervision(labels: Any, mask: Any, n: int) -> Tensor | None:
                 raise ValueError(
                     f"multi-hot labels must have shape ({n}, C) to match the batch, got {tuple(labels.shape)}"
                 )
+            if labels.is_floating_point() or labels.is_complex():
+                raise TypeError(
+                    "multi-hot labels must be an integer or bool (N, C) tensor, got dtype "
+                    f"{labels.dtype} (a second view of the embeddings goes in `embeddings` as "
+                    "(N, V, D))"
+                )
         else:
             check_labels(labels, n)
     if mask is not None:
-        check_tensor(mask, "mask")
-        if mask.shape != (n, n):
-            raise ValueError(f"mask must have shape ({n}, {n}), got {tuple(mask.shape)}")
+        _check_mask(mask, n)
     return labels
+
+
+def _check_mask(mask: Tensor, n: int) -> None:
+    check_tensor(mask, "mask")
+    if mask.shape != (n, n):
+        raise ValueError(f"mask must have shape ({n}, {n}), got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and on_host(mask) and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(
+            "mask must be a bool tensor or hold only 0 and 1 (mask[i, j] = 1: sample j is a "
+            "positive of sample i), got other values"
+        )
 
 
 def positive_mask_from_multi_hot(query_labels: Tensor, key_labels: Tensor) -> Tensor:

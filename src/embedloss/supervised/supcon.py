@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -190,3 +190,12 @@ class SupConLoss(BaseContrastiveLoss):
         return _supcon(
             embeddings, labels, mask, options, self.contrast_mode, self.base_temperature
         ).loss
+
+    @classmethod
+    def example_inputs(
+        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Two views of ``n`` samples ``(n, 2, d)`` and ``(n,)`` labels of four classes."""
+        (a, b), _ = super().example_inputs(n, d, dtype=dtype, seed=seed)
+        labels = torch.arange(n) % 4
+        return (torch.stack([a, b], dim=1), labels), {}
