@@ -137,11 +137,43 @@ def test_cross_entropy_defaults_to_smoothing_and_applies_class_weights_with_it()
     torch.testing.assert_close(got, ref)
 
 
-def test_mean_squared_error_weighted_mean_and_ignored_clamp():
-    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(5, 3, dtype=torch.float64)
+def test_cross_entropy_sample_weight_keeps_the_legacy_plain_mean():
+    # legacy: loss = (per-sample CE · sample_weight).mean() — divided by N, not by Σ weights
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (6,), generator=g)
+    s = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    per = F.cross_entropy(logits, y, weight=w, label_smoothing=0.1, reduction="none")
+    assert_same(CrossEntropyLoss(weight=w)(logits, y, sample_weight=s), (s * per).sum() / 6, (logits,))
+    assert_same(
+        CrossEntropyLoss(weight=w, reduction="sum")(logits, y, sample_weight=s),
+        (s * per).sum(),
+        (logits,),
+    )
+
+
+def _legacy_mse(x, y, s=None, clip=None, reduction="mean"):
+    per = (x - y) ** 2  # element-wise, (N, *)
+    if s is not None:
+        per = per * s.view(-1, *([1] * (per.dim() - 1)))
+    if clip is not None:
+        per = torch.clamp(per, max=clip)
+    return {"mean": per.mean(), "sum": per.sum(), "none": per}[reduction]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_mean_squared_error_keeps_the_legacy_semantics(reduction):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 3, 2, generator=g, dtype=torch.float64)
+    s = torch.tensor([1.0, 0.0, 2.0, 1.0, 3.0], dtype=torch.float64)
+    for weights, clip in ((None, None), (s, None), (s, 1.0), (None, 0.5)):
+        got = MeanSquaredError(reduction=reduction, clip_grad=clip)(x, y, weights)
+        expected = _legacy_mse(x, y, weights, clip, reduction)
+        assert got.shape == expected.shape
+        assert_same(got.sum(), expected.sum(), (x,))
     assert_same(MeanSquaredError()(x, y), F.mse_loss(x, y), (x,))
-    s = torch.tensor([1.0, 0.0, 2.0, 1.0, 1.0], dtype=torch.float64)
-    per = ((x - y) ** 2).mean(1)
-    assert_same(MeanSquaredError(clip_grad=1.0)(x, y, s), (s * per).sum() / s.sum(), (x,))
-    assert MeanSquaredError(reduction="none")(x, y).shape == (5,)
+    # the clamp zeroes the gradient of the clamped elements, as the legacy loss did
+    (grad,) = torch.autograd.grad(MeanSquaredError(clip_grad=0.1)(x, y), (x,))
+    assert (grad[(x - y) ** 2 > 0.1] == 0).all()

@@ -7,7 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_float
+from embedloss._validation import (
+    check_embeddings,
+    check_float,
+    check_reduction,
+    check_same_shape,
+    check_tensor,
+)
 from embedloss.compat._adapter import (
     LegacyLoss,
     deprecated,
@@ -17,7 +23,6 @@ from embedloss.compat._adapter import (
 )
 from embedloss.supervised.cross_entropy import CrossEntropyLoss as _CrossEntropy
 from embedloss.supervised.cross_modal_supcon import CrossModalSupConLoss as _CrossModalSupCon
-from embedloss.supervised.mse import MSELoss as _MSE
 from embedloss.supervised.supcon import supcon_loss
 
 __all__ = [
@@ -159,7 +164,9 @@ class CrossEntropyLoss(LegacyLoss):
     """Legacy cross-entropy with label smoothing (default 0.1): :class:`embedloss.CrossEntropyLoss`.
 
     Class ``weight`` and smoothing now apply together, exactly as ``F.cross_entropy`` (the legacy
-    loss dropped the weights when smoothing > 0); ``sample_weight`` gives a weighted mean.
+    loss dropped the weights when smoothing > 0). ``sample_weight`` keeps the legacy semantics:
+    each sample's loss is multiplied by its weight and ``"mean"`` is the plain mean over the N
+    samples, ``Σ_i s_i·ℓ_i / N`` (``embedloss.CrossEntropyLoss`` divides by the weights instead).
 
     Args:
         smoothing: Label smoothing ε in [0, 1] (default 0.1).
@@ -184,41 +191,74 @@ class CrossEntropyLoss(LegacyLoss):
         self, smoothing: float = 0.1, reduction: str = "mean", weight: Tensor | None = None
     ) -> None:
         super().__init__()
-        self.loss = _CrossEntropy(
-            label_smoothing=smoothing, class_weights=weight, reduction=reduction
-        )
+        self.reduction = check_reduction(reduction)
+        self.loss = _CrossEntropy(label_smoothing=smoothing, class_weights=weight, reduction="none")
+        self.mean = _CrossEntropy(label_smoothing=smoothing, class_weights=weight)
 
     def forward(
         self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, **inputs: Any
     ) -> Tensor:
         """The loss of ``input`` logits against class ``target``."""
         self.ignore_inputs(inputs)
-        return self.loss(input, target, sample_weight)
+        if sample_weight is None and self.reduction == "mean":
+            return self.mean(input, target)  # F.cross_entropy's weighted mean
+        return _legacy_reduce(self.loss(input, target), sample_weight, self.reduction)
+
+
+def _legacy_reduce(per: Tensor, sample_weight: Tensor | None, reduction: str) -> Tensor:
+    """The legacy reduction: ``per·s`` (weights broadcast over trailing dims), then mean/sum."""
+    if sample_weight is not None:
+        check_tensor(sample_weight, "sample_weight")
+        if sample_weight.shape != per.shape[:1]:
+            raise ValueError(
+                f"sample_weight must have shape ({per.shape[0]},), got {tuple(sample_weight.shape)}"
+            )
+        per = per * sample_weight.to(per).reshape(-1, *([1] * (per.dim() - 1)))
+    if reduction == "none":
+        return per
+    return per.sum() if reduction == "sum" else per.mean()
 
 
 class MeanSquaredError(LegacyLoss):
-    """Legacy MSE with per-sample weights: :class:`embedloss.MSELoss`.
+    """Legacy MSE with per-sample weights and a clamp, computed as the legacy loss did.
 
-    The weighted mean divides by the sum of the weights (the legacy loss divided by N).
+    Element-wise squared errors ``(x − y)²`` ``(N, *)``, times ``sample_weight[i]`` per sample,
+    clamped at ``clip_grad`` when given (values above it lose their gradient, as before), then
+    ``"mean"`` over all elements, ``"sum"`` over all elements, or ``"none"``: the ``(N, *)``
+    element-wise values. ``embedloss.MSELoss`` differs: weighted mean of per-sample MSEs, ``(N,)``
+    for ``"none"``, no clamp.
 
     Args:
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        clip_grad: Ignored, with a warning (the legacy clamp of the loss zeroed its gradient).
+        clip_grad: Upper clamp of the element-wise loss, or None.
 
     Shape:
         ``input``, ``target`` ``(N, *)``, ``sample_weight (N,)``; returns a tensor.
+
+    Example:
+        >>> import torch
+        >>> MeanSquaredError(reduction="none")(torch.ones(2, 3), torch.zeros(2, 3)).shape
+        torch.Size([2, 3])
     """
 
     replacement = "embedloss.MSELoss (registry 'mse')"
 
     def __init__(self, reduction: str = "mean", clip_grad: float | None = None) -> None:
         super().__init__()
-        warn_ignored(type(self).__name__, clip_grad=clip_grad)
-        self.loss = _MSE(reduction=reduction)
+        self.reduction = check_reduction(reduction)
+        self.clip_grad = None if clip_grad is None else check_float(clip_grad, "clip_grad")
 
     def forward(
         self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None, **inputs: Any
     ) -> Tensor:
         """The loss of ``input`` against ``target``."""
         self.ignore_inputs(inputs)
-        return self.loss(input, target, sample_weight)
+        for x, name in ((input, "input"), (target, "target")):
+            check_embeddings(x, name, ndim=tuple(range(1, 9)), shape="(N, *)")
+        check_same_shape(input, target, "input", "target")
+        per = (input - target).square()
+        if sample_weight is not None:
+            per = _legacy_reduce(per, sample_weight, "none")
+        if self.clip_grad is not None:
+            per = per.clamp(max=self.clip_grad)
+        return _legacy_reduce(per, None, self.reduction)
