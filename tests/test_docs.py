@@ -99,3 +99,16 @@ def test_architecture_stands_on_its_own():
         assert outside not in text, f"docs/ARCHITECTURE.md points outside the repository: {outside}"
     for heading in ("## The dependency DAG", "## The loss template", "## Adding a loss"):
         assert heading in text
+
+
+def test_readme_names_every_loss_without_a_reduction():
+    import inspect
+
+    import embedloss
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    claim = readme[readme.index("take `reduction`") : readme.index("have none")]
+    for name in embedloss.list_losses():
+        takes = "reduction" in inspect.signature(embedloss.loss_info(name).cls).parameters
+        assert takes or f"{name}" in claim, f"README says {name} takes a reduction; it does not"
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").lstrip().startswith("Apache License")
