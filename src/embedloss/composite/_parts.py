@@ -101,17 +101,22 @@ def _scalar_terms(values: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 def run_part(
-    name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    name: str,
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    terms: bool = True,
 ) -> LossOutput:
-    """Call one part: ``compute`` for an embedloss loss, else the module itself.
+    """Call one part: ``compute`` for an embedloss loss when ``terms`` are wanted, else the module.
 
     A plain module may return a tensor, a :class:`LossOutput`, or a legacy-style mapping with a
-    ``"loss"`` key (its scalar entries become terms).
+    ``"loss"`` key (its scalar entries become terms). With ``terms=False`` (a composite's
+    ``forward``) every part is called as a module and only its loss counts.
 
     Raises:
         TypeError: If the result is none of these.
     """
-    if isinstance(module, BaseLoss):
+    if terms and isinstance(module, BaseLoss):
         return module.compute(*args, **kwargs)
     result = module(*args, **kwargs)
     if isinstance(result, LossOutput):
@@ -119,14 +124,14 @@ def run_part(
     if isinstance(result, Tensor):
         return LossOutput(result, {})
     if isinstance(result, Mapping) and isinstance(result.get("loss"), Tensor):
-        return LossOutput(result["loss"], _scalar_terms(result))
+        return LossOutput(result["loss"], _scalar_terms(result) if terms else {})
     raise TypeError(
         f"loss {name!r} returned {type(result).__name__}; expected a Tensor, a LossOutput "
         "or a mapping with a 'loss' tensor"
     )
 
 
-def weighted_sum(losses: dict[str, Tensor], factors: dict[str, Tensor | float]) -> Tensor:
+def weighted_sum(losses: dict[str, Tensor], factors: Mapping[str, Tensor | float]) -> Tensor:
     """``Σ factors[name]·losses[name]`` over the names in ``losses`` (all of one shape).
 
     Raises:

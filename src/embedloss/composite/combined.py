@@ -32,8 +32,9 @@ class CombinedLoss(BaseLoss):
     config mapping ``{"name": ..., **kwargs}`` built with
     :func:`~embedloss.registry.create_loss_from_config`, or a registered name. Parts live in
     the ``nn.ModuleDict`` ``losses``, so ``state_dict()``, ``.to()`` and ``parameters()`` cover
-    them, and the hooks ``update_step`` / ``update_epoch`` are forwarded to each. Embedloss
-    parts are called through ``compute`` (module forward hooks do not fire).
+    them, and the hooks ``update_step`` / ``update_epoch`` are forwarded to each. :meth:`compute`
+    calls embedloss parts through their ``compute`` (module forward hooks do not fire);
+    :meth:`forward` calls every part as a module and builds no terms.
 
     Terms are namespaced with ``"/"`` (``"."`` is not allowed in module names):
     ``"<name>/loss"`` (the part's unweighted loss) and ``"<name>/<term>"`` for each of its
@@ -73,15 +74,15 @@ class CombinedLoss(BaseLoss):
     def compute(self, *args: Any, **kwargs: Any) -> LossOutput:
         """Call every part with ``(*args, **kwargs)``; the weighted sum and the prefixed terms."""
         outputs = {name: run_part(name, part, args, kwargs) for name, part in self.losses.items()}
-        loss = weighted_sum({n: o.loss for n, o in outputs.items()}, dict(self.weights))
-        terms: dict[str, Tensor] = {}
-        for name, output in outputs.items():
-            terms.update(prefixed(name, output))
-        return LossOutput(loss, terms)
+        loss = weighted_sum({n: o.loss for n, o in outputs.items()}, self.weights)
+        return LossOutput(
+            loss, {k: v for n, o in outputs.items() for k, v in prefixed(n, o).items()}
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """The weighted sum of the parts' losses (see :meth:`compute`)."""
-        return self.compute(*args, **kwargs).loss
+        losses = {n: run_part(n, p, args, kwargs, terms=False).loss for n, p in self.losses.items()}
+        return weighted_sum(losses, self.weights)
 
     def update_step(self, step: int, total_steps: int | None = None) -> None:
         """Forward the step hook to every part."""
