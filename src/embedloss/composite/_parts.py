@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
@@ -101,11 +102,7 @@ def _scalar_terms(values: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 def run_part(
-    name: str,
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    terms: bool = True,
+    name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], terms: bool = True
 ) -> LossOutput:
     """Call one part: ``compute`` for an embedloss loss when ``terms`` are wanted, else the module.
 
@@ -147,11 +144,16 @@ def weighted_sum(losses: dict[str, Tensor], factors: Mapping[str, Tensor | float
     return sum(values[1:], values[0])
 
 
-def prefixed(name: str, output: LossOutput) -> dict[str, Tensor]:
-    """The part's loss (mean if not scalar) and terms as ``"name/loss"``, ``"name/<term>"``."""
-    terms = {f"{name}{SEP}loss": output.loss.detach().float().mean()}
-    terms.update({f"{name}{SEP}{key}": value for key, value in output.terms.items()})
-    return terms
+def prefixed(name: str, output: LossOutput, **extra: Tensor | float) -> dict[str, Tensor]:
+    """The part's loss (mean if not scalar), terms and ``extra`` values as ``"name/<key>"``.
+
+    ``extra`` numbers become terms on the device of the part's loss.
+    """
+    loss = output.loss.detach().float()
+    extras = detached_terms(**{k: torch.as_tensor(v, device=loss.device) for k, v in extra.items()})
+    return {
+        f"{name}{SEP}{k}": v for k, v in {"loss": loss.mean(), **output.terms, **extras}.items()
+    }
 
 
 def forward_hooks(parts: nn.ModuleDict, method: str, *args: Any) -> None:

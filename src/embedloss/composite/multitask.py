@@ -9,9 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from embedloss._validation import check_choice, check_flags, check_positive_float
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.composite._parts import (
-    SEP,
     build_parts,
     check_weights,
     forward_hooks,
@@ -185,10 +184,10 @@ class MultitaskLoss(BaseLoss):
         loss, factors, log_variances = self._combine({t: o.loss for t, o in outputs.items()})
         terms: dict[str, Tensor] = {}
         for task, output in outputs.items():
-            terms.update(prefixed(task, output))
-            terms.update(detached_terms(**{f"{task}{SEP}weight": factors[task]}))
+            extra = {"weight": factors[task]}
             if task in log_variances:
-                terms.update(detached_terms(**{f"{task}{SEP}log_variance": log_variances[task]}))
+                extra["log_variance"] = log_variances[task]
+            terms.update(prefixed(task, output, **extra))
         return LossOutput(loss, terms)
 
     def forward(self, inputs: Mapping[str, Any], targets: Mapping[str, Any]) -> Tensor:
