@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_chunk_size, check_flags, check_float, check_int
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.base.mixins import TemperatureScalingMixin
+from embedloss._validation import check_bool, check_float, check_int
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
 from embedloss.ops.info_nce import ContrastiveOptions, paired_symmetric
@@ -113,7 +113,7 @@ def hybrid_vicreg_loss(
 
 
 @register_loss("hybrid_vicreg", category="self_supervised")
-class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
+class HybridVICRegLoss(BaseContrastiveLoss):
     """Contrastive (CLIP-style) warm-up, then a linear transition to VICReg.
 
     The schedule is driven by :meth:`update_step` only (no per-call counters). With ``s`` the
@@ -191,19 +191,17 @@ class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
         chunk_size: ChunkSize = "auto",
         gather_distributed: bool = False,
     ) -> None:
-        super().__init__()
         self.contrastive_steps = check_int(contrastive_steps, "contrastive_steps", low=0)
         self.transition_steps = check_int(transition_steps, "transition_steps", low=0)
-        self._init_temperature(temperature)
+        super().__init__(
+            temperature=temperature, chunk_size=chunk_size, gather_distributed=gather_distributed
+        )
         self.min_alignment_gap = check_float(min_alignment_gap, "min_alignment_gap")
         self.vicreg_options = VICRegOptions(
             sim_coeff, var_coeff, cov_coeff, eps, gather_distributed
         )
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.adaptive_transition, self.gather_distributed = check_flags(
-            adaptive_transition=adaptive_transition, gather_distributed=gather_distributed
-        )
+        self.adaptive_transition = check_bool(adaptive_transition, "adaptive_transition")
         self._init_counter("step")
         self._init_counter("transition_start", self.contrastive_steps)
         self.register_buffer("alignment_gap", torch.zeros((), dtype=torch.float64))
@@ -261,13 +259,7 @@ class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The loss at the current step and its parts; records the batch's alignment gap."""
         _, alpha, warm = self._schedule()
-        ls, clamp = self._logit_scale_and_clamp(None)
-        contrastive = ContrastiveOptions(
-            logit_scale=ls,
-            max_logit_scale=clamp,
-            chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
-        )
+        contrastive = self.options()
         options = (contrastive, self.vicreg_options)
         loss, parts = _hybrid(z_a, z_b, labels, alpha, options, warm, every_part)
         with torch.no_grad():
