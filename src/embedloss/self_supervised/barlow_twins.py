@@ -109,11 +109,7 @@ class BarlowTwinsLoss(BaseLoss):
     """
 
     def __init__(
-        self,
-        *,
-        lambda_coeff: float = 5e-3,
-        eps: float = 1e-5,
-        gather_distributed: bool = False,
+        self, *, lambda_coeff: float = 5e-3, eps: float = 1e-5, gather_distributed: bool = False
     ) -> None:
         super().__init__()
         (self.lambda_coeff,) = check_coefficients(lambda_coeff=lambda_coeff)

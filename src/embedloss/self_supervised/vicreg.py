@@ -10,13 +10,7 @@ from torch import Tensor
 
 from embedloss._validation import check_bool, check_coefficients, check_int, check_positive_float
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.ops.statistics import (
-    batch_count,
-    batch_sum,
-    covariance,
-    off_diagonal,
-    prepare_views,
-)
+from embedloss.ops.statistics import batch_count, batch_sum, covariance, off_diagonal, prepare_views
 from embedloss.registry import register_loss
 
 __all__ = ["VICRegLoss", "VICRegOptions", "VICRegTerms", "vicreg", "vicreg_loss", "vicreg_terms"]

@@ -43,11 +43,7 @@ def _mse(
 
 
 def mse_loss(
-    input: Tensor,
-    target: Tensor,
-    *,
-    sample_weight: Tensor | None = None,
-    reduction: str = "mean",
+    input: Tensor, target: Tensor, *, sample_weight: Tensor | None = None, reduction: str = "mean"
 ) -> Tensor:
     r"""Mean squared error with optional per-sample weights.
 
