@@ -191,7 +191,7 @@ def test_bad_shapes_and_arguments() -> None:
 
 
 def test_boundary_helpers_check_and_cast() -> None:
-    from embedloss.ops.statistics import prepare_batch, prepare_views
+    from embedloss.ops.statistics import prepare_views
 
     a, b = prepare_views(torch.randn(4, 3, dtype=torch.bfloat16), torch.randn(4, 3))
     assert a.dtype == b.dtype == torch.float32
@@ -201,10 +201,6 @@ def test_boundary_helpers_check_and_cast() -> None:
         prepare_views(torch.randn(4, 3), torch.randn(4, 3), torch.arange(3))
     with pytest.raises(ValueError, match=r"z_a must have at least 2 samples"):
         prepare_views(torch.randn(1, 3), torch.randn(1, 3))
-    x = prepare_batch(3 * torch.eye(3, dtype=torch.float64), "z", normalize=True)
-    assert torch.equal(x, torch.eye(3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"z must have shape \(N, D\)"):
-        prepare_batch(torch.randn(3), "z")
 
 
 def test_hypersphere_kernels_match_the_official_formulas() -> None:

@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import (
-    check_embeddings,
     check_int,
     check_pair,
     check_positive_float,
@@ -43,7 +42,7 @@ from embedloss.ops.distributed import (
     gather_with_grad,
     world_info,
 )
-from embedloss.ops.similarity import positive_mask_from_labels, prepare_embeddings
+from embedloss.ops.similarity import positive_mask_from_labels
 
 __all__ = [
     "alignment_per_anchor",
@@ -57,7 +56,6 @@ __all__ = [
     "cross_correlation",
     "log_uniformity",
     "off_diagonal",
-    "prepare_batch",
     "prepare_views",
     "standardize",
     "variance",
@@ -270,18 +268,6 @@ def check_enough_samples(
             f"got N={n}{where}"
         )
     return n
-
-
-def prepare_batch(
-    x: Tensor, name: str, *, normalize: bool = False, distributed: bool = False
-) -> Tensor:
-    """A checked ``(N, D)`` batch with N >= 2 (over all ranks), in its compute dtype.
-
-    The boundary of a statistic loss: L2-normalised rows when ``normalize``.
-    """
-    check_embeddings(x, name)
-    check_enough_samples(x, name, distributed=distributed)
-    return prepare_embeddings(x, normalize=normalize, dtype=compute_dtype(x))
 
 
 def prepare_views(

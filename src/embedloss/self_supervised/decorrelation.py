@@ -5,9 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_coefficients, check_flags, check_positive_float
+from embedloss._validation import (
+    check_coefficients,
+    check_embeddings,
+    check_flags,
+    check_positive_float,
+    compute_dtype,
+)
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.ops.statistics import covariance, off_diagonal, prepare_batch
+from embedloss.ops.similarity import prepare_embeddings
+from embedloss.ops.statistics import check_enough_samples, covariance, off_diagonal
 from embedloss.registry import register_loss
 
 __all__ = ["DecorrelationLoss", "decorrelation_loss"]
@@ -25,7 +32,9 @@ def _decorrelation(
     for name, z in branches.items():
         if z is None:
             continue
-        x = prepare_batch(z, name, normalize=normalize, distributed=distributed)
+        check_embeddings(z, name)
+        check_enough_samples(z, name, distributed=distributed)
+        x = prepare_embeddings(z, normalize=normalize, dtype=compute_dtype(z))
         m = covariance(x, correction=1, distributed=distributed)  # (D, D)
         variances.append(m.diagonal())  # (D,)
         if use_correlation:
