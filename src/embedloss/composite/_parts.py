@@ -14,9 +14,9 @@ from embedloss.registry import create_loss, create_loss_from_config
 
 __all__ = [
     "SEP",
+    "PartsLoss",
     "build_parts",
     "check_weights",
-    "forward_hooks",
     "prefixed",
     "run_part",
     "weighted_sum",
@@ -156,9 +156,28 @@ def prefixed(name: str, output: LossOutput, **extra: Tensor | float) -> dict[str
     }
 
 
-def forward_hooks(parts: nn.ModuleDict, method: str, *args: Any) -> None:
-    """Call ``update_step``/``update_epoch`` on every part that has it."""
-    for module in parts.values():
-        hook = getattr(module, method, None)
-        if callable(hook):
-            hook(*args)
+class PartsLoss(BaseLoss):
+    """Base of the losses made of named parts: holds them and forwards the schedule hooks.
+
+    ``losses`` go through :func:`build_parts` (``self.losses``, an ``nn.ModuleDict``) and
+    ``weights`` through :func:`check_weights` (``self.weights``).
+    """
+
+    def __init__(self, losses: Any, weights: Any) -> None:
+        super().__init__()
+        self.losses = build_parts(losses)
+        self.weights = check_weights(weights, list(self.losses.keys()))
+
+    def _hook(self, method: str, *args: Any) -> None:
+        for module in self.losses.values():
+            hook = getattr(module, method, None)
+            if callable(hook):
+                hook(*args)
+
+    def update_step(self, step: int, total_steps: int | None = None) -> None:
+        """Forward the step hook to every part that has it."""
+        self._hook("update_step", step, total_steps)
+
+    def update_epoch(self, epoch: int) -> None:
+        """Forward the epoch hook to every part that has it."""
+        self._hook("update_epoch", epoch)

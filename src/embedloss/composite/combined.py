@@ -7,22 +7,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from embedloss.base.base_loss import BaseLoss, LossOutput
-from embedloss.composite._parts import (
-    build_parts,
-    check_weights,
-    forward_hooks,
-    prefixed,
-    run_part,
-    weighted_sum,
-)
+from embedloss.base.base_loss import LossOutput
+from embedloss.composite._parts import PartsLoss, prefixed, run_part, weighted_sum
 from embedloss.registry import register_loss
 
 __all__ = ["CombinedLoss"]
 
 
 @register_loss("combined")
-class CombinedLoss(BaseLoss):
+class CombinedLoss(PartsLoss):
     """A weighted sum of named losses, each called with the same inputs.
 
         L = Σ_k w_k·L_k(*args, **kwargs)
@@ -67,9 +60,7 @@ class CombinedLoss(BaseLoss):
         losses: Mapping[str, nn.Module | Mapping[str, Any] | str],
         weights: Mapping[str, float] | None = None,
     ) -> None:
-        super().__init__()
-        self.losses = build_parts(losses)
-        self.weights = check_weights(weights, list(self.losses.keys()))
+        super().__init__(losses, weights)
 
     def compute(self, *args: Any, **kwargs: Any) -> LossOutput:
         """Call every part with ``(*args, **kwargs)``; the weighted sum and the prefixed terms."""
@@ -83,14 +74,6 @@ class CombinedLoss(BaseLoss):
         """The weighted sum of the parts' losses (see :meth:`compute`)."""
         losses = {n: run_part(n, p, args, kwargs, terms=False).loss for n, p in self.losses.items()}
         return weighted_sum(losses, self.weights)
-
-    def update_step(self, step: int, total_steps: int | None = None) -> None:
-        """Forward the step hook to every part."""
-        forward_hooks(self.losses, "update_step", step, total_steps)
-
-    def update_epoch(self, epoch: int) -> None:
-        """Forward the epoch hook to every part."""
-        forward_hooks(self.losses, "update_epoch", epoch)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -9,15 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from embedloss._validation import check_choice, check_flags, check_positive_float
-from embedloss.base.base_loss import BaseLoss, LossOutput
-from embedloss.composite._parts import (
-    build_parts,
-    check_weights,
-    forward_hooks,
-    prefixed,
-    run_part,
-    weighted_sum,
-)
+from embedloss.base.base_loss import LossOutput
+from embedloss.composite._parts import PartsLoss, prefixed, run_part, weighted_sum
 from embedloss.registry import register_loss
 
 __all__ = ["MultitaskLoss"]
@@ -34,7 +27,7 @@ def _call_arguments(value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 @register_loss("multitask")
-class MultitaskLoss(BaseLoss):
+class MultitaskLoss(PartsLoss):
     r"""Per-task losses combined with fixed, dynamic or learned weights.
 
     Task ``t`` (a key of ``losses``) is called as ``loss_t(*a_t, *b_t, **ka_t, **kb_t)`` where
@@ -102,10 +95,8 @@ class MultitaskLoss(BaseLoss):
         allow_missing: bool = False,
         dwa_temperature: float = 2.0,
     ) -> None:
-        super().__init__()
-        self.losses = build_parts(losses)
+        super().__init__(losses, weights)
         self.tasks = list(self.losses.keys())
-        self.weights = check_weights(weights, self.tasks)
         self.weighting = check_choice(weighting, "weighting", WEIGHTINGS)
         (self.allow_missing,) = check_flags(allow_missing=allow_missing)
         self.dwa_temperature = check_positive_float(dwa_temperature, "dwa_temperature")
@@ -202,7 +193,7 @@ class MultitaskLoss(BaseLoss):
         A call with nothing accumulated (e.g. before the first epoch) changes nothing. A task
         seen in no call of the epoch keeps its previous mean. Forwarded to the task losses.
         """
-        forward_hooks(self.losses, "update_epoch", epoch)
+        super().update_epoch(epoch)
         if self.weighting != "dynamic" or not bool(self.epoch_loss_count.any()):
             return  # (a hook: reading a value here is off the step path)
         count = self.epoch_loss_count
@@ -219,10 +210,6 @@ class MultitaskLoss(BaseLoss):
             ratio = torch.where(previous > 0, latest / previous.clamp(min=1e-300), 1.0)
             k = len(self.tasks)
             self.dynamic_weights.copy_(k * torch.softmax(ratio / self.dwa_temperature, dim=0))
-
-    def update_step(self, step: int, total_steps: int | None = None) -> None:
-        """Forward the step hook to every task loss."""
-        forward_hooks(self.losses, "update_step", step, total_steps)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -29,12 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-from embedloss._validation import (
-    check_int,
-    check_pair,
-    check_positive_float,
-    compute_dtype,
-)
+from embedloss._validation import check_int, check_pair, check_positive_float, compute_dtype
 from embedloss.ops.anchors import AnchorLosses
 from embedloss.ops.distributed import (
     all_reduce_sum_no_grad,
