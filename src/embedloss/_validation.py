@@ -255,3 +255,21 @@ def check_pair(a: Any, b: Any, name_a: str, name_b: str, labels: Any = None) -> 
     check_same_shape(a, b, name_a, name_b)
     if labels is not None:
         check_labels(labels, a.shape[0])
+
+
+def check_coefficients(**values: Any) -> list[float]:
+    """Each keyword checked as a loss weight, a finite number >= 0; the floats in order."""
+    return [check_positive_float(v, name, allow_zero=True) for name, v in values.items()]
+
+
+def check_flags(**values: Any) -> list[bool]:
+    """Each keyword checked as a ``bool`` (not merely truthy); the values in order."""
+    return [check_bool(v, name) for name, v in values.items()]
+
+
+def check_sample_weight(sample_weight: Any, n: int) -> Tensor:
+    """Validate per-sample weights: a tensor of shape ``(n,)`` (values are not read)."""
+    check_tensor(sample_weight, "sample_weight")
+    if sample_weight.shape != (n,):
+        raise ValueError(f"sample_weight must have shape ({n},), got {tuple(sample_weight.shape)}")
+    return sample_weight

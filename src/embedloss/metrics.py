@@ -24,22 +24,11 @@ from embedloss._validation import (
     check_tensor,
     compute_dtype,
 )
-from embedloss.ops.anchors import AnchorLosses, reduce_anchor_losses
-from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.anchors import reduce_anchor_losses
 from embedloss.ops.similarity import positive_mask_from_labels, prepare_embeddings
+from embedloss.ops.statistics import alignment_per_anchor, log_uniformity
 
 __all__ = ["accuracy", "alignment", "effective_rank", "recall_at_k", "uniformity"]
-
-
-def _safe_pow(d: Tensor, alpha: float) -> Tensor:
-    """``d**alpha`` for distances ``d >= 0`` with gradient 0 (not NaN) where ``d == 0``."""
-    pos = d > 0
-    return torch.where(pos, torch.where(pos, d, torch.ones_like(d)).pow(alpha), torch.zeros_like(d))
-
-
-def _exact_cdist(a: Tensor, b: Tensor) -> Tensor:
-    """Euclidean distances ``(N, M)`` computed from differences (no ``‖a‖²+‖b‖²−2a·b`` rounding)."""
-    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
 def alignment(
@@ -95,17 +84,7 @@ def alignment(
     dtype = compute_dtype(x, y)
     x = prepare_embeddings(x, normalize=normalize, dtype=dtype)
     y = prepare_embeddings(y, normalize=normalize, dtype=dtype)
-    if labels is None:
-        per = _safe_pow(torch.linalg.vector_norm(x - y, dim=1), alpha)  # (N,)
-        valid = torch.ones_like(per, dtype=torch.bool)
-    else:
-        positive = positive_mask_from_labels(labels, key_labels)  # (N, M)
-        powered = _safe_pow(_exact_cdist(x, y), alpha)  # (N, M)
-        count = positive.sum(dim=1)
-        per = torch.where(positive, powered, torch.zeros_like(powered)).sum(1) / count.clamp(min=1)
-        valid = count > 0
-    result = AnchorLosses(per, valid, valid)
-    return reduce_anchor_losses(result, reduction)
+    return reduce_anchor_losses(alignment_per_anchor(x, y, alpha, labels, key_labels), reduction)
 
 
 def uniformity(
@@ -139,19 +118,7 @@ def uniformity(
     t = check_positive_float(t, "t")
     check_embeddings(x, "x")
     x = prepare_embeddings(x, normalize=normalize, dtype=compute_dtype(x))
-    gathered = gather_with_grad(x, gather_distributed)
-    n = gathered.tensor.shape[0]
-    if n < 2:
-        raise ValueError(f"uniformity needs at least 2 embeddings, got {n}")
-    if gathered.world_size == 1:
-        return torch.logsumexp(-t * torch.pdist(x).square(), dim=0) - math.log(n * (n - 1) / 2)
-    # Local rows against all rows; over all ranks every unordered pair appears twice.
-    neg_sq = -t * _exact_cdist(x, gathered.tensor).square()  # (n_local, N)
-    cols = torch.arange(n, device=x.device)
-    rows = torch.arange(x.shape[0], device=x.device) + gathered.offset
-    neg_sq = neg_sq.masked_fill(rows.unsqueeze(1) == cols.unsqueeze(0), float("-inf"))
-    row_lse = gather_with_grad(neg_sq.logsumexp(dim=1), True).tensor  # (N,)
-    return row_lse.logsumexp(dim=0) - math.log(n * (n - 1))
+    return log_uniformity(x, t, gather_distributed)
 
 
 def _ks(k: int | Sequence[int]) -> tuple[int, ...]:

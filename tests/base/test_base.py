@@ -88,3 +88,13 @@ def test_weighted_cross_entropy_errors_and_base_supervised():
         sup.weighted_cross_entropy(logits, y), F.cross_entropy(logits, y, reduction="sum")
     )
     assert LossOutput(torch.zeros(()), {}).terms == {}
+
+
+def test_label_smoothing_in_float64_and_unweighted_reduction():
+    from embedloss.base.supervised import weighted_reduction
+
+    soft = BaseSupervisedLoss.apply_label_smoothing(torch.tensor([2]), 3, 0.1, dtype=torch.float64)
+    assert soft.dtype == torch.float64 and soft[0, 2].item() == 1 - 0.1 + 0.1 / 3
+    per = torch.tensor([1.0, 2.0, 6.0])
+    assert weighted_reduction(per, None, "mean").item() == 3.0
+    assert weighted_reduction(0 * per, torch.zeros(3), "mean").item() == 0.0  # weighted 0

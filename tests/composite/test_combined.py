@@ -197,3 +197,17 @@ def test_part_returning_something_else_raises():
     a, b = _views()
     with pytest.raises(TypeError, match="loss 'bad' returned str; expected a Tensor"):
         loss(a, b)
+
+
+def test_forward_calls_each_part_as_a_module_and_compute_through_compute():
+    a, b = _views(seed=6)
+    clip = CLIPLoss()
+    calls = []
+    clip.register_forward_hook(lambda *args: calls.append("forward"))
+    loss = CombinedLoss(losses={"clip": clip, "rec": Recorder("dict")})
+    value = loss(a, b)
+    assert calls == ["forward"]  # forward: the part's own forward, no terms
+    out = loss.compute(a, b)
+    assert calls == ["forward"]  # compute: the part's compute (module hooks do not fire)
+    torch.testing.assert_close(value, out.loss, **TOL)
+    assert {"clip/accuracy", "rec/gap"} <= set(out.terms)

@@ -239,3 +239,26 @@ def test_hooks_forwarded_and_example():
 def test_bad_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         MultitaskLoss(losses={"a": Fixed()}, **kwargs)
+
+
+@pytest.mark.parametrize("weighting", ["fixed", "dynamic", "uncertainty"])
+def test_every_weighting_runs_on_the_meta_device(weighting):
+    # The step path reads nothing back to the host: dynamic statistics accumulate on the device.
+    loss = MultitaskLoss(losses={"cls": "cross_entropy", "reg": "mse"}, weighting=weighting)
+    loss = loss.to("meta").train()
+    inputs, targets = _data()
+    inputs = {k: v.to("meta").requires_grad_() for k, v in inputs.items()}
+    targets = {k: v.to("meta") for k, v in targets.items()}
+    out = loss(inputs, targets)
+    out.backward()
+    assert out.device.type == "meta" and inputs["cls"].grad is not None
+    assert all(t.device.type == "meta" for t in loss.compute(inputs, targets).terms.values())
+
+
+def test_forward_accumulates_like_compute_and_builds_no_terms():
+    loss = MultitaskLoss(losses={"a": Fixed(), "b": Fixed()}, weighting="dynamic")
+    values = {"a": torch.tensor(2.0), "b": torch.tensor(4.0)}
+    loss(values, {"a": None, "b": None})
+    loss.compute(values, {"a": None, "b": None})
+    assert loss.epoch_loss_count.tolist() == [2.0, 2.0]
+    assert loss.epoch_loss_sum.tolist() == [4.0, 8.0]

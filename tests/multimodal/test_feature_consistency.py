@@ -291,3 +291,18 @@ def test_bad_inputs():
         match=r"reduction='none' needs the same batch size N in every modality, got a: 3, b: 2",
     ):
         FeatureConsistencyLoss(reduction="none")({"a": f, "b": f[:2]}, {"a": f, "b": f[:2]})
+
+
+def test_forward_is_the_loss_of_compute_for_several_modalities():
+    torch.manual_seed(3)
+    loss = FeatureConsistencyLoss(
+        reference_models={"vision": _Encoder(), "text": _Encoder(3, 6)},
+        weights={"text": 0.25},
+        distance="l1",
+    )
+    feats = {"vision": torch.randn(4, 6), "text": torch.randn(4, 6)}
+    ins = {"vision": torch.randn(4, 4), "text": torch.randn(4, 3)}
+    out = loss.compute(feats, inputs=ins)
+    torch.testing.assert_close(loss(feats, inputs=ins), out.loss)
+    expected = out.terms["consistency_vision"] + 0.25 * out.terms["consistency_text"]
+    torch.testing.assert_close(out.loss, expected)

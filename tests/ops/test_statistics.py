@@ -188,3 +188,34 @@ def test_bad_shapes_and_arguments() -> None:
         ValueError, match=r"off_diagonal needs a square \(D, D\) matrix, got \(3,\)"
     ):
         off_diagonal(torch.randn(3))
+
+
+def test_boundary_helpers_check_and_cast() -> None:
+    from embedloss.ops.statistics import prepare_views
+
+    a, b = prepare_views(torch.randn(4, 3, dtype=torch.bfloat16), torch.randn(4, 3))
+    assert a.dtype == b.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"z_a and z_b must have the same shape"):
+        prepare_views(torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+        prepare_views(torch.randn(4, 3), torch.randn(4, 3), torch.arange(3))
+    with pytest.raises(ValueError, match=r"z_a must have at least 2 samples"):
+        prepare_views(torch.randn(1, 3), torch.randn(1, 3))
+
+
+def test_hypersphere_kernels_match_the_official_formulas() -> None:
+    from embedloss.ops.statistics import alignment_per_anchor, log_uniformity
+
+    x, y = _x(6, 3, seed=5), _x(6, 3, seed=6)
+    per = alignment_per_anchor(x, y, 1.5)
+    assert torch.allclose(per.loss, (x - y).norm(dim=1).pow(1.5)) and bool(per.valid.all())
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    grouped = alignment_per_anchor(x, y, 2.0, labels, labels)
+    expected = torch.stack(
+        [torch.cdist(x[i : i + 1], y[labels == labels[i]]).pow(2).mean() for i in range(6)]
+    )
+    assert torch.allclose(grouped.loss, expected)
+    unif = torch.pdist(x).pow(2).mul(-2.0).exp().mean().log()
+    assert torch.allclose(log_uniformity(x, 2.0), unif)
+    with pytest.raises(ValueError, match=r"uniformity needs at least 2 embeddings, got 1"):
+        log_uniformity(x[:1], 2.0)

@@ -9,6 +9,7 @@ import torch
 
 from embedloss import create_loss
 from embedloss.composite import HybridVICRegLoss, hybrid_vicreg_loss
+from embedloss.composite import hybrid_vicreg as hybrid_module
 from embedloss.composite.hybrid_vicreg import PHASES
 from embedloss.multimodal.clip import clip_loss
 from embedloss.self_supervised import vicreg_loss
@@ -259,3 +260,34 @@ def test_bad_inputs_raise_clear_errors() -> None:
         ValueError, match=r"progress must be a finite number in \[0.0, 1.0\], got 1.5"
     ):
         hybrid_vicreg_loss(a, b, progress=1.5)
+
+
+@pytest.mark.parametrize("step", [0, 4, 20])
+def test_forward_is_the_loss_of_compute_and_runs_on_the_meta_device(step: int) -> None:
+    a, b = _views()
+    loss = _fixed(warmup_steps=2).double()
+    loss.update_step(step)
+    assert torch.equal(loss(a, b), loss.compute(a, b).loss)
+    meta = _fixed(warmup_steps=2).to("meta")
+    meta.update_step(step)
+    x, y = a.to("meta").requires_grad_(), b.to("meta").requires_grad_()
+    out = meta(x, y)
+    out.backward()
+    assert out.device.type == "meta" and x.grad is not None
+    assert all(t.device.type == "meta" for t in meta.compute(x, y).terms.values())
+
+
+def test_every_phase_needs_two_samples_and_forward_skips_the_part_weighted_zero(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = _views()
+    with pytest.raises(ValueError, match=r"z_a must have at least 2 samples"):
+        hybrid_vicreg_loss(a[:1], b[:1], progress=0.0)
+    calls = []
+    original = hybrid_module.vicreg
+    monkeypatch.setattr(hybrid_module, "vicreg", lambda *args: calls.append(1) or original(*args))
+    loss = _fixed().double()  # α = 0
+    loss(a, b)
+    assert calls == []  # forward does not compute VICReg at weight 0
+    loss.compute(a, b)
+    assert calls == [1]  # compute reports its terms

@@ -204,3 +204,30 @@ def test_bad_inputs_raise_clear_errors() -> None:
         TypeError, match=r"unknown argument\(s\) 'sim_coef' \(did you mean 'sim_coeff'\?\)"
     ):
         create_loss("vicreg", sim_coef=1.0)
+
+
+def test_warmup_runs_on_the_meta_device() -> None:
+    # The warm-up factor comes from the host copy of the step: no value is read on the step path.
+    loss = VICRegLoss(warmup_steps=4).to("meta")
+    loss.update_step(2)
+    a, b = (t.to("meta").requires_grad_() for t in _views())
+    out = loss(a, b)
+    out.backward()
+    assert out.device.type == "meta" and a.grad is not None
+    terms = loss.compute(a, b).terms
+    assert all(t.device.type == "meta" for t in terms.values())
+    assert loss.warmup_factor == 0.5
+
+
+def test_options_are_checked_once_when_built() -> None:
+    from embedloss.self_supervised.vicreg import VICRegOptions, vicreg
+
+    with pytest.raises(ValueError, match=r"cov_coeff must be a finite number >= 0, got -2"):
+        VICRegOptions(cov_coeff=-2)
+    options = VICRegOptions(sim_coeff=3.0, var_coeff=2.0, cov_coeff=0.5, eps=1e-3)
+    a, b = _views()
+    loss = VICRegLoss(sim_coeff=3.0, var_coeff=2.0, cov_coeff=0.5, eps=1e-3)
+    assert loss.options == options and loss.sim_coeff == 3.0
+    value, terms = vicreg(a, b, options, warmup=0.25)
+    expected = 3.0 * terms.invariance + 0.25 * (2.0 * terms.variance + 0.5 * terms.covariance)
+    assert torch.allclose(value, expected, rtol=1e-14)

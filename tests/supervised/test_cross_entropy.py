@@ -185,3 +185,29 @@ def test_bad_input(call, error, match):
 def test_bad_constructor(kwargs, error, match):
     with pytest.raises(error, match=match):
         CrossEntropyLoss(**kwargs)
+
+
+def test_masked_logits_stay_finite_without_smoothing():
+    # Smoothed targets are zero off the target: 0·log 0 counts as 0, as in F.cross_entropy.
+    logits, targets = _batch(seed=6)
+    logits[:, 3] = float("-inf")
+    targets = targets.clamp(max=2)
+    a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ours, theirs = cross_entropy_loss(a, targets), F.cross_entropy(b, targets)
+    torch.testing.assert_close(ours, theirs, **TOL)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(a.grad, b.grad, **TOL)
+
+
+def test_module_computes_through_the_base_implementation_and_runs_on_meta():
+    from embedloss.base.supervised import weighted_cross_entropy
+
+    assert cross_entropy_loss is weighted_cross_entropy
+    logits, targets = _batch(seed=7)
+    targets[1] = -100
+    loss = CrossEntropyLoss(label_smoothing=0.2, class_weights=WEIGHTS).to("meta")
+    x = logits.to("meta").requires_grad_(True)
+    out = loss(x, targets.to("meta"), sample_weight=torch.ones(7, device="meta"))
+    out.backward()
+    assert out.device.type == "meta" and x.grad is not None

@@ -6,6 +6,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
@@ -13,9 +14,9 @@ from embedloss.registry import create_loss, create_loss_from_config
 
 __all__ = [
     "SEP",
+    "PartsLoss",
     "build_parts",
     "check_weights",
-    "forward_hooks",
     "prefixed",
     "run_part",
     "weighted_sum",
@@ -101,17 +102,18 @@ def _scalar_terms(values: Mapping[str, Any]) -> dict[str, Tensor]:
 
 
 def run_part(
-    name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], terms: bool = True
 ) -> LossOutput:
-    """Call one part: ``compute`` for an embedloss loss, else the module itself.
+    """Call one part: ``compute`` for an embedloss loss when ``terms`` are wanted, else the module.
 
     A plain module may return a tensor, a :class:`LossOutput`, or a legacy-style mapping with a
-    ``"loss"`` key (its scalar entries become terms).
+    ``"loss"`` key (its scalar entries become terms). With ``terms=False`` (a composite's
+    ``forward``) every part is called as a module and only its loss counts.
 
     Raises:
         TypeError: If the result is none of these.
     """
-    if isinstance(module, BaseLoss):
+    if terms and isinstance(module, BaseLoss):
         return module.compute(*args, **kwargs)
     result = module(*args, **kwargs)
     if isinstance(result, LossOutput):
@@ -119,14 +121,14 @@ def run_part(
     if isinstance(result, Tensor):
         return LossOutput(result, {})
     if isinstance(result, Mapping) and isinstance(result.get("loss"), Tensor):
-        return LossOutput(result["loss"], _scalar_terms(result))
+        return LossOutput(result["loss"], _scalar_terms(result) if terms else {})
     raise TypeError(
         f"loss {name!r} returned {type(result).__name__}; expected a Tensor, a LossOutput "
         "or a mapping with a 'loss' tensor"
     )
 
 
-def weighted_sum(losses: dict[str, Tensor], factors: dict[str, Tensor | float]) -> Tensor:
+def weighted_sum(losses: dict[str, Tensor], factors: Mapping[str, Tensor | float]) -> Tensor:
     """``Σ factors[name]·losses[name]`` over the names in ``losses`` (all of one shape).
 
     Raises:
@@ -142,16 +144,40 @@ def weighted_sum(losses: dict[str, Tensor], factors: dict[str, Tensor | float]) 
     return sum(values[1:], values[0])
 
 
-def prefixed(name: str, output: LossOutput) -> dict[str, Tensor]:
-    """The part's loss (mean if not scalar) and terms as ``"name/loss"``, ``"name/<term>"``."""
-    terms = {f"{name}{SEP}loss": output.loss.detach().float().mean()}
-    terms.update({f"{name}{SEP}{key}": value for key, value in output.terms.items()})
-    return terms
+def prefixed(name: str, output: LossOutput, **extra: Tensor | float) -> dict[str, Tensor]:
+    """The part's loss (mean if not scalar), terms and ``extra`` values as ``"name/<key>"``.
+
+    ``extra`` numbers become terms on the device of the part's loss.
+    """
+    loss = output.loss.detach().float()
+    extras = detached_terms(**{k: torch.as_tensor(v, device=loss.device) for k, v in extra.items()})
+    return {
+        f"{name}{SEP}{k}": v for k, v in {"loss": loss.mean(), **output.terms, **extras}.items()
+    }
 
 
-def forward_hooks(parts: nn.ModuleDict, method: str, *args: Any) -> None:
-    """Call ``update_step``/``update_epoch`` on every part that has it."""
-    for module in parts.values():
-        hook = getattr(module, method, None)
-        if callable(hook):
-            hook(*args)
+class PartsLoss(BaseLoss):
+    """Base of the losses made of named parts: holds them and forwards the schedule hooks.
+
+    ``losses`` go through :func:`build_parts` (``self.losses``, an ``nn.ModuleDict``) and
+    ``weights`` through :func:`check_weights` (``self.weights``).
+    """
+
+    def __init__(self, losses: Any, weights: Any) -> None:
+        super().__init__()
+        self.losses = build_parts(losses)
+        self.weights = check_weights(weights, list(self.losses.keys()))
+
+    def _hook(self, method: str, *args: Any) -> None:
+        for module in self.losses.values():
+            hook = getattr(module, method, None)
+            if callable(hook):
+                hook(*args)
+
+    def update_step(self, step: int, total_steps: int | None = None) -> None:
+        """Forward the step hook to every part that has it."""
+        self._hook("update_step", step, total_steps)
+
+    def update_epoch(self, epoch: int) -> None:
+        """Forward the epoch hook to every part that has it."""
+        self._hook("update_epoch", epoch)

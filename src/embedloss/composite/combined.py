@@ -7,22 +7,15 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from embedloss.base.base_loss import BaseLoss, LossOutput
-from embedloss.composite._parts import (
-    build_parts,
-    check_weights,
-    forward_hooks,
-    prefixed,
-    run_part,
-    weighted_sum,
-)
+from embedloss.base.base_loss import LossOutput
+from embedloss.composite._parts import PartsLoss, prefixed, run_part, weighted_sum
 from embedloss.registry import register_loss
 
 __all__ = ["CombinedLoss"]
 
 
 @register_loss("combined")
-class CombinedLoss(BaseLoss):
+class CombinedLoss(PartsLoss):
     """A weighted sum of named losses, each called with the same inputs.
 
         L = Σ_k w_k·L_k(*args, **kwargs)
@@ -32,8 +25,9 @@ class CombinedLoss(BaseLoss):
     config mapping ``{"name": ..., **kwargs}`` built with
     :func:`~embedloss.registry.create_loss_from_config`, or a registered name. Parts live in
     the ``nn.ModuleDict`` ``losses``, so ``state_dict()``, ``.to()`` and ``parameters()`` cover
-    them, and the hooks ``update_step`` / ``update_epoch`` are forwarded to each. Embedloss
-    parts are called through ``compute`` (module forward hooks do not fire).
+    them, and the hooks ``update_step`` / ``update_epoch`` are forwarded to each. :meth:`compute`
+    calls embedloss parts through their ``compute`` (module forward hooks do not fire);
+    :meth:`forward` calls every part as a module and builds no terms.
 
     Terms are namespaced with ``"/"`` (``"."`` is not allowed in module names):
     ``"<name>/loss"`` (the part's unweighted loss) and ``"<name>/<term>"`` for each of its
@@ -66,30 +60,20 @@ class CombinedLoss(BaseLoss):
         losses: Mapping[str, nn.Module | Mapping[str, Any] | str],
         weights: Mapping[str, float] | None = None,
     ) -> None:
-        super().__init__()
-        self.losses = build_parts(losses)
-        self.weights = check_weights(weights, list(self.losses.keys()))
+        super().__init__(losses, weights)
 
     def compute(self, *args: Any, **kwargs: Any) -> LossOutput:
         """Call every part with ``(*args, **kwargs)``; the weighted sum and the prefixed terms."""
         outputs = {name: run_part(name, part, args, kwargs) for name, part in self.losses.items()}
-        loss = weighted_sum({n: o.loss for n, o in outputs.items()}, dict(self.weights))
-        terms: dict[str, Tensor] = {}
-        for name, output in outputs.items():
-            terms.update(prefixed(name, output))
-        return LossOutput(loss, terms)
+        loss = weighted_sum({n: o.loss for n, o in outputs.items()}, self.weights)
+        return LossOutput(
+            loss, {k: v for n, o in outputs.items() for k, v in prefixed(n, o).items()}
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """The weighted sum of the parts' losses (see :meth:`compute`)."""
-        return self.compute(*args, **kwargs).loss
-
-    def update_step(self, step: int, total_steps: int | None = None) -> None:
-        """Forward the step hook to every part."""
-        forward_hooks(self.losses, "update_step", step, total_steps)
-
-    def update_epoch(self, epoch: int) -> None:
-        """Forward the epoch hook to every part."""
-        forward_hooks(self.losses, "update_epoch", epoch)
+        losses = {n: run_part(n, p, args, kwargs, terms=False).loss for n, p in self.losses.items()}
+        return weighted_sum(losses, self.weights)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -7,28 +7,50 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from embedloss._validation import (
-    check_bool,
-    check_chunk_size,
-    check_float,
-    check_int,
-    check_pair,
-    check_positive_float,
-    compute_dtype,
-)
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.base.mixins import TemperatureScalingMixin
-from embedloss.multimodal.clip import clip_loss
+from embedloss._validation import check_bool, check_float, check_int
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
-from embedloss.ops.similarity import pair_similarity_terms, prepare_embeddings
+from embedloss.ops.info_nce import ContrastiveOptions, paired_symmetric
+from embedloss.ops.similarity import pair_similarity_terms
+from embedloss.ops.statistics import prepare_views
 from embedloss.registry import register_loss
-from embedloss.self_supervised.vicreg import vicreg_loss, vicreg_terms
+from embedloss.self_supervised.vicreg import VICRegOptions, vicreg
 
 __all__ = ["PHASES", "HybridVICRegLoss", "hybrid_vicreg_loss"]
 
 #: The phases of :class:`HybridVICRegLoss`, in order (``terms["phase"]`` is the index).
 PHASES = ("contrastive", "transition", "vicreg")
+
+
+def _hybrid(
+    z_a: Tensor,
+    z_b: Tensor,
+    labels: Tensor | None,
+    alpha: float,
+    options: tuple[ContrastiveOptions, VICRegOptions],
+    warmup: float = 1.0,
+    every_part: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The checked blend at α and the parts computed, by name (VICReg's terms included).
+
+    ``every_part`` also computes the part weighted 0, without gradient (for the terms).
+    """
+    contrastive, vicreg_options = options
+    prepare_views(z_a, z_b, labels, distributed=vicreg_options.gather_distributed)  # the checks
+    grad = torch.is_grad_enabled()
+    parts: dict[str, Tensor] = {}
+    if every_part or alpha < 1.0:
+        with torch.set_grad_enabled(grad and alpha < 1.0):
+            parts["contrastive"] = paired_symmetric(z_a, z_b, labels, contrastive).loss
+    if every_part or alpha > 0.0:
+        with torch.set_grad_enabled(grad and alpha > 0.0):
+            parts["vicreg"], terms = vicreg(z_a, z_b, vicreg_options, warmup)
+            parts.update(terms._asdict())
+    if alpha == 0.0 or alpha == 1.0:
+        return parts["vicreg" if alpha else "contrastive"], parts
+    return (1.0 - alpha) * parts["contrastive"] + alpha * parts["vicreg"], parts
 
 
 def hybrid_vicreg_loss(
@@ -51,7 +73,8 @@ def hybrid_vicreg_loss(
 
     ``L_CLIP`` is :func:`~embedloss.multimodal.clip.clip_loss` (L2-normalised inputs, Radford et
     al. 2021) and ``L_VICReg`` is :func:`~embedloss.self_supervised.vicreg.vicreg_loss` on the raw
-    embeddings (Bardes et al. 2022). At α = 0 or 1 only one of them is computed.
+    embeddings (Bardes et al. 2022). At α = 0 or 1 only one of them is computed; the batch needs
+    N >= 2 in every phase (VICReg's variance needs it).
 
     Args:
         z_a: ``(N, D)`` first view (or modality), N >= 2.
@@ -80,34 +103,17 @@ def hybrid_vicreg_loss(
         True
     """
     alpha = check_float(progress, "progress", low=0.0, high=1.0)
-    check_pair(z_a, z_b, "z_a", "z_b", labels)
-    parts = []
-    if alpha < 1.0:
-        contrastive = clip_loss(
-            z_a,
-            z_b,
-            temperature=temperature,
-            labels=labels,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
-        parts.append((1.0 - alpha) * contrastive)
-    if alpha > 0.0:
-        vicreg = vicreg_loss(
-            z_a,
-            z_b,
-            sim_coeff=sim_coeff,
-            var_coeff=var_coeff,
-            cov_coeff=cov_coeff,
-            eps=eps,
-            gather_distributed=gather_distributed,
-        )
-        parts.append(alpha * vicreg)
-    return parts[0] if len(parts) == 1 else parts[0] + parts[1]
+    options = (
+        ContrastiveOptions.create(
+            temperature, chunk_size=chunk_size, gather_distributed=gather_distributed
+        ),
+        VICRegOptions(sim_coeff, var_coeff, cov_coeff, eps, gather_distributed),
+    )
+    return _hybrid(z_a, z_b, labels, alpha, options)[0]
 
 
 @register_loss("hybrid_vicreg", category="self_supervised")
-class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
+class HybridVICRegLoss(BaseContrastiveLoss):
     """Contrastive (CLIP-style) warm-up, then a linear transition to VICReg.
 
     The schedule is driven by :meth:`update_step` only (no per-call counters). With ``s`` the
@@ -130,8 +136,9 @@ class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
 
     Terms: ``contrastive`` and ``vicreg`` (the two losses), ``invariance``, ``variance``,
     ``covariance`` (VICReg's unweighted terms), ``transition_progress`` (α), ``warmup_factor``,
-    ``alignment_gap``, ``phase`` (index into :data:`PHASES`), ``temperature``. The part whose
-    weight is 0 is computed without gradient, for the terms.
+    ``alignment_gap``, ``phase`` (index into :data:`PHASES`), ``temperature``. In
+    :meth:`compute` the part whose weight is 0 is computed without gradient, for the terms;
+    :meth:`forward` skips it.
 
     Args:
         contrastive_steps: Steps of pure contrastive training (default 300).
@@ -184,23 +191,25 @@ class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
         chunk_size: ChunkSize = "auto",
         gather_distributed: bool = False,
     ) -> None:
-        super().__init__()
         self.contrastive_steps = check_int(contrastive_steps, "contrastive_steps", low=0)
         self.transition_steps = check_int(transition_steps, "transition_steps", low=0)
-        self._init_temperature(temperature)
-        self.adaptive_transition = check_bool(adaptive_transition, "adaptive_transition")
+        super().__init__(
+            temperature=temperature, chunk_size=chunk_size, gather_distributed=gather_distributed
+        )
         self.min_alignment_gap = check_float(min_alignment_gap, "min_alignment_gap")
-        self.sim_coeff = check_positive_float(sim_coeff, "sim_coeff", allow_zero=True)
-        self.var_coeff = check_positive_float(var_coeff, "var_coeff", allow_zero=True)
-        self.cov_coeff = check_positive_float(cov_coeff, "cov_coeff", allow_zero=True)
-        self.eps = check_positive_float(eps, "eps")
+        self.vicreg_options = VICRegOptions(
+            sim_coeff, var_coeff, cov_coeff, eps, gather_distributed
+        )
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
-        self.chunk_size = check_chunk_size(chunk_size)
-        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        self.adaptive_transition = check_bool(adaptive_transition, "adaptive_transition")
         self._init_counter("step")
         self._init_counter("transition_start", self.contrastive_steps)
         self.register_buffer("alignment_gap", torch.zeros((), dtype=torch.float64))
         self.register_buffer("gap_recorded", torch.zeros((), dtype=torch.bool))
+
+    sim_coeff = property(lambda self: self.vicreg_options.sim_coeff, doc="VICReg's λ.")
+    var_coeff = property(lambda self: self.vicreg_options.var_coeff, doc="VICReg's μ.")
+    cov_coeff = property(lambda self: self.vicreg_options.cov_coeff, doc="VICReg's ν.")
 
     # ----------------------------------------------------------------- schedule (from buffers)
     def _schedule(self) -> tuple[int, float, float]:
@@ -245,54 +254,33 @@ class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
         self._set_counter("step", step)
 
     # ----------------------------------------------------------------------------- the loss
-    @torch.no_grad()
-    def _alignment_gap(self, z_a: Tensor, z_b: Tensor, dtype: torch.dtype) -> Tensor:
-        a = prepare_embeddings(z_a, normalize=True, dtype=dtype)
-        b = prepare_embeddings(z_b, normalize=True, dtype=dtype)
-        sims = pair_similarity_terms(a, b)
-        gap = sims["positive_similarity"] - sims["negative_similarity"]
-        world, _ = world_info(self.gather_distributed)
-        if world > 1:  # every rank must take the same schedule decision
-            gap = all_reduce_sum_no_grad(gap) / world
-        return gap
-
-    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
-        """Loss and terms for paired ``(N, D)`` embeddings (``labels``: contrastive positives)."""
-        check_pair(z_a, z_b, "z_a", "z_b", labels)
-        dtype = compute_dtype(z_a, z_b)
-        phase, alpha, warm = self._schedule()
-        grad = torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad and alpha < 1.0):
-            contrastive = clip_loss(
-                z_a,
-                z_b,
-                temperature=1.0 / self.scale(dtype=dtype),
-                labels=labels,
-                chunk_size=self.chunk_size,
-                gather_distributed=self.gather_distributed,
-            )
-        with torch.set_grad_enabled(grad and alpha > 0.0):
-            parts = vicreg_terms(z_a, z_b, eps=self.eps, gather_distributed=self.gather_distributed)
-            vicreg = self.sim_coeff * parts.invariance + warm * (
-                self.var_coeff * parts.variance + self.cov_coeff * parts.covariance
-            )
-        if alpha == 0.0:
-            loss = contrastive
-        elif alpha == 1.0:
-            loss = vicreg
-        else:
-            loss = (1.0 - alpha) * contrastive + alpha * vicreg
-        gap = self._alignment_gap(z_a, z_b, dtype)
+    def _loss(
+        self, z_a: Tensor, z_b: Tensor, labels: Tensor | None, every_part: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss at the current step and its parts; records the batch's alignment gap."""
+        _, alpha, warm = self._schedule()
+        contrastive = self.options()
+        options = (contrastive, self.vicreg_options)
+        loss, parts = _hybrid(z_a, z_b, labels, alpha, options, warm, every_part)
+        with torch.no_grad():
+            sims = pair_similarity_terms(*contrastive.prepare(z_a, z_b))  # unit vectors
+            gap = sims["positive_similarity"] - sims["negative_similarity"]
+            world, _ = world_info(self.gather_distributed)
+            if world > 1:  # every rank must take the same schedule decision
+                gap = all_reduce_sum_no_grad(gap) / world
         if self.training:
             self.alignment_gap.copy_(gap)
             self.gap_recorded.fill_(True)
+        return loss, {**parts, "alignment_gap": gap}
+
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for paired ``(N, D)`` embeddings (``labels``: contrastive positives)."""
+        phase, alpha, warm = self._schedule()
+        loss, parts = self._loss(z_a, z_b, labels, every_part=True)
         terms = detached_terms(
-            contrastive=contrastive,
-            vicreg=vicreg,
-            **parts._asdict(),
+            **parts,
             transition_progress=alpha,
             warmup_factor=warm,
-            alignment_gap=gap,
             phase=phase,
             temperature=1.0 / self.scale(dtype=torch.float64),
         )
@@ -300,7 +288,7 @@ class HybridVICRegLoss(TemperatureScalingMixin, BaseLoss):
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
         """The hybrid loss at the current step (see :meth:`compute`)."""
-        return self.compute(z_a, z_b, labels).loss
+        return self._loss(z_a, z_b, labels, every_part=False)[0]
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -8,17 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from embedloss._validation import check_choice, check_positive_float
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.composite._parts import (
-    SEP,
-    build_parts,
-    check_weights,
-    forward_hooks,
-    prefixed,
-    run_part,
-    weighted_sum,
-)
+from embedloss._validation import check_choice, check_flags, check_positive_float
+from embedloss.base.base_loss import LossOutput
+from embedloss.composite._parts import PartsLoss, prefixed, run_part, weighted_sum
 from embedloss.registry import register_loss
 
 __all__ = ["MultitaskLoss"]
@@ -35,7 +27,7 @@ def _call_arguments(value: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
 
 
 @register_loss("multitask")
-class MultitaskLoss(BaseLoss):
+class MultitaskLoss(PartsLoss):
     r"""Per-task losses combined with fixed, dynamic or learned weights.
 
     Task ``t`` (a key of ``losses``) is called as ``loss_t(*a_t, *b_t, **ka_t, **kb_t)`` where
@@ -103,14 +95,10 @@ class MultitaskLoss(BaseLoss):
         allow_missing: bool = False,
         dwa_temperature: float = 2.0,
     ) -> None:
-        super().__init__()
-        self.losses = build_parts(losses)
+        super().__init__(losses, weights)
         self.tasks = list(self.losses.keys())
-        self.weights = check_weights(weights, self.tasks)
         self.weighting = check_choice(weighting, "weighting", WEIGHTINGS)
-        if not isinstance(allow_missing, bool):
-            raise TypeError(f"allow_missing must be a bool, got {type(allow_missing).__name__}")
-        self.allow_missing = allow_missing
+        (self.allow_missing,) = check_flags(allow_missing=allow_missing)
         self.dwa_temperature = check_positive_float(dwa_temperature, "dwa_temperature")
         k = len(self.tasks)
         if self.weighting == "uncertainty":
@@ -121,7 +109,7 @@ class MultitaskLoss(BaseLoss):
             self.register_buffer("epoch_loss_sum", torch.zeros(k, dtype=f64))
             self.register_buffer("epoch_loss_count", torch.zeros(k, dtype=f64))
             self.register_buffer("loss_history", torch.zeros(2, k, dtype=f64))  # [e−2, e−1]
-            self.register_buffer("epochs_closed", torch.zeros((), dtype=torch.long))
+            self._init_counter("epochs_closed")
 
     def _present_tasks(self, inputs: Mapping[str, Any], targets: Mapping[str, Any]) -> list[str]:
         for arg, given in (("inputs", inputs), ("targets", targets)):
@@ -143,52 +131,60 @@ class MultitaskLoss(BaseLoss):
             raise ValueError(f"no task of {self.tasks} is present in both inputs and targets")
         return present
 
-    def compute(self, inputs: Mapping[str, Any], targets: Mapping[str, Any]) -> LossOutput:
-        """Per-task losses of ``loss_t(inputs[t], targets[t])`` combined (see the class docstring)."""
-        present = self._present_tasks(inputs, targets)
+    def _task_outputs(
+        self, inputs: Mapping[str, Any], targets: Mapping[str, Any], terms: bool
+    ) -> dict[str, LossOutput]:
         outputs = {}
-        for task in present:
+        for task in self._present_tasks(inputs, targets):
             args, kwargs = _call_arguments(inputs[task])
-            target = targets[task]
-            if target is not None:
-                more_args, more_kwargs = _call_arguments(target)
+            if targets[task] is not None:
+                more_args, more_kwargs = _call_arguments(targets[task])
                 args, kwargs = (*args, *more_args), {**kwargs, **more_kwargs}
-            outputs[task] = run_part(task, self.losses[task], args, kwargs)
-        task_losses = {t: o.loss for t, o in outputs.items()}
+            outputs[task] = run_part(task, self.losses[task], args, kwargs, terms)
+        return outputs
+
+    def _combine(
+        self, task_losses: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor | float], dict[str, Tensor]]:
+        """The combined loss, each task's factor on its loss and its log-variance (if learned)."""
         factors: dict[str, Tensor | float] = {}
         log_variances: dict[str, Tensor] = {}
         for task, value in task_losses.items():
-            i = self.tasks.index(task)
+            i, weight = self.tasks.index(task), self.weights[task]
             if self.weighting == "dynamic":
-                factors[task] = self.weights[task] * self.dynamic_weights[i].to(value.dtype)
+                factors[task] = weight * self.dynamic_weights[i].to(value.dtype)
             elif self.weighting == "uncertainty":
                 log_variances[task] = self.log_variances[i].to(value.dtype)
-                factors[task] = self.weights[task] * torch.exp(-log_variances[task])
+                factors[task] = weight * torch.exp(-log_variances[task])
             else:
-                factors[task] = self.weights[task]
+                factors[task] = weight
         loss = weighted_sum(task_losses, factors)
         for task, s in log_variances.items():
             loss = loss + self.weights[task] * s  # the uncertainty regulariser
         if self.weighting == "dynamic" and self.training:
-            self._accumulate(task_losses)
+            with torch.no_grad():  # device-side running sums: nothing is read on the host
+                for task, value in task_losses.items():
+                    i = self.tasks.index(task)
+                    self.epoch_loss_sum[i] += value.detach().double().mean()
+                    self.epoch_loss_count[i] += 1
+        return loss, factors, log_variances
+
+    def compute(self, inputs: Mapping[str, Any], targets: Mapping[str, Any]) -> LossOutput:
+        """Per-task losses of ``loss_t(inputs[t], targets[t])`` combined (see the class docstring)."""
+        outputs = self._task_outputs(inputs, targets, terms=True)
+        loss, factors, log_variances = self._combine({t: o.loss for t, o in outputs.items()})
         terms: dict[str, Tensor] = {}
         for task, output in outputs.items():
-            terms.update(prefixed(task, output))
-            terms.update(detached_terms(**{f"{task}{SEP}weight": factors[task]}))
+            extra = {"weight": factors[task]}
             if task in log_variances:
-                terms.update(detached_terms(**{f"{task}{SEP}log_variance": log_variances[task]}))
+                extra["log_variance"] = log_variances[task]
+            terms.update(prefixed(task, output, **extra))
         return LossOutput(loss, terms)
 
     def forward(self, inputs: Mapping[str, Any], targets: Mapping[str, Any]) -> Tensor:
         """The combined multitask loss (see :meth:`compute`)."""
-        return self.compute(inputs, targets).loss
-
-    @torch.no_grad()
-    def _accumulate(self, task_losses: dict[str, Tensor]) -> None:
-        for task, value in task_losses.items():
-            i = self.tasks.index(task)
-            self.epoch_loss_sum[i] += value.detach().double().mean()
-            self.epoch_loss_count[i] += 1
+        outputs = self._task_outputs(inputs, targets, terms=False)
+        return self._combine({t: o.loss for t, o in outputs.items()})[0]
 
     @torch.no_grad()
     def update_epoch(self, epoch: int) -> None:
@@ -197,27 +193,23 @@ class MultitaskLoss(BaseLoss):
         A call with nothing accumulated (e.g. before the first epoch) changes nothing. A task
         seen in no call of the epoch keeps its previous mean. Forwarded to the task losses.
         """
-        forward_hooks(self.losses, "update_epoch", epoch)
+        super().update_epoch(epoch)
         if self.weighting != "dynamic" or not bool(self.epoch_loss_count.any()):
-            return
+            return  # (a hook: reading a value here is off the step path)
         count = self.epoch_loss_count
         latest = torch.where(
             count > 0, self.epoch_loss_sum / count.clamp(min=1), self.loss_history[1]
         )
         self.loss_history[0] = self.loss_history[1]
         self.loss_history[1] = latest
-        self.epochs_closed += 1
+        self._set_counter("epochs_closed", self._counter("epochs_closed") + 1)
         self.epoch_loss_sum.zero_()
         self.epoch_loss_count.zero_()
-        if int(self.epochs_closed) >= 2:
+        if self._counter("epochs_closed") >= 2:
             previous = self.loss_history[0]
             ratio = torch.where(previous > 0, latest / previous.clamp(min=1e-300), 1.0)
             k = len(self.tasks)
             self.dynamic_weights.copy_(k * torch.softmax(ratio / self.dwa_temperature, dim=0))
-
-    def update_step(self, step: int, total_steps: int | None = None) -> None:
-        """Forward the step hook to every task loss."""
-        forward_hooks(self.losses, "update_step", step, total_steps)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -2,62 +2,65 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+
 from torch import Tensor
 
-from embedloss._validation import check_pair, check_positive_float, compute_dtype
+from embedloss._validation import (
+    check_coefficients,
+    check_flags,
+    check_pair,
+    check_positive_float,
+    compute_dtype,
+)
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.base.mixins import NormalizationMixin
-from embedloss.metrics import alignment, uniformity
-from embedloss.ops.anchors import AnchorLosses, reduce_anchor_losses
+from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.similarity import prepare_embeddings
+from embedloss.ops.statistics import alignment_per_anchor, log_uniformity
 from embedloss.registry import register_loss
 
-__all__ = [
-    "AlignmentUniformityLoss",
-    "alignment_uniformity_anchor_losses",
-    "alignment_uniformity_loss",
-]
+__all__ = ["AlignmentUniformityLoss", "alignment_uniformity_loss"]
 
 
-def alignment_uniformity_anchor_losses(
-    z_a: Tensor,
-    z_b: Tensor,
-    *,
-    alpha: float = 2.0,
-    t: float = 2.0,
-    weight: float = 1.0,
-    labels: Tensor | None = None,
-    normalize: bool = True,
-    gather_distributed: bool = False,
-) -> tuple[AnchorLosses, Tensor, Tensor]:
-    """Per-pair values ``align_i + weight·uniformity`` ``(N,)``, and the two parts.
+@dataclass(frozen=True)
+class _Options:
+    """α, t, the weight λ, normalisation and the distributed switch, checked when built."""
 
-    Returns ``(per_pair, alignment (N,), uniformity (0-d))``; see
-    :func:`alignment_uniformity_loss`. The uniformity part is a batch quantity shared by every
-    pair, so any reduction of ``per_pair`` carries it with the right weight.
+    alpha: float = 2.0
+    t: float = 2.0
+    weight: float = 1.0
+    normalize: bool = True
+    gather_distributed: bool = False
+
+    def __post_init__(self) -> None:
+        check_positive_float(self.alpha, "alpha")
+        check_positive_float(self.t, "t")
+        check_coefficients(weight=self.weight)
+        check_flags(normalize=self.normalize, gather_distributed=self.gather_distributed)
+
+
+def _alignment_uniformity(
+    z_a: Tensor, z_b: Tensor, labels: Tensor | None, options: _Options, reduction: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The checked, reduced loss, the per-pair alignment ``(N,)`` and the uniformity (0-d).
+
+    The uniformity is a batch quantity shared by every pair (``align_i + λ·uniformity``), so
+    any reduction of the per-pair values carries it with the right weight.
     """
     check_pair(z_a, z_b, "z_a", "z_b", labels)
-    alpha = check_positive_float(alpha, "alpha")
-    t = check_positive_float(t, "t")
-    weight = check_positive_float(weight, "weight", allow_zero=True)
-    dtype = compute_dtype(z_a, z_b)
-    a = prepare_embeddings(z_a, normalize=normalize, dtype=dtype)
-    b = prepare_embeddings(z_b, normalize=normalize, dtype=dtype)
+    dtype, dist = compute_dtype(z_a, z_b), options.gather_distributed
+    a = prepare_embeddings(z_a, normalize=options.normalize, dtype=dtype)
+    b = prepare_embeddings(z_b, normalize=options.normalize, dtype=dtype)
     keys, key_labels = b, labels
-    if labels is not None and gather_distributed:
+    if labels is not None and dist:
         # Same-label positives may live on other ranks; unlabelled pairs are always local.
         keys = gather_with_grad(b, True).tensor
         key_labels = gather_with_grad(labels, True).tensor
-    align = alignment(
-        a, keys, alpha, labels=labels, key_labels=key_labels, normalize=False, reduction="none"
-    )
-    uniform_a = uniformity(a, t, normalize=False, gather_distributed=gather_distributed)
-    uniform_b = uniformity(b, t, normalize=False, gather_distributed=gather_distributed)
-    uniform = (uniform_a + uniform_b) / 2
-    valid = torch.ones_like(align, dtype=torch.bool)
-    return AnchorLosses(align + weight * uniform, valid, valid), align, uniform
+    align = alignment_per_anchor(a, keys, options.alpha, labels, key_labels).loss  # (N,)
+    uniform = (log_uniformity(a, options.t, dist) + log_uniformity(b, options.t, dist)) / 2
+    per_pair = align + options.weight * uniform  # (N,)
+    return reduce_samples(per_pair, reduction, distributed=dist), align, uniform
 
 
 def alignment_uniformity_loss(
@@ -82,7 +85,7 @@ def alignment_uniformity_loss(
 
     i.e. ``align_loss(x, y, alpha) + lam * (uniform_loss(x, t) + uniform_loss(y, t)) / 2`` of the
     official code: uniformity is averaged over the two views (modalities). Uniformity is
-    computed in log space (:func:`embedloss.metrics.uniformity`). With ``labels``, ``x_i`` is
+    computed in log space (as :func:`embedloss.metrics.uniformity`). With ``labels``, ``x_i`` is
     aligned with every ``y_j`` of its label (mean over them); uniformity, which has no notion of
     positives, is unchanged.
 
@@ -112,21 +115,12 @@ def alignment_uniformity_loss(
         >>> round(alignment_uniformity_loss(x, x).item(), 6)  # 0 + (−2·2)
         -4.0
     """
-    result, _, _ = alignment_uniformity_anchor_losses(
-        z_a,
-        z_b,
-        alpha=alpha,
-        t=t,
-        weight=weight,
-        labels=labels,
-        normalize=normalize,
-        gather_distributed=gather_distributed,
-    )
-    return reduce_anchor_losses(result, reduction, distributed=gather_distributed)
+    options = _Options(alpha, t, weight, normalize, gather_distributed)
+    return _alignment_uniformity(z_a, z_b, labels, options, reduction)[0]
 
 
 @register_loss("alignment_uniformity")
-class AlignmentUniformityLoss(NormalizationMixin, BaseLoss):
+class AlignmentUniformityLoss(BaseLoss):
     """Alignment plus weighted uniformity on the hypersphere (Wang & Isola 2020, Eqs. 4–5).
 
     See :func:`alignment_uniformity_loss` for the formula. Terms: ``alignment`` (mean over
@@ -162,35 +156,18 @@ class AlignmentUniformityLoss(NormalizationMixin, BaseLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(reduction=reduction)
-        self.alpha = check_positive_float(alpha, "alpha")
-        self.t = check_positive_float(t, "t")
-        self.weight = check_positive_float(weight, "weight", allow_zero=True)
-        self._init_normalization(normalize)
-        if not isinstance(gather_distributed, bool):
-            raise TypeError(
-                f"gather_distributed must be a bool, got {type(gather_distributed).__name__}"
-            )
-        self.gather_distributed = gather_distributed
+        self.options = _Options(alpha, t, weight, normalize, gather_distributed)
 
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings and optional ``labels (N,)``."""
-        result, align, uniform = alignment_uniformity_anchor_losses(
-            z_a,
-            z_b,
-            alpha=self.alpha,
-            t=self.t,
-            weight=self.weight,
-            labels=labels,
-            normalize=self._normalize,
-            gather_distributed=self.gather_distributed,
-        )
-        loss = reduce_anchor_losses(result, self.reduction, distributed=self.gather_distributed)
+        loss, align, uniform = _alignment_uniformity(z_a, z_b, labels, self.options, self.reduction)
         return LossOutput(loss, detached_terms(alignment=align.mean(), uniformity=uniform))
 
     def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
         """The alignment–uniformity loss (see :meth:`compute`)."""
-        return self.compute(z_a, z_b, labels).loss
+        return _alignment_uniformity(z_a, z_b, labels, self.options, self.reduction)[0]
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
-        return f"alpha={self.alpha}, t={self.t}, weight={self.weight}, reduction={self.reduction!r}"
+        o = self.options
+        return f"alpha={o.alpha}, t={o.t}, weight={o.weight}, reduction={self.reduction!r}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,10 +13,10 @@ from torch import Tensor, nn
 
 from embedloss._validation import (
     check_choice,
-    check_embeddings,
+    check_flags,
     check_float,
+    check_pair,
     check_positive_float,
-    check_same_shape,
     compute_dtype,
     describe,
 )
@@ -24,47 +25,50 @@ from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.registry import register_loss
 
-__all__ = [
-    "DISTANCES",
-    "FeatureConsistencyLoss",
-    "feature_consistency_distances",
-    "feature_consistency_loss",
-]
+__all__ = ["FeatureConsistencyLoss", "feature_consistency_loss"]
 
 DISTANCES = ("cosine", "l2", "l1", "smooth_l1")
 #: The modality name of a bare tensor / a single reference module.
 DEFAULT_MODALITY = "default"
 
 
-def feature_consistency_distances(
+@dataclass(frozen=True)
+class _Options:
+    """How features are compared with their reference (see :func:`feature_consistency_loss`)."""
+
+    distance: str = "cosine"
+    normalize: bool = True
+    smooth_l1_beta: float = 1.0
+    detach_reference: bool = True
+
+    def __post_init__(self) -> None:
+        check_choice(self.distance, "distance", DISTANCES)
+        check_positive_float(self.smooth_l1_beta, "smooth_l1_beta")
+        check_flags(normalize=self.normalize, detach_reference=self.detach_reference)
+
+
+def _distances(
     features: Tensor,
-    reference_features: Tensor,
-    *,
-    distance: str = "cosine",
-    normalize: bool = True,
-    smooth_l1_beta: float = 1.0,
-    detach_reference: bool = True,
+    reference: Tensor,
+    options: _Options,
+    names: tuple[str, str] = ("features", "reference_features"),
 ) -> Tensor:
-    """Per-sample distances ``(N,)`` between features and reference features (see :func:`feature_consistency_loss`)."""
-    check_choice(distance, "distance", DISTANCES)
-    check_embeddings(features, "features")
-    check_embeddings(reference_features, "reference_features")
-    check_same_shape(features, reference_features, "features", "reference_features")
-    beta = check_positive_float(smooth_l1_beta, "smooth_l1_beta")
-    if detach_reference:
-        reference_features = reference_features.detach()
-    dtype = compute_dtype(features, reference_features)
+    """Checked per-sample distances ``(N,)``; ``names`` name the inputs in errors."""
+    check_pair(features, reference, *names)
+    if options.detach_reference:
+        reference = reference.detach()
+    dtype = compute_dtype(features, reference)
     # Cosine is scale-free, so it always compares unit vectors.
-    unit = normalize or distance == "cosine"
+    unit = options.normalize or options.distance == "cosine"
     f = prepare_embeddings(features, normalize=unit, dtype=dtype)
-    r = prepare_embeddings(reference_features, normalize=unit, dtype=dtype)
-    if distance == "cosine":
+    r = prepare_embeddings(reference, normalize=unit, dtype=dtype)
+    if options.distance == "cosine":
         return 1.0 - (f * r).sum(dim=-1)
-    if distance == "l2":
+    if options.distance == "l2":
         return (f - r).square().mean(dim=-1)
-    if distance == "l1":
+    if options.distance == "l1":
         return (f - r).abs().mean(dim=-1)
-    return F.smooth_l1_loss(f, r, reduction="none", beta=beta).mean(dim=-1)
+    return F.smooth_l1_loss(f, r, reduction="none", beta=options.smooth_l1_beta).mean(dim=-1)
 
 
 def feature_consistency_loss(
@@ -112,20 +116,15 @@ def feature_consistency_loss(
         >>> feature_consistency_loss(f, torch.tensor([[0.0, 1.0], [0.0, 1.0]])).item()
         0.5
     """
-    per = feature_consistency_distances(
-        features,
-        reference_features,
-        distance=distance,
-        normalize=normalize,
-        smooth_l1_beta=smooth_l1_beta,
-        detach_reference=detach_reference,
-    )
-    return reduce_samples(per, reduction)
+    options = _Options(distance, normalize, smooth_l1_beta, detach_reference)
+    return reduce_samples(_distances(features, reference_features, options), reduction)
 
 
-def _by_modality(value: Any, name: str) -> dict[str, Any]:
-    """A mapping of modality name → value, or ``{"default": value}`` for a bare value."""
-    if not isinstance(value, Mapping):
+def _by_modality(value: Any, name: str, bare: bool = False) -> dict[str, Any]:
+    """Modality name → value: ``{}`` for None, ``{"default": value}`` for a bare value."""
+    if value is None:
+        return {}
+    if bare or not isinstance(value, Mapping):
         return {DEFAULT_MODALITY: value}
     bad = [k for k in value if not isinstance(k, str)]
     if bad:
@@ -200,35 +199,23 @@ class FeatureConsistencyLoss(BaseLoss):
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
-        self.distance = check_choice(distance, "distance", DISTANCES)
-        self.smooth_l1_beta = check_positive_float(smooth_l1_beta, "smooth_l1_beta")
-        for flag, value in (
-            ("normalize", normalize),
-            ("copy_reference_models", copy_reference_models),
-            ("detach_reference", detach_reference),
-        ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be a bool, got {describe(value)}")
-        self.normalize = normalize
-        self.detach_reference = detach_reference
-        models = (
-            {} if reference_models is None else _by_modality(reference_models, "reference_models")
-        )
+        self.options = _Options(distance, normalize, smooth_l1_beta, detach_reference)
+        (copy_models,) = check_flags(copy_reference_models=copy_reference_models)
+        models = _by_modality(reference_models, "reference_models")
         for modality, model in models.items():
             if not isinstance(model, nn.Module):
                 raise TypeError(
                     f"{_label('reference_models', modality)} must be an nn.Module, got {describe(model)}"
                 )
         self.reference_models = nn.ModuleDict(
-            {m: copy.deepcopy(v) if copy_reference_models else v for m, v in models.items()}
+            {m: copy.deepcopy(v) if copy_models else v for m, v in models.items()}
         )
         self.reference_models.requires_grad_(False)
         self.reference_models.eval()
-        raw_weights = {} if weights is None else weights
-        if not isinstance(raw_weights, Mapping):
+        if weights is not None and not isinstance(weights, Mapping):
             raise TypeError(f"weights must be a mapping modality → float, got {describe(weights)}")
         self.weights = {
-            str(m): check_float(w, f"weights[{m!r}]", low=0.0) for m, w in raw_weights.items()
+            str(m): check_float(w, f"weights[{m!r}]", low=0.0) for m, w in (weights or {}).items()
         }
 
     def train(self, mode: bool = True) -> FeatureConsistencyLoss:
@@ -237,82 +224,22 @@ class FeatureConsistencyLoss(BaseLoss):
         self.reference_models.eval()
         return self
 
-    def _reference(self, modality: str, inputs: Any) -> Tensor:
-        with torch.no_grad():
-            out = self.reference_models[modality](inputs)
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"{_label('reference_models', modality)} must return a tensor of features, "
-                f"got {describe(out)}"
-            )
-        return out
-
-    def compute(
-        self,
-        features: Tensor | Mapping[str, Tensor],
-        reference_features: Tensor | Mapping[str, Tensor] | None = None,
-        *,
-        inputs: Any = None,
-    ) -> LossOutput:
-        """Loss and terms; ``features``' form (tensor or mapping) sets the form of the others.
-
-        With a tensor, ``reference_features`` is a tensor and ``inputs`` is passed as-is to the
-        single reference model; with a mapping, both are mappings keyed by modality.
-        """
+    def _modalities(
+        self, features: Any, reference_features: Any, inputs: Any
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+        """Features, explicit references and model inputs keyed by modality, checked."""
         single = not isinstance(features, Mapping)
-        if reference_features is not None and single != (
-            not isinstance(reference_features, Mapping)
-        ):
+        if reference_features is not None and single == isinstance(reference_features, Mapping):
             raise TypeError(
                 "features and reference_features must both be tensors or both be mappings of "
                 f"modality → tensor, got {type(features).__name__} and "
                 f"{type(reference_features).__name__}"
             )
-        feats = _by_modality(features, "features")
-        refs = (
-            {}
-            if reference_features is None
-            else _by_modality(reference_features, "reference_features")
-        )
         if not single and inputs is not None and not isinstance(inputs, Mapping):
             raise TypeError(f"inputs must be a mapping modality → input, got {describe(inputs)}")
-        ins = (
-            {}
-            if inputs is None
-            else ({DEFAULT_MODALITY: inputs} if single else _by_modality(inputs, "inputs"))
-        )
-        self._check_names(feats, refs, ins)
-        losses: list[Tensor] = []
-        parts: dict[str, Tensor] = {}
-        for modality, f in feats.items():
-            ref = refs.get(modality)
-            if ref is None:
-                ref = self._reference(modality, ins[modality])
-            check_embeddings(f, _label("features", modality))
-            check_embeddings(ref, _label("reference_features", modality))
-            check_same_shape(
-                f, ref, _label("features", modality), _label("reference_features", modality)
-            )
-            per = feature_consistency_distances(
-                f,
-                ref,
-                distance=self.distance,
-                normalize=self.normalize,
-                smooth_l1_beta=self.smooth_l1_beta,
-                detach_reference=self.detach_reference,
-            )
-            losses.append(self.weights.get(modality, 1.0) * reduce_samples(per, self.reduction))
-            parts["consistency" if single else f"consistency_{modality}"] = per.mean()
-        if self.reduction == "none" and len({t.shape for t in losses}) > 1:
-            raise ValueError(
-                "reduction='none' needs the same batch size N in every modality, got "
-                + ", ".join(f"{m}: {f.shape[0]}" for m, f in feats.items())
-            )
-        return LossOutput(torch.stack(losses).sum(dim=0), detached_terms(**parts))
-
-    def _check_names(
-        self, feats: dict[str, Any], refs: dict[str, Any], ins: dict[str, Any]
-    ) -> None:
+        feats = _by_modality(features, "features")
+        refs = _by_modality(reference_features, "reference_features")
+        ins = _by_modality(inputs, "inputs", bare=single)
         if not feats:
             raise ValueError("features must name at least one modality, got an empty mapping")
         known = sorted(feats)
@@ -328,9 +255,7 @@ class FeatureConsistencyLoss(BaseLoss):
                 f"weights has modality {extra[0]!r} that is neither in features {known} nor in "
                 f"reference_models {sorted(self.reference_models)}"
             )
-        for modality in feats:
-            if modality in refs:
-                continue
+        for modality in [m for m in feats if m not in refs]:
             if modality not in self.reference_models:
                 raise ValueError(
                     f"no reference for {_label('features', modality)}: pass "
@@ -342,6 +267,57 @@ class FeatureConsistencyLoss(BaseLoss):
                     f"{_label('inputs', modality)} is needed to run "
                     f"{_label('reference_models', modality)}"
                 )
+        return feats, refs, ins
+
+    def _distances(self, features: Any, reference_features: Any, inputs: Any) -> dict[str, Tensor]:
+        """Per-sample distances ``(N,)`` of every modality given (one pure call each)."""
+        feats, refs, ins = self._modalities(features, reference_features, inputs)
+        out = {}
+        for modality, f in feats.items():
+            ref = refs.get(modality)
+            if ref is None:
+                with torch.no_grad():
+                    ref = self.reference_models[modality](ins[modality])
+                if not isinstance(ref, Tensor):
+                    raise TypeError(
+                        f"{_label('reference_models', modality)} must return a tensor of "
+                        f"features, got {describe(ref)}"
+                    )
+            names = (_label("features", modality), _label("reference_features", modality))
+            out[modality] = _distances(f, ref, self.options, names)
+        return out
+
+    def _loss(self, distances: dict[str, Tensor]) -> Tensor:
+        """``Σ_m weights[m]·reduce(d_m)``."""
+        losses = [
+            self.weights.get(m, 1.0) * reduce_samples(d, self.reduction)
+            for m, d in distances.items()
+        ]
+        if self.reduction == "none" and len({t.shape for t in losses}) > 1:
+            raise ValueError(
+                "reduction='none' needs the same batch size N in every modality, got "
+                + ", ".join(f"{m}: {d.shape[0]}" for m, d in distances.items())
+            )
+        return torch.stack(losses).sum(dim=0)
+
+    def compute(
+        self,
+        features: Tensor | Mapping[str, Tensor],
+        reference_features: Tensor | Mapping[str, Tensor] | None = None,
+        *,
+        inputs: Any = None,
+    ) -> LossOutput:
+        """Loss and terms; ``features``' form (tensor or mapping) sets the form of the others.
+
+        With a tensor, ``reference_features`` is a tensor and ``inputs`` is passed as-is to the
+        single reference model; with a mapping, both are mappings keyed by modality.
+        """
+        distances = self._distances(features, reference_features, inputs)
+        single = not isinstance(features, Mapping)
+        terms = {
+            "consistency" if single else f"consistency_{m}": d.mean() for m, d in distances.items()
+        }
+        return LossOutput(self._loss(distances), detached_terms(**terms))
 
     def forward(
         self,
@@ -351,11 +327,12 @@ class FeatureConsistencyLoss(BaseLoss):
         inputs: Any = None,
     ) -> Tensor:
         """The weighted feature-consistency loss (see :meth:`compute`)."""
-        return self.compute(features, reference_features, inputs=inputs).loss
+        return self._loss(self._distances(features, reference_features, inputs))
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
+        o = self.options
         return (
-            f"distance={self.distance!r}, normalize={self.normalize}, weights={self.weights}, "
+            f"distance={o.distance!r}, normalize={o.normalize}, weights={self.weights}, "
             f"reduction={self.reduction!r}"
         )

@@ -16,21 +16,31 @@ single-process value on every rank, and the gradient on each rank's local rows i
 ``world_size ×`` the single-process gradient, which DDP's averaging turns back into the
 single-process gradient. Centring is two-pass (global mean first, then centred products), which
 is exact and avoids the cancellation of ``E[xxᵀ] − μμᵀ``.
+
+The hypersphere statistics of Wang & Isola (2020), per-anchor alignment and log-uniformity, are
+here too, unchecked: :mod:`embedloss.metrics` checks them as metrics and
+:class:`~embedloss.multimodal.AlignmentUniformityLoss` as a loss.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_int, check_positive_float
+from embedloss._validation import check_int, check_pair, check_positive_float, compute_dtype
+from embedloss.ops.anchors import AnchorLosses
 from embedloss.ops.distributed import (
     all_reduce_sum_no_grad,
     all_reduce_with_grad,
+    gather_with_grad,
     world_info,
 )
+from embedloss.ops.similarity import positive_mask_from_labels
 
 __all__ = [
+    "alignment_per_anchor",
     "batch_count",
     "batch_mean",
     "batch_sum",
@@ -39,7 +49,9 @@ __all__ = [
     "correlation",
     "covariance",
     "cross_correlation",
+    "log_uniformity",
     "off_diagonal",
+    "prepare_views",
     "standardize",
     "variance",
 ]
@@ -65,17 +77,19 @@ def batch_sum(x: Tensor, *, distributed: bool = False) -> Tensor:
     return all_reduce_with_grad(x.sum(dim=0), distributed)
 
 
-def _center(x: Tensor, n: int, distributed: bool) -> Tensor:
-    return x - batch_sum(x, distributed=distributed) / n  # (N, D)
-
-
-def _check_correction(n: int, correction: int) -> None:
+def _centered(
+    x: Tensor, correction: int, distributed: bool, n: int | None = None
+) -> tuple[Tensor, int]:
+    """Checked ``x − μ`` ``(N, D)`` and the (global) N, which must exceed ``correction``."""
+    _check_batch(x)
+    n = batch_count(x, distributed=distributed) if n is None else n
     check_int(correction, "correction", low=0)
     if n - correction <= 0:
         raise ValueError(
             f"a variance with correction={correction} needs at least {correction + 1} samples "
             f"(rows) in the batch, got N={n}"
         )
+    return x - batch_sum(x, distributed=distributed) / n, n
 
 
 def batch_mean(x: Tensor, *, distributed: bool = False) -> Tensor:
@@ -97,8 +111,7 @@ def center(x: Tensor, *, distributed: bool = False) -> Tensor:
         tensor([[-1., -2.],
                 [ 1.,  2.]])
     """
-    _check_batch(x)
-    return _center(x, batch_count(x, distributed=distributed), distributed)
+    return x - batch_mean(x, distributed=distributed)
 
 
 def variance(x: Tensor, *, correction: int = 1, distributed: bool = False) -> Tensor:
@@ -111,10 +124,7 @@ def variance(x: Tensor, *, correction: int = 1, distributed: bool = False) -> Te
         >>> variance(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
         tensor([2., 8.])
     """
-    _check_batch(x)
-    n = batch_count(x, distributed=distributed)
-    _check_correction(n, correction)
-    xc = _center(x, n, distributed)
+    xc, n = _centered(x, correction, distributed)
     return batch_sum(xc * xc, distributed=distributed) / (n - correction)
 
 
@@ -131,17 +141,16 @@ def covariance(x: Tensor, *, correction: int = 1, distributed: bool = False) -> 
         tensor([[2., 4.],
                 [4., 8.]])
     """
-    _check_batch(x)
-    n = batch_count(x, distributed=distributed)
-    _check_correction(n, correction)
-    xc = _center(x, n, distributed)
+    xc, n = _centered(x, correction, distributed)
     return all_reduce_with_grad(xc.T @ xc, distributed) / (n - correction)  # (D, D)
 
 
-def _standardize(x: Tensor, n: int, eps: float, correction: int, distributed: bool) -> Tensor:
-    xc = _center(x, n, distributed)
+def _standardize(
+    x: Tensor, eps: float, correction: int, distributed: bool, n: int | None = None
+) -> tuple[Tensor, int]:
+    xc, n = _centered(x, correction, distributed, n)
     var = batch_sum(xc * xc, distributed=distributed) / (n - correction)  # (D,)
-    return xc * (var + eps).rsqrt()
+    return xc * (var + eps).rsqrt(), n
 
 
 def standardize(
@@ -162,9 +171,7 @@ def standardize(
     """
     _check_batch(x)
     eps = check_positive_float(eps, "eps", allow_zero=True)
-    n = batch_count(x, distributed=distributed)
-    _check_correction(n, correction)
-    return _standardize(x, n, eps, correction, distributed)
+    return _standardize(x, eps, correction, distributed)[0]
 
 
 def cross_correlation(
@@ -192,10 +199,8 @@ def cross_correlation(
             f"a and b must have the same shape (N, D), got {tuple(a.shape)} and {tuple(b.shape)}"
         )
     eps = check_positive_float(eps, "eps", allow_zero=True)
-    n = batch_count(a, distributed=distributed)
-    _check_correction(n, 0)
-    sa = _standardize(a, n, eps, 0, distributed)  # (N, D)
-    sb = _standardize(b, n, eps, 0, distributed)  # (N, D)
+    sa, n = _standardize(a, eps, 0, distributed)  # (N, D)
+    sb, _ = _standardize(b, eps, 0, distributed, n)  # (N, D)
     return all_reduce_with_grad(sa.T @ sb, distributed) / n  # (D, D)
 
 
@@ -258,3 +263,73 @@ def check_enough_samples(
             f"got N={n}{where}"
         )
     return n
+
+
+def prepare_views(
+    z_a: Tensor, z_b: Tensor, labels: Tensor | None = None, *, distributed: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Checked paired views ``(N, D)`` with N >= 2 (over all ranks), in their common dtype.
+
+    The boundary of the statistic losses of two views (VICReg, Barlow Twins, the hybrid);
+    ``labels (N,)``, if given, are checked against the batch.
+    """
+    check_pair(z_a, z_b, "z_a", "z_b", labels)
+    check_enough_samples(z_a, "z_a", distributed=distributed)
+    dtype = compute_dtype(z_a, z_b)
+    return z_a.to(dtype), z_b.to(dtype)
+
+
+def _safe_pow(d: Tensor, alpha: float) -> Tensor:
+    """``d**alpha`` for distances ``d >= 0`` with gradient 0 (not NaN) where ``d == 0``."""
+    pos = d > 0
+    return torch.where(pos, torch.where(pos, d, torch.ones_like(d)).pow(alpha), torch.zeros_like(d))
+
+
+def _exact_cdist(a: Tensor, b: Tensor) -> Tensor:
+    """Euclidean distances ``(N, M)`` computed from differences (no ``‖a‖²+‖b‖²−2a·b`` rounding)."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
+def alignment_per_anchor(
+    x: Tensor,
+    y: Tensor,
+    alpha: float,
+    labels: Tensor | None = None,
+    key_labels: Tensor | None = None,
+) -> AnchorLosses:
+    """``‖x_i − y_i‖₂^α`` per anchor, or with labels the mean over ``y_j`` of ``x_i``'s label.
+
+    Anchors without such a ``y_j`` are invalid. Unchecked; see :func:`embedloss.metrics.alignment`.
+    """
+    if labels is None:
+        per = _safe_pow(torch.linalg.vector_norm(x - y, dim=1), alpha)  # (N,)
+        valid = torch.ones_like(per, dtype=torch.bool)
+        return AnchorLosses(per, valid, valid)
+    positive = positive_mask_from_labels(labels, key_labels)  # (N, M)
+    powered = _safe_pow(_exact_cdist(x, y), alpha)  # (N, M)
+    count = positive.sum(dim=1)
+    per = torch.where(positive, powered, torch.zeros_like(powered)).sum(1) / count.clamp(min=1)
+    return AnchorLosses(per, count > 0, count > 0)
+
+
+def log_uniformity(x: Tensor, t: float, distributed: bool = False) -> Tensor:
+    """``log E_{i<j} exp(−t·‖x_i − x_j‖₂²)`` in log space, over all ranks when ``distributed``.
+
+    Unchecked; see :func:`embedloss.metrics.uniformity`.
+
+    Raises:
+        ValueError: For fewer than two embeddings (over all ranks).
+    """
+    gathered = gather_with_grad(x, distributed)
+    n = gathered.tensor.shape[0]
+    if n < 2:
+        raise ValueError(f"uniformity needs at least 2 embeddings, got {n}")
+    if gathered.world_size == 1:
+        return torch.logsumexp(-t * torch.pdist(x).square(), dim=0) - math.log(n * (n - 1) / 2)
+    # Local rows against all rows; over all ranks every unordered pair appears twice.
+    neg_sq = -t * _exact_cdist(x, gathered.tensor).square()  # (n_local, N)
+    cols = torch.arange(n, device=x.device)
+    rows = torch.arange(x.shape[0], device=x.device) + gathered.offset
+    neg_sq = neg_sq.masked_fill(rows.unsqueeze(1) == cols.unsqueeze(0), float("-inf"))
+    row_lse = gather_with_grad(neg_sq.logsumexp(dim=1), True).tensor  # (N,)
+    return row_lse.logsumexp(dim=0) - math.log(n * (n - 1))

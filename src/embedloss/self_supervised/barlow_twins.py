@@ -6,9 +6,9 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from embedloss._validation import check_bool, check_pair, check_positive_float, compute_dtype
+from embedloss._validation import check_bool, check_coefficients, check_positive_float
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.ops.statistics import check_enough_samples, cross_correlation, off_diagonal
+from embedloss.ops.statistics import cross_correlation, off_diagonal, prepare_views
 from embedloss.registry import register_loss
 
 __all__ = ["BarlowTwinsLoss", "BarlowTwinsTerms", "barlow_twins_loss", "barlow_twins_terms"]
@@ -21,6 +21,16 @@ class BarlowTwinsTerms(NamedTuple):
     off_diagonal: Tensor
 
 
+def _barlow_twins(
+    z_a: Tensor, z_b: Tensor, lambda_coeff: float, eps: float, distributed: bool
+) -> tuple[Tensor, BarlowTwinsTerms]:
+    """The checked loss of two views and its two unweighted sums (options checked by the caller)."""
+    a, b = prepare_views(z_a, z_b, distributed=distributed)
+    c = cross_correlation(a, b, eps=eps, distributed=distributed)  # (D, D)
+    terms = BarlowTwinsTerms((1.0 - c.diagonal()).pow(2).sum(), off_diagonal(c).pow(2).sum())
+    return terms.on_diagonal + lambda_coeff * terms.off_diagonal, terms
+
+
 def barlow_twins_terms(
     z_a: Tensor, z_b: Tensor, *, eps: float = 1e-5, gather_distributed: bool = False
 ) -> BarlowTwinsTerms:
@@ -29,12 +39,7 @@ def barlow_twins_terms(
     Raises:
         ValueError: For mismatched or non-2-D shapes, fewer than 2 samples, or ``eps <= 0``.
     """
-    check_pair(z_a, z_b, "z_a", "z_b")
-    eps = check_positive_float(eps, "eps")
-    check_enough_samples(z_a, "z_a", distributed=gather_distributed)
-    dtype = compute_dtype(z_a, z_b)
-    c = cross_correlation(z_a.to(dtype), z_b.to(dtype), eps=eps, distributed=gather_distributed)
-    return BarlowTwinsTerms((1.0 - c.diagonal()).pow(2).sum(), off_diagonal(c).pow(2).sum())
+    return _barlow_twins(z_a, z_b, 0.0, check_positive_float(eps, "eps"), gather_distributed)[1]
 
 
 def barlow_twins_loss(
@@ -76,9 +81,8 @@ def barlow_twins_loss(
         >>> round(barlow_twins_loss(z, -z, eps=1e-12).item(), 6)  # C = −I: Σ_i (1 − (−1))² = 4·D
         8.0
     """
-    lam = check_positive_float(lambda_coeff, "lambda_coeff", allow_zero=True)
-    terms = barlow_twins_terms(z_a, z_b, eps=eps, gather_distributed=gather_distributed)
-    return terms.on_diagonal + lam * terms.off_diagonal
+    (lam,) = check_coefficients(lambda_coeff=lambda_coeff)
+    return _barlow_twins(z_a, z_b, lam, check_positive_float(eps, "eps"), gather_distributed)[0]
 
 
 @register_loss("barlow_twins")
@@ -105,28 +109,24 @@ class BarlowTwinsLoss(BaseLoss):
     """
 
     def __init__(
-        self,
-        *,
-        lambda_coeff: float = 5e-3,
-        eps: float = 1e-5,
-        gather_distributed: bool = False,
+        self, *, lambda_coeff: float = 5e-3, eps: float = 1e-5, gather_distributed: bool = False
     ) -> None:
         super().__init__()
-        self.lambda_coeff = check_positive_float(lambda_coeff, "lambda_coeff", allow_zero=True)
+        (self.lambda_coeff,) = check_coefficients(lambda_coeff=lambda_coeff)
         self.eps = check_positive_float(eps, "eps")
         self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
 
+    def _loss(self, z_a: Tensor, z_b: Tensor) -> tuple[Tensor, BarlowTwinsTerms]:
+        return _barlow_twins(z_a, z_b, self.lambda_coeff, self.eps, self.gather_distributed)
+
     def compute(self, z_a: Tensor, z_b: Tensor) -> LossOutput:
         """Loss and terms for two ``(N, D)`` views."""
-        terms = barlow_twins_terms(
-            z_a, z_b, eps=self.eps, gather_distributed=self.gather_distributed
-        )
-        loss = terms.on_diagonal + self.lambda_coeff * terms.off_diagonal
+        loss, terms = self._loss(z_a, z_b)
         return LossOutput(loss, detached_terms(**terms._asdict()))
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """The Barlow Twins loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
-        return self.compute(z_a, z_b).loss
+        return self._loss(z_a, z_b)[0]
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

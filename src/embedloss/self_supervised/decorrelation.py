@@ -6,8 +6,9 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import (
-    check_bool,
+    check_coefficients,
     check_embeddings,
+    check_flags,
     check_positive_float,
     compute_dtype,
 )
@@ -19,25 +20,29 @@ from embedloss.registry import register_loss
 __all__ = ["DecorrelationLoss", "decorrelation_loss"]
 
 
-def _penalty_and_variance(
-    z: Tensor,
-    name: str,
-    *,
+def _decorrelation(
+    branches: dict[str, Tensor | None],
     use_correlation: bool,
     eps: float,
     normalize: bool,
-    gather_distributed: bool,
-) -> tuple[Tensor, Tensor]:
-    check_embeddings(z, name)
-    check_enough_samples(z, name, distributed=gather_distributed)
-    x = prepare_embeddings(z, normalize=normalize, dtype=compute_dtype(z))
-    m = covariance(x, correction=1, distributed=gather_distributed)  # (D, D)
-    var = m.diagonal()  # (D,)
-    if use_correlation:
-        inv_std = (var + eps).rsqrt()
-        m = m * inv_std.unsqueeze(1) * inv_std.unsqueeze(0)
-    d = x.shape[1]
-    return off_diagonal(m).pow(2).sum() / max(d * (d - 1), 1), var
+    distributed: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    """The penalty averaged over the given branches, and each one's variances ``(D,)``."""
+    penalties, variances = [], []
+    for name, z in branches.items():
+        if z is None:
+            continue
+        check_embeddings(z, name)
+        check_enough_samples(z, name, distributed=distributed)
+        x = prepare_embeddings(z, normalize=normalize, dtype=compute_dtype(z))
+        m = covariance(x, correction=1, distributed=distributed)  # (D, D)
+        variances.append(m.diagonal())  # (D,)
+        if use_correlation:
+            inv_std = (m.diagonal() + eps).rsqrt()
+            m = m * inv_std.unsqueeze(1) * inv_std.unsqueeze(0)
+        d = x.shape[1]
+        penalties.append(off_diagonal(m).pow(2).sum() / max(d * (d - 1), 1))
+    return sum(penalties[1:], penalties[0]) / len(penalties), variances
 
 
 def decorrelation_loss(
@@ -77,17 +82,9 @@ def decorrelation_loss(
         >>> round(decorrelation_loss(z, eps=1e-12).item(), 6)
         1.0
     """
-    check_bool(use_correlation, "use_correlation")
-    check_bool(normalize, "normalize")
-    penalty, _ = _penalty_and_variance(
-        z,
-        "z",
-        use_correlation=use_correlation,
-        eps=check_positive_float(eps, "eps"),
-        normalize=normalize,
-        gather_distributed=gather_distributed,
-    )
-    return penalty
+    check_flags(use_correlation=use_correlation, normalize=normalize)
+    eps = check_positive_float(eps, "eps")
+    return _decorrelation({"z": z}, use_correlation, eps, normalize, gather_distributed)[0]
 
 
 @register_loss("decorrelation")
@@ -132,32 +129,25 @@ class DecorrelationLoss(BaseLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
-        self.weight = check_positive_float(weight, "weight", allow_zero=True)
-        self.use_correlation = check_bool(use_correlation, "use_correlation")
-        self.eps = check_positive_float(eps, "eps")
-        self.normalize = check_bool(normalize, "normalize")
-        self.low_variance_threshold = check_positive_float(
-            low_variance_threshold, "low_variance_threshold", allow_zero=True
+        self.weight, self.low_variance_threshold = check_coefficients(
+            weight=weight, low_variance_threshold=low_variance_threshold
         )
-        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        self.use_correlation, self.normalize, self.gather_distributed = check_flags(
+            use_correlation=use_correlation,
+            normalize=normalize,
+            gather_distributed=gather_distributed,
+        )
+        self.eps = check_positive_float(eps, "eps")
+
+    def _penalty(self, z_a: Tensor, z_b: Tensor | None) -> tuple[Tensor, list[Tensor]]:
+        options = (self.use_correlation, self.eps, self.normalize, self.gather_distributed)
+        return _decorrelation({"z_a": z_a, "z_b": z_b}, *options)
 
     def compute(self, z_a: Tensor, z_b: Tensor | None = None) -> LossOutput:
         """Loss and terms for features ``z_a`` ``(N, D)`` and optionally ``z_b`` ``(M, D')``."""
-        branches = [(z_a, "z_a")] if z_b is None else [(z_a, "z_a"), (z_b, "z_b")]
-        results = [
-            _penalty_and_variance(
-                z,
-                name,
-                use_correlation=self.use_correlation,
-                eps=self.eps,
-                normalize=self.normalize,
-                gather_distributed=self.gather_distributed,
-            )
-            for z, name in branches
-        ]
-        penalty = results[0][0] if len(results) == 1 else (results[0][0] + results[1][0]) / 2
+        penalty, variances = self._penalty(z_a, z_b)
         with torch.no_grad():
-            var = torch.cat([v.float() for _, v in results])  # (ΣD,)
+            var = torch.cat([v.float() for v in variances])  # (ΣD,)
             terms = detached_terms(
                 decorrelation=penalty,
                 low_variance_fraction=(var < self.low_variance_threshold).float().mean(),
@@ -168,7 +158,7 @@ class DecorrelationLoss(BaseLoss):
 
     def forward(self, z_a: Tensor, z_b: Tensor | None = None) -> Tensor:
         """The decorrelation loss of ``z_a`` (and ``z_b``), see :meth:`compute`."""
-        return self.compute(z_a, z_b).loss
+        return self.weight * self._penalty(z_a, z_b)[0]
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

@@ -7,50 +7,54 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_bool, check_embeddings, check_same_shape, compute_dtype
+from embedloss._validation import check_flags, check_pair, check_same_shape, compute_dtype
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.ops.statistics import variance
 from embedloss.registry import register_loss
 
-__all__ = ["NegativeCosineLoss", "negative_cosine_anchor_losses", "negative_cosine_loss"]
+__all__ = ["NegativeCosineLoss", "negative_cosine_loss"]
 
 
-def _check_inputs(
-    p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None
-) -> list[tuple[Tensor, Tensor]]:
+def _check_form(p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None) -> None:
+    """The one-way ``(p_a, z_b)`` or the symmetric form (``symmetric=None``: either)."""
+    if symmetric and (p_b is None or z_a is None):
+        raise ValueError(
+            "NegativeCosineLoss(symmetric=True) takes (p_a, z_b, p_b, z_a); p_b and z_a are missing"
+        )
+    if symmetric is False and (p_b is not None or z_a is not None):
+        raise ValueError(
+            "NegativeCosineLoss(symmetric=False) takes (p_a, z_b); pass symmetric=True to "
+            "use p_b and z_a as well"
+        )
     if (p_b is None) != (z_a is None):
         raise ValueError(
             "the symmetric form needs both p_b and z_a (D(p_a, z_b)/2 + D(p_b, z_a)/2); "
             f"got p_b={'None' if p_b is None else 'a tensor'} and "
             f"z_a={'None' if z_a is None else 'a tensor'}"
         )
-    pairs = [(p_a, z_b)] if p_b is None or z_a is None else [(p_a, z_b), (p_b, z_a)]
-    names = [("p_a", "z_b"), ("p_b", "z_a")]
-    for (p, z), (name_p, name_z) in zip(pairs, names, strict=False):
-        check_embeddings(p, name_p)
-        check_embeddings(z, name_z)
-        check_same_shape(p, z, name_p, name_z)
-    if len(pairs) == 2:
-        check_same_shape(p_a, pairs[1][0], "p_a", "p_b")
-    return pairs
 
 
-def _cosine_to_target(p: Tensor, z: Tensor) -> Tensor:
-    dtype = compute_dtype(p, z)
-    p_hat = prepare_embeddings(p, normalize=True, dtype=dtype)
-    z_hat = prepare_embeddings(z.detach(), normalize=True, dtype=dtype)  # stop-gradient
-    return (p_hat * z_hat).sum(dim=-1)  # (N,)
-
-
-def negative_cosine_anchor_losses(
-    p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
-) -> Tensor:
-    """Per-sample losses ``(N,)`` of :func:`negative_cosine_loss`."""
-    pairs = _check_inputs(p_a, z_b, p_b, z_a)
-    losses = [-_cosine_to_target(p, z) for p, z in pairs]
-    return losses[0] if len(losses) == 1 else (losses[0] + losses[1]) / 2
+def _negative_cosine(
+    p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None
+) -> tuple[Tensor, list[Tensor]]:
+    """Checked per-sample losses ``(N,)`` and the unit targets ``ẑ`` of each direction."""
+    _check_form(p_b, z_a, symmetric)
+    pairs = [("p_a", p_a, "z_b", z_b)]
+    if p_b is not None and z_a is not None:
+        pairs.append(("p_b", p_b, "z_a", z_a))
+    for name_p, p, name_z, z in pairs:
+        check_pair(p, z, name_p, name_z)
+    if p_b is not None:
+        check_same_shape(p_a, p_b, "p_a", "p_b")
+    cosines, targets = [], []
+    for _, p, _, z in pairs:
+        dtype = compute_dtype(p, z)
+        targets.append(prepare_embeddings(z.detach(), normalize=True, dtype=dtype))  # stop-grad
+        p_hat = prepare_embeddings(p, normalize=True, dtype=dtype)
+        cosines.append((p_hat * targets[-1]).sum(dim=-1))  # (N,)
+    return -sum(cosines[1:], cosines[0]) / len(cosines), targets
 
 
 def negative_cosine_loss(
@@ -95,7 +99,7 @@ def negative_cosine_loss(
         >>> loss.item(), z.grad
         (-0.5, None)
     """
-    per_sample = negative_cosine_anchor_losses(p_a, z_b, p_b, z_a)
+    per_sample, _ = _negative_cosine(p_a, z_b, p_b, z_a, None)
     return reduce_samples(per_sample, reduction, distributed=gather_distributed)
 
 
@@ -128,8 +132,9 @@ class NegativeCosineLoss(BaseLoss):
         self, *, symmetric: bool = False, reduction: str = "mean", gather_distributed: bool = False
     ) -> None:
         super().__init__(reduction=reduction)
-        self.symmetric = check_bool(symmetric, "symmetric")
-        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        self.symmetric, self.gather_distributed = check_flags(
+            symmetric=symmetric, gather_distributed=gather_distributed
+        )
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:
@@ -147,31 +152,20 @@ class NegativeCosineLoss(BaseLoss):
         p_b = (z_b.float() + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
         return (p_a, z_b, p_b, z_a), {}
 
+    def _loss(
+        self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None
+    ) -> tuple[Tensor, Tensor, list[Tensor]]:
+        per_sample, targets = _negative_cosine(p_a, z_b, p_b, z_a, self.symmetric)
+        loss = reduce_samples(per_sample, self.reduction, distributed=self.gather_distributed)
+        return loss, per_sample, targets
+
     def compute(
         self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
     ) -> LossOutput:
         """Loss and terms; ``p_b`` and ``z_a`` are required exactly when ``symmetric``."""
-        if self.symmetric and (p_b is None or z_a is None):
-            raise ValueError(
-                "NegativeCosineLoss(symmetric=True) takes (p_a, z_b, p_b, z_a); p_b and z_a "
-                "are missing"
-            )
-        if not self.symmetric and (p_b is not None or z_a is not None):
-            raise ValueError(
-                "NegativeCosineLoss(symmetric=False) takes (p_a, z_b); pass symmetric=True to "
-                "use p_b and z_a as well"
-            )
-        per_sample = negative_cosine_anchor_losses(p_a, z_b, p_b, z_a)
-        loss = reduce_samples(per_sample, self.reduction, distributed=self.gather_distributed)
+        loss, per_sample, targets = self._loss(p_a, z_b, p_b, z_a)
         with torch.no_grad():
-            targets = [z_b] if z_a is None else [z_b, z_a]
-            dtype = compute_dtype(*targets)
-            stds = [
-                variance(prepare_embeddings(z, normalize=True, dtype=dtype), correction=0)
-                .sqrt()
-                .mean()
-                for z in targets
-            ]
+            stds = [variance(t, correction=0).sqrt().mean() for t in targets]
             terms = detached_terms(
                 cosine_similarity=-per_sample.mean(), target_std=sum(stds) / len(stds)
             )
@@ -181,7 +175,7 @@ class NegativeCosineLoss(BaseLoss):
         self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
     ) -> Tensor:
         """The negative cosine loss (see :meth:`compute`)."""
-        return self.compute(p_a, z_b, p_b, z_a).loss
+        return self._loss(p_a, z_b, p_b, z_a)[0]
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from embedloss._validation import (
-    check_bool,
-    check_int,
-    check_pair,
-    check_positive_float,
-    compute_dtype,
-)
+from embedloss._validation import check_bool, check_coefficients, check_int, check_positive_float
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.ops.statistics import (
-    batch_count,
-    batch_sum,
-    check_enough_samples,
-    covariance,
-    off_diagonal,
-)
+from embedloss.ops.statistics import batch_count, batch_sum, covariance, off_diagonal, prepare_views
 from embedloss.registry import register_loss
 
-__all__ = ["VICRegLoss", "VICRegTerms", "vicreg_loss", "vicreg_terms"]
+__all__ = ["VICRegLoss", "VICRegOptions", "VICRegTerms", "vicreg", "vicreg_loss", "vicreg_terms"]
 
 
 class VICRegTerms(NamedTuple):
@@ -36,10 +24,46 @@ class VICRegTerms(NamedTuple):
     covariance: Tensor
 
 
+@dataclass(frozen=True)
+class VICRegOptions:
+    """VICReg's weights λ, μ, ν, its ε and the distributed switch, checked when built."""
+
+    sim_coeff: float = 25.0
+    var_coeff: float = 25.0
+    cov_coeff: float = 1.0
+    eps: float = 1e-4
+    gather_distributed: bool = False
+
+    def __post_init__(self) -> None:
+        check_coefficients(
+            sim_coeff=self.sim_coeff, var_coeff=self.var_coeff, cov_coeff=self.cov_coeff
+        )
+        check_positive_float(self.eps, "eps")
+        check_bool(self.gather_distributed, "gather_distributed")
+
+
 def _variance_and_covariance(z: Tensor, eps: float, distributed: bool) -> tuple[Tensor, Tensor]:
     cov = covariance(z, correction=1, distributed=distributed)  # (D, D), unbiased
     std = (cov.diagonal() + eps).sqrt()  # (D,)
     return F.relu(1.0 - std).mean(), off_diagonal(cov).pow(2).sum() / z.shape[1]
+
+
+def vicreg(
+    z_a: Tensor, z_b: Tensor, options: VICRegOptions, warmup: float = 1.0
+) -> tuple[Tensor, VICRegTerms]:
+    """The checked VICReg loss of two views and its unweighted terms (see :func:`vicreg_loss`).
+
+    ``warmup`` in [0, 1] scales the variance and covariance weights (a schedule's factor).
+    """
+    dist = options.gather_distributed
+    a, b = prepare_views(z_a, z_b, distributed=dist)
+    squared = batch_sum(((a - b) ** 2).sum(dim=1), distributed=dist)
+    invariance = squared / (batch_count(a, distributed=dist) * a.shape[1])  # F.mse_loss, global
+    var_a, cov_a = _variance_and_covariance(a, options.eps, dist)
+    var_b, cov_b = _variance_and_covariance(b, options.eps, dist)
+    terms = VICRegTerms(invariance, (var_a + var_b) / 2, cov_a + cov_b)
+    regularisers = options.var_coeff * terms.variance + options.cov_coeff * terms.covariance
+    return options.sim_coeff * terms.invariance + warmup * regularisers, terms
 
 
 def vicreg_terms(
@@ -50,17 +74,7 @@ def vicreg_terms(
     Raises:
         ValueError: For mismatched or non-2-D shapes, fewer than 2 samples, or ``eps <= 0``.
     """
-    check_pair(z_a, z_b, "z_a", "z_b")
-    eps = check_positive_float(eps, "eps")
-    check_enough_samples(z_a, "z_a", distributed=gather_distributed)
-    dtype = compute_dtype(z_a, z_b)
-    a, b = z_a.to(dtype), z_b.to(dtype)
-    n = batch_count(a, distributed=gather_distributed)
-    squared = batch_sum(((a - b) ** 2).sum(dim=1), distributed=gather_distributed)
-    invariance = squared / (n * a.shape[1])  # F.mse_loss over the global batch
-    var_a, cov_a = _variance_and_covariance(a, eps, gather_distributed)
-    var_b, cov_b = _variance_and_covariance(b, eps, gather_distributed)
-    return VICRegTerms(invariance, (var_a + var_b) / 2, cov_a + cov_b)
+    return vicreg(z_a, z_b, VICRegOptions(eps=eps, gather_distributed=gather_distributed))[1]
 
 
 def vicreg_loss(
@@ -107,16 +121,8 @@ def vicreg_loss(
         >>> vicreg_loss(z, z)  # identical, decorrelated views with std > 1: every term is 0
         tensor(0.)
     """
-    coeffs = [
-        check_positive_float(c, name, allow_zero=True)
-        for c, name in (
-            (sim_coeff, "sim_coeff"),
-            (var_coeff, "var_coeff"),
-            (cov_coeff, "cov_coeff"),
-        )
-    ]
-    terms = vicreg_terms(z_a, z_b, eps=eps, gather_distributed=gather_distributed)
-    return coeffs[0] * terms.invariance + coeffs[1] * terms.variance + coeffs[2] * terms.covariance
+    options = VICRegOptions(sim_coeff, var_coeff, cov_coeff, eps, gather_distributed)
+    return vicreg(z_a, z_b, options)[0]
 
 
 @register_loss("vicreg")
@@ -149,8 +155,6 @@ class VICRegLoss(BaseLoss):
         (['covariance', 'invariance', 'variance', 'warmup_factor'], 0.5)
     """
 
-    step: Tensor
-
     def __init__(
         self,
         *,
@@ -162,44 +166,38 @@ class VICRegLoss(BaseLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__()
-        self.sim_coeff = check_positive_float(sim_coeff, "sim_coeff", allow_zero=True)
-        self.var_coeff = check_positive_float(var_coeff, "var_coeff", allow_zero=True)
-        self.cov_coeff = check_positive_float(cov_coeff, "cov_coeff", allow_zero=True)
-        self.eps = check_positive_float(eps, "eps")
+        self.options = VICRegOptions(sim_coeff, var_coeff, cov_coeff, eps, gather_distributed)
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
-        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
-        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self._init_counter("step")
 
-    def _warmup(self, dtype: torch.dtype) -> Tensor:
-        if self.warmup_steps == 0:
-            return torch.ones((), dtype=dtype, device=self.step.device)
-        return (self.step.to(dtype) / self.warmup_steps).clamp(max=1.0)
+    sim_coeff = property(lambda self: self.options.sim_coeff, doc="λ, the invariance weight.")
+    var_coeff = property(lambda self: self.options.var_coeff, doc="μ, the variance weight.")
+    cov_coeff = property(lambda self: self.options.cov_coeff, doc="ν, the covariance weight.")
 
     @property
     def warmup_factor(self) -> float:
         """The current factor ``f`` in [0, 1] applied to the variance and covariance weights."""
-        return float(self._warmup(torch.float64))
+        step, steps = self._counter("step"), self.warmup_steps
+        return 1.0 if steps == 0 else min(step / steps, 1.0)
 
     def update_step(self, step: int, total_steps: int | None = None) -> None:
         """Set the optimisation step that drives the warm-up (``total_steps`` is not needed)."""
-        self.step.fill_(check_int(step, "step", low=0))
+        self._set_counter("step", check_int(step, "step", low=0))
 
     def compute(self, z_a: Tensor, z_b: Tensor) -> LossOutput:
         """Loss and terms for two ``(N, D)`` views."""
-        terms = vicreg_terms(z_a, z_b, eps=self.eps, gather_distributed=self.gather_distributed)
-        factor = self._warmup(terms.invariance.dtype)
-        loss = self.sim_coeff * terms.invariance + factor * (
-            self.var_coeff * terms.variance + self.cov_coeff * terms.covariance
-        )
+        factor = self.warmup_factor
+        loss, terms = vicreg(z_a, z_b, self.options, factor)
         return LossOutput(loss, detached_terms(**terms._asdict(), warmup_factor=factor))
 
     def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
         """The VICReg loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
-        return self.compute(z_a, z_b).loss
+        return vicreg(z_a, z_b, self.options, self.warmup_factor)[0]
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
+        o = self.options
         return (
-            f"sim_coeff={self.sim_coeff}, var_coeff={self.var_coeff}, cov_coeff={self.cov_coeff}, "
-            f"eps={self.eps}, warmup_steps={self.warmup_steps}"
+            f"sim_coeff={o.sim_coeff}, var_coeff={o.var_coeff}, cov_coeff={o.cov_coeff}, "
+            f"eps={o.eps}, warmup_steps={self.warmup_steps}"
         )

@@ -8,34 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from embedloss._validation import (
-    check_embeddings,
-    check_float,
-    check_int,
-    check_labels,
-    check_reduction,
-    describe,
-    on_host,
-)
+from embedloss._validation import check_float, check_int, describe
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.supervised import BaseSupervisedLoss, weighted_cross_entropy
 from embedloss.registry import register_loss
 
 __all__ = ["CrossEntropyLoss", "cross_entropy_loss"]
-
-
-def _check_targets(logits: Tensor, targets: Tensor, ignore_index: int) -> None:
-    check_embeddings(logits, "logits")
-    check_labels(targets, logits.shape[0], "targets")
-    c = logits.shape[1]
-    if not on_host(targets):  # a range check reads values: on CPU inputs only
-        return
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= c))
-    if bool(bad.any()):
-        first = int(targets[bad][0])
-        raise ValueError(
-            f"targets must be class indices in [0, {c - 1}] or ignore_index={ignore_index}, got {first}"
-        )
 
 
 def _check_class_weights(class_weights: Any) -> Tensor | None:
@@ -53,62 +31,9 @@ def _check_class_weights(class_weights: Any) -> Tensor | None:
     return w
 
 
-def cross_entropy_loss(
-    logits: Tensor,
-    targets: Tensor,
-    *,
-    sample_weight: Tensor | None = None,
-    class_weights: Tensor | None = None,
-    label_smoothing: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> Tensor:
-    r"""Cross-entropy of class ``logits`` with label smoothing, class and per-sample weights.
-
-    With ``p = softmax(logits_i)``, class weights ``w`` (default 1), smoothing ε over C classes
-    and per-sample weights ``s`` (default 1), the loss of sample ``i`` is
-
-        ℓ_i = s_i·[ (1 − ε)·w_{y_i}·(−log p_{y_i}) + (ε/C)·Σ_c w_c·(−log p_c) ]
-
-    (Szegedy et al. 2016, §7, with PyTorch's class weighting). ``"mean"`` divides
-    ``Σ_i ℓ_i`` by ``Σ_i s_i·w_{y_i}``, so without ``sample_weight`` it *is*
-    ``F.cross_entropy(logits, targets, weight=w, label_smoothing=ε, ignore_index=...)``; with
-    it, the result is the weighted mean in which sample ``i`` counts ``s_i`` times (``s_i = 2``
-    equals repeating the sample). Ignored targets add 0 to both sums; if every target is
-    ignored the mean is 0 (``F.cross_entropy`` gives NaN).
-
-    Args:
-        logits: ``(N, C)`` unnormalised scores.
-        targets: ``(N,)`` class indices in ``[0, C)`` or ``ignore_index``.
-        sample_weight: Optional ``(N,)`` non-negative weights.
-        class_weights: Optional ``(C,)`` non-negative class weights.
-        label_smoothing: ε in [0, 1].
-        ignore_index: Target value that contributes nothing (default -100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``, i.e. ``ℓ_i``).
-
-    Raises:
-        ValueError: For wrong shapes, out-of-range targets or ε outside [0, 1].
-        TypeError: For non-integer targets.
-
-    Example:
-        >>> import torch.nn.functional as F
-        >>> logits, y = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
-        >>> w = torch.tensor([1.0, 2.0, 0.5])
-        >>> loss = cross_entropy_loss(logits, y, class_weights=w, label_smoothing=0.1)
-        >>> torch.allclose(loss, F.cross_entropy(logits, y, weight=w, label_smoothing=0.1))
-        True
-    """
-    check_reduction(reduction)
-    _check_targets(logits, targets, check_int(ignore_index, "ignore_index"))
-    return weighted_cross_entropy(
-        logits,
-        targets,
-        class_weights=class_weights,
-        sample_weight=sample_weight,
-        label_smoothing=label_smoothing,
-        ignore_index=ignore_index,
-        reduction=reduction,
-    )
+#: The functional form is the base's single implementation: see
+#: :func:`~embedloss.base.supervised.weighted_cross_entropy` for the formula and arguments.
+cross_entropy_loss = weighted_cross_entropy
 
 
 @register_loss("cross_entropy")
@@ -152,15 +77,7 @@ class CrossEntropyLoss(BaseSupervisedLoss):
         self, logits: Tensor, targets: Tensor, sample_weight: Tensor | None = None
     ) -> LossOutput:
         """Loss and terms for ``logits (N, C)``, ``targets (N,)`` and optional ``sample_weight (N,)``."""
-        loss = cross_entropy_loss(
-            logits,
-            targets,
-            sample_weight=sample_weight,
-            class_weights=self.class_weights,
-            label_smoothing=self.label_smoothing,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-        )
+        loss = self.forward(logits, targets, sample_weight)
         with torch.no_grad():
             keep = targets != self.ignore_index
             hits = (logits.argmax(dim=1) == targets) & keep
@@ -170,8 +87,15 @@ class CrossEntropyLoss(BaseSupervisedLoss):
     def forward(
         self, logits: Tensor, targets: Tensor, sample_weight: Tensor | None = None
     ) -> Tensor:
-        """The cross-entropy loss (see :meth:`compute`)."""
-        return self.compute(logits, targets, sample_weight).loss
+        """The cross-entropy loss: :meth:`weighted_cross_entropy` with this loss's options."""
+        return self.weighted_cross_entropy(
+            logits,
+            targets,
+            class_weights=self.class_weights,
+            sample_weight=sample_weight,
+            label_smoothing=self.label_smoothing,
+            ignore_index=self.ignore_index,
+        )
 
     @classmethod
     def example_inputs(

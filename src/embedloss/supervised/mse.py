@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from embedloss._validation import check_reduction, check_same_shape, check_tensor, compute_dtype
+from embedloss._validation import (
+    check_reduction,
+    check_same_shape,
+    check_sample_weight,
+    check_tensor,
+    compute_dtype,
+)
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.supervised import BaseSupervisedLoss, weighted_reduction
 from embedloss.registry import register_loss
@@ -13,7 +19,11 @@ from embedloss.registry import register_loss
 __all__ = ["MSELoss", "mse_loss"]
 
 
-def _check_inputs(input: Tensor, target: Tensor, sample_weight: Tensor | None) -> None:
+def _mse(
+    input: Tensor, target: Tensor, sample_weight: Tensor | None, reduction: str
+) -> tuple[Tensor, Tensor]:
+    """The checked, reduced loss and the unweighted per-sample MSEs ``(N,)``."""
+    check_reduction(reduction)
     for x, name in ((input, "input"), (target, "target")):
         check_tensor(x, name)
         if not x.is_floating_point():
@@ -23,20 +33,17 @@ def _check_inputs(input: Tensor, target: Tensor, sample_weight: Tensor | None) -
                 f"{name} must have shape (N, *) with N >= 1, got shape {tuple(x.shape)}"
             )
     check_same_shape(input, target, "input", "target")
-    if sample_weight is not None:
-        check_tensor(sample_weight, "sample_weight")
-        if sample_weight.shape != (input.shape[0],):
-            raise ValueError(
-                f"sample_weight must have shape ({input.shape[0]},), got {tuple(sample_weight.shape)}"
-            )
+    dtype = compute_dtype(input, target)
+    diff = input.to(dtype) - target.to(dtype)
+    per_sample = diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)  # (N,)
+    if sample_weight is None:
+        return weighted_reduction(per_sample, None, reduction), per_sample
+    weights = check_sample_weight(sample_weight, input.shape[0]).to(per_sample)
+    return weighted_reduction(per_sample * weights, weights, reduction), per_sample
 
 
 def mse_loss(
-    input: Tensor,
-    target: Tensor,
-    *,
-    sample_weight: Tensor | None = None,
-    reduction: str = "mean",
+    input: Tensor, target: Tensor, *, sample_weight: Tensor | None = None, reduction: str = "mean"
 ) -> Tensor:
     r"""Mean squared error with optional per-sample weights.
 
@@ -65,16 +72,7 @@ def mse_loss(
         >>> mse_loss(x, y), mse_loss(x, y, sample_weight=torch.tensor([1.0, 3.0]))
         (tensor(2.5000), tensor(1.2500))
     """
-    check_reduction(reduction)
-    _check_inputs(input, target, sample_weight)
-    dtype = compute_dtype(input, target)
-    diff = input.to(dtype) - target.to(dtype)
-    per_sample = diff.pow(2).reshape(diff.shape[0], -1).mean(dim=1)  # (N,)
-    weights = torch.ones_like(per_sample)
-    if sample_weight is not None:
-        weights = sample_weight.to(per_sample)
-        per_sample = per_sample * weights
-    return weighted_reduction(per_sample, weights, reduction)
+    return _mse(input, target, sample_weight, reduction)[0]
 
 
 @register_loss("mse")
@@ -92,18 +90,15 @@ class MSELoss(BaseSupervisedLoss):
         tensor(1.)
     """
 
-    def __init__(self, *, reduction: str = "mean") -> None:
-        super().__init__(reduction=reduction)
-
     def compute(
         self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None
     ) -> LossOutput:
         """Loss and terms for ``input``, ``target`` ``(N, *)`` and optional ``sample_weight (N,)``."""
-        loss = mse_loss(input, target, sample_weight=sample_weight, reduction=self.reduction)
+        loss, per_sample = _mse(input, target, sample_weight, self.reduction)
         with torch.no_grad():
-            rmse = mse_loss(input, target).sqrt()
+            rmse = per_sample.mean().sqrt()
         return LossOutput(loss, detached_terms(rmse=rmse))
 
     def forward(self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
         """The MSE loss (see :meth:`compute`)."""
-        return self.compute(input, target, sample_weight).loss
+        return _mse(input, target, sample_weight, self.reduction)[0]
