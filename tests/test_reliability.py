@@ -66,16 +66,7 @@ def _first_float(args):
     return None
 
 
-PENDING = {"mse"}  # its checks are being rewritten on the light template (strict: fails once done)
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True)) if n in PENDING else n
-        for n in list_losses()
-    ],
-)
+@pytest.mark.parametrize("name", list_losses())
 def test_nan_input_is_a_clear_error_on_cpu(name):
     cls = loss_info(name).cls
     args, kwargs = cls.example_inputs(8, 16)
@@ -205,3 +196,20 @@ def test_running_a_registering_cell_twice_replaces_the_loss(scratch_registry):
     other = type("Other", (nn.Module,), {})
     with pytest.raises(ValueError, match="'cell_loss' is already registered"):
         register_loss("cell_loss")(other)
+
+
+# --- weights -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_sample_and_class_weights_must_be_finite_and_non_negative(bad):
+    logits, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    weights = torch.tensor([1.0, bad, 1.0, 1.0])
+    with pytest.raises(ValueError, match=r"sample_weight must be finite and >= 0"):
+        create_loss("cross_entropy")(logits, y, sample_weight=weights)
+    with pytest.raises(ValueError, match=r"sample_weight must be finite and >= 0"):
+        create_loss("mse")(torch.randn(4, 2), torch.randn(4, 2), sample_weight=weights)
+    with pytest.raises(ValueError, match="class_weights must be finite and >= 0"):
+        create_loss("cross_entropy", class_weights=[1.0, bad, 1.0])
+    with pytest.raises(ValueError, match=r"class_weights must be finite and >= 0"):
+        embedloss.functional.cross_entropy_loss(logits, y, class_weights=weights[:3])

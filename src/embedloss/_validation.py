@@ -49,7 +49,12 @@ def check_tensor(x: Any, name: str) -> Tensor:
 
 
 def check_embeddings(
-    x: Any, name: str, *, ndim: int | tuple[int, ...] = 2, shape: str | None = None
+    x: Any,
+    name: str,
+    *,
+    ndim: int | tuple[int, ...] = 2,
+    shape: str | None = None,
+    masked: bool = False,
 ) -> Tensor:
     """Validate a floating-point embedding tensor with at least one row.
 
@@ -58,6 +63,7 @@ def check_embeddings(
         name: The argument name used in error messages.
         ndim: The allowed number of dimensions (an int or a tuple of ints).
         shape: How to spell the expected shape in errors (default from ``ndim``).
+        masked: Allow ``-inf`` entries (masked logits); NaN and ``+inf`` are errors anyway.
 
     Returns:
         ``x`` unchanged.
@@ -82,7 +88,7 @@ def check_embeddings(
         )
     if x.shape[-1] == 0:
         raise ValueError(f"{name} must have a non-empty feature dimension, got {tuple(x.shape)}")
-    return check_finite(x, name)
+    return check_finite(x, name, masked=masked)
 
 
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
@@ -208,10 +214,14 @@ def on_host(x: Tensor) -> bool:
     return mode == "always" or x.device.type == "cpu"
 
 
-def check_finite(x: Tensor, name: str) -> Tensor:
-    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or infinite values (see :func:`on_host`)."""
+def check_finite(x: Tensor, name: str, *, masked: bool = False) -> Tensor:
+    """Raise ``ValueError`` naming ``name`` if ``x`` holds NaN or infinite values (see :func:`on_host`).
+
+    With ``masked`` a ``-inf`` is allowed (a masked logit); NaN and ``+inf`` are not.
+    """
     if on_host(x) and x.is_floating_point():
-        bad = ~torch.isfinite(x.detach())
+        values = x.detach()
+        bad = torch.isnan(values) | (values == float("inf")) if masked else ~torch.isfinite(values)
         if bool(bad.any()):
             raise ValueError(
                 f"{name} contains NaN or infinite values ({int(bad.sum())} of {x.numel()} "
@@ -267,9 +277,21 @@ def check_flags(**values: Any) -> list[bool]:
     return [check_bool(v, name) for name, v in values.items()]
 
 
-def check_sample_weight(sample_weight: Any, n: int) -> Tensor:
-    """Validate per-sample weights: a tensor of shape ``(n,)`` (values are not read)."""
-    check_tensor(sample_weight, "sample_weight")
+def check_sample_weight(sample_weight: Any, n: int, name: str = "sample_weight") -> Tensor:
+    """Validate weights: a tensor of shape ``(n,)``, finite and >= 0 (values checked on CPU).
+
+    A negative weight would turn a loss into a reward and a NaN one would make the loss NaN:
+    both are errors, never silently used.
+    """
+    check_tensor(sample_weight, name)
     if sample_weight.shape != (n,):
-        raise ValueError(f"sample_weight must have shape ({n},), got {tuple(sample_weight.shape)}")
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(sample_weight.shape)}")
+    if on_host(sample_weight):
+        values = sample_weight.detach()
+        bad = ~torch.isfinite(values) | (values < 0)
+        if bool(bad.any()):
+            first = values[bad][0].item()
+            raise ValueError(
+                f"{name} must be finite and >= 0, got {first!r} ({int(bad.sum())} of {n} entries)"
+            )
     return sample_weight

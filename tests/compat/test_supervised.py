@@ -145,7 +145,9 @@ def test_cross_entropy_sample_weight_keeps_the_legacy_plain_mean():
     s = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 3.0], dtype=torch.float64)
     w = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
     per = F.cross_entropy(logits, y, weight=w, label_smoothing=0.1, reduction="none")
-    assert_same(CrossEntropyLoss(weight=w)(logits, y, sample_weight=s), (s * per).sum() / 6, (logits,))
+    assert_same(
+        CrossEntropyLoss(weight=w)(logits, y, sample_weight=s), (s * per).sum() / 6, (logits,)
+    )
     assert_same(
         CrossEntropyLoss(weight=w, reduction="sum")(logits, y, sample_weight=s),
         (s * per).sum(),

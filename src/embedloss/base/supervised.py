@@ -13,7 +13,6 @@ from embedloss._validation import (
     check_labels,
     check_reduction,
     check_sample_weight,
-    check_tensor,
     on_host,
 )
 from embedloss.base.base_loss import BaseLoss
@@ -83,7 +82,7 @@ def weighted_cross_entropy(
         True
     """
     check_reduction(reduction)
-    check_embeddings(logits, "logits")
+    check_embeddings(logits, "logits", masked=True)  # a -inf logit masks its class
     n, c = logits.shape
     _check_targets(targets, n, c, check_int(ignore_index, "ignore_index"))
     x = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
@@ -92,12 +91,7 @@ def weighted_cross_entropy(
     q = BaseSupervisedLoss.apply_label_smoothing(index, c, label_smoothing, dtype=x.dtype)
     denom = keep.to(x.dtype)  # (N,)
     if class_weights is not None:
-        check_tensor(class_weights, "class_weights")
-        if class_weights.shape != (c,):
-            raise ValueError(
-                f"class_weights must have shape ({c},), got {tuple(class_weights.shape)}"
-            )
-        w = class_weights.to(x)
+        w = check_sample_weight(class_weights, c, "class_weights").to(x)
         q, denom = q * w, denom * w[index]  # q: (N, C)
     nll = torch.where(q != 0, -q * x.log_softmax(dim=1), 0.0).sum(dim=1)  # (N,); 0·log 0 = 0
     per_sample = torch.where(keep, nll, torch.zeros_like(nll))

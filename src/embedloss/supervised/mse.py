@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import (
+    check_embeddings,
     check_reduction,
     check_same_shape,
     check_sample_weight,
-    check_tensor,
     compute_dtype,
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
@@ -25,13 +25,7 @@ def _mse(
     """The checked, reduced loss and the unweighted per-sample MSEs ``(N,)``."""
     check_reduction(reduction)
     for x, name in ((input, "input"), (target, "target")):
-        check_tensor(x, name)
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError(
-                f"{name} must have shape (N, *) with N >= 1, got shape {tuple(x.shape)}"
-            )
+        check_embeddings(x, name, ndim=tuple(range(1, 9)), shape="(N, *) with N >= 1")
     check_same_shape(input, target, "input", "target")
     dtype = compute_dtype(input, target)
     diff = input.to(dtype) - target.to(dtype)
