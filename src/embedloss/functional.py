@@ -23,6 +23,7 @@ from embedloss.multimodal import (
     feature_consistency_loss,
     siglip_loss,
 )
+from embedloss.self_distillation import dino_loss, ibot_patch_loss, koleo_loss, swav_loss
 from embedloss.self_supervised import (
     barlow_twins_loss,
     decorrelation_loss,
@@ -32,6 +33,10 @@ from embedloss.self_supervised import (
 from embedloss.supervised import cross_entropy_loss, cross_modal_supcon_loss, mse_loss, supcon_loss
 
 __all__ = [
+    "swav_loss",
+    "koleo_loss",
+    "ibot_patch_loss",
+    "dino_loss",
     "alignment_uniformity_loss",
     "barlow_twins_loss",
     "clip_loss",
