@@ -15,6 +15,7 @@ from embedloss.contrastive import (
     hard_negative_loss,
     info_nce_loss,
     moco_loss,
+    nnclr_loss,
     simclr_loss,
 )
 from embedloss.multimodal import (
@@ -34,6 +35,7 @@ from embedloss.supervised import cross_entropy_loss, cross_modal_supcon_loss, ms
 
 __all__ = [
     "swav_loss",
+    "nnclr_loss",
     "koleo_loss",
     "ibot_patch_loss",
     "dino_loss",
