@@ -21,8 +21,8 @@ __all__ = ["NNCLRLoss", "nnclr_loss"]
 
 
 class _Neighbours(NamedTuple):
-    rows: Tensor  # (n, D) the neighbour of each view (no gradient)
-    row: Tensor | None  # (n,) its row in the support set, None without one
+    vectors: Tensor  # (n, D) the neighbour of each view (no gradient)
+    position: Tensor | None  # (n,) its row in the support set, None without one
     similarity: Tensor  # (n,) cosine of the view and its neighbour
 
 
@@ -47,7 +47,7 @@ def _nn_accuracy(
     support_labels: Tensor | None, labels: Tensor | None, neighbours: tuple[_Neighbours, ...]
 ) -> Tensor | None:
     """Share of views whose neighbour has their label (None without labels or neighbours)."""
-    row_a, row_b = (near.row for near in neighbours)
+    row_a, row_b = (near.position for near in neighbours)
     if support_labels is None or labels is None or row_a is None or row_b is None:
         return None
     found = torch.cat([support_labels[row_a], support_labels[row_b]])  # (2n,)
@@ -73,8 +73,8 @@ def _nnclr(
     a, b = options.prepare(z_a.detach(), z_b.detach())
     near_a, near_b = _nearest(a, support), _nearest(b, support)
     pred_a, pred_b = (z_a, z_b) if p_a is None or p_b is None else (p_a, p_b)
-    first = nt_xent(near_a.rows, pred_b, labels, options)
-    second = nt_xent(near_b.rows, pred_a, labels, options)
+    first = nt_xent(near_a.vectors, pred_b, labels, options)
+    second = nt_xent(near_b.vectors, pred_a, labels, options)
     loss = (first.loss + second.loss) / 2
     return _NNCLR(loss, (first, second), (near_a, near_b), a)
 
