@@ -1,6 +1,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,8 +89,6 @@ def test_centre_updates_only_in_training_mode_and_after_the_loss():
 
 
 def test_teacher_temperature_warm_up_follows_the_official_linspace():
-    import numpy as np
-
     loss_fn = DINOLoss(
         output_dim=4, warmup_teacher_temperature=0.04, teacher_temperature=0.07, warmup_epochs=5
     )
