@@ -15,6 +15,7 @@ from embedloss.contrastive import (
     hard_negative_loss,
     info_nce_loss,
     moco_loss,
+    nnclr_loss,
     simclr_loss,
 )
 from embedloss.multimodal import (
@@ -23,6 +24,7 @@ from embedloss.multimodal import (
     feature_consistency_loss,
     siglip_loss,
 )
+from embedloss.self_distillation import dino_loss, ibot_patch_loss, koleo_loss, swav_loss
 from embedloss.self_supervised import (
     barlow_twins_loss,
     decorrelation_loss,
@@ -32,6 +34,11 @@ from embedloss.self_supervised import (
 from embedloss.supervised import cross_entropy_loss, cross_modal_supcon_loss, mse_loss, supcon_loss
 
 __all__ = [
+    "swav_loss",
+    "nnclr_loss",
+    "koleo_loss",
+    "ibot_patch_loss",
+    "dino_loss",
     "alignment_uniformity_loss",
     "barlow_twins_loss",
     "clip_loss",

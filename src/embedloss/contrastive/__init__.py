@@ -8,6 +8,7 @@ from embedloss.contrastive.dynamic_temperature import (
 from embedloss.contrastive.hard_negative import HardNegativeLoss, hard_negative_loss
 from embedloss.contrastive.info_nce import InfoNCELoss, info_nce_loss
 from embedloss.contrastive.moco import MoCoLoss, moco_loss
+from embedloss.contrastive.nnclr import NNCLRLoss, nnclr_loss
 from embedloss.contrastive.simclr import SimCLRLoss, simclr_loss
 from embedloss.momentum import MomentumEncoder
 
@@ -19,6 +20,7 @@ __all__ = [
     "InfoNCELoss",
     "MoCoLoss",
     "MomentumEncoder",
+    "NNCLRLoss",
     "SimCLRLoss",
     "dcl_loss",
     "dclw_loss",
@@ -26,5 +28,6 @@ __all__ = [
     "hard_negative_loss",
     "info_nce_loss",
     "moco_loss",
+    "nnclr_loss",
     "simclr_loss",
 ]

@@ -1,0 +1,275 @@
+"""NNCLR: NT-Xent with nearest neighbours from a support set as positives (Dwibedi et al. 2021)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import check_embeddings, check_int, check_pair, check_same_shape
+from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.base.queue import FeatureQueue
+from embedloss.ops.anchors import ChunkSize
+from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, nt_xent
+from embedloss.ops.neighbours import nearest_neighbour_index
+from embedloss.ops.similarity import l2_normalize
+from embedloss.registry import register_loss
+
+__all__ = ["NNCLRLoss", "nnclr_loss"]
+
+
+class _Neighbours(NamedTuple):
+    vectors: Tensor  # (n, D) the neighbour of each view (no gradient)
+    position: Tensor | None  # (n,) its row in the support set, None without one
+    similarity: Tensor  # (n,) cosine of the view and its neighbour
+
+
+class _NNCLR(NamedTuple):
+    loss: Tensor
+    directions: tuple[PairedResult, PairedResult]  # (NN(z_a), p_b) and (NN(z_b), p_a)
+    neighbours: tuple[_Neighbours, _Neighbours]
+    keys: Tensor  # (n, D) prepared z_a, no gradient: what the support set receives
+
+
+def _nearest(view: Tensor, support: Tensor | None) -> _Neighbours:
+    """The support row most similar (cosine) to each row of ``view``; itself without support."""
+    unit = l2_normalize(view)
+    if support is None:
+        return _Neighbours(view, None, (unit * unit).sum(-1))
+    bank = l2_normalize(support.to(view.dtype))  # (K, D)
+    index = nearest_neighbour_index(unit, bank)
+    return _Neighbours(support[index].to(view.dtype), index, (unit * bank[index]).sum(-1))
+
+
+def _nn_accuracy(
+    support_labels: Tensor | None, labels: Tensor | None, neighbours: tuple[_Neighbours, ...]
+) -> Tensor | None:
+    """Share of views whose neighbour has their label (None without labels or neighbours)."""
+    row_a, row_b = (near.position for near in neighbours)
+    if support_labels is None or labels is None or row_a is None or row_b is None:
+        return None
+    found = torch.cat([support_labels[row_a], support_labels[row_b]])  # (2n,)
+    return (found == labels.repeat(2)).float().mean()
+
+
+def _nnclr(
+    z_a: Tensor,
+    z_b: Tensor,
+    p_a: Tensor | None,
+    p_b: Tensor | None,
+    support: Tensor | None,
+    labels: Tensor | None,
+    options: ContrastiveOptions,
+) -> _NNCLR:
+    """Both NT-Xent terms, their neighbours, and the keys for the support set."""
+    check_pair(z_a, z_b, "z_a", "z_b", labels)
+    if (p_a is None) != (p_b is None):
+        raise ValueError("pass both predictions p_a and p_b, or neither")
+    if p_a is not None and p_b is not None:
+        check_pair(p_a, p_b, "p_a", "p_b")
+        check_same_shape(p_a, z_a, "p_a", "z_a")
+    a, b = options.prepare(z_a.detach(), z_b.detach())
+    near_a, near_b = _nearest(a, support), _nearest(b, support)
+    pred_a, pred_b = (z_a, z_b) if p_a is None or p_b is None else (p_a, p_b)
+    first = nt_xent(near_a.vectors, pred_b, labels, options)
+    second = nt_xent(near_b.vectors, pred_a, labels, options)
+    loss = (first.loss + second.loss) / 2
+    return _NNCLR(loss, (first, second), (near_a, near_b), a)
+
+
+def nnclr_loss(
+    z_a: Tensor,
+    z_b: Tensor,
+    support: Tensor | None = None,
+    *,
+    p_a: Tensor | None = None,
+    p_b: Tensor | None = None,
+    temperature: float | Tensor = 0.1,
+    labels: Tensor | None = None,
+    reduction: str = "mean",
+    normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""NNCLR's loss: NT-Xent between each view's nearest neighbour and the other view.
+
+    For views ``z_a``, ``z_b`` ``(N, D)``, optional predictions ``p_a``, ``p_b`` (the
+    prediction head's outputs; the views themselves by default) and a support set ``Q`` of past
+    embeddings, ``NN(z) = argmax_{q∈Q} cos(z, q)`` (no gradient; ``z`` itself while ``Q`` is
+    empty) and (Dwibedi et al. 2021, Eq. 1–2, symmetrised; lightly's NNCLR recipe)
+
+        L = ½·[ NT-Xent(NN(z_a), p_b) + NT-Xent(NN(z_b), p_a) ]
+
+    with NT-Xent as :func:`~embedloss.contrastive.simclr_loss` (the 2N anchors of a pair, each
+    against its partner and the other 2N − 2 rows).
+
+    Args:
+        z_a: ``(N, D)`` embeddings of the first view (looked up in the support set).
+        z_b: ``(N, D)`` embeddings of the second view.
+        support: ``(K, D)`` support set of past embeddings, or None for none.
+        p_a: Optional ``(N, D)`` predictions of the first view (with ``p_b``).
+        p_b: Optional ``(N, D)`` predictions of the second view.
+        temperature: τ > 0 (default 0.1, NNCLR).
+        labels: Optional ``(N,)`` identities; equal labels are positives.
+        reduction: ``"mean"``, ``"sum"``, or ``"none"`` (``(2N,)``, the two terms averaged).
+        normalize: L2-normalise the inputs (default True).
+        chunk_size: Core tiling: ``None`` dense, an int, or ``"auto"``.
+        gather_distributed: Score local anchors against the keys of every rank.
+
+    Shape:
+        z_a, z_b, p_a, p_b: ``(N, D)``; support: ``(K, D)``; output: scalar or ``(2N,)``.
+
+    Raises:
+        ValueError: For mismatched shapes, only one prediction, or τ <= 0.
+
+    Example:
+        >>> z_a, z_b = torch.randn(4, 8), torch.randn(4, 8)
+        >>> support = torch.randn(16, 8)
+        >>> nnclr_loss(z_a, z_b, support).shape
+        torch.Size([])
+    """
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
+    )
+    if support is not None:
+        check_embeddings(support, "support")
+        if support.shape[1] != z_a.shape[-1]:
+            raise ValueError(
+                f"support must have the views' D={z_a.shape[-1]}, got {tuple(support.shape)}"
+            )
+    return _nnclr(z_a, z_b, p_a, p_b, support, labels, options).loss
+
+
+@register_loss("nnclr")
+class NNCLRLoss(BaseContrastiveLoss):
+    """NNCLR: nearest neighbours from a FIFO support set as positives (Dwibedi et al. 2021).
+
+    See :func:`nnclr_loss` for the formula. The support set is a
+    :class:`~embedloss.base.queue.FeatureQueue` (submodule ``queue``), with MoCo's semantics:
+    it starts empty (a view is then its own neighbour: plain NT-Xent), only filled rows are
+    searched, the prepared ``z_a`` of the batch is enqueued **after** the loss and only in
+    training mode, FIFO, gathered from every rank with ``gather_distributed`` (so every rank
+    searches the same set), and the state round-trips through ``state_dict``. With ``labels``
+    the queue stores them too, for the ``nn_accuracy`` term.
+
+    Terms: ``accuracy`` (NT-Xent top-1, both terms), ``nn_similarity`` (mean cosine of a view
+    and its neighbour), ``queue_fill`` (before this batch is enqueued), ``temperature``; with
+    labels and a fully labelled queue, ``nn_accuracy`` (the neighbour has the view's label).
+
+    Args:
+        temperature: τ > 0 (default 0.1, NNCLR).
+        queue_size: Rows of the support set (default 98304, NNCLR).
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling (``None``, an int or ``"auto"``).
+        gather_distributed: Use the keys of all ranks; enqueue the views of all ranks.
+
+    Raises:
+        ValueError: For τ <= 0, ``queue_size < 1``, a batch larger than the queue, an
+            embedding size other than the queue's, or inputs on another device than the loss.
+
+    Example:
+        >>> loss_fn = NNCLRLoss(queue_size=32)
+        >>> z_a, z_b = torch.randn(8, 16), torch.randn(8, 16)
+        >>> out = loss_fn.compute(z_a, z_b)  # empty support set: each view is its own neighbour
+        >>> out.terms["queue_fill"].item(), loss_fn.queue.n_filled
+        (0.0, 8)
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        queue_size: int = 98304,
+        learnable_temperature: bool = False,
+        reduction: str = "mean",
+        normalize: bool = True,
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            temperature=temperature,
+            learnable_temperature=learnable_temperature,
+            reduction=reduction,
+            normalize=normalize,
+            chunk_size=chunk_size,
+            gather_distributed=gather_distributed,
+        )
+        self.queue_size = check_int(queue_size, "queue_size", low=1)
+        self.queue = FeatureQueue(queue_size)
+
+    def _batch(
+        self,
+        z_a: Tensor,
+        z_b: Tensor,
+        p_a: Tensor | None,
+        p_b: Tensor | None,
+        labels: Tensor | None,
+    ) -> _NNCLR:
+        check_pair(z_a, z_b, "z_a", "z_b", labels)
+        self.queue.check_batch(z_a, "z_a")
+        support = self.queue.entries(z_a.shape[1])
+        result = _nnclr(z_a, z_b, p_a, p_b, support, labels, self.options())
+        if self.training:
+            self.queue.enqueue(
+                result.keys, labels=labels, gather_distributed=self.gather_distributed
+            )
+        return result
+
+    def compute(
+        self,
+        z_a: Tensor,
+        z_b: Tensor,
+        p_a: Tensor | None = None,
+        p_b: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+    ) -> LossOutput:
+        """Loss and terms for views ``(N, D)`` (and predictions); then enqueue ``z_a``."""
+        fill, support_labels = self.queue.fill, None
+        if labels is not None and self.queue.fully_labeled:
+            stored = self.queue.entry_labels()  # None while empty
+            # A copy: this batch's enqueue overwrites rows of the support set in place.
+            support_labels = None if stored is None else stored.clone()
+        result = self._batch(z_a, z_b, p_a, p_b, labels)
+        with torch.no_grad():
+            first, second = (d.anchors[0] for d in result.directions)
+            extra: dict[str, Tensor | float] = {}
+            accuracy = _nn_accuracy(support_labels, labels, result.neighbours)
+            if accuracy is not None:
+                extra["nn_accuracy"] = accuracy
+            terms = detached_terms(
+                accuracy=(first.correct.float().mean() + second.correct.float().mean()) / 2,
+                nn_similarity=torch.cat([near.similarity for near in result.neighbours]).mean(),
+                queue_fill=fill,
+                temperature=1.0 / self.scale(dtype=torch.float64),
+                **extra,
+            )
+        return LossOutput(result.loss, terms)
+
+    def forward(
+        self,
+        z_a: Tensor,
+        z_b: Tensor,
+        p_a: Tensor | None = None,
+        p_b: Tensor | None = None,
+        *,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """The NNCLR loss (see :meth:`compute`); enqueues ``z_a`` in training mode."""
+        return self._batch(z_a, z_b, p_a, p_b, labels).loss
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """A small support set."""
+        return {"queue_size": 64}
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return (
+            f"temperature={self.temperature:g}, queue_size={self.queue_size}, "
+            f"reduction={self.reduction!r}"
+        )

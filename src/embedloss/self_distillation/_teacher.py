@@ -1,0 +1,148 @@
+"""The base of DINO and iBOT: two temperatures, the teacher centre (a buffer) and its update."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import (
+    check_bool,
+    check_float,
+    check_int,
+    check_positive_float,
+    check_reduction,
+    check_tensor,
+)
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.ops.distillation import entropy, update_center_
+
+__all__ = ["CenteredTeacherLoss", "TeacherOptions", "TeacherResult"]
+
+
+class TeacherResult(NamedTuple):
+    """What a centred-teacher loss computes for a batch: the loss and what its terms need."""
+
+    loss: Tensor  # reduced
+    per_sample: Tensor  # (n,) cross-entropy per sample
+    teacher_log_probs: Tensor  # (..., K) centred teacher log-probabilities, no gradient
+    mask: Tensor | None  # (N, P) the teacher rows that count (iBOT), or None: all of them
+    center_total: Tensor  # (K,) sum of the teacher rows the centre follows
+    center_count: Tensor  # () their number
+
+
+class TeacherOptions(NamedTuple):
+    """The checked keyword options of a centred-teacher loss's pure function."""
+
+    temperatures: tuple[float, float]  # (τ_t, τ_s)
+    reduction: str
+    distributed: bool
+
+    @classmethod
+    def create(
+        cls,
+        center: Tensor | None,
+        teacher_temperature: float,
+        student_temperature: float,
+        reduction: str,
+        gather_distributed: bool,
+    ) -> TeacherOptions:
+        """Check the options (and that ``center``, if given, is a ``(K,)`` tensor)."""
+        if center is not None:
+            check_tensor(center, "center")
+            if center.dim() != 1:
+                raise ValueError(f"center must have shape (K,), got {tuple(center.shape)}")
+        temperatures = (
+            check_positive_float(teacher_temperature, "teacher_temperature"),
+            check_positive_float(student_temperature, "student_temperature"),
+        )
+        return cls(
+            temperatures,
+            check_reduction(reduction),
+            check_bool(gather_distributed, "gather_distributed"),
+        )
+
+
+class CenteredTeacherLoss(BaseLoss):
+    """Options and state shared by DINO and iBOT (see :class:`~embedloss.DINOLoss`).
+
+    Its constructor is iBOT's: ``output_dim`` (K, sizing the centre), ``teacher_temperature``
+    τ_t > 0, ``student_temperature`` τ_s > 0, ``center_momentum`` m in [0, 1], ``reduction``
+    and ``gather_distributed``, each checked here.
+
+    The centre is a float64 buffer ``center`` ``(output_dim,)`` (an EMA over many steps keeps
+    its precision; it is cast to the compute dtype when used), updated in training mode only,
+    after the loss, by :meth:`update_center`.
+    """
+
+    center: Tensor
+
+    def __init__(
+        self,
+        *,
+        output_dim: int,
+        teacher_temperature: float = 0.04,
+        student_temperature: float = 0.1,
+        center_momentum: float = 0.9,
+        reduction: str = "mean",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(reduction=reduction)
+        self.output_dim = check_int(output_dim, "output_dim", low=1)
+        self.teacher_temperature = check_positive_float(teacher_temperature, "teacher_temperature")
+        self.student_temperature = check_positive_float(student_temperature, "student_temperature")
+        self.center_momentum = check_float(center_momentum, "center_momentum", low=0.0, high=1.0)
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        self.register_buffer("center", torch.zeros(output_dim, dtype=torch.float64))
+
+    def update_center(self, result: TeacherResult) -> None:
+        """EMA step of the centre from a batch's teacher rows (all ranks when distributed).
+
+        Called by the loss after the loss is computed, in training mode only.
+        """
+        if self.training:
+            update_center_(
+                self.center,
+                result.center_total,
+                result.center_count,
+                self.center_momentum,
+                self.gather_distributed,
+            )
+
+    def teacher_output(
+        self, result: TeacherResult, center_norm: Tensor, temperature: float
+    ) -> LossOutput:
+        """The loss and its terms: ``teacher_entropy``, ``kl``, ``center_norm``, ``teacher_temperature``.
+
+        ``kl`` is the mean cross-entropy minus the mean teacher entropy, weighted as the loss
+        weights the teacher rows (per sample over its views, or over its masked patches).
+        """
+        with torch.no_grad():
+            h = entropy(result.teacher_log_probs)
+            h_mean = h_sample = h.mean()
+            if result.mask is not None:  # (N, P) masked patches: weighted as the loss is
+                masked = torch.where(result.mask, h, 0.0)
+                w = result.mask.to(h.dtype)
+                h_mean = masked.sum() / w.sum().clamp(min=1)
+                h_sample = (masked.sum(-1) / w.sum(-1).clamp(min=1)).mean()
+            terms = detached_terms(
+                teacher_entropy=h_mean,
+                kl=result.per_sample.mean() - h_sample,
+                center_norm=center_norm,
+                teacher_temperature=temperature,
+            )
+        return LossOutput(result.loss, terms)
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """A 16-dimensional head, as the shared tests' inputs."""
+        return {"output_dim": 16}
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return (
+            f"output_dim={self.output_dim}, teacher_temperature={self.teacher_temperature}, "
+            f"student_temperature={self.student_temperature}, "
+            f"center_momentum={self.center_momentum}, reduction={self.reduction!r}"
+        )

@@ -1,0 +1,167 @@
+"""Self-distillation, clustering and NNCLR losses on real gloo processes vs one process.
+
+Besides the harness's contract (mean over ranks of the losses = the single-process loss, each
+rank's gradient = world_size × the single-process gradient of its slice), the state that
+depends on the whole batch must agree: after every step each rank holds the single-process
+DINO / iBOT centre and NNCLR support set, and the Sinkhorn–Knopp codes of each rank's samples
+are the single-process codes of the concatenated batch. Batches are uneven across ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from embedloss import create_loss
+from embedloss.ops.sinkhorn import sinkhorn_knopp
+from tests.distributed.harness import Case, _split, free_port, pair, process_group
+
+
+def _multi_crop(n: int, g: torch.Generator, k: int = 5):
+    teacher = torch.randn(n, 2, k, generator=g, dtype=torch.float64)
+    student = torch.cat(
+        [
+            teacher + torch.randn(n, 2, k, generator=g, dtype=torch.float64),
+            torch.randn(n, 2, k, generator=g, dtype=torch.float64),
+        ],
+        dim=1,
+    )
+    return (student, teacher), {}
+
+
+def _patches(n: int, g: torch.Generator, p: int = 4, k: int = 5):
+    teacher = torch.randn(n, p, k, generator=g, dtype=torch.float64)
+    student = teacher + torch.randn(n, p, k, generator=g, dtype=torch.float64)
+    mask = torch.rand(n, p, generator=g) < 0.5
+    mask[0] = False  # an image with nothing masked
+    return (student, teacher, mask), {}
+
+
+def _crops(n: int, g: torch.Generator, k: int = 4, queue: bool = False):
+    scores = torch.randn(n, 4, k, generator=g, dtype=torch.float64).tanh()
+    tensors = (scores[:, :2], scores[:, 2:])
+    if queue:  # each rank holds its part of the queue; together they are the full queue
+        tensors += (torch.randn(n, 2, k, generator=g, dtype=torch.float64).tanh(),)
+    return tensors, {}
+
+
+def _embeddings(n: int, g: torch.Generator, d: int = 4):
+    return (torch.randn(n, d, generator=g, dtype=torch.float64),), {}
+
+
+CASES = [
+    Case(
+        "dino",
+        {"output_dim": 5, "center_momentum": 0.6, "teacher_temperature": 0.1},
+        _multi_crop,
+        steps=3,
+    ),
+    Case("dino", {"output_dim": 5, "reduction": "sum"}, _multi_crop, steps=2, tag="sum"),
+    Case("ibot_patch", {"output_dim": 5, "center_momentum": 0.6}, _patches, steps=3),
+    Case("swav", {"epsilon": 0.1}, _crops),
+    Case("swav", {"epsilon": 0.1}, partial(_crops, queue=True), tag="queue"),
+    Case("koleo", {}, _embeddings),
+    Case("nnclr", {"queue_size": 24, "temperature": 0.2}, pair, steps=3),
+    Case("nnclr", {"queue_size": 24}, partial(pair, labels=True), steps=3, tag="labels"),
+]
+
+
+def _run(case: Case, sizes: list[int], rank: int | None) -> dict[str, Any]:
+    """As the harness's run_case, plus the loss's state after each step."""
+    g = torch.Generator().manual_seed(1234)
+    distributed = rank is not None
+    torch.manual_seed(0)
+    loss = create_loss(case.name, **case.kwargs, gather_distributed=distributed).train()
+    out: dict[str, Any] = {"losses": [], "grads": [], "states": []}
+    for _ in range(case.steps):
+        assert case.build is not None
+        tensors, named = case.build(sum(sizes), g)
+        if rank is not None:
+            tensors = tuple(_split(t, sizes, rank) for t in tensors)
+            named = {k: _split(v, sizes, rank) for k, v in named.items()}
+        leaves = tuple(t.clone().requires_grad_(t.is_floating_point()) for t in tensors)
+        value = loss(*leaves, **named)
+        value.backward()
+        out["losses"].append(value.detach())
+        out["grads"].append([t.grad for t in leaves if t.is_floating_point()])
+        out["states"].append({k: v.clone() for k, v in loss.state_dict().items()})
+    return out
+
+
+def _codes(sizes: list[int], rank: int | None) -> torch.Tensor:
+    scores = (
+        torch.randn(sum(sizes), 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        * 3
+    )
+    if rank is not None:
+        scores = _split(scores, sizes, rank)
+    return sinkhorn_knopp(scores, iterations=4, epsilon=0.05, distributed=rank is not None)
+
+
+def _worker(rank: int, world: int, port: int, sizes: list[int], out_dir: str) -> None:
+    with process_group(rank, world, port, timeout_s=60):
+        results = {case.id: _run(case, sizes, rank) for case in CASES}
+        results["sinkhorn"] = _codes(sizes, rank)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module", params=[[3, 5], [2, 4, 1]], ids=["world2", "world3"])
+def outcome(request, tmp_path_factory):
+    sizes = request.param
+    out_dir = str(tmp_path_factory.mktemp("distill"))
+    mp.spawn(_worker, args=(len(sizes), free_port(), sizes, out_dir), nprocs=len(sizes), join=True)
+    ranks = [
+        torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
+        for r in range(len(sizes))
+    ]
+    return sizes, ranks
+
+
+def test_case_ids_are_unique():
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_losses_gradients_and_state_match_single_process(case, outcome):
+    sizes, ranks = outcome
+    world = len(sizes)
+    single = _run(case, sizes, rank=None)
+    for step, expected in enumerate(single["losses"]):
+        got = torch.stack([r[case.id]["losses"][step] for r in ranks]).mean()
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        for i, full_grad in enumerate(single["grads"][step]):
+            for rank, r in enumerate(ranks):
+                local = r[case.id]["grads"][step][i]
+                if full_grad is None:  # the teacher: no gradient
+                    assert local is None
+                    continue
+                torch.testing.assert_close(
+                    local, world * _split(full_grad, sizes, rank), rtol=1e-9, atol=1e-10
+                )
+        for r in ranks:  # the centre / support set of every rank is the single-process one
+            state = r[case.id]["states"][step]
+            assert state.keys() == single["states"][step].keys()
+            for key, value in single["states"][step].items():
+                torch.testing.assert_close(state[key], value, rtol=1e-12, atol=1e-12)
+
+
+def test_stateful_cases_have_state():
+    stateful = {"dino": "center", "ibot_patch": "center", "nnclr": "queue.features"}
+    for case in CASES:
+        if case.name in stateful:
+            state = _run(case, [4], rank=None)["states"][-1]
+            assert state[stateful[case.name]].abs().sum() > 0, case.id
+
+
+def test_sinkhorn_codes_match_single_process(outcome):
+    sizes, ranks = outcome
+    single = _codes(sizes, rank=None)
+    for rank, r in enumerate(ranks):
+        torch.testing.assert_close(
+            r["sinkhorn"], _split(single, sizes, rank), rtol=1e-12, atol=1e-14
+        )
