@@ -33,6 +33,7 @@ from embedloss.base import (
 )
 from embedloss.composite import *
 from embedloss.contrastive import *
+from embedloss.gradcache import GradCache
 from embedloss.metric_learning import *
 from embedloss.multimodal import *
 from embedloss.registry import (
@@ -54,6 +55,7 @@ __all__ = [
     "BaseContrastiveLoss",
     "BaseLoss",
     "BaseSupervisedLoss",
+    "GradCache",
     "HardNegativeMiningMixin",
     "LossInfo",
     "LossOutput",
