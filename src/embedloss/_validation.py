@@ -55,6 +55,7 @@ def check_embeddings(
     ndim: int | tuple[int, ...] = 2,
     shape: str | None = None,
     masked: bool = False,
+    finite: bool = True,
 ) -> Tensor:
     """Validate a floating-point embedding tensor with at least one row.
 
@@ -64,6 +65,8 @@ def check_embeddings(
         ndim: The allowed number of dimensions (an int or a tuple of ints).
         shape: How to spell the expected shape in errors (default from ``ndim``).
         masked: Allow ``-inf`` entries (masked logits); NaN and ``+inf`` are errors anyway.
+        finite: Check the values (:func:`check_finite`); False when the caller checks only
+            the entries it uses.
 
     Returns:
         ``x`` unchanged.
@@ -88,7 +91,7 @@ def check_embeddings(
         )
     if x.shape[-1] == 0:
         raise ValueError(f"{name} must have a non-empty feature dimension, got {tuple(x.shape)}")
-    return check_finite(x, name, masked=masked)
+    return check_finite(x, name, masked=masked) if finite else x
 
 
 def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:

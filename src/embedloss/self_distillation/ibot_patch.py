@@ -10,9 +10,11 @@ from torch import Tensor
 
 from embedloss._validation import (
     check_embeddings,
+    check_finite,
     check_same_shape,
     check_tensor,
     compute_dtype,
+    on_host,
 )
 from embedloss.base.base_loss import LossOutput
 from embedloss.ops.anchors import reduce_samples
@@ -28,8 +30,9 @@ __all__ = ["IBOTPatchLoss", "ibot_patch_loss"]
 
 
 def _check_inputs(student: Tensor, teacher: Tensor, mask: Tensor, dim: int | None) -> None:
-    check_embeddings(student, "student_patches", ndim=3, shape="(N, P, K)")
-    check_embeddings(teacher, "teacher_patches", ndim=3, shape="(N, P, K)")
+    # Only the masked patches are scored: the values of the others are not checked.
+    check_embeddings(student, "student_patches", ndim=3, shape="(N, P, K)", finite=False)
+    check_embeddings(teacher, "teacher_patches", ndim=3, shape="(N, P, K)", finite=False)
     check_same_shape(student, teacher, "student_patches", "teacher_patches")
     if dim is not None and student.shape[-1] != dim:
         raise ValueError(
@@ -42,6 +45,9 @@ def _check_inputs(student: Tensor, teacher: Tensor, mask: Tensor, dim: int | Non
             f"mask must be a bool (N, P) = {tuple(student.shape[:2])} tensor marking the masked "
             f"patches, got shape {tuple(mask.shape)} and dtype {mask.dtype}"
         )
+    for x, name in ((student, "student_patches"), (teacher, "teacher_patches")):
+        if on_host(x):
+            check_finite(torch.where(mask.unsqueeze(-1), x, 0.0), f"{name} (masked patches)")
 
 
 def _ibot(
