@@ -10,6 +10,7 @@ from embedloss.cli.config import (
     CLIError,
     config_to_yaml,
     load_config_file,
+    parse_loss_options,
     resolve_config,
 )
 
@@ -23,15 +24,73 @@ def test_precedence_defaults_file_flags():
     assert DEFAULT_CONFIG["epochs"] == 20  # defaults are never mutated
 
 
-def test_loss_flag_replaces_the_loss_section_and_resets_the_task():
+def test_loss_flag_keeps_the_options_the_new_loss_takes_and_says_what_it_drops():
     file_cfg = {"loss": {"name": "simclr", "temperature": 0.2}, "task": "supervised"}
     assert resolve_config(file_cfg, {"loss": "simclr"})["loss"] == {
         "name": "simclr",
         "temperature": 0.2,
     }
-    cfg = resolve_config(file_cfg, {"loss": "clip"})
-    assert cfg["loss"] == {"name": "clip"} and cfg["task"] == "auto"
+    notes: list[str] = []
+    cfg = resolve_config(file_cfg, {"loss": "clip"}, notes)
+    assert cfg["loss"] == {"name": "clip", "temperature": 0.2} and cfg["task"] == "auto"
+    assert notes == [
+        "--loss clip: the task is chosen anew (the config's was 'supervised'; pass --task to keep it)"
+    ]
+    notes.clear()
+    moco = {"loss": {"name": "moco", "temperature": 0.1, "queue_size": 256}}
+    cfg = resolve_config(moco, {"loss": "siglip"}, notes)
+    assert cfg["loss"] == {"name": "siglip", "temperature": 0.1}
+    assert notes == [
+        "--loss siglip replaces the config's loss 'moco'; dropped its options that 'siglip' does "
+        "not take: queue_size (kept temperature)"
+    ]
     assert resolve_config({"loss": "clip"})["loss"] == {"name": "clip"}
+    # an unknown name keeps the options: the planner reports the name with did-you-mean
+    assert resolve_config(moco, {"loss": "sigliip"})["loss"]["queue_size"] == 256
+
+
+def test_loss_options_parse_as_yaml_and_override_the_file():
+    opts = parse_loss_options(
+        ["temperature=1e-3", "learnable_temperature=true", "queue_size=64", "mode= ab ", "x=null"]
+    )
+    assert opts == {
+        "temperature": 0.001,
+        "learnable_temperature": True,
+        "queue_size": 64,
+        "mode": "ab",
+        "x": None,
+    }
+    cfg = resolve_config(
+        {"loss": {"name": "clip", "temperature": 0.2}}, {"loss_options": {"temperature": 0.05}}
+    )
+    assert cfg["loss"] == {"name": "clip", "temperature": 0.05}
+    for bad, message in (
+        (["temperature"], "--loss-option expects NAME=VALUE"),
+        (["1x=2"], "--loss-option expects NAME=VALUE"),
+        (["name=clip"], "cannot set the loss's name; use --loss NAME"),
+        (["t=[1"], "cannot read '[1' as a YAML value"),
+    ):
+        with pytest.raises(CLIError) as err:
+            parse_loss_options(bad)
+        assert message in str(err.value)
+
+
+def test_training_knobs():
+    cfg = resolve_config(
+        None,
+        {
+            "lr_schedule": "cosine",
+            "warmup_epochs": 0.5,
+            "weight_decay": 0.0,
+            "grad_clip": 1.0,
+            "precision": "bf16",
+        },
+    )
+    assert (cfg["lr_schedule"], cfg["warmup_epochs"], cfg["grad_clip"]) == ("cosine", 0.5, 1.0)
+    assert (cfg["weight_decay"], cfg["precision"]) == (0.0, "bf16")
+    defaults = resolve_config(None)
+    assert (defaults["lr_schedule"], defaults["warmup_epochs"]) == ("constant", 0)
+    assert defaults["grad_clip"] is None and defaults["precision"] == "fp32"
 
 
 def test_data_flags(tmp_path):
@@ -67,6 +126,12 @@ def test_data_flags(tmp_path):
         ({"data": {"dataset": None}}, "data needs exactly one of"),
         ({"data": {"dataset": None, "path": 3}}, "data.path must be a file name"),
         ({"data": {"test_fraction": 0.99}}, "data.test_fraction must be a number in [0.05, 0.95]"),
+        ({"lr_schedule": "step"}, "lr_schedule must be one of constant, cosine, got 'step'"),
+        ({"warmup_epochs": -1}, "warmup_epochs must be a number >= 0.0"),
+        ({"warmup_epochs": 30}, "warmup_epochs (30) must not exceed epochs (20)"),
+        ({"grad_clip": 0}, "grad_clip must be a number > 0 or null (no clipping), got 0"),
+        ({"grad_clip": True}, "grad_clip must be a number > 0 or null"),
+        ({"precision": "fp16"}, "precision must be one of fp32, bf16, got 'fp16'"),
     ],
 )
 def test_bad_configs(file_cfg, message):

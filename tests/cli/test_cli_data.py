@@ -9,8 +9,10 @@ from torch.utils.data import DistributedSampler
 
 from embedloss.cli.config import CLIError
 from embedloss.cli.data import (
+    InputSpec,
     apply_view,
     derived_seed,
+    describe_perturbation,
     draw_view_params,
     load_task_data,
     perturb,
@@ -113,12 +115,15 @@ def test_npz_images_labels_and_scaling(npz):
     assert data.image_shape == (3, 3) and data.num_classes == 3 and data.name == "data.npz"
     assert sorted(set(data.train.y.tolist())) == [0, 1, 2]
     assert data.train.a.min() == 0 and data.train.a.max() == 1  # train range scaled to [0, 1]
-    flat = load_task_data(
-        _npz_cfg(npz("f.npz", x=np.ones((30, 2, 2, 2)) * np.arange(30)[:, None, None, None])),
+    chw = load_task_data(
+        _npz_cfg(npz("f.npz", x=np.ones((30, 2, 2, 3)) * np.arange(30)[:, None, None, None])),
         "ssl",
         0,
-    )
-    assert flat.image_shape is None and flat.train.a.shape[1] == 8 and flat.train.y is None
+    )  # (N, C, H, W): images with channels, not flattened features
+    assert chw.image_shape == (2, 2, 3) and chw.train.a.shape[1] == 12 and chw.train.y is None
+    assert chw.inputs["a"].shape == (2, 2, 3)
+    flat = load_task_data(_npz_cfg(npz("v.npz", x=np.random.rand(30, 5))), "ssl", 0)
+    assert flat.image_shape is None and flat.inputs["a"].shape == (5,)
     pairs = load_task_data(
         _npz_cfg(npz("p.npz", x_a=np.random.rand(20, 4), x_b=np.random.rand(20, 2, 3))), "paired", 0
     )
@@ -163,6 +168,22 @@ def test_npz_images_labels_and_scaling(npz):
         ({"x": np.zeros((20, 2)), "y": np.zeros(20)}, "supervised", "hold a single class"),
         ({"x": np.zeros((2, 2))}, "ssl", "too few to split"),
         ({"x": np.array([None] * 20, dtype=object)}, "ssl", "object array"),
+        (
+            {"x": np.zeros((20, 1, 2, 2, 2))},
+            "ssl",
+            "has shape (20, 1, 2, 2, 2); expected (N, features), (N, H, W) images or (N, C, H, W) images",
+        ),
+        (
+            {"x_a": np.zeros((20, 2)), "x_b": np.zeros((20, 2))},
+            "ssl",
+            "it holds 'x_a' and 'x_b', a paired file: train with --task paired or a paired loss "
+            "(e.g. --loss clip)",
+        ),
+        (
+            {"x": np.zeros((20, 2))},
+            "paired",
+            "the paired task reads pairs 'x_a' and 'x_b' (for 'x', pass --task ssl or supervised)",
+        ),
     ],
 )
 def test_npz_errors_are_clear(npz, arrays, task, message):
@@ -192,3 +213,50 @@ def test_unreadable_files(tmp_path):
         load_task_data(_npz_cfg(str(pickled)), "ssl", 0)
     with pytest.raises(CLIError, match="does not exist"):
         load_task_data(_npz_cfg(str(tmp_path / "nope.npz")), "ssl", 0)
+
+
+def test_shift_moves_every_channel_alike():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 3 * 5 * 4, generator=g)
+    offsets = torch.randint(-1, 2, (4, 2), generator=g)
+    got = shift_images(x, offsets, (3, 5, 4), 1).reshape(4, 3, 5, 4)
+    for c in range(3):
+        one = x.reshape(4, 3, 5 * 4)[:, c]
+        assert torch.equal(got[:, c], shift_images(one, offsets, (5, 4), 1).reshape(4, 5, 4))
+
+
+def test_a_runs_scaling_is_recorded_and_reapplied(npz):
+    x = np.random.default_rng(0).normal(3.0, 2.0, (40, 6)).astype(np.float32)
+    path = npz(x=x)
+    data = load_task_data(_npz_cfg(path), "ssl", 0)
+    spec = data.inputs["a"]
+    assert spec == InputSpec.from_dict(spec.as_dict()) and spec.shape == (6,)
+    everything = spec.apply(torch.as_tensor(x))  # the raw file, scaled as training scaled it
+    assert torch.equal(everything[_split(40)], data.test.a)
+    other = npz("o.npz", x=x[:30] * 2)
+    again = load_task_data(_npz_cfg(other), "ssl", 0, inputs={"a": spec})
+    assert torch.equal(
+        torch.cat([again.train.a, again.test.a]).sort(0).values,
+        spec.apply(torch.as_tensor(x[:30] * 2)).sort(0).values,
+    )
+    with pytest.raises(CLIError, match=r"has 3 values per sample .* the run's encoder takes 6"):
+        load_task_data(_npz_cfg(npz("s.npz", x=x[:, :3])), "ssl", 0, inputs={"a": spec})
+    digits = load_task_data(DIGITS, "ssl", 0)
+    assert digits.inputs["a"] == InputSpec((8, 8), 0.0, 16.0)
+
+
+def _split(n: int) -> torch.Tensor:
+    from embedloss.cli.data import _split_indices
+
+    return _split_indices(n, 0.25, 0)[1]
+
+
+def test_perturbations_are_described_truthfully():
+    assert describe_perturbation((8, 8), 1, 0.1) == (
+        "random shifts of up to 1 pixel and Gaussian noise σ=0.1"
+    )
+    assert (
+        describe_perturbation(None, 1, 0.1) == "Gaussian noise σ=0.1 (feature vectors: no shifts)"
+    )
+    assert describe_perturbation((3, 8, 8), 2, 0.0) == "random shifts of up to 2 pixels"
+    assert describe_perturbation(None, 0, 0.0) == "nothing (clean)"

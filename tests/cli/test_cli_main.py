@@ -102,14 +102,18 @@ def test_bench_is_wired_to_the_module(monkeypatch):
 
 
 def test_train_in_process_writes_outputs_and_restores_global_state(tmp_path, capsys):
+    import random
+
     threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    state = torch.random.get_rng_state()
+    state, py_state = torch.random.get_rng_state(), random.getstate()
+    np_state = np.random.get_state()[1].copy()
     out = tmp_path / "o"
     assert main([*TINY, "--loss", "info_nce", "--output", str(out)]) == 0
     assert (
         torch.get_num_threads() == threads and torch.are_deterministic_algorithms_enabled() == det
     )
     assert torch.equal(torch.random.get_rng_state(), state)
+    assert random.getstate() == py_state and (np.random.get_state()[1] == np_state).all()
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["loss"] == "info_nce" and doc["world_size"] == 1 and len(doc["history"]) == 1
     assert yaml.safe_load((out / "config.yaml").read_text())["loss"] == {"name": "info_nce"}

@@ -25,14 +25,14 @@ def test_default_run_beats_baselines_and_writes_everything(cli, tmp_path):
     doc = _doc(out)
     assert doc["loss"] == "simclr" and doc["task"] == "ssl"
     assert set(doc["metrics"]) == SSL_KEYS
-    assert set(doc["baselines"]) == {"random_encoder", "raw_pixels"}
+    assert set(doc["baselines"]) == {"random_encoder", "raw_features"}
     assert (
-        set(doc["baselines"]["random_encoder"]) == SSL_KEYS == set(doc["baselines"]["raw_pixels"])
+        set(doc["baselines"]["random_encoder"]) == SSL_KEYS == set(doc["baselines"]["raw_features"])
     )
     m, rand, raw = (
         doc["metrics"],
         doc["baselines"]["random_encoder"],
-        doc["baselines"]["raw_pixels"],
+        doc["baselines"]["raw_features"],
     )
     # What the loss bought: invariance to the held-out nuisance shifts.
     assert m["knn_accuracy"] > rand["knn_accuracy"] + 0.2
@@ -42,6 +42,11 @@ def test_default_run_beats_baselines_and_writes_everything(cli, tmp_path):
     assert raw["clean_knn_accuracy"] > 0.95 and 0.35 < raw["knn_accuracy"] < 0.65
     assert [h["epoch"] for h in doc["history"]] == list(range(1, 21))
     assert doc["history"][-1]["loss"] < doc["history"][0]["loss"]
+    # the learning curve: the held-out k-NN of every epoch, the last one the final metric
+    assert doc["history"][-1]["eval"] == {"knn_accuracy": m["knn_accuracy"]}
+    assert doc["history"][-1]["eval"]["knn_accuracy"] > doc["history"][0]["eval"]["knn_accuracy"]
+    lines = (out / "history.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == doc["history"]
     assert set(doc["history"][0]["terms"]) == {"accuracy", "positive_similarity", "temperature"}
     assert doc["dataset"] == {
         "name": "digits",
@@ -52,12 +57,27 @@ def test_default_run_beats_baselines_and_writes_everything(cli, tmp_path):
     assert doc["seconds"]["total"] < 120  # "well under a minute" unloaded; generous under CI load
     # The summary a user reads, one header, a table with the baselines, a verdict.
     assert "random encoder" in res.stdout and "raw pixels" in res.stdout
-    assert "simclr beats the random encoder" in res.stdout
-    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the headline: the model against both baselines on the task's metric, and why
+    headline = (
+        f"simclr: k-NN accuracy (perturbed held-out) {m['knn_accuracy']:.3f} — beats the random "
+        f"encoder ({rand['knn_accuracy']:.3f}, {m['knn_accuracy'] - rand['knn_accuracy']:+.3f}) "
+        f"and raw pixels ({raw['knn_accuracy']:.3f}"
+    )
+    assert headline in res.stdout
+    assert (
+        f"why: raw pixels already reach {raw['clean_knn_accuracy']:.3f} on the clean held-out "
+        "split, near the ceiling" in res.stdout
+    )
+    assert (
+        "held-out split: 449 samples, perturbed by random shifts of up to 1 pixel and Gaussian "
+        "noise σ=0.1" in res.stdout
+    )
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["loss"] == {"name": "simclr"} and cfg["task"] == "ssl" and cfg["epochs"] == 20
-    state = torch.load(out / "model.pt", weights_only=True)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert "encoder.0.weight" in state["model"] and "logit_scale" in state["loss"]
+    assert state["epoch"] == 20 and state["step"] == 20 * 10 and state["config"] == cfg
 
 
 def test_same_seed_same_numbers_and_config_round_trip(cli, cli_concurrently, tmp_path):
@@ -81,7 +101,8 @@ def test_paired_task_reports_recall_both_directions(cli, tmp_path):
     assert res.returncode == 0, res.stderr
     doc = _doc(out)
     assert doc["task"] == "paired" and set(doc["metrics"]) == {"recall@1", "recall@5"}
-    assert doc["baselines"]["raw_pixels"] is None
+    assert doc["baselines"]["raw_features"] is None
+    assert "there is no raw baseline" in res.stdout
     rand = doc["baselines"]["random_encoder"]
     assert doc["metrics"]["recall@1"] > rand["recall@1"] + 0.03
     assert doc["metrics"]["recall@5"] >= doc["metrics"]["recall@1"]

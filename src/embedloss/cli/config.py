@@ -3,7 +3,9 @@
 A run is fully described by one nested mapping of plain values (the *resolved config*). It is
 built from the defaults below, then a ``--config`` YAML file, then command-line flags (later
 wins), validated here, and written back as ``config.yaml`` so that
-``embedloss train --config config.yaml`` repeats the run exactly.
+``embedloss train --config config.yaml`` repeats the run exactly. Flags override single keys:
+``--loss NAME`` replaces the loss's name and keeps the file's loss options that the new loss
+takes (the others are dropped with a note), and ``--loss-option NAME=VALUE`` sets one option.
 
 Nothing in a config is executed or imported: YAML is parsed with ``yaml.safe_load`` and a loss is
 only ever looked up by name in the registry.
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +32,28 @@ __all__ = [
     "CLIError",
     "config_to_yaml",
     "load_config_file",
+    "parse_loss_options",
     "resolve_config",
 ]
 
 TASKS = ("ssl", "paired", "supervised")
 DEFAULT_LOSS = "simclr"
+LR_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
+#: The flags that override a single top-level key of the config (``--batch-size`` → batch_size).
+FLAG_KEYS = (
+    "task",
+    "epochs",
+    "batch_size",
+    "lr",
+    "lr_schedule",
+    "warmup_epochs",
+    "weight_decay",
+    "grad_clip",
+    "precision",
+    "seed",
+    "device",
+)
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "loss": {"name": DEFAULT_LOSS},  # the registry name plus constructor keyword arguments
@@ -41,8 +61,14 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "data": {"dataset": "digits", "path": None, "test_fraction": 0.25},
     "epochs": 20,
     "batch_size": 128,
-    "lr": 0.002,
+    "lr": 0.002,  # AdamW's peak learning rate
+    # Learning rate over the run: a linear warm-up over `warmup_epochs` (fractions allowed), then
+    # `constant`, or `cosine` decay to 0 at the last step of `epochs`.
+    "lr_schedule": "constant",
+    "warmup_epochs": 0,
     "weight_decay": 0.0001,
+    "grad_clip": None,  # clip the global gradient norm to this value (None: no clipping)
+    "precision": "fp32",  # fp32 | bf16 (autocast of the model and loss; the loss stays float32)
     "seed": 0,
     "device": "cpu",
     "num_threads": 1,  # fixed so that the numbers do not depend on the machine's core count
@@ -162,6 +188,24 @@ def _validate(cfg: dict[str, Any]) -> None:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
         raise CLIError(f"lr must be a number > 0, got {lr!r}")
     _check_float(cfg, "weight_decay", 0.0, None)
+    if cfg["lr_schedule"] not in LR_SCHEDULES:
+        raise CLIError(
+            f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg['lr_schedule']!r}"
+        )
+    _check_float(cfg, "warmup_epochs", 0.0, None)
+    if cfg["warmup_epochs"] > cfg["epochs"]:
+        raise CLIError(
+            f"warmup_epochs ({cfg['warmup_epochs']}) must not exceed epochs ({cfg['epochs']})"
+        )
+    clip = cfg["grad_clip"]
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 < clip < float("inf")
+    ):
+        raise CLIError(f"grad_clip must be a number > 0 or null (no clipping), got {clip!r}")
+    if cfg["precision"] not in PRECISIONS:
+        raise CLIError(
+            f"precision must be one of {', '.join(PRECISIONS)}, got {cfg['precision']!r}"
+        )
     if cfg["device"] not in ("cpu", "cuda"):
         raise CLIError(f"device must be 'cpu' or 'cuda', got {cfg['device']!r}")
     for key in ("hidden_dim", "embedding_dim", "head_dim"):
@@ -177,19 +221,89 @@ def _validate(cfg: dict[str, Any]) -> None:
     _check_int(cfg["eval"], "k", 1, "eval.")
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _yaml_value(text: str) -> Any:
+    """A flag value as YAML reads it; ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise CLIError(
+            f"cannot read {text!r} as a YAML value: {' '.join(str(err).split())}"
+        ) from None
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def parse_loss_options(items: Sequence[str]) -> dict[str, Any]:
+    """``--loss-option NAME=VALUE`` strings as ``{NAME: value}``, values read as YAML.
+
+    Example:
+        >>> parse_loss_options(["temperature=1e-1", "learnable_temperature=true"])
+        {'temperature': 0.1, 'learnable_temperature': True}
+
+    Raises:
+        CLIError: For an item without ``=``, a name that is not an identifier, or ``name``.
+    """
+    options: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier():
+            raise CLIError(f"--loss-option expects NAME=VALUE (e.g. temperature=0.1), got {item!r}")
+        if name == "name":
+            raise CLIError("--loss-option cannot set the loss's name; use --loss NAME")
+        options[name] = _yaml_value(text)
+    return options
+
+
+def _replace_loss(cfg: dict[str, Any], name: str, notes: list[str]) -> None:
+    """``--loss NAME`` over a config's loss: keep the options the new loss takes."""
+    from embedloss.registry import loss_info
+
+    old = cfg["loss"]
+    options = {k: v for k, v in old.items() if k != "name"}
+    try:
+        params = set(loss_info(name).signature.parameters)
+    except (TypeError, ValueError):  # an unknown name is reported when the loss is planned
+        params = set(options)
+    kept = {k: v for k, v in options.items() if k in params}
+    dropped = sorted(set(options) - set(kept))
+    cfg["loss"] = {"name": name, **kept}
+    if dropped:
+        notes.append(
+            f"--loss {name} replaces the config's loss {old['name']!r}; dropped its options that "
+            f"{name!r} does not take: {', '.join(dropped)}"
+            + (f" (kept {', '.join(sorted(kept))})" if kept else "")
+        )
+
+
 def resolve_config(
-    file_config: Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None
+    file_config: Mapping[str, Any] | None,
+    overrides: Mapping[str, Any] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Defaults ← ``file_config`` ← ``overrides`` (flat CLI values), validated.
 
-    ``overrides`` uses the flag names: ``loss``, ``task``, ``dataset``, ``data``, ``epochs``,
-    ``batch_size``, ``lr``, ``seed``, ``device``; ``None`` values are ignored. A ``loss`` flag
-    replaces the whole loss section (its keyword arguments belonged to the old loss) and resets
-    the task to ``auto`` unless a task is given too.
+    ``overrides`` uses the flag names: ``loss``, ``loss_options`` (a mapping), ``dataset``,
+    ``data`` and those of :data:`FLAG_KEYS`; ``None`` values are ignored. A ``loss`` flag that
+    names another loss keeps the file's loss options the new loss accepts (the others are
+    dropped, with a note) and resets the task to ``auto`` unless a task is given too;
+    ``loss_options`` then override single options.
+
+    Args:
+        file_config: A parsed config file (or a run's config), or ``None``.
+        overrides: Values of the command-line flags.
+        notes: Collects one-line notes about values the flags dropped or changed.
 
     Raises:
         CLIError: For unknown keys, wrong types or out-of-range values.
     """
+    notes = [] if notes is None else notes
     cfg = copy.deepcopy(DEFAULT_CONFIG)
     if file_config:
         file_config = dict(file_config)
@@ -198,13 +312,19 @@ def resolve_config(
         _merge(cfg, file_config, "")
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "loss" in given and given["loss"] != cfg["loss"]["name"]:
-        cfg["loss"] = {"name": given["loss"]}
+        _replace_loss(cfg, given["loss"], notes)
+        if cfg["task"] != "auto" and "task" not in given:
+            notes.append(
+                f"--loss {given['loss']}: the task is chosen anew (the config's was {cfg['task']!r}; "
+                "pass --task to keep it)"
+            )
         cfg["task"] = "auto"
+    cfg["loss"].update(given.get("loss_options") or {})
     if "dataset" in given:
         cfg["data"].update(dataset=given["dataset"], path=None)
     if "data" in given:
         cfg["data"].update(dataset=None, path=str(given["data"]))
-    for key in ("task", "epochs", "batch_size", "lr", "seed", "device"):
+    for key in FLAG_KEYS:
         if key in given:
             cfg[key] = given[key]
     _validate(cfg)

@@ -4,8 +4,10 @@
   pixels scaled to [0, 1]. For the ``paired`` task the top half (rows 0–3) and the bottom half
   (rows 4–7) of each digit are the two modalities.
 * ``--data FILE.npz``: ``x`` (and ``y``) for ssl/supervised, ``x_a`` and ``x_b`` for paired; read
-  without pickle. ``x`` of shape ``(N, H, W)`` is treated as images (shifts apply); any other
-  shape is flattened to features.
+  without pickle. ``x`` of shape ``(N, H, W)`` or ``(N, C, H, W)`` is treated as images (shifts
+  apply), ``(N, F)`` as feature vectors (noise and masking only); other shapes are refused.
+  Values are min-max scaled with the training split's range; the run records that scaling
+  (:class:`InputSpec`) so that its encoder can be applied to raw inputs later.
 
 Every random choice comes from a generator seeded by :func:`derived_seed`, so runs repeat
 exactly, and a sample's augmentation depends only on the seed, epoch, step and its position in
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +34,17 @@ from torch import Tensor
 from embedloss.cli.config import CLIError
 
 __all__ = [
+    "InputSpec",
     "Split",
     "TaskData",
     "ViewParams",
     "apply_view",
     "derived_seed",
+    "describe_perturbation",
     "seeded_generator",
     "draw_view_params",
     "load_task_data",
+    "read_npz",
     "perturb",
     "shift_images",
 ]
@@ -57,14 +63,49 @@ class Split:
 
 
 @dataclass(frozen=True)
+class InputSpec:
+    """How raw samples of one modality become model inputs: flatten, then ``(x − lo) / scale``.
+
+    Attributes:
+        shape: The shape of one raw sample, e.g. ``(8, 8)``; ``(F,)`` for feature vectors.
+        lo: The subtracted offset (the training split's minimum).
+        scale: The divisor (the training split's range; 1 for a constant split).
+    """
+
+    shape: tuple[int, ...]
+    lo: float
+    scale: float
+
+    @property
+    def features(self) -> int:
+        """Model inputs per sample (the product of :attr:`shape`)."""
+        return int(torch.Size(self.shape).numel())
+
+    def apply(self, x: Tensor) -> Tensor:
+        """Flatten ``x`` ``(N, *shape)`` and scale it exactly as the training data was."""
+        flat = x.reshape(x.shape[0], -1).float()
+        return (flat - torch.tensor(self.lo)) / torch.tensor(self.scale)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (stored in a run's checkpoint)."""
+        return {"shape": list(self.shape), "lo": self.lo, "scale": self.scale}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        """The inverse of :meth:`as_dict`."""
+        return cls(tuple(int(v) for v in d["shape"]), float(d["lo"]), float(d["scale"]))
+
+
+@dataclass(frozen=True)
 class TaskData:
     """Train and held-out splits for one task, plus what the augmentations need to know."""
 
     name: str
     train: Split
     test: Split
-    image_shape: tuple[int, int] | None  # rows of ``a`` are images of this shape (shifts apply)
+    image_shape: tuple[int, ...] | None  # rows of ``a`` are images (H, W) or (C, H, W)
     num_classes: int  # 0 without labels
+    inputs: dict[str, InputSpec] = field(default_factory=dict)  # "a" (and "b"): raw → model input
 
 
 def derived_seed(seed: int, *parts: Any) -> int:
@@ -82,7 +123,7 @@ def seeded_generator(seed: int, *parts: Any) -> torch.Generator:
 
 
 def _digits() -> tuple[Tensor, Tensor]:
-    """The 1797 digits ``(N, 8, 8)`` in [0, 1] and their labels, from scikit-learn's install.
+    """The 1797 digits ``(N, 8, 8)`` (pixels 0..16) and their labels, from scikit-learn's install.
 
     The CSV that ``sklearn.datasets.load_digits`` parses is read directly when it is where
     scikit-learn keeps it (importing ``sklearn.datasets`` costs seconds); otherwise
@@ -108,11 +149,12 @@ def _digits() -> tuple[Tensor, Tensor]:
 
         bunch = load_digits()
         pixels, target = bunch.data, bunch.target
-    images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 8, 8) / 16.0
+    images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 8, 8)
     return images, torch.as_tensor(target, dtype=torch.long)
 
 
-def _read_npz(path: str) -> dict[str, Any]:
+def read_npz(path: str) -> dict[str, Any]:
+    """The arrays of an ``.npz`` file, read without pickle; any problem is a :class:`CLIError`."""
     import numpy as np
 
     p = Path(path)
@@ -160,7 +202,15 @@ def _features(arrays: dict[str, Any], name: str, path: str) -> Tensor:
 
     if name not in arrays:
         found = ", ".join(sorted(arrays)) or "none"
-        raise CLIError(f"data file {path!r} has no array {name!r} (found: {found})")
+        hint = ""
+        if name == "x" and {"x_a", "x_b"} <= set(arrays):
+            hint = (
+                "; it holds 'x_a' and 'x_b', a paired file: train with --task paired or a paired "
+                "loss (e.g. --loss clip)"
+            )
+        elif name in ("x_a", "x_b") and "x" in arrays:
+            hint = "; the paired task reads pairs 'x_a' and 'x_b' (for 'x', pass --task ssl or supervised)"
+        raise CLIError(f"data file {path!r} has no array {name!r} (found: {found}){hint}")
     arr = arrays[name]
     numeric = np.issubdtype(arr.dtype, np.number) or arr.dtype == np.bool_
     if not numeric or np.issubdtype(arr.dtype, np.complexfloating):
@@ -170,6 +220,11 @@ def _features(arrays: dict[str, Any], name: str, path: str) -> Tensor:
     if arr.ndim < 2 or arr.shape[0] == 0 or arr[0].size == 0:
         raise CLIError(
             f"array {name!r} in {path!r} must have shape (N, features...) with N >= 1, got {arr.shape}"
+        )
+    if arr.ndim > 4:
+        raise CLIError(
+            f"array {name!r} in {path!r} has shape {arr.shape}; expected (N, features), "
+            "(N, H, W) images or (N, C, H, W) images"
         )
     x = torch.as_tensor(arr.astype(np.float32))
     if not torch.isfinite(x).all():
@@ -202,10 +257,22 @@ def _labels(arrays: dict[str, Any], path: str, n: int, required: bool) -> Tensor
     return torch.as_tensor(codes.reshape(-1), dtype=torch.long)
 
 
-def _scale(x: Tensor, train: Tensor) -> Tensor:
-    """Min-max scale with the training split's range (one scalar range for all features)."""
+def _fit_scaling(x: Tensor, train_idx: Tensor) -> InputSpec:
+    """Min-max scaling with the training split's range (one scalar range for all features)."""
+    train = x[train_idx]
     lo, hi = train.min(), train.max()
-    return (x - lo) / (hi - lo if hi > lo else 1.0)
+    scale = float(hi - lo) if hi > lo else 1.0
+    return InputSpec(tuple(int(d) for d in x.shape[1:]), float(lo), scale)
+
+
+def _scaled(name: str, x: Tensor, spec: InputSpec, path: str) -> Tensor:
+    if x[0].numel() != spec.features:
+        raise CLIError(
+            f"array {name!r} in {path!r} has {x[0].numel()} values per sample (shape "
+            f"{tuple(x.shape[1:])}); the run's encoder takes {spec.features} "
+            f"(shape {spec.shape})"
+        )
+    return spec.apply(x)
 
 
 def _split_indices(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
@@ -218,8 +285,39 @@ def _split_indices(n: int, test_fraction: float, seed: int) -> tuple[Tensor, Ten
     return perm[n_test:], perm[:n_test]
 
 
-def load_task_data(data_cfg: dict[str, Any], task: str, seed: int) -> TaskData:
+def _npz_arrays(
+    path: str, task: str
+) -> tuple[dict[str, Tensor], Tensor | None, tuple[int, ...] | None]:
+    """The inputs by modality, the labels and the image shape of a user's ``.npz``."""
+    arrays = read_npz(path)
+    if task == "paired":
+        xa, xb = _features(arrays, "x_a", path), _features(arrays, "x_b", path)
+        if xa.shape[0] != xb.shape[0]:
+            raise CLIError(
+                f"arrays in {path!r} have mismatched lengths: 'x_a' has {xa.shape[0]} rows "
+                f"but 'x_b' has {xb.shape[0]}"
+            )
+        return {"a": xa, "b": xb}, _labels(arrays, path, xa.shape[0], required=False), None
+    x = _features(arrays, "x", path)
+    y = _labels(arrays, path, x.shape[0], required=task == "supervised")
+    image_shape = tuple(int(d) for d in x.shape[1:]) if x.ndim >= 3 else None
+    return {"a": x}, y, image_shape
+
+
+def load_task_data(
+    data_cfg: Mapping[str, Any],
+    task: str,
+    seed: int,
+    inputs: Mapping[str, InputSpec] | None = None,
+) -> TaskData:
     """Load the configured data for ``task`` and split it deterministically by ``seed``.
+
+    Args:
+        data_cfg: The ``data`` section of a config (``dataset`` or ``path``, ``test_fraction``).
+        task: ``ssl``, ``paired`` or ``supervised``.
+        seed: Seeds the split.
+        inputs: The scaling of a trained run (:class:`InputSpec` by modality) to apply instead
+            of fitting one to this data; the sample shapes must then match the run's.
 
     Raises:
         CLIError: For a missing/unreadable file, missing arrays, mismatched lengths, non-numeric
@@ -228,35 +326,25 @@ def load_task_data(data_cfg: dict[str, Any], task: str, seed: int) -> TaskData:
     frac = float(data_cfg["test_fraction"])
     y: Tensor | None
     if data_cfg.get("path") is None:
-        images, y = _digits()
-        name = "digits"
-        if task == "paired":
-            a, b = images[:, :4].flatten(1), images[:, 4:].flatten(1)  # top and bottom halves
-            image_shape = None
-        else:
-            a, b, image_shape = images.flatten(1), None, (8, 8)
-        train_idx, test_idx = _split_indices(a.shape[0], frac, seed)
+        path = name = "digits"
+        images, y = _digits()  # raw pixels 0..16, scaled by the specs below
+        image_shape: tuple[int, ...] | None = (8, 8)
+        raw = {"a": images}
+        if task == "paired":  # top and bottom halves as the two modalities
+            raw, image_shape = {"a": images[:, :4], "b": images[:, 4:]}, None
+        fitted = {m: InputSpec(tuple(x.shape[1:]), 0.0, 16.0) for m, x in raw.items()}
     else:
         path = data_cfg["path"]
-        arrays = _read_npz(path)
         name = Path(path).name
-        if task == "paired":
-            xa, xb = _features(arrays, "x_a", path), _features(arrays, "x_b", path)
-            if xa.shape[0] != xb.shape[0]:
-                raise CLIError(
-                    f"arrays in {path!r} have mismatched lengths: 'x_a' has {xa.shape[0]} rows "
-                    f"but 'x_b' has {xb.shape[0]}"
-                )
-            y = _labels(arrays, path, xa.shape[0], required=False)
-            a_raw, b_raw, image_shape = xa.flatten(1), xb.flatten(1), None
-        else:
-            x = _features(arrays, "x", path)
-            y = _labels(arrays, path, x.shape[0], required=task == "supervised")
-            image_shape = (int(x.shape[1]), int(x.shape[2])) if x.ndim == 3 else None
-            a_raw, b_raw = x.flatten(1), None
-        train_idx, test_idx = _split_indices(a_raw.shape[0], frac, seed)
-        a = _scale(a_raw, a_raw[train_idx])
-        b = None if b_raw is None else _scale(b_raw, b_raw[train_idx])
+        raw, y, image_shape = _npz_arrays(path, task)
+        fitted = {}
+    train_idx, test_idx = _split_indices(raw["a"].shape[0], frac, seed)
+    specs = dict(inputs) if inputs is not None else {}
+    for m, x in raw.items():
+        if m not in specs:
+            specs[m] = fitted[m] if m in fitted else _fit_scaling(x, train_idx)
+    a = _scaled("x_a" if task == "paired" else "x", raw["a"], specs["a"], path)
+    b = _scaled("x_b", raw["b"], specs["b"], path) if "b" in raw else None
     if task != "paired" and y is not None and int(y.max()) < 1:
         raise CLIError(f"the labels of {name!r} hold a single class; at least two are needed")
 
@@ -264,7 +352,33 @@ def load_task_data(data_cfg: dict[str, Any], task: str, seed: int) -> TaskData:
         return Split(a[idx], None if b is None else b[idx], None if y is None else y[idx])
 
     num_classes = 0 if y is None else int(y.max()) + 1
-    return TaskData(name, take(train_idx), take(test_idx), image_shape, num_classes)
+    used = {m: specs[m] for m in raw}
+    return TaskData(name, take(train_idx), take(test_idx), image_shape, num_classes, used)
+
+
+def describe_perturbation(
+    image_shape: tuple[int, ...] | None, shift: int, noise: float, mask: float = 0.0
+) -> str:
+    """What a perturbation (or a training view) does to these inputs, in words.
+
+    Example:
+        >>> describe_perturbation(None, 1, 0.1)
+        'Gaussian noise σ=0.1 (feature vectors: no shifts)'
+        >>> describe_perturbation((8, 8), 1, 0.1, mask=0.1)
+        'random shifts of up to 1 pixel, masking p=0.1 and Gaussian noise σ=0.1'
+    """
+    parts = []
+    if image_shape is not None and shift > 0:
+        parts.append(f"random shifts of up to {shift} pixel{'s' if shift > 1 else ''}")
+    if mask > 0:
+        parts.append(f"masking p={mask:g}")
+    if noise > 0:
+        parts.append(f"Gaussian noise σ={noise:g}")
+    text = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else "".join(parts)
+    text = text or "nothing (clean)"
+    if image_shape is None and shift > 0:
+        text += " (feature vectors: no shifts)"
+    return text
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -295,7 +409,7 @@ def draw_view_params(
     shift: int,
     mask: float,
     noise: float,
-    image_shape: tuple[int, int] | None,
+    image_shape: tuple[int, ...] | None,
 ) -> ViewParams:
     """Draw shifts (images only), masks and noise for ``rows`` samples, in that fixed order."""
     offsets = None
@@ -307,22 +421,27 @@ def draw_view_params(
 
 
 def shift_images(
-    x: Tensor, offsets: Tensor, image_shape: tuple[int, int], max_shift: int
+    x: Tensor, offsets: Tensor, image_shape: tuple[int, ...], max_shift: int
 ) -> Tensor:
-    """Translate each flattened image in ``x`` ``(B, H·W)`` by ``offsets`` ``(B, 2)``, zero-filled."""
-    h, w = image_shape
+    """Translate each flattened image in ``x`` ``(B, C·H·W)`` by ``offsets`` ``(B, 2)``, zero-filled.
+
+    ``image_shape`` is ``(H, W)`` or ``(C, H, W)``; every channel moves by the same offset.
+    """
+    h, w = image_shape[-2:]
     n = x.shape[0]
     s = max_shift
-    padded = torch.nn.functional.pad(x.reshape(n, h, w), (s, s, s, s))  # (B, H+2s, W+2s)
+    img = x.reshape(n, -1, h, w)  # (B, C, H, W)
+    padded = torch.nn.functional.pad(img, (s, s, s, s))  # (B, C, H+2s, W+2s)
     dy, dx = offsets[:, 0].to(x.device), offsets[:, 1].to(x.device)
     rows = torch.arange(h, device=x.device)[None, :, None] + s - dy[:, None, None]  # (B, H, 1)
     cols = torch.arange(w, device=x.device)[None, None, :] + s - dx[:, None, None]  # (B, 1, W)
     batch = torch.arange(n, device=x.device)[:, None, None]
-    return padded[batch, rows, cols].reshape(n, h * w)
+    out = padded.permute(0, 2, 3, 1)[batch, rows, cols]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).reshape(n, -1)
 
 
 def apply_view(
-    x: Tensor, params: ViewParams, image_shape: tuple[int, int] | None, max_shift: int
+    x: Tensor, params: ViewParams, image_shape: tuple[int, ...] | None, max_shift: int
 ) -> Tensor:
     """Apply a view's shift, then mask, then noise to ``x`` ``(B, F)``."""
     if params.shift is not None and image_shape is not None:
@@ -335,7 +454,7 @@ def apply_view(
 
 
 def perturb(
-    x: Tensor, image_shape: tuple[int, int] | None, *, shift: int, noise: float, seed: int
+    x: Tensor, image_shape: tuple[int, ...] | None, *, shift: int, noise: float, seed: int
 ) -> Tensor:
     """The seeded nuisance perturbation of a held-out split (shifts and noise, no masking)."""
     params = draw_view_params(

@@ -8,6 +8,13 @@
   clean one.
 * paired: ``recall@1`` and ``recall@5`` of held-out cross-modal retrieval (cosine), the mean of the
   a→b and b→a directions.
+* Further metrics of labelled embeddings (the retrieval metrics of metric learning: precision@1,
+  R-precision, MAP@R) are entries of :data:`LABELLED_METRICS`: each is computed on the perturbed
+  held-out queries against the clean training reference and reported everywhere the others are
+  (``train``'s summary and ``metrics.json``, ``embedloss eval``).
+
+Each epoch of training also measures the task's main metric (:func:`epoch_metrics`: k-NN or
+recall@1, no probe) for the learning curves.
 
 Example:
     >>> a = torch.eye(3)
@@ -18,15 +25,23 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from embedloss import metrics
-from embedloss.cli.data import Split, perturb
+from embedloss.cli.data import Split, TaskData, perturb
 
 __all__ = [
+    "LABELLED_METRICS",
+    "PRIMARY_METRIC",
+    "EvalSetup",
     "classification_metrics",
+    "epoch_metrics",
+    "evaluate",
+    "evaluate_with_baselines",
     "knn_accuracy",
     "linear_probe_accuracy",
     "recall_at_k",
@@ -34,6 +49,20 @@ __all__ = [
 ]
 
 Embed = Callable[[Tensor], Tensor]
+#: (reference embeddings, reference labels, query embeddings, query labels) → a score.
+LabelledMetric = Callable[[Tensor, Tensor, Tensor, Tensor], float]
+
+#: The metric a task is judged on (the headline, the learning curve).
+PRIMARY_METRIC = {"ssl": "knn_accuracy", "supervised": "knn_accuracy", "paired": "recall@1"}
+#: More metrics of labelled held-out embeddings, reported after the built-in ones; the retrieval
+#: metrics of ``embedloss.metrics`` (precision@1, R-precision, MAP@R) belong here.
+LABELLED_METRICS: dict[str, LabelledMetric] = {}
+
+
+class Embedder(Protocol):
+    """What is evaluated: a model's ``embed(x, modality)`` (a :class:`~embedloss.cli.models.TaskModel`)."""
+
+    def embed(self, x: Tensor, modality: str = "a") -> Tensor: ...
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -122,11 +151,14 @@ def classification_metrics(
         return _embed_all(lambda t: embed(t.to(device)), x)
 
     ref, clean, pert = run(train.a), run(test.a), run(perturbed_test)
-    return {
+    out = {
         "knn_accuracy": knn_accuracy(ref, train.y, pert, test.y, k),
         "linear_probe_accuracy": linear_probe_accuracy(ref, train.y, pert, test.y),
         "clean_knn_accuracy": knn_accuracy(ref, train.y, clean, test.y, k),
     }
+    for name, fn in LABELLED_METRICS.items():
+        out[name] = float(fn(ref, train.y, pert, test.y))
+    return out
 
 
 def retrieval_metrics(
@@ -140,9 +172,81 @@ def retrieval_metrics(
 
 
 def perturbed_split(
-    test: Split, image_shape: tuple[int, int] | None, eval_cfg: dict, seed: int
+    test: Split, image_shape: tuple[int, ...] | None, eval_cfg: dict, seed: int
 ) -> Tensor:
     """The held-out inputs under the configured nuisance perturbation."""
     return perturb(
         test.a, image_shape, shift=int(eval_cfg["shift"]), noise=float(eval_cfg["noise"]), seed=seed
     )
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """The data of an evaluation: the task's splits, the perturbed held-out inputs, k."""
+
+    task: str
+    data: TaskData
+    perturbed: Tensor | None  # None for the paired task and for unlabelled data
+    k: int
+    device: torch.device
+
+    @classmethod
+    def build(
+        cls, task: str, data: TaskData, cfg: dict[str, Any], device: torch.device
+    ) -> EvalSetup:
+        """Perturb the held-out split once, as the run's ``eval`` section says."""
+        labelled = data.train.y is not None and data.test.y is not None
+        pert = None
+        if task != "paired" and labelled:
+            pert = perturbed_split(data.test, data.image_shape, cfg["eval"], int(cfg["seed"]))
+        return cls(task, data, pert, int(cfg["eval"]["k"]), device)
+
+
+def _with_device(fn: Callable[[Tensor, str], Tensor], device: torch.device, m: str) -> Embed:
+    return lambda x: fn(x.to(device), m)
+
+
+def evaluate(embed: Callable[[Tensor, str], Tensor], setup: EvalSetup) -> dict[str, float]:
+    """The task's metrics of ``embed(x, modality)`` (``{}`` without labels on ssl/supervised)."""
+    data, dev = setup.data, setup.device
+    if setup.task == "paired":
+        return retrieval_metrics(
+            _with_device(embed, dev, "a"), _with_device(embed, dev, "b"), data.test, device=dev
+        )
+    if setup.perturbed is None:
+        return {}
+    return classification_metrics(
+        _with_device(embed, dev, "a"), data.train, data.test, setup.perturbed, k=setup.k, device=dev
+    )
+
+
+@torch.no_grad()
+def epoch_metrics(model: Embedder, setup: EvalSetup) -> dict[str, float]:
+    """The task's main metric only (cheap: no probe), for the per-epoch learning curve."""
+    data, dev = setup.data, setup.device
+    if setup.task == "paired":
+        a = _embed_all(_with_device(model.embed, dev, "a"), data.test.a)
+        assert data.test.b is not None
+        b = _embed_all(_with_device(model.embed, dev, "b"), data.test.b)
+        return recall_at_k(a, b, ks=(1,))
+    if setup.perturbed is None:
+        return {}
+    assert data.train.y is not None and data.test.y is not None
+    embed = _with_device(model.embed, dev, "a")
+    ref, pert = _embed_all(embed, data.train.a), _embed_all(embed, setup.perturbed)
+    return {"knn_accuracy": knn_accuracy(ref, data.train.y, pert, data.test.y, setup.k)}
+
+
+def evaluate_with_baselines(
+    model: Embedder, initial: Embedder, setup: EvalSetup
+) -> tuple[dict[str, float], dict[str, dict[str, float] | None]]:
+    """The trained model's metrics and the baselines': the random encoder and raw features.
+
+    Raw features have no cross-modal baseline (``None`` on the paired task).
+    """
+    metrics_ = evaluate(model.embed, setup)
+    baselines: dict[str, dict[str, float] | None] = {
+        "random_encoder": evaluate(initial.embed, setup),
+        "raw_features": None if setup.task == "paired" else evaluate(lambda x, m: x, setup),
+    }
+    return metrics_, baselines

@@ -1,28 +1,40 @@
-"""``embedloss`` / ``python -m embedloss``: list, describe, train and benchmark losses.
+"""``embedloss`` / ``python -m embedloss``: list, describe, train, use and benchmark losses.
 
-Every user mistake — a bad option, config or data file — ends the command with exit code 2 and
-one line ``embedloss: error: ...`` on stderr.
+Every user mistake — a bad option, config, data file or run directory, a missing optional
+dependency — ends the command with exit code 2 and one line ``embedloss: error: ...`` on stderr,
+before any work starts where it can be known then. Output cut short by its reader
+(``embedloss list | head``) ends quietly with the status of a broken pipe (141).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import importlib.util
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import Any
 
-import embedloss
-from embedloss.cli.config import DEFAULT_CONFIG, TASKS, CLIError
+from embedloss.cli.config import CLIError
 from embedloss.cli.info import format_info
-from embedloss.registry import CATEGORIES, list_losses, loss_info
+from embedloss.cli.parser import build_parser
+from embedloss.registry import list_losses, loss_info
 
-__all__ = ["build_parser", "format_info", "format_losses", "main"]
+__all__ = ["build_parser", "format_info", "format_losses", "main", "require"]
 
 BENCH_MODULE = "embedloss.cli.bench"
+INSTALL = "pip install 'embedloss[cli]'"
+#: Import name → distribution name of the optional dependencies of the commands.
+PACKAGES = {
+    "numpy": "numpy",
+    "yaml": "pyyaml",
+    "sklearn": "scikit-learn",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+}
+BROKEN_PIPE = 141  # 128 + SIGPIPE, what a Unix tool reports when its reader goes away
 
 
 def _rows(category: str | None) -> list[dict[str, str]]:
@@ -60,81 +72,6 @@ def format_losses(fmt: str, category: str | None = None) -> str:
     return "\n".join([head, *body])
 
 
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line and exit with code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"embedloss: error: {message} (see '{self.prog} --help')\n")
-
-
-def _add_train(sub: Any) -> None:
-    d = DEFAULT_CONFIG
-    p = sub.add_parser(
-        "train",
-        help="train an embedding model with a loss and evaluate it",
-        description=(
-            "Train a small MLP embedding model with any registered loss on the embedded digits\n"
-            "dataset (or your .npz), then evaluate it against a random encoder and raw pixels.\n"
-            "Flags override --config, which overrides the defaults."
-        ),
-        epilog=(
-            "examples:\n"
-            "  embedloss train                                  # simclr on digits, ~10 s\n"
-            "  embedloss train --loss clip --output runs/clip   # paired task, writes outputs\n"
-            "  embedloss train --config runs/clip/config.yaml   # repeat that run exactly\n"
-            "  torchrun --nproc_per_node 2 -m embedloss train   # DDP (gloo on CPU)"
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--loss", metavar="NAME", help="registered loss name or alias (default simclr)")
-    p.add_argument("--config", metavar="FILE.yaml", help="a config file, e.g. a run's config.yaml")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", choices=("digits",), help="embedded dataset (default digits)")
-    src.add_argument("--data", metavar="FILE.npz", help="your data: x [and y], or x_a and x_b")
-    p.add_argument("--task", choices=("auto", *TASKS), help="default: from the loss's family")
-    p.add_argument("--epochs", type=int, metavar="N", help=f"default {d['epochs']}")
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="B",
-        dest="batch_size",
-        help=f"global batch, split over processes (default {d['batch_size']})",
-    )
-    p.add_argument(
-        "--lr", type=float, metavar="LR", help=f"AdamW learning rate (default {d['lr']})"
-    )
-    p.add_argument(
-        "--seed", type=int, metavar="S", help=f"default {d['seed']}; same seed, same numbers"
-    )
-    p.add_argument("--device", choices=("cpu", "cuda"), help="default cpu")
-    p.add_argument(
-        "--output",
-        metavar="DIR",
-        help="write metrics.json, loss_curve.png, config.yaml and model.pt there",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-
-def build_parser(bench: ModuleType | None = None) -> argparse.ArgumentParser:
-    """The argument parser; ``bench`` (the bench module) adds the bench command's options."""
-    parser = _Parser(prog="embedloss", description=(embedloss.__doc__ or "").splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"embedloss {embedloss.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p_list = sub.add_parser("list", help="list the registered losses")
-    p_list.add_argument("--category", choices=CATEGORIES)
-    p_list.add_argument("--format", choices=("table", "markdown", "json"), default="table")
-    p_info = sub.add_parser("info", help="describe one loss")
-    p_info.add_argument("name")
-    p_info.add_argument("--full", action="store_true", help="also print the whole docstring")
-    _add_train(sub)
-    p_bench = sub.add_parser("bench", help="speed and memory benchmark", add_help=bench is not None)
-    if bench is not None:
-        bench.add_arguments(p_bench)
-    else:  # its options are only known once the module is imported (``embedloss bench ...``)
-        p_bench.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    return parser
-
-
 def _load_bench() -> ModuleType:
     try:
         return importlib.import_module(BENCH_MODULE)
@@ -150,17 +87,122 @@ def _command(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _train(args: argparse.Namespace) -> int:
-    from embedloss.cli.config import load_config_file, resolve_config
-    from embedloss.cli.train import run_training
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or spec-less module: importing it will tell
+        return module in sys.modules and sys.modules[module] is not None
 
-    file_cfg = load_config_file(args.config) if args.config is not None else None
-    overrides = {
+
+def require(command: str, needs: Mapping[str, str]) -> None:
+    """Fail early, in one line, when optional modules a command needs are missing.
+
+    Args:
+        command: The command, for the message (``"train"``).
+        needs: Import name → what it is needed for (``{"matplotlib": "curves.png"}``).
+
+    Raises:
+        CLIError: Naming every missing package and ``pip install 'embedloss[cli]'``.
+    """
+    missing = [f"{PACKAGES.get(m, m)} ({why})" for m, why in needs.items() if not _installed(m)]
+    if missing:
+        raise CLIError(
+            f"embedloss {command} needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: {INSTALL}"
+        )
+
+
+def _note(text: str) -> None:
+    if _is_main_rank():
+        print(f"embedloss: note: {text}", file=sys.stderr)
+
+
+def _train(args: Any) -> int:
+    from embedloss.cli.checkpoint import load_checkpoint
+    from embedloss.cli.config import load_config_file, parse_loss_options, resolve_config
+    from embedloss.cli.tasks import build_loss, make_plan
+    from embedloss.cli.train import check_resume, run_training
+
+    require("train", {"numpy": "data and checkpoints", "yaml": "configs"})
+    overrides: dict[str, Any] = {
         k: getattr(args, k)
-        for k in ("loss", "task", "dataset", "data", "epochs", "batch_size", "lr", "seed", "device")
-    }
-    cfg = resolve_config(file_cfg, overrides)
-    run_training(cfg, output=args.output, progress=not args.quiet)
+        for k in (
+            "loss", "task", "dataset", "data", "epochs", "batch_size", "lr", "lr_schedule",
+            "warmup_epochs", "weight_decay", "grad_clip", "precision", "seed", "device",
+        )
+    }  # fmt: skip
+    overrides["loss_options"] = parse_loss_options(args.loss_options or [])
+    notes: list[str] = []
+    output, ckpt = args.output, None
+    if args.resume is not None:
+        if args.config is not None:
+            raise CLIError(
+                "--resume continues a run with its own config; --config cannot be combined with "
+                "it (give the flags to change instead)"
+            )
+        ckpt = load_checkpoint(args.resume)
+        cfg = resolve_config(ckpt["config"], overrides, notes)
+        output = args.resume if output is None else output
+    else:
+        file_cfg = load_config_file(args.config) if args.config is not None else None
+        cfg = resolve_config(file_cfg, overrides, notes)
+    # The loss and its options (did-you-mean included), and a resume, are checked before any work.
+    plan = make_plan(cfg["loss"], cfg["task"])
+    build_loss(plan, distributed=False)
+    if ckpt is not None:
+        check_resume(ckpt, plan, int(cfg["epochs"]), f"run {str(args.resume)!r}")
+    for text in notes:
+        _note(text)
+    needs = {}
+    if cfg["data"]["dataset"] == "digits":
+        needs["sklearn"] = "the digits dataset"
+    if output is not None:
+        needs["matplotlib"] = "curves.png in --output"
+    if not args.quiet:
+        needs["tqdm"] = "the progress bar; -q runs without"
+    require("train", needs)
+    try:
+        run_training(
+            cfg,
+            output=output,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            progress=not args.quiet,
+        )
+    except KeyboardInterrupt:
+        if _is_main_rank():
+            where = (
+                f"the checkpoint of the last finished epoch is in {output}: continue with "
+                f"'embedloss train --resume {output}'"
+                if output is not None
+                else "nothing was saved (no --output)"
+            )
+            print(f"embedloss: interrupted; {where}", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _embed(args: Any) -> int:
+    from embedloss.cli.use import embed_file
+
+    require("embed", {"numpy": "data files"})
+    embed_file(
+        args.run, args.data, args.out, modality=args.modality, key=args.key, device=args.device
+    )
+    return 0
+
+
+def _eval(args: Any) -> int:
+    from embedloss.cli.use import evaluate_run, format_evaluation
+
+    require("eval", {"numpy": "data files"})
+    if args.data is None:
+        from embedloss.cli.checkpoint import load_checkpoint
+
+        if load_checkpoint(args.run)["config"]["data"]["dataset"] == "digits":
+            require("eval", {"sklearn": "the digits dataset"})
+    doc = evaluate_run(args.run, args.data, device=args.device)
+    print(json.dumps(doc, indent=2) if args.json else format_evaluation(doc))
     return 0
 
 
@@ -168,24 +210,35 @@ def _is_main_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _dispatch(argv: list[str]) -> int:
+    bench = _load_bench() if _command(argv) == "bench" else None
+    args = build_parser(bench).parse_args(argv)
+    if args.command == "list":
+        print(format_losses(args.format, args.category))
+    elif args.command == "info":
+        print(format_info(args.name, full=args.full))
+    elif args.command in ("train", "embed", "eval"):
+        return {"train": _train, "embed": _embed, "eval": _eval}[args.command](args)
+    else:
+        assert bench is not None
+        return int(bench.run(args))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 for user errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        bench = _load_bench() if _command(argv) == "bench" else None
-        args = build_parser(bench).parse_args(argv)
-        if args.command == "list":
-            print(format_losses(args.format, args.category))
-        elif args.command == "info":
-            print(format_info(args.name, full=args.full))
-        elif args.command == "train":
-            return _train(args)
-        else:
-            assert bench is not None
-            return int(bench.run(args))
+        code = _dispatch(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+    except BrokenPipeError:
+        # The reader stopped (``| head``): silence the interpreter's final flush too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
     except (CLIError, ValueError, TypeError) as err:
         if _is_main_rank():
             message = " ".join(str(err).split())
             print(f"embedloss: error: {message}", file=sys.stderr)
         return 2
-    return 0
+    return code

@@ -14,10 +14,12 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TaskModel", "mlp"]
+__all__ = ["Encoder", "TaskModel", "mlp"]
 
 
 NORMS = ("batch", "layer", "none")
@@ -93,6 +95,32 @@ class TaskModel(nn.Module):
             if style == "predictor":
                 self.predictor = _head(head_dim, head_dim, norm)
 
+    @classmethod
+    def from_config(
+        cls,
+        task: str,
+        style: str,
+        in_a: int,
+        in_b: int | None,
+        num_classes: int,
+        model_cfg: dict[str, Any],
+    ) -> TaskModel:
+        """The model a run's ``model`` config section describes (initialised from torch's seed)."""
+        return cls(
+            task,
+            style,
+            in_a,
+            in_b,
+            num_classes,
+            hidden_dim=int(model_cfg["hidden_dim"]),
+            embedding_dim=int(model_cfg["embedding_dim"]),
+            head_dim=int(model_cfg["head_dim"]),
+            norm=str(model_cfg["norm"]),
+        )
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimiser step (where an EMA teacher would follow the student)."""
+
     def embed(self, x: Tensor, modality: str = "a") -> Tensor:
         """The evaluated representation: encoder output of modality ``"a"`` or ``"b"``."""
         if modality == "b" and self.encoder_b is not None:
@@ -111,3 +139,38 @@ class TaskModel(nn.Module):
             return z_a, z_b
         p = self.predictor(z)
         return p[:n], p[n:], z_a, z_b
+
+
+class Encoder(nn.Module):
+    """A trained run's encoder on raw inputs: flatten, scale as in training, encode.
+
+    ``forward`` takes a batch of raw samples ``(N, *shape)`` (or already flat ``(N, F)``), in the
+    units of the training data, and returns the embeddings ``(N, D)`` the run evaluated.
+
+    Args:
+        encoder: The encoder network of one modality (a :class:`TaskModel` submodule).
+        shape: The shape of one raw training sample.
+        lo: The offset the training data was scaled with.
+        scale: The divisor the training data was scaled with.
+    """
+
+    lo: Tensor
+    scale: Tensor
+
+    def __init__(self, encoder: nn.Module, *, shape: tuple[int, ...], lo: float, scale: float):
+        super().__init__()
+        self.encoder = encoder
+        self.shape = tuple(shape)
+        self.features = int(torch.Size(self.shape).numel())
+        self.register_buffer("lo", torch.tensor(lo, dtype=torch.float32))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Embeddings ``(N, D)`` of raw samples ``(N, *shape)``."""
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != self.features:
+            raise ValueError(
+                f"x must hold samples of shape {self.shape} ({self.features} values each), "
+                f"got shape {tuple(x.shape)}"
+            )
+        return self.encoder((flat.float() - self.lo) / self.scale)

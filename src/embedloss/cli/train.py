@@ -4,23 +4,30 @@ One process, or several under ``torchrun`` (DDP: gloo on CPU, NCCL on CUDA). Und
 rank draws the same global permutation through a :class:`~torch.utils.data.DistributedSampler`
 and the same augmentation parameters for the global batch (it keeps the rows of its own
 samples), the loss gathers the keys of all ranks (``gather_distributed=True`` where the loss
-takes it), gradients of the loss's own parameters (a learnable temperature) are averaged like
-DDP averages the model's, and rank 0 evaluates and writes the outputs. So a run on W processes
-with global batch B follows the single-process run with batch B, up to per-rank BatchNorm
-statistics and floating-point summation order.
+takes it), gradients of the loss's own parameters (a learnable temperature, class weights) are
+averaged like DDP averages the model's, and rank 0 evaluates and writes the outputs. So a run on
+W processes with global batch B follows the single-process run with batch B, up to per-rank
+BatchNorm statistics and floating-point summation order.
+
+**Resuming.** With ``--output DIR`` a checkpoint (:mod:`embedloss.cli.checkpoint`) is written
+after every epoch. Everything a step depends on is either in it (weights, optimiser, loss state,
+random generators, the step count) or a function of the seed, the epoch and the step (the data
+order, every augmentation, the learning rate), so ``--resume DIR`` continues exactly where the
+run stopped: on CPU the result is bit-identical to a run that was never interrupted. Raising
+``--epochs`` on resume extends the run; schedules that span the run (a cosine learning rate, a
+loss's ``update_step`` schedule) then span the new length from the current step on (a note says
+so), so only runs without such schedules — the default constant rate — equal a fresh longer run.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -29,114 +36,255 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
+from embedloss.base.base_loss import BaseLoss, LossOutput
+from embedloss.cli.checkpoint import (
+    capture_rng,
+    load_checkpoint,
+    load_state,
+    prepare_output,
+    restore_rng,
+    save_checkpoint,
+)
 from embedloss.cli.config import CLIError, config_to_yaml
 from embedloss.cli.data import (
+    InputSpec,
     TaskData,
     apply_view,
+    describe_perturbation,
     draw_view_params,
     load_task_data,
     seeded_generator,
 )
-from embedloss.cli.evaluate import classification_metrics, perturbed_split, retrieval_metrics
+from embedloss.cli.evaluate import PRIMARY_METRIC, EvalSetup, epoch_metrics, evaluate_with_baselines
 from embedloss.cli.models import TaskModel
+from embedloss.cli.report import (
+    METRIC_LABELS,
+    TensorBoardLog,
+    format_summary,
+    plot_curves,
+    write_history,
+)
+from embedloss.cli.runtime import World, deterministic, mean_over_ranks, progress_bar, world
 from embedloss.cli.tasks import LossPlan, build_loss, compute_loss, make_plan
 
-__all__ = ["METRIC_LABELS", "format_summary", "run_training"]
-
-METRIC_LABELS = {
-    "knn_accuracy": "k-NN accuracy (perturbed held-out)",
-    "linear_probe_accuracy": "linear-probe accuracy (perturbed)",
-    "clean_knn_accuracy": "k-NN accuracy (clean held-out)",
-    "recall@1": "recall@1 (held-out, both directions)",
-    "recall@5": "recall@5 (held-out, both directions)",
-}
-TASK_TEXT = {
-    "ssl": "self-supervised: two augmented views of each image",
-    "paired": "paired: top half ↔ bottom half of each digit, one encoder each",
-    "supervised": "supervised: two augmented views with class labels",
-}
+__all__ = [
+    "METRIC_LABELS",
+    "PRIMARY_METRIC",
+    "build_model",
+    "check_resume",
+    "format_summary",
+    "lr_factor",
+    "run_training",
+    "task_text",
+]
 
 
-@dataclass(frozen=True)
-class World:
-    """The process group of this run (``size == 1``: a plain single process)."""
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """The learning rate of ``step`` (0-based) as a fraction of the peak.
 
-    size: int
-    rank: int
-    device: torch.device
-    distributed: bool = False  # launched by torchrun (a process group exists)
+    A linear warm-up reaches the peak at step ``warmup_steps − 1``; then ``constant`` stays
+    there and ``cosine`` decays as ``(1 + cos(π·t))/2``, ``t`` going from 0 to 1 over the rest of
+    the run. A function of the step alone, so that a resumed run needs no scheduler object.
 
-    @property
-    def main(self) -> bool:
-        """True on the process that evaluates and writes."""
-        return self.rank == 0
-
-
-@contextlib.contextmanager
-def _world(device: str) -> Iterator[World]:
-    """Join the ``torchrun`` process group when launched by it, else a single process."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CLIError("--device cuda was asked for but CUDA is not available")
-    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
-        yield World(1, 0, torch.device(device))
-        return
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = torch.device("cuda", local) if device == "cuda" else torch.device("cpu")
-    if device == "cuda":
-        torch.cuda.set_device(dev)
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    try:
-        yield World(dist.get_world_size(), dist.get_rank(), dev, distributed=True)
-    finally:
-        if owns:
-            dist.destroy_process_group()
+    Example:
+        >>> [round(lr_factor(s, warmup_steps=2, total_steps=6, schedule="cosine"), 3) for s in range(6)]
+        [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    t = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-@contextlib.contextmanager
-def _deterministic(seed: int, threads: int, device: str) -> Iterator[None]:
-    """Seeded, deterministic, fixed thread count; the previous global state is restored after."""
-    if device == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(True, warn_only=device == "cuda")
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(prev_threads)
-            torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+def task_text(task: str, data: TaskData, aug: Mapping[str, Any]) -> str:
+    """The task in words, as this data makes it."""
+    if task == "paired":
+        pairs = "top half ↔ bottom half of each digit" if data.name == "digits" else "x_a ↔ x_b"
+        return f"paired: {pairs}, one encoder each"
+    kind = "image" if data.image_shape is not None else "feature vector"
+    shift = aug["shift"] if data.image_shape is not None else 0  # the kind says "no shifts"
+    views = describe_perturbation(data.image_shape, shift, aug["noise"], aug["mask"])
+    labels = "supervised: with class labels, " if task == "supervised" else "self-supervised: "
+    return f"{labels}two views of each {kind} ({views})"
 
 
-def _progress(total: int, enabled: bool, desc: str) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - the [cli] extra installs it
-        enabled = False
-        from types import SimpleNamespace
-
-        return SimpleNamespace(
-            update=lambda n=1: None,
-            set_postfix_str=lambda s, refresh=False: None,
-            set_description_str=lambda s, refresh=False: None,
-            close=lambda: None,
-        )
-    return tqdm(
-        total=total, disable=not enabled, desc=desc, unit="step", leave=False, file=sys.stderr
+def build_model(plan: LossPlan, data: TaskData, cfg: Mapping[str, Any]) -> TaskModel:
+    """The run's model, initialised from torch's current seed."""
+    b = data.inputs.get("b")
+    return TaskModel.from_config(
+        plan.task,
+        plan.style,
+        data.inputs["a"].features,
+        None if b is None else b.features,
+        data.num_classes,
+        cfg["model"],
     )
 
 
-def _mean_over_ranks(values: Tensor, world: World) -> Tensor:
-    if world.distributed:
-        values = values.to(world.device)
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        values = values.cpu() / world.size
-    return values
+@dataclass
+class Session:
+    """Everything a training run holds; the checkpoint is its state."""
+
+    plan: LossPlan
+    data: TaskData
+    cfg: dict[str, Any]
+    world: World
+    model: TaskModel
+    initial: TaskModel  # the random encoder: the model before the first step
+    net: nn.Module  # the model, wrapped by DDP when distributed
+    loss: nn.Module
+    opt: torch.optim.Optimizer
+    steps: int  # optimiser steps per epoch
+    setup: EvalSetup
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed optimiser steps
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the whole run as now configured."""
+        return self.steps * int(self.cfg["epochs"])
+
+    @property
+    def warmup_steps(self) -> int:
+        """Warm-up steps (``warmup_epochs`` may be fractional)."""
+        return round(float(self.cfg["warmup_epochs"]) * self.steps)
+
+    def params(self) -> list[nn.Parameter]:
+        """Every trained parameter: the model's and the loss's (a learnable τ, class weights)."""
+        return [*self.model.parameters(), *(p for p in self.loss.parameters() if p.requires_grad)]
+
+
+def _build(plan: LossPlan, data: TaskData, cfg: dict[str, Any], w: World) -> Session:
+    batch = int(cfg["batch_size"])
+    if batch % w.size:
+        raise CLIError(f"batch_size {batch} must be divisible by the {w.size} processes")
+    steps = len(data.train) // batch
+    if steps == 0:
+        raise CLIError(
+            f"batch_size {batch} is larger than the training split ({len(data.train)} samples)"
+        )
+    torch.manual_seed(int(cfg["seed"]))  # the encoder comes first: one random encoder per seed
+    model = build_model(plan, data, cfg).to(w.device)
+    initial = copy.deepcopy(model).eval()
+    loss = build_loss(plan, distributed=w.distributed).to(w.device)
+    loss.train()
+    net: nn.Module = model
+    if w.distributed:
+        ids = [w.device.index] if w.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # Every parameter of the loss is trained (a learnable temperature, class weights, proxies),
+    # without weight decay.
+    groups = [{"params": list(model.parameters()), "weight_decay": cfg["weight_decay"]}]
+    loss_params = [p for p in loss.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr=cfg["lr"])
+    setup = EvalSetup.build(plan.task, data, cfg, w.device)
+    return Session(plan, data, cfg, w, model, initial, net, loss, opt, steps, setup)
+
+
+def check_resume(ckpt: Mapping[str, Any], plan: LossPlan, epochs: int, source: str) -> None:
+    """Refuse, before any work, a resume that would not continue the checkpointed run."""
+    old = ckpt["config"]
+    for key, now in (("loss", plan.name), ("task", plan.task)):
+        was = old["loss"]["name"] if key == "loss" else old["task"]
+        if was != now:
+            raise CLIError(
+                f"{source} was trained with {key} {was!r}, not {now!r}; another {key} needs a "
+                "new run (drop --resume)"
+            )
+    done = int(ckpt["epoch"])
+    if done >= epochs:
+        raise CLIError(
+            f"{source} has completed {done} epoch(s) of {old['epochs']}; pass --epochs E with "
+            f"E > {done} to train it further"
+        )
+
+
+def _resume(sess: Session, ckpt: Mapping[str, Any], source: str) -> None:
+    """Load a checkpoint into a freshly built session (which must fit it)."""
+    old = ckpt["config"]
+    load_state(sess.model, ckpt["model"], "model", source)
+    load_state(sess.loss, ckpt["loss"], "loss", source)
+    try:
+        sess.opt.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise CLIError(f"{source}: the optimiser state does not fit: {err}") from None
+    sess.epoch, sess.step = int(ckpt["epoch"]), int(ckpt["step"])
+    sess.history = list(ckpt["history"])
+    step_schedule = getattr(type(sess.loss), "update_step", None) is not BaseLoss.update_step
+    changed = sess.cfg["lr_schedule"] != "constant" or step_schedule
+    if sess.cfg["epochs"] != old["epochs"] and changed and sess.world.main:
+        print(
+            f"embedloss: note: the run now spans {sess.cfg['epochs']} epochs (planned: {old['epochs']}); "
+            "its schedules (the learning rate, the loss's update_step) follow the new length from "
+            f"step {sess.step} on",
+            file=sys.stderr,
+        )
+    restore_rng(ckpt["rng"], sess.world.device)
+
+
+def _views(sess: Session, epoch: int, s: int, idx: Tensor) -> list[Tensor]:
+    """The two augmented views of the local rows ``idx`` at step ``s`` of ``epoch``."""
+    w, data, aug = sess.world, sess.data, sess.cfg["augment"]
+    local = int(sess.cfg["batch_size"]) // w.size
+    # Local sample j of a step sits at position rank + size·j of the global batch (the sampler
+    # deals the permutation round-robin), so it gets that position's augmentation.
+    positions = torch.arange(local) * w.size + w.rank
+    gen = seeded_generator(int(sess.cfg["seed"]), "augment", epoch, s)
+    train_b = data.train.b if data.train.b is not None else data.train.a
+    views = []
+    for x in (data.train.a[idx], train_b[idx]):
+        params = draw_view_params(
+            int(sess.cfg["batch_size"]),
+            x.shape[1],
+            gen,
+            shift=aug["shift"],
+            mask=aug["mask"],
+            noise=aug["noise"],
+            image_shape=data.image_shape,
+        ).rows(positions)
+        views.append(apply_view(x, params, data.image_shape, aug["shift"]).to(w.device))
+    return views
+
+
+def _step(sess: Session, views: list[Tensor], y: Tensor | None) -> tuple[LossOutput, float]:
+    """One optimiser step; returns the loss output and the learning rate used.
+
+    The forward and backward passes are the place for gradient caching (micro-batches), and
+    :meth:`TaskModel.after_optimizer_step` the place for an EMA teacher's update.
+    """
+    cfg, total = sess.cfg, sess.total_steps
+    lr = float(cfg["lr"]) * lr_factor(
+        sess.step, warmup_steps=sess.warmup_steps, total_steps=total, schedule=cfg["lr_schedule"]
+    )
+    for group in sess.opt.param_groups:
+        group["lr"] = lr
+    sess.loss.update_step(sess.step, total)  # type: ignore[operator]
+    bf16 = cfg["precision"] == "bf16"
+    with torch.autocast(sess.world.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = compute_loss(sess.plan, sess.loss, sess.net(*views), y, sess.data.num_classes)
+    if out.loss.dim() != 0:
+        raise CLIError(
+            f"the loss returned shape {tuple(out.loss.shape)}; training needs a scalar "
+            "(use reduction 'mean' or 'sum')"
+        )
+    sess.opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    if sess.world.distributed:  # DDP averages the model's gradients, not the loss's
+        for p in sess.loss.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+                p.grad /= sess.world.size
+    if cfg["grad_clip"] is not None:
+        torch.nn.utils.clip_grad_norm_(sess.params(), float(cfg["grad_clip"]))
+    sess.opt.step()
+    sess.model.after_optimizer_step(sess.step, total)
+    sess.step += 1
+    return out, lr
 
 
 def _scalar_terms(terms: dict[str, Any]) -> dict[str, float]:
@@ -150,235 +298,158 @@ def _scalar_terms(terms: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _format_terms(terms: dict[str, float], limit: int = 4) -> str:
-    return ", ".join(f"{k}={v:.3g}" for k, v in list(terms.items())[:limit])
-
-
-def _train(
-    plan: LossPlan,
-    data: TaskData,
-    cfg: dict[str, Any],
-    world: World,
-    progress: bool,
-) -> tuple[nn.Module, nn.Module, nn.Module, list[dict[str, Any]], list[float]]:
-    """The training loop; returns (trained model, initial model, loss, history, step losses)."""
-    seed, batch = int(cfg["seed"]), int(cfg["batch_size"])
-    if batch % world.size:
-        raise CLIError(f"batch_size {batch} must be divisible by the {world.size} processes")
-    local_batch = batch // world.size
-    n_train = len(data.train)
-    steps = n_train // batch
-    if steps == 0:
-        raise CLIError(f"batch_size {batch} is larger than the training split ({n_train} samples)")
-    total = steps * int(cfg["epochs"])
-    m = cfg["model"]
-    torch.manual_seed(seed)  # the encoder comes first: one random encoder per task and seed
-    model = TaskModel(
-        plan.task,
-        plan.style,
-        data.train.a.shape[1],
-        None if data.train.b is None else data.train.b.shape[1],
-        data.num_classes,
-        hidden_dim=m["hidden_dim"],
-        embedding_dim=m["embedding_dim"],
-        head_dim=m["head_dim"],
-        norm=m["norm"],
-    ).to(world.device)
-    initial = copy.deepcopy(model).eval()
-    loss = build_loss(plan, distributed=world.distributed).to(world.device)
-    loss.train()
-    net: nn.Module = model
-    if world.distributed:
-        ids = [world.device.index] if world.device.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    loss_params = [p for p in loss.parameters() if p.requires_grad]
-    groups = [{"params": list(model.parameters()), "weight_decay": cfg["weight_decay"]}]
-    if loss_params:  # e.g. a learnable temperature: trained, not decayed
-        groups.append({"params": loss_params, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=cfg["lr"])
-    sampler: DistributedSampler[int] = DistributedSampler(
-        range(n_train),  # type: ignore[arg-type]  # only its length is used
-        num_replicas=world.size,
-        rank=world.rank,
-        shuffle=True,
-        seed=seed,
-        drop_last=True,
+def _train_epoch(sess: Session, sampler: DistributedSampler, bar: Any) -> dict[str, Any]:
+    """Train one epoch; returns its history record (without the held-out metric)."""
+    epoch, local = sess.epoch, int(sess.cfg["batch_size"]) // sess.world.size
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.long)
+    sess.loss.update_epoch(epoch)  # type: ignore[operator]
+    bar.set_description_str(
+        f"{sess.plan.name} epoch {epoch + 1}/{sess.cfg['epochs']}", refresh=False
     )
-    # Local sample j of a step sits at position rank + size·j of the global batch (the sampler
-    # deals the permutation round-robin), so it gets that position's augmentation.
-    positions = torch.arange(local_batch) * world.size + world.rank
-    aug, shape = cfg["augment"], data.image_shape
-    train_b = data.train.b if data.train.b is not None else data.train.a
-    history: list[dict[str, Any]] = []
-    step_losses: list[float] = []
-    bar = _progress(total, progress and world.main, f"{plan.name} epoch 1/{cfg['epochs']}")
-    step = 0
-    try:
-        for epoch in range(int(cfg["epochs"])):
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(sampler), dtype=torch.long)
-            loss.update_epoch(epoch)  # type: ignore[operator]
-            bar.set_description_str(f"{plan.name} epoch {epoch + 1}/{cfg['epochs']}", refresh=False)
-            sums: dict[str, float] = {}
-            for s in range(steps):
-                idx = order[s * local_batch : (s + 1) * local_batch]
-                gen = seeded_generator(seed, "augment", epoch, s)
-                views = []
-                for x in (data.train.a[idx], train_b[idx]):
-                    params = draw_view_params(
-                        batch,
-                        x.shape[1],
-                        gen,
-                        shift=aug["shift"],
-                        mask=aug["mask"],
-                        noise=aug["noise"],
-                        image_shape=shape,
-                    ).rows(positions)
-                    views.append(apply_view(x, params, shape, aug["shift"]).to(world.device))
-                y = None if data.train.y is None else data.train.y[idx].to(world.device)
-                loss.update_step(step, total)  # type: ignore[operator]
-                out = compute_loss(plan, loss, net(*views), y, data.num_classes)
-                if out.loss.dim() != 0:
-                    raise CLIError(
-                        f"the loss returned shape {tuple(out.loss.shape)}; training needs a scalar "
-                        "(use reduction 'mean' or 'sum')"
-                    )
-                opt.zero_grad(set_to_none=True)
-                out.loss.backward()
-                if world.distributed:
-                    for p in loss_params:
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                            p.grad /= world.size
-                opt.step()
-                terms = _scalar_terms(out.terms)
-                logged = _mean_over_ranks(
-                    torch.tensor([float(out.loss.detach()), *terms.values()], dtype=torch.float64),
-                    world,
-                ).tolist()
-                value, terms = logged[0], dict(zip(terms, logged[1:], strict=True))
-                if not math.isfinite(value):
-                    raise CLIError(
-                        f"the loss became {value} at epoch {epoch + 1}, step {s + 1}; try a smaller --lr"
-                    )
-                step_losses.append(value)
-                for key, v in {"loss": value, **terms}.items():
-                    sums[key] = sums.get(key, 0.0) + v
-                bar.set_postfix_str(
-                    f"loss={value:.4f}" + (f", {_format_terms(terms)}" if terms else ""),
-                    refresh=False,
-                )
-                bar.update(1)
-                step += 1
-            means = {k: v / steps for k, v in sums.items()}
-            history.append({"epoch": epoch + 1, "loss": means.pop("loss"), "terms": means})
-    finally:
-        bar.close()
-    return model.eval(), initial, loss, history, step_losses
+    sums: dict[str, float] = {}
+    lr = 0.0
+    for s in range(sess.steps):
+        idx = order[s * local : (s + 1) * local]
+        y = None if sess.data.train.y is None else sess.data.train.y[idx].to(sess.world.device)
+        out, lr = _step(sess, _views(sess, epoch, s, idx), y)
+        terms = _scalar_terms(out.terms)
+        logged = mean_over_ranks(
+            torch.tensor([float(out.loss.detach()), *terms.values()], dtype=torch.float64),
+            sess.world,
+        ).tolist()
+        value, terms = logged[0], dict(zip(terms, logged[1:], strict=True))
+        if not math.isfinite(value):
+            raise CLIError(
+                f"the loss became {value} at epoch {epoch + 1}, step {s + 1}; try a smaller --lr"
+            )
+        for key, v in {"loss": value, **terms}.items():
+            sums[key] = sums.get(key, 0.0) + v
+        shown = ", ".join(f"{k}={v:.3g}" for k, v in list(terms.items())[:4])
+        bar.set_postfix_str(f"loss={value:.4f}" + (f", {shown}" if shown else ""), refresh=False)
+        bar.update(1)
+    means = {k: v / sess.steps for k, v in sums.items()}
+    return {"epoch": epoch + 1, "loss": means.pop("loss"), "terms": means, "lr": lr}
 
 
-def _evaluate(
-    plan: LossPlan,
-    data: TaskData,
-    model: TaskModel,
-    initial: TaskModel,
-    cfg: dict[str, Any],
-    device: torch.device,
-) -> tuple[dict[str, float], dict[str, dict[str, float] | None]]:
-    if plan.task == "paired":
-        metrics = retrieval_metrics(
-            lambda x: model.embed(x, "a"), lambda x: model.embed(x, "b"), data.test, device=device
-        )
-        random = retrieval_metrics(
-            lambda x: initial.embed(x, "a"),
-            lambda x: initial.embed(x, "b"),
-            data.test,
-            device=device,
-        )
-        return metrics, {"random_encoder": random, "raw_pixels": None}
-    if data.train.y is None or data.test.y is None:
-        return {}, {"random_encoder": {}, "raw_pixels": {}}
-    pert = perturbed_split(data.test, data.image_shape, cfg["eval"], int(cfg["seed"]))
-    k = int(cfg["eval"]["k"])
-
-    def metrics_of(embed: Any) -> dict[str, float]:
-        return classification_metrics(embed, data.train, data.test, pert, k=k, device=device)
-
-    return metrics_of(model.embed), {
-        "random_encoder": metrics_of(initial.embed),
-        "raw_pixels": metrics_of(lambda x: x),
+def _checkpoint(sess: Session) -> dict[str, Any]:
+    return {
+        "config": sess.cfg,
+        "epoch": sess.epoch,
+        "step": sess.step,
+        "model": sess.model.state_dict(),
+        "loss": sess.loss.state_dict(),
+        "optimizer": sess.opt.state_dict(),
+        "scheduler": {
+            "lr_schedule": sess.cfg["lr_schedule"],
+            "warmup_steps": sess.warmup_steps,
+            "total_steps": sess.total_steps,
+            "step": sess.step,
+        },
+        "rng": capture_rng(sess.world.device),
+        "sampler": {"seed": int(sess.cfg["seed"]), "epoch": sess.epoch},
+        "data": {
+            "name": sess.data.name,
+            "inputs": {m: spec.as_dict() for m, spec in sess.data.inputs.items()},
+            "image_shape": None if sess.data.image_shape is None else list(sess.data.image_shape),
+            "num_classes": sess.data.num_classes,
+        },
+        "history": sess.history,
+        "world_size": sess.world.size,
     }
 
 
-PRIMARY_METRIC = {"ssl": "knn_accuracy", "supervised": "knn_accuracy", "paired": "recall@1"}
-
-
-def format_summary(doc: dict[str, Any]) -> str:
-    """A short table of the run's metrics against its baselines, and the verdict."""
-    metrics, base = doc["metrics"], doc["baselines"]
-    if not metrics:
-        return "  (no labels: the accuracy metrics need an array 'y' in the data file)"
-    cols = [(doc["loss"], metrics), ("random encoder", base.get("random_encoder") or {})]
-    if base.get("raw_pixels") is not None:
-        cols.append(("raw pixels", base["raw_pixels"]))
-    width = max(len(METRIC_LABELS.get(k, k)) for k in metrics)
-    lines = [" " * (width + 2) + "".join(f"{name:>16}" for name, _ in cols)]
-    for key in metrics:
-        cells = "".join(f"{vals.get(key, float('nan')):>16.3f}" for _, vals in cols)
-        lines.append(f"  {METRIC_LABELS.get(key, key):<{width}}{cells}")
-    key = PRIMARY_METRIC[doc["task"]]
-    gain = metrics[key] - cols[1][1].get(key, float("nan"))
-    verdict = "beats" if gain > 0 else "does NOT beat"
-    lines.append(f"{doc['loss']} {verdict} the random encoder on {METRIC_LABELS[key]}: {gain:+.3f}")
-    return "\n".join(lines)
-
-
-def _plot(path: Path, step_losses: list[float], history: list[dict[str, Any]], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps_per_epoch = len(step_losses) // max(len(history), 1)
-    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
-    ax.plot(range(1, len(step_losses) + 1), step_losses, lw=0.8, alpha=0.5, label="step")
-    ax.plot(
-        [h["epoch"] * steps_per_epoch for h in history],
-        [h["loss"] for h in history],
-        "o-",
-        lw=1.5,
-        label="epoch mean",
+def _train(sess: Session, out_dir: Path | None, progress: bool) -> None:
+    """The epochs left: train, measure the held-out metric, checkpoint, log."""
+    w = sess.world
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(len(sess.data.train)),  # type: ignore[arg-type]  # only its length is used
+        num_replicas=w.size,
+        rank=w.rank,
+        shuffle=True,
+        seed=int(sess.cfg["seed"]),
+        drop_last=True,
     )
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    left = (int(sess.cfg["epochs"]) - sess.epoch) * sess.steps
+    bar = progress_bar(left, progress and w.main, sess.plan.name)
+    board = TensorBoardLog(out_dir) if out_dir is not None and w.main else None
+    try:
+        while sess.epoch < int(sess.cfg["epochs"]):
+            sess.model.train()
+            record = _train_epoch(sess, sampler, bar)
+            if w.main:
+                sess.model.eval()
+                record["eval"] = epoch_metrics(sess.model, sess.setup)
+            sess.history.append(record)
+            sess.epoch += 1
+            if out_dir is not None and w.main:
+                save_checkpoint(out_dir, _checkpoint(sess))
+                write_history(out_dir / "history.jsonl", sess.history)
+                assert board is not None
+                board.epoch(record)
+    finally:
+        bar.close()
+        if board is not None:
+            board.close()
+    sess.model.eval()
 
 
-def _write_outputs(
-    out_dir: Path,
-    doc: dict[str, Any],
-    cfg: dict[str, Any],
-    model: nn.Module,
-    loss: nn.Module,
-    step_losses: list[float],
-) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _finish(sess: Session, seconds: float, stream: TextIO) -> dict[str, Any]:
+    """Evaluate against the baselines and print the summary; returns the metrics document."""
+    start = time.perf_counter()
+    metrics, baselines = evaluate_with_baselines(sess.model, sess.initial, sess.setup)
+    ev, data = sess.cfg["eval"], sess.data
+    held_out = describe_perturbation(data.image_shape, ev["shift"], ev["noise"])
+    doc: dict[str, Any] = {
+        "loss": sess.plan.name,
+        "task": sess.plan.task,
+        "input_kind": "images" if data.image_shape is not None else "features",
+        "held_out_perturbation": None if sess.plan.task == "paired" else held_out,
+        "metrics": metrics,
+        "baselines": baselines,
+        "history": sess.history,
+        "dataset": {
+            "name": data.name,
+            "train_size": len(data.train),
+            "test_size": len(data.test),
+            "num_classes": data.num_classes,
+        },
+        "world_size": sess.world.size,
+        "seconds": {"train": round(seconds, 3)},
+    }
+    if sess.plan.task == "paired":
+        print(f"held-out split: {len(data.test)} pairs", file=stream)
+    else:
+        print(f"held-out split: {len(data.test)} samples, perturbed by {held_out}", file=stream)
+    print(format_summary(doc), file=stream)
+    doc["seconds"]["evaluate"] = round(time.perf_counter() - start, 3)
+    return doc
+
+
+def _write_results(out_dir: Path, doc: dict[str, Any]) -> list[str]:
+    """``metrics.json``, then the curves (a plotting problem never costs the rest)."""
     (out_dir / "metrics.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
-    _plot(out_dir / "loss_curve.png", step_losses, doc["history"], f"{doc['loss']} ({doc['task']})")
-    # Plain tensors only: reload with torch.load(path, weights_only=True).
-    state = {"model": model.state_dict(), "loss": loss.state_dict()}
-    torch.save(state, out_dir / "model.pt")
+    written = ["checkpoint.pt", "config.yaml", "history.jsonl", "metrics.json"]
+    try:
+        plot_curves(out_dir / "curves.png", doc["history"], doc, f"{doc['loss']} ({doc['task']})")
+        written.append("curves.png")
+    except Exception as err:
+        print(
+            f"embedloss: warning: could not draw curves.png ({type(err).__name__}: {err}); "
+            "the checkpoint, metrics and history are written",
+            file=sys.stderr,
+        )
+    if (out_dir / "tensorboard").is_dir():
+        written.append("tensorboard/")
+    return written
 
 
 def run_training(
     cfg: dict[str, Any],
     *,
     output: str | Path | None = None,
+    overwrite: bool = False,
+    resume: str | Path | None = None,
     progress: bool = True,
     stream: TextIO | None = None,
 ) -> dict[str, Any] | None:
@@ -386,7 +457,12 @@ def run_training(
 
     Args:
         cfg: A config from :func:`embedloss.cli.config.resolve_config`.
-        output: Directory for ``metrics.json``, ``loss_curve.png``, ``config.yaml``, ``model.pt``.
+        output: Run directory: ``checkpoint.pt`` and ``history.jsonl`` after every epoch,
+            ``config.yaml`` first, ``metrics.json`` and ``curves.png`` at the end (and
+            TensorBoard event files in ``tensorboard/`` when ``tensorboard`` is installed).
+        overwrite: Replace the run already in ``output`` (else that is an error).
+        resume: A run directory whose checkpoint this run continues (``cfg`` is then normally
+            its config, with ``epochs`` raised or unchanged).
         progress: Show a progress bar (stderr) with the live loss and terms.
         stream: Where the summary goes (default stdout).
 
@@ -394,7 +470,8 @@ def run_training(
         The ``metrics.json`` document on the main process, ``None`` on the other ranks.
 
     Raises:
-        CLIError: For configurations or data the trainer cannot use.
+        CLIError: For configurations, data, output directories or checkpoints the trainer
+            cannot use.
     """
     stream = sys.stdout if stream is None else stream
     plan = make_plan(cfg["loss"], cfg["task"])
@@ -402,65 +479,50 @@ def run_training(
     cfg["task"] = plan.task
     cfg["loss"] = {"name": plan.name, **plan.loss_kwargs}
     start = time.perf_counter()
-    with (
-        _world(cfg["device"]) as world,
-        _deterministic(int(cfg["seed"]), int(cfg["num_threads"]), cfg["device"]),
-    ):
-        data = load_task_data(cfg["data"], plan.task, int(cfg["seed"]))
-        if world.main:
-            plural = "es" if world.size > 1 else ""
-            where = f" on {world.size} process{plural} (DDP)" if world.distributed else ""
+    resume_dir = None if resume is None else Path(resume)
+    ckpt = None if resume_dir is None else load_checkpoint(resume_dir)
+    source = f"run {str(resume_dir)!r}"
+    if ckpt is not None:
+        check_resume(ckpt, plan, int(cfg["epochs"]), source)
+    seed = int(cfg["seed"])
+    with world(cfg["device"]) as w, deterministic(seed, int(cfg["num_threads"]), cfg["device"]):
+        out_dir = None
+        if output is not None and w.main:
+            out_dir = prepare_output(output, overwrite=overwrite, resuming=resume_dir)
+            (out_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+        specs = None
+        if ckpt is not None:
+            specs = {m: InputSpec.from_dict(d) for m, d in ckpt["data"]["inputs"].items()}
+        data = load_task_data(cfg["data"], plan.task, seed, inputs=specs)
+        sess = _build(plan, data, cfg, w)
+        if ckpt is not None:
+            _resume(sess, ckpt, source)
+        if w.main:
+            where = (
+                f" on {w.size} process{'es' if w.size > 1 else ''} (DDP)" if w.distributed else ""
+            )
+            again = f", resumed after epoch {sess.epoch}" if ckpt is not None else ""
+            epochs = int(cfg["epochs"])
             print(
-                f"embedloss train: {plan.name} on {data.name} ({TASK_TEXT[plan.task]}); "
-                f"{cfg['epochs']} epoch{'s' if cfg['epochs'] != 1 else ''}, batch {cfg['batch_size']}, seed {cfg['seed']}{where}",
+                f"embedloss train: {plan.name} on {data.name} — {task_text(plan.task, data, cfg['augment'])}; "
+                f"{epochs} epoch{'s' if epochs != 1 else ''}{again}, batch {cfg['batch_size']}, "
+                f"seed {seed}{where}",
                 file=stream,
                 flush=True,
             )
-        model, initial, loss, history, step_losses = _train(plan, data, cfg, world, progress)
-        train_seconds = time.perf_counter() - start
-        doc: dict[str, Any] | None = None
-        if world.main:
-            metrics, baselines = _evaluate(plan, data, model, initial, cfg, world.device)  # type: ignore[arg-type]
-            doc = {
-                "loss": plan.name,
-                "task": plan.task,
-                "metrics": metrics,
-                "baselines": baselines,
-                "history": history,
-                "dataset": {
-                    "name": data.name,
-                    "train_size": len(data.train),
-                    "test_size": len(data.test),
-                    "num_classes": data.num_classes,
-                },
-                "world_size": world.size,
-                "seconds": {
-                    "train": round(train_seconds, 3),
-                    "total": round(time.perf_counter() - start, 3),
-                },
-            }
-            if plan.task != "paired":
-                shift, noise = cfg["eval"]["shift"], cfg["eval"]["noise"]
-                print(
-                    f"held-out split: {len(data.test)} samples, perturbed by random shifts of up to "
-                    f"{shift} pixel(s) and noise σ={noise}",
-                    file=stream,
-                )
-            else:
-                print(f"held-out split: {len(data.test)} pairs", file=stream)
-            print(format_summary(doc), file=stream)
-            if output is not None:
-                _write_outputs(Path(output), doc, cfg, model, loss, step_losses)
+        _train(sess, out_dir, progress)
+        doc = None
+        if w.main:
+            doc = _finish(sess, time.perf_counter() - start, stream)
+            doc["seconds"]["total"] = round(time.perf_counter() - start, 3)
+            tail = " (--output DIR saves a checkpoint, the metrics, history and curves)"
+            if out_dir is not None:
+                tail = f"; wrote {out_dir}/ ({', '.join(_write_results(out_dir, doc))})"
             print(
-                f"final loss {history[-1]['loss']:.4f}; {doc['seconds']['total']:.1f} s"
-                + (
-                    f"; wrote {output}/(metrics.json, loss_curve.png, config.yaml, model.pt)"
-                    if output
-                    else " (--output DIR saves metrics.json, a loss curve and the config)"
-                ),
+                f"final loss {sess.history[-1]['loss']:.4f}; {doc['seconds']['total']:.1f} s{tail}",
                 file=stream,
                 flush=True,
             )
-        if world.distributed:
+        if w.distributed:
             dist.barrier()
     return doc
