@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m embedloss train --output runs/demo
+	$(PY) -m embedloss train --output runs/demo --overwrite
 
 lint: $(STAMP)
 	$(PY) -m ruff check

@@ -103,7 +103,10 @@ def task_table(task: str, docs: dict[str, dict[str, Any]], errors: dict[str, str
     for name, err in errors.items():
         lines.append(f"| `{name}` | " + " | ".join("–" for _ in cols) + f" | failed: {err} | – |")
     if baselines is not None:
-        for label, key_b in (("random encoder", "random_encoder"), ("raw pixels", "raw_pixels")):
+        for label, key_b in (
+            ("random encoder", "random_encoder"),
+            ("raw features", "raw_features"),
+        ):
             vals = baselines.get(key_b)
             if vals is not None:
                 lines.append(

@@ -182,6 +182,10 @@ def check_chunk_size(chunk_size: Any) -> Any:
     return check_int(chunk_size, "chunk_size", low=1)
 
 
+class NonFiniteError(ValueError):
+    """An input (or a learned scalar) holds NaN or infinite values: usually a diverged step."""
+
+
 #: Where value checks run: "cpu" (default), "always" or "never" (see :func:`set_value_checks`).
 VALUE_CHECKS = ("cpu", "always", "never")
 _value_checks = {"mode": "cpu"}  # process-wide, like torch's own global switches
@@ -226,7 +230,7 @@ def check_finite(x: Tensor, name: str, *, masked: bool = False) -> Tensor:
         values = x.detach()
         bad = torch.isnan(values) | (values == float("inf")) if masked else ~torch.isfinite(values)
         if bool(bad.any()):
-            raise ValueError(
+            raise NonFiniteError(
                 f"{name} contains NaN or infinite values ({int(bad.sum())} of {x.numel()} "
                 "entries); the loss would be NaN. Check the model's outputs (a diverged step, "
                 "an overflow in half precision, a division by zero)"
@@ -237,7 +241,7 @@ def check_finite(x: Tensor, name: str, *, masked: bool = False) -> Tensor:
 def check_finite_scalar(x: Tensor, name: str) -> None:
     """Raise ``ValueError`` if the 0-d tensor ``x`` is NaN or infinite (checked on CPU only)."""
     if on_host(x) and not bool(torch.isfinite(x.detach()).all()):
-        raise ValueError(
+        raise NonFiniteError(
             f"{name} must be finite, got {x.detach().reshape(-1)[0].item()!r}; a learned scalar "
             "that became NaN or infinite means training diverged (lower the learning rate)"
         )

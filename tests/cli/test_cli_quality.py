@@ -48,7 +48,7 @@ def test_table_and_findings(quality, tmp_path, capsys):
     fake = {
         "metrics": {"recall@1": 0.0, "recall@5": 0.0},
         "seconds": {"train": 1.0},
-        "baselines": {"random_encoder": {"recall@1": 0.1, "recall@5": 0.2}, "raw_pixels": None},
+        "baselines": {"random_encoder": {"recall@1": 0.1, "recall@5": 0.2}, "raw_features": None},
     }
     section = quality.render(
         {"ssl": {}, "paired": {"bad": fake}, "supervised": {}},

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
+from embedloss._validation import NonFiniteError
 from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.cli.checkpoint import (
     capture_rng,
@@ -312,7 +313,13 @@ def _train_epoch(sess: Session, sampler: DistributedSampler, bar: Any) -> dict[s
     for s in range(sess.steps):
         idx = order[s * local : (s + 1) * local]
         y = None if sess.data.train.y is None else sess.data.train.y[idx].to(sess.world.device)
-        out, lr = _step(sess, _views(sess, epoch, s, idx), y)
+        try:
+            out, lr = _step(sess, _views(sess, epoch, s, idx), y)
+        except NonFiniteError as err:  # the model's outputs (or τ) diverged
+            raise CLIError(
+                f"the loss became nan at epoch {epoch + 1}, step {s + 1} ({err}); "
+                "try a smaller --lr"
+            ) from err
         terms = _scalar_terms(out.terms)
         logged = mean_over_ranks(
             torch.tensor([float(out.loss.detach()), *terms.values()], dtype=torch.float64),
