@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from embedloss.base.base_loss import BaseLoss, detached_terms
-from embedloss.ops.anchors import ChunkSize
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.ops.pair_losses import PairOptions, PairResult
 
 __all__ = ["BasePairLoss", "labelled_examples"]
@@ -29,35 +28,40 @@ class BasePairLoss(BaseLoss):
     """Base of the losses over pairs of labelled embeddings (:mod:`embedloss.ops.pair_losses`).
 
     Holds the options every such loss takes and hands them to its pure function as one
-    :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`).
+    :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`), which a subclass builds
+    from its own explicit constructor arguments with ``PairOptions.create``. A loss implements
+    :meth:`_result` (its one pure call); ``compute`` adds the terms ``{TERM: Σ count,
+    "anchors_without_terms": ...}`` (none when ``TERM`` is None), ``forward`` returns the loss.
     """
 
-    def __init__(
-        self,
-        *,
-        distance: str = "cosine",
-        normalize: bool = True,
-        reduction: str = "mean",
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__(reduction=reduction)
-        self._options = PairOptions.create(
-            distance, normalize, reduction, chunk_size, gather_distributed
-        )
+    TERM: ClassVar[str | None] = None
+
+    def __init__(self, options: PairOptions) -> None:
+        super().__init__(reduction=options.reduction)
+        self._options = options
 
     def options(self) -> PairOptions:
         """The checked options of this loss."""
         return self._options
 
-    @staticmethod
-    def counted_terms(result: PairResult, name: str) -> dict[str, Tensor]:
-        """``{name: Σ count}`` (what the mean divides by) and ``anchors_without_terms``."""
+    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
+        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
+        result = self._result(embeddings, labels)
+        if self.TERM is None:
+            return LossOutput(result.loss, {})
         with torch.no_grad():
-            return detached_terms(
-                **{name: result.counts.sum()},
+            terms = detached_terms(
+                **{self.TERM: result.counts.sum()},
                 anchors_without_terms=(result.counts == 0).sum(),
             )
+        return LossOutput(result.loss, terms)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``embeddings (N, D)`` and ``labels (N,)`` (see :meth:`compute`)."""
+        return self._result(embeddings, labels).loss
 
     @classmethod
     def example_inputs(

@@ -16,7 +16,7 @@ from embedloss._validation import (
     compute_dtype,
     on_host,
 )
-from embedloss.base.base_loss import BaseLoss, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.ops.similarity import l2_normalize
 
 __all__ = [
@@ -87,12 +87,21 @@ def target_cosine(cc: ClassCosines) -> Tensor:
     return cc.cosine.gather(1, cc.labels.unsqueeze(1)).squeeze(1)
 
 
+@torch.no_grad()
+def proxy_terms(cc: ClassCosines) -> dict[str, Tensor]:
+    """``accuracy`` (the nearest class centre is the label's) and the mean ``target_cosine``."""
+    accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()
+    return detached_terms(accuracy=accuracy, target_cosine=target_cosine(cc).mean())
+
+
 class BaseProxyLoss(BaseLoss):
     """Base of the losses with learnable class centres ``weight (C·k, D)`` (as ``nn.Linear``).
 
     The centres start from N(0, ``init_std``²), drawn from the global RNG (``seed=None``) or
     from a generator seeded with ``seed`` (the same centres for every instance, e.g. on every
-    DDP rank without a broadcast).
+    DDP rank without a broadcast). A loss implements :meth:`_call` (its one pure call,
+    returning the loss and what the terms need); ``compute`` adds :meth:`_terms` (by default
+    ``accuracy`` and ``target_cosine``), ``forward`` returns the loss.
     """
 
     weight: nn.Parameter
@@ -117,6 +126,21 @@ class BaseProxyLoss(BaseLoss):
         shape = (num_classes * sub_centers, embedding_dim)
         self.weight = nn.Parameter(torch.randn(shape, generator=g) * init_std)
 
+    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Any]:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def _terms(self, extra: Any) -> dict[str, Tensor]:
+        return proxy_terms(extra)
+
+    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
+        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
+        loss, extra = self._call(embeddings, labels)
+        return LossOutput(loss, self._terms(extra))
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``embeddings (N, D)`` and ``labels (N,)`` (see :meth:`compute`)."""
+        return self._call(embeddings, labels)[0]
+
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:
         """Four classes of 16-dimensional embeddings, seeded centres (the conformance inputs)."""
@@ -138,10 +162,3 @@ class BaseProxyLoss(BaseLoss):
             f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
             f"reduction={self.reduction!r}"
         )
-
-
-@torch.no_grad()
-def proxy_terms(cc: ClassCosines) -> dict[str, Tensor]:
-    """``accuracy`` (the nearest class centre is the label's) and the mean ``target_cosine``."""
-    accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()
-    return detached_terms(accuracy=accuracy, target_cosine=target_cosine(cc).mean())

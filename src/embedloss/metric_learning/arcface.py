@@ -9,13 +9,11 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_int, check_positive_float
-from embedloss.base.base_loss import LossOutput
 from embedloss.metric_learning._proxies import (
     BaseProxyLoss,
     ClassCosines,
     class_cosines,
     margin_cross_entropy,
-    proxy_terms,
     target_cosine,
 )
 from embedloss.ops.anchors import reduce_samples
@@ -184,12 +182,3 @@ class ArcFaceLoss(BaseProxyLoss):
             self.reduction,
             self.gather_distributed,
         )
-
-    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        loss, cc = self._call(embeddings, labels)
-        return LossOutput(loss, proxy_terms(cc))
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The ArcFace loss (see :meth:`compute`)."""
-        return self._call(embeddings, labels).loss

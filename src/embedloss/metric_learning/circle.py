@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_positive_float
-from embedloss.base.base_loss import LossOutput
 from embedloss.metric_learning._pairs import BasePairLoss
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.pair_losses import PairOptions, PairResult, labelled_pair_loss, masked_logsumexp
@@ -117,6 +116,8 @@ class CircleLoss(BasePairLoss):
         8.0
     """
 
+    TERM = "anchors"
+
     def __init__(
         self,
         *,
@@ -129,22 +130,12 @@ class CircleLoss(BasePairLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            distance=distance,
-            normalize=normalize,
-            reduction=reduction,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
+            PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
         )
         self.margin, self.gamma = _check(margin, gamma)
 
-    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        result = _circle(embeddings, labels, self.options(), self.margin, self.gamma)
-        return LossOutput(result.loss, self.counted_terms(result, "anchors"))
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The circle loss (see :meth:`compute`)."""
-        return _circle(embeddings, labels, self.options(), self.margin, self.gamma).loss
+    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+        return _circle(embeddings, labels, self.options(), self.margin, self.gamma)
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float
-from embedloss.base.base_loss import LossOutput
 from embedloss.metric_learning._pairs import BasePairLoss
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.pair_losses import PairOptions, PairResult, labelled_pair_loss
@@ -135,6 +134,8 @@ class ContrastiveMarginLoss(BasePairLoss):
         30.0
     """
 
+    TERM = "pairs"
+
     def __init__(
         self,
         *,
@@ -148,24 +149,14 @@ class ContrastiveMarginLoss(BasePairLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            distance=distance,
-            normalize=normalize,
-            reduction=reduction,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
+            PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
         )
         self._margins = _Margins(margin, pos_margin, squared)
         self.margin, self.pos_margin = self._margins.margin, self._margins.pos_margin
         self.squared = self._margins.squared
 
-    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        result = _contrastive(embeddings, labels, self.options(), self._margins)
-        return LossOutput(result.loss, self.counted_terms(result, "pairs"))
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The contrastive margin loss (see :meth:`compute`)."""
-        return _contrastive(embeddings, labels, self.options(), self._margins).loss
+    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+        return _contrastive(embeddings, labels, self.options(), self._margins)
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

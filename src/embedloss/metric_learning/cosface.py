@@ -7,13 +7,11 @@ from typing import NamedTuple
 from torch import Tensor
 
 from embedloss._validation import check_float, check_positive_float
-from embedloss.base.base_loss import LossOutput
 from embedloss.metric_learning._proxies import (
     BaseProxyLoss,
     ClassCosines,
     class_cosines,
     margin_cross_entropy,
-    proxy_terms,
     target_cosine,
 )
 from embedloss.ops.anchors import reduce_samples
@@ -141,12 +139,3 @@ class CosFaceLoss(BaseProxyLoss):
             self.reduction,
             self.gather_distributed,
         )
-
-    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        loss, cc = self._call(embeddings, labels)
-        return LossOutput(loss, proxy_terms(cc))
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The CosFace loss (see :meth:`compute`)."""
-        return self._call(embeddings, labels).loss

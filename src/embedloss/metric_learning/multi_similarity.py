@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float, check_positive_float
-from embedloss.base.base_loss import LossOutput
 from embedloss.metric_learning._pairs import BasePairLoss
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.miners import multi_similarity_pairs
@@ -160,23 +159,13 @@ class MultiSimilarityLoss(BasePairLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            distance=distance,
-            normalize=normalize,
-            reduction=reduction,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
+            PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
         )
         self._params = _Params.create(alpha, beta, base, mining, epsilon)
         self.alpha, self.beta, self.base, self.mining, self.epsilon = self._params
 
-    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        result = _multi_similarity(embeddings, labels, self.options(), self._params)
-        return LossOutput(result.loss, {})
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The multi-similarity loss (see :meth:`compute`)."""
-        return _multi_similarity(embeddings, labels, self.options(), self._params).loss
+    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+        return _multi_similarity(embeddings, labels, self.options(), self._params)
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

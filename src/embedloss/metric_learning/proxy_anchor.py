@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from embedloss._validation import (
     check_positive_float,
     check_reduction,
 )
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import detached_terms
 from embedloss.metric_learning._proxies import BaseProxyLoss, class_cosines
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.pair_losses import masked_log1p_sum_exp
@@ -123,8 +123,9 @@ class ProxyAnchorLoss(BaseProxyLoss):
 
     See :func:`proxy_anchor_loss` for the formula. The proxies are the parameter ``weight`` of
     shape ``(num_classes, embedding_dim)`` (as ``nn.Linear``), initialised from N(0, 2/C)
-    (Kaiming-normal with ``mode="fan_out"``, as the official code); pass ``loss.parameters()`` to the optimiser (the
-    paper uses a 100× larger learning rate for them). Terms: ``proxies_with_positives``.
+    (Kaiming-normal with ``mode="fan_out"``, as the official code); pass ``loss.parameters()``
+    to the optimiser (the paper uses a 100× larger learning rate for them). Under DDP they are
+    ordinary parameters. Terms: ``proxies_with_positives``.
 
     Args:
         num_classes: C >= 1.
@@ -174,11 +175,5 @@ class ProxyAnchorLoss(BaseProxyLoss):
             self.gather_distributed,
         )
 
-    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        loss, with_positives = self._call(embeddings, labels)
-        return LossOutput(loss, detached_terms(proxies_with_positives=with_positives.sum()))
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The Proxy Anchor loss (see :meth:`compute`)."""
-        return self._call(embeddings, labels).loss
+    def _terms(self, extra: Any) -> dict[str, Tensor]:
+        return detached_terms(proxies_with_positives=extra.sum())

@@ -8,7 +8,6 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_choice, check_positive_float
-from embedloss.base.base_loss import LossOutput
 from embedloss.metric_learning._pairs import BasePairLoss
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.miners import hardest_pairs, semi_hard_negatives
@@ -165,6 +164,8 @@ class TripletLoss(BasePairLoss):
         (torch.Size([]), ['anchors_without_terms', 'triplets'])
     """
 
+    TERM = "triplets"
+
     def __init__(
         self,
         *,
@@ -177,22 +178,12 @@ class TripletLoss(BasePairLoss):
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
-            distance=distance,
-            normalize=normalize,
-            reduction=reduction,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
+            PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
         )
         self.margin, self.mining = _check(margin, mining)
 
-    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        result = _triplet(embeddings, labels, self.options(), self.margin, self.mining)
-        return LossOutput(result.loss, self.counted_terms(result, "triplets"))
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The triplet loss (see :meth:`compute`)."""
-        return _triplet(embeddings, labels, self.options(), self.margin, self.mining).loss
+    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+        return _triplet(embeddings, labels, self.options(), self.margin, self.mining)
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

@@ -52,9 +52,11 @@ def hardest_pairs(distance: Tensor, positive: Tensor, negative: Tensor) -> Harde
         >>> hardest_pairs(d, pos, ~pos & (torch.arange(5) > 0))
         HardestPairs(positive=tensor([2]), negative=tensor([4]), valid=tensor([True]))
     """
-    far = distance.masked_fill(~positive, float("-inf")).argmax(dim=1)  # (c,)
-    near = distance.masked_fill(~negative, float("inf")).argmin(dim=1)  # (c,)
-    return HardestPairs(far, near, positive.any(dim=1) & negative.any(dim=1))
+    far = torch.where(positive, distance, float("-inf")).argmax(dim=1)  # (c,)
+    near = torch.where(negative, distance, float("inf")).argmin(dim=1)  # (c,)
+    # A row has a positive iff its arg-max is one (argmax of an all -inf row is column 0).
+    valid = positive.gather(1, far.unsqueeze(1)) & negative.gather(1, near.unsqueeze(1))
+    return HardestPairs(far, near, valid.squeeze(1))
 
 
 @torch.no_grad()

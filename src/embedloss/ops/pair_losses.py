@@ -14,15 +14,21 @@ rows, each scored against the full key width. ``chunk_size=None`` (or ``"auto"``
 problems) computes the one ``(N, M)`` tile with plain autograd (double backward works).
 Otherwise :class:`_TiledRows`:
 
-* forward — per tile, without autograd: compute the values, the masks from indices, the row
-  loss; keep only the ``(c,)`` results. Peak memory: one tile's working set, O(c·M).
+* forward — per tile: compute the values, the masks from indices, the row loss; keep only
+  the ``(c,)`` results. Peak memory: one tile's working set, O(c·M).
 * backward — per tile: recompute the tile with autograd and push ``grad[rows]`` through it
   (``dq_tile`` and an accumulated ``dK``): one GEMM to recompute, two for the gradients.
+* eager (reductions mean and sum, when a gradient is wanted): every anchor's upstream gradient
+  is the same scalar, so the forward already pushes a gradient of 1 through each tile while
+  it has the tile's graph, keeps ``dq (n, D)`` and ``dK (M, D)``, and the backward only scales
+  them: one pass over the tiles and three GEMMs, the floor.
 
 Invariant: a tile's result depends only on its rows, so the tiled and dense paths run the
 same expressions on the same rows — equal losses and gradients up to the summation order of
 ``dK`` (~1e-15 in float64). Nothing reads a value back to the host: counts are device
-tensors, masks are built with ``torch.where``, and shapes depend only on N and M.
+tensors, masks come from label comparisons and index scatters, and shapes depend only on N
+and M. Beside one tile's working set the tiled path keeps O((N + M)·D): the inputs and, when
+eager, their gradients.
 """
 
 from __future__ import annotations
@@ -55,12 +61,14 @@ from embedloss.ops.distributed import all_reduce_sum_no_grad, gather_with_grad, 
 __all__ = [
     "PAIR_TILE_BYTES",
     "PairLayout",
+    "PairMiner",
     "PairOptions",
     "PairResult",
     "RowLoss",
     "labelled_pair_loss",
     "masked_log1p_sum_exp",
     "masked_logsumexp",
+    "mined",
     "pair_rows",
     "reduce_counted",
     "resolve_pair_rows",
@@ -95,11 +103,11 @@ class PairLayout(NamedTuple):
 def row_masks(layout: PairLayout, start: int, stop: int) -> tuple[Tensor, Tensor]:
     """``(positive, negative)`` masks ``(stop − start, M)`` of anchor rows ``start:stop``."""
     same = layout.query_labels[start:stop].unsqueeze(1) == layout.key_labels.unsqueeze(0)
-    if layout.self_index is None:
-        return same, ~same
-    cols = torch.arange(layout.key_labels.shape[0], device=same.device)
-    own = layout.self_index[start:stop].unsqueeze(1) == cols.unsqueeze(0)
-    return same & ~own, ~same
+    negative = ~same
+    if layout.self_index is not None:  # the anchor's own key: one scattered False per row
+        own = layout.self_index[start:stop].unsqueeze(1)
+        same = same.scatter_(1, own, torch.zeros_like(own, dtype=torch.bool))
+    return same, negative
 
 
 def resolve_pair_rows(
@@ -128,47 +136,82 @@ def resolve_pair_rows(
     return None if rows >= n else int(rows)
 
 
+class _Tiles(NamedTuple):
+    """What the tiled function needs to rebuild any tile of rows."""
+
+    layout: PairLayout
+    values: PairValues
+    row_loss: RowLoss
+
+    def loss(self, q: Tensor, keys: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """``(loss, count)`` of the anchor rows ``q``, which start at row ``start``."""
+        masks = row_masks(self.layout, start, start + q.shape[0])
+        return self.row_loss(self.values(q, keys), *masks)
+
+    def grad(
+        self, query: Tensor, keys: Tensor, start: int, stop: int, grad: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(loss, count, dq, dK)`` of rows ``start:stop`` for their upstream ``grad``."""
+        with torch.enable_grad():
+            q = query[start:stop].detach().requires_grad_(True)
+            k = keys.detach().requires_grad_(True)
+            loss, count = self.loss(q, k, start)
+            d_q, d_k = torch.autograd.grad(loss, (q, k), grad)
+        return loss.detach(), count, d_q, d_k
+
+
 class _TiledRows(torch.autograd.Function):
+    """Row tiles with recomputation, or with gradients finished in the forward (``eager``).
+
+    ``eager`` is for callers that only sum the per-anchor losses with one common factor
+    (reductions mean and sum): the forward pushes an upstream gradient of 1 per anchor through
+    each tile as it goes and keeps ``dq (n, D)``, ``dK (M, D)``; the backward scales them by
+    that common factor (``grad[0]``, read as a tensor, not on the host). One pass over the
+    tiles and three GEMMs instead of two passes and four.
+    """
+
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any,
-        query: Tensor,
-        keys: Tensor,
-        layout: PairLayout,
-        values: PairValues,
-        row_loss: RowLoss,
-        chunk: int,
+        ctx: Any, query: Tensor, keys: Tensor, tiles: _Tiles, chunk: int, eager: bool
     ) -> tuple[Tensor, Tensor]:
         n = query.shape[0]
         loss = query.new_empty(n)
         count = torch.empty(n, dtype=torch.long, device=query.device)
-        for start in range(0, n, chunk):  # phase 1: losses of each tile, no graph kept
+        d_query, d_keys = torch.zeros_like(query), torch.zeros_like(keys)
+        ones = query.new_ones(chunk)
+        for start in range(0, n, chunk):  # losses of each tile (and their gradients if eager)
             stop = min(start + chunk, n)
-            tile_loss, tile_count = row_loss(
-                values(query[start:stop], keys), *row_masks(layout, start, stop)
-            )
-            loss[start:stop] = tile_loss
-            count[start:stop] = tile_count
-        ctx.save_for_backward(query, keys)
-        ctx.layout, ctx.values, ctx.row_loss, ctx.chunk = layout, values, row_loss, chunk
+            if eager:
+                tile_loss, tile_count, d_q, d_k = tiles.grad(
+                    query, keys, start, stop, ones[: stop - start]
+                )
+                d_query[start:stop] = d_q
+                d_keys += d_k
+            else:
+                tile_loss, tile_count = tiles.loss(query[start:stop], keys, start)
+            loss[start:stop], count[start:stop] = tile_loss, tile_count
+        if eager:
+            ctx.save_for_backward(d_query, d_keys)
+        else:
+            ctx.save_for_backward(query, keys)
+        ctx.tiles, ctx.chunk, ctx.eager = tiles, chunk, eager
         ctx.mark_non_differentiable(count)
         return loss, count
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.eager:  # every anchor's upstream gradient is grad[0]
+            d_query, d_keys = ctx.saved_tensors
+            return d_query * grad[0], d_keys * grad[0], None, None, None
         query, keys = ctx.saved_tensors
         n, chunk = query.shape[0], ctx.chunk
         d_query, d_keys = torch.zeros_like(query), torch.zeros_like(keys)
-        k = keys.detach().requires_grad_(True)
-        for start in range(0, n, chunk):  # phase 2: recompute a tile, push its gradient back
+        for start in range(0, n, chunk):  # recompute each tile and push its gradient back
             stop = min(start + chunk, n)
-            with torch.enable_grad():
-                q = query[start:stop].detach().requires_grad_(True)
-                tile_loss, _ = ctx.row_loss(ctx.values(q, k), *row_masks(ctx.layout, start, stop))
-                g_q, g_k = torch.autograd.grad(tile_loss, (q, k), grad[start:stop])
-            d_query[start:stop] = g_q
-            d_keys += g_k
-        return d_query, d_keys, None, None, None, None
+            _, _, d_q, d_k = ctx.tiles.grad(query, keys, start, stop, grad[start:stop])
+            d_query[start:stop] = d_q
+            d_keys += d_k
+        return d_query, d_keys, None, None, None
 
 
 def pair_rows(
@@ -178,6 +221,8 @@ def pair_rows(
     values: PairValues,
     row_loss: RowLoss,
     chunk_size: ChunkSize = "auto",
+    *,
+    reduced: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-anchor ``(loss (n,), count (n,))`` of ``row_loss`` over all rows, dense or tiled.
 
@@ -188,11 +233,15 @@ def pair_rows(
         values: The pair-value function (a distance or a similarity of ``ops.distances``).
         row_loss: The per-row loss.
         chunk_size: ``None`` (dense), an int (rows per tile) or ``"auto"``.
+        reduced: The caller only sums the losses with one common factor (reductions mean and
+            sum), so the tiled path may finish the gradients during the forward.
     """
     chunk = resolve_pair_rows(chunk_size, query.shape[0], keys.shape[0], query.dtype)
     if chunk is None:
         return row_loss(values(query, keys), *row_masks(layout, 0, query.shape[0]))
-    loss, count = _TiledRows.apply(query, keys, layout, values, row_loss, chunk)
+    wanted = torch.is_grad_enabled() and (query.requires_grad or keys.requires_grad)
+    tiles = _Tiles(layout, values, row_loss)
+    loss, count = _TiledRows.apply(query, keys, tiles, chunk, reduced and wanted)
     return loss, count
 
 
@@ -317,9 +366,12 @@ def labelled_pair_loss(
     def values(q: Tensor, k: Tensor) -> Tensor:
         return pair_similarity(q, k, kind) if similarity else pair_distance(q, k, kind)
 
-    loss, count = pair_rows(x, gathered.tensor, layout, values, row_loss, options.chunk_size)
-    reduced = reduce_counted(loss, count, options.reduction, distributed=options.gather_distributed)
-    return PairResult(reduced, loss, count)
+    reduced = options.reduction != "none"
+    loss, count = pair_rows(
+        x, gathered.tensor, layout, values, row_loss, options.chunk_size, reduced=reduced
+    )
+    total = reduce_counted(loss, count, options.reduction, distributed=options.gather_distributed)
+    return PairResult(total, loss, count)
 
 
 #: ``(values, positive, negative) -> (positive, negative)``: a pair miner of :mod:`ops.miners`.
@@ -344,6 +396,3 @@ def mined(row_loss: RowLoss, miner: PairMiner) -> RowLoss:
         return row_loss(values, *miner(values, positive, negative))
 
     return row
-
-
-__all__ += ["PairMiner", "mined"]

@@ -11,6 +11,7 @@ the first position of ``s_i``'s tie group (a binary search), so
     L = log(1 + Σ_i exp(−λ·v_i + log Σ_{j: s_j < s_i} exp(λ·v_j)))
 
 exactly, in log space, with O(N) memory instead of the N×N matrix of differences.
+:func:`angle_difference` is AnglE's value of a pair (Li & Li 2023), ranked the same way.
 """
 
 from __future__ import annotations
