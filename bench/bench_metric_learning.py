@@ -101,7 +101,7 @@ def worker(case: str, impl: str, n: int, d: int) -> dict[str, Any]:
     loss = step(x, y)
     loss.backward()
     seconds = time.perf_counter() - start
-    return {"peak_bytes": max(_peak_rss() - base, 0), "seconds": seconds, "loss": float(loss)}
+    return {"peak_bytes": max(_peak_rss() - base, 0), "seconds": seconds, "loss": float(loss.detach())}
 
 
 # ----------------------------------------------------------------------------- parent side
