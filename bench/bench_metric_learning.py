@@ -101,7 +101,11 @@ def worker(case: str, impl: str, n: int, d: int) -> dict[str, Any]:
     loss = step(x, y)
     loss.backward()
     seconds = time.perf_counter() - start
-    return {"peak_bytes": max(_peak_rss() - base, 0), "seconds": seconds, "loss": float(loss.detach())}
+    return {
+        "peak_bytes": max(_peak_rss() - base, 0),
+        "seconds": seconds,
+        "loss": float(loss.detach()),
+    }
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -174,8 +178,9 @@ def format_section(results: dict[str, dict[str, Any]], args: argparse.Namespace)
         f"torch {m['torch']}, float32, D={args.d}, four samples per label. Each run is one forward+backward in a fresh process; peak "
         "extra memory is the growth of the peak RSS over the allocated inputs. "
         "pytorch-metric-learning runs at doubling N until the next size would pass "
-        f"{args.pml_cap_gib:g} GiB; embedloss is then measured again at that N. Times are "
-        "single runs on a shared machine: indicative only.",
+        f"{args.pml_cap_gib:g} GiB; embedloss is then measured again at that N. Each row comes "
+        "from one run of its case. Times are single runs on a machine shared with other jobs: "
+        "indicative only (memory is not affected).",
         "",
         "How: `embedloss/ops/pair_losses.py` scores anchors in row tiles of about 4 MiB against "
         "the full key width and, for mean and sum reductions, finishes the gradients while it "
@@ -184,8 +189,8 @@ def format_section(results: dict[str, dict[str, Any]], args: argparse.Namespace)
         "O(N²) or O(N³).",
         "",
         f"| loss | embedloss N={args.n} peak MiB | s | pytorch-metric-learning | largest N "
-        "| peak MiB | s | embedloss at that N, MiB | memory × PML |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| peak MiB | s | embedloss at that N: MiB | s | memory × PML |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     checks = []
     for case, r in results.items():
@@ -196,7 +201,8 @@ def format_section(results: dict[str, dict[str, Any]], args: argparse.Namespace)
             ratio = f"{same_n['peak_bytes'] / pml['peak_bytes']:.3f}×"
         lines.append(
             f"| {case} | {_mib(ours)} | {_secs(ours)} | {CASES[case][1]} | "
-            f"{pml['n'] if pml else '–'} | {_mib(pml)} | {_secs(pml)} | {_mib(same_n)} | {ratio} |"
+            f"{pml['n'] if pml else '–'} | {_mib(pml)} | {_secs(pml)} | {_mib(same_n)} | "
+            f"{_secs(same_n)} | {ratio} |"
         )
         peak = ours.get("peak_bytes")
         status = "FAIL" if peak is None or peak > LIMIT_GIB * 2**30 else "PASS"
@@ -237,13 +243,22 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument(
+        "--from-json",
+        action="store_true",
+        help="re-render the docs section from docs/benchmarks_metric_learning.json (no runs); "
+        "with --case, run those cases and keep the others from the JSON",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(worker(spec["case"], spec["impl"], spec["n"], spec["d"])))
         return 0
-    results = {case: run_case(case, args) for case in (args.case or list(CASES))}
+    stored = args.docs / "benchmarks_metric_learning.json"
+    results = json.loads(stored.read_text(encoding="utf-8")) if args.from_json else {}
+    if not args.from_json or args.case:
+        results.update({case: run_case(case, args) for case in (args.case or list(CASES))})
     section = format_section(results, args)
     print(section)
     if args.write:
