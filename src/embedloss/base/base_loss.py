@@ -80,6 +80,19 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def _merge_base_options(cls: type, init: Callable[..., None]) -> None:
+    """Give ``init`` (which passes ``**options`` to its base) the full keyword-only signature."""
+    signature = inspect.signature(init)
+    params = list(signature.parameters.values())
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    own = [p for p in params if p.kind is p.KEYWORD_ONLY]
+    names = {p.name for p in own}
+    base = inspect.signature(super(cls, cls).__init__).parameters.values()  # type: ignore[misc,arg-type]
+    inherited = [p for p in base if p.kind is p.KEYWORD_ONLY and p.name not in names]
+    init.__signature__ = signature.replace(parameters=[params[0], *inherited, *own])  # type: ignore[attr-defined]
+
+
 def _poisoned_terms(output: LossOutput) -> LossOutput:
     """``output`` with every term NaN where the loss is not finite (``0·x`` is NaN then)."""
     if not output.terms:
@@ -111,7 +124,7 @@ class BaseLoss(nn.Module):
         self._counters = {}
 
     def __init_subclass__(cls, **defaults: Any) -> None:
-        """Set up a subclass: its call guard, and defaults given in the class statement.
+        """Set up a subclass: its call guard, its constructor's signature and defaults.
 
         ``compute`` and ``forward`` defined by the subclass are wrapped (:func:`_guarded`): with
         ``gather_distributed`` and a process group, every rank first agrees on the loss's
@@ -119,8 +132,11 @@ class BaseLoss(nn.Module):
         one rank, is the same ``ValueError`` on every rank, never a hang); ``compute``'s terms
         are NaN whenever its loss is.
 
-        ``class SimCLRLoss(BaseContrastiveLoss, temperature=0.5)`` is the base constructor with
-        τ = 0.5 by default: ``inspect.signature(SimCLRLoss)`` shows it, nothing is relayed.
+        A subclass's constructor names only its own options and hands its base's on with
+        ``**options: Unpack[BaseArgs]`` (a ``TypedDict``, so type checkers see every keyword):
+        its signature becomes the base's keyword-only options followed by its own, which is what
+        ``inspect.signature(Loss)`` and the registry show. Defaults given in the class statement
+        — ``class SimCLRLoss(BaseContrastiveLoss, temperature=0.5)`` — replace inherited ones.
 
         Raises:
             TypeError: If a default names no constructor argument.
@@ -130,6 +146,9 @@ class BaseLoss(nn.Module):
             method = cls.__dict__.get(name)
             if method is not None and not hasattr(method, "__guarded__"):
                 setattr(cls, name, _guarded(method))
+        own = cls.__dict__.get("__init__")
+        if own is not None:
+            _merge_base_options(cls, own)
         if not defaults:
             return
         known = inspect.signature(cls.__init__).parameters

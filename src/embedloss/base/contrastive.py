@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import TypedDict
 
 import torch
 from torch import Tensor
@@ -20,7 +21,18 @@ from embedloss.ops.similarity import (
     similarity_matrix,
 )
 
-__all__ = ["BaseContrastiveLoss"]
+__all__ = ["BaseContrastiveLoss", "ContrastiveArgs"]
+
+
+class ContrastiveArgs(TypedDict, total=False):
+    """The options of :class:`BaseContrastiveLoss`, for a subclass's ``**options: Unpack[...]``."""
+
+    temperature: float
+    learnable_temperature: bool
+    reduction: str
+    normalize: bool
+    chunk_size: ChunkSize
+    gather_distributed: bool
 
 
 class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss):
@@ -28,7 +40,8 @@ class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss)
 
     The constructor takes the options every InfoNCE-family loss has; a loss that only changes
     their defaults says so in its class statement (``class SimCLRLoss(BaseContrastiveLoss,
-    temperature=0.5)``), one with options of its own passes these through in one call.
+    temperature=0.5)``); one with options of its own names only those and passes the rest on
+    as ``**options: Unpack[ContrastiveArgs]`` (its signature shows them all).
     :meth:`options` hands them, with the current temperature, to the loss's pure function as
     one :class:`~embedloss.ops.info_nce.ContrastiveOptions`; :meth:`paired_output` turns the
     function's :class:`~embedloss.ops.info_nce.PairedResult` into the loss and its terms.

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_labels, check_pair
 from embedloss.base.base_loss import LossOutput, detached_terms
-from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses, ChunkSize, mean_accuracy
 from embedloss.ops.info_nce import ContrastiveOptions, nt_xent, paired_symmetric
 from embedloss.ops.supcon import multi_view_contrast
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["MixedMultimodalLoss", "mixed_multimodal_loss"]
 
@@ -147,7 +150,7 @@ def _check_weights(clip: float, nt_xent: float, supcon: float) -> dict[str, floa
 
 
 @register_loss("mixed_multimodal", category="multimodal")
-class MixedMultimodalLoss(BaseContrastiveLoss):
+class MixedMultimodalLoss(BaseContrastiveLoss, temperature=0.07):
     """Weighted sum of CLIP, NT-Xent and (with labels) SupCon over two modalities.
 
     See :func:`mixed_multimodal_loss`: without ``labels`` the SupCon part is dropped and the
@@ -178,24 +181,12 @@ class MixedMultimodalLoss(BaseContrastiveLoss):
     def __init__(
         self,
         *,
-        temperature: float = 0.07,
         clip_weight: float = 0.4,
         nt_xent_weight: float = 0.3,
         supcon_weight: float = 0.3,
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
+        **options: Unpack[ContrastiveArgs],
     ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
+        super().__init__(**options)
         self.weights = _check_weights(clip_weight, nt_xent_weight, supcon_weight)
 
     def compute(

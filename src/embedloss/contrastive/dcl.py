@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_positive_float
 from embedloss.base.base_loss import LossOutput
-from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses, ChunkSize
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, nt_xent
 from embedloss.ops.layouts import two_view_layout
 from embedloss.ops.similarity import l2_normalize, label_codes
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["DCLLoss", "DCLWLoss", "dcl_loss", "dclw_loss", "von_mises_fisher_weights"]
 
@@ -247,25 +252,8 @@ class DCLWLoss(DCLLoss):
         torch.Size([])
     """
 
-    def __init__(
-        self,
-        *,
-        temperature: float = 0.1,
-        sigma: float = 0.5,
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
+    def __init__(self, *, sigma: float = 0.5, **options: Unpack[ContrastiveArgs]) -> None:
+        super().__init__(**options)
         self.sigma = check_positive_float(sigma, "sigma")
 
     def extra_repr(self) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_pair
 from embedloss.base.base_loss import LossOutput
-from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.base.mixins import HardNegativeMiningMixin
 from embedloss.ops.anchors import AnchorLosses, ChunkSize, pair_masks
 from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, info_nce
@@ -15,6 +17,9 @@ from embedloss.ops.layouts import paired_layout
 from embedloss.ops.mining import HardNegativeMining, hard_negative_log_weights
 from embedloss.ops.similarity import l2_normalize
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["HardNegativeLoss", "hard_negative_loss"]
 
@@ -140,7 +145,7 @@ def hard_negative_loss(
 
 
 @register_loss("hard_negative")
-class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss):
+class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss, temperature=0.07):
     """Symmetric InfoNCE with up-weighted hard negatives (legacy ``HardNegativeMiningContrastiveLoss``).
 
     See :func:`hard_negative_loss` for the formula and the strategies. Terms: ``loss_a_to_b``,
@@ -170,26 +175,14 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss):
     def __init__(
         self,
         *,
-        temperature: float = 0.07,
         strategy: str = "semi_hard",
         hard_negative_factor: float = 2.0,
         percentile: float = 0.9,
         margin: float = 0.2,
         beta: float = 1.0,
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
+        **options: Unpack[ContrastiveArgs],
     ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
+        super().__init__(**options)
         self._init_hard_negative_mining(strategy, hard_negative_factor, percentile, margin, beta)
 
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_embeddings, check_int, check_pair, check_same_shape
 from embedloss.base.base_loss import LossOutput, detached_terms
-from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.base.queue import FeatureQueue
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, nt_xent
 from embedloss.ops.neighbours import nearest_neighbour_index
 from embedloss.ops.similarity import l2_normalize
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["NNCLRLoss", "nnclr_loss"]
 
@@ -179,25 +182,8 @@ class NNCLRLoss(BaseContrastiveLoss):
         (0.0, 8)
     """
 
-    def __init__(
-        self,
-        *,
-        temperature: float = 0.1,
-        queue_size: int = 98304,
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
+    def __init__(self, *, queue_size: int = 98304, **options: Unpack[ContrastiveArgs]) -> None:
+        super().__init__(**options)
         self.queue_size = check_int(queue_size, "queue_size", low=1)
         self.queue = FeatureQueue(queue_size)
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
 from embedloss._validation import check_float
 from embedloss.base.base_loss import LossOutput
-from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.info_nce import ContrastiveOptions, paired_symmetric
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["CLIPLoss", "clip_loss"]
 
@@ -65,7 +70,7 @@ def clip_loss(
 
 
 @register_loss("clip")
-class CLIPLoss(BaseContrastiveLoss):
+class CLIPLoss(BaseContrastiveLoss, temperature=0.07):
     """CLIP's symmetric image–text contrastive loss (Radford et al. 2021).
 
     See :func:`clip_loss` for the formula. Terms: ``loss_image_to_text``, ``loss_text_to_image``,
@@ -88,25 +93,8 @@ class CLIPLoss(BaseContrastiveLoss):
         ['accuracy', 'loss_image_to_text']
     """
 
-    def __init__(
-        self,
-        *,
-        temperature: float = 0.07,
-        learnable_temperature: bool = False,
-        label_smoothing: float = 0.0,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
-    ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
+    def __init__(self, *, label_smoothing: float = 0.0, **options: Unpack[ContrastiveArgs]) -> None:
+        super().__init__(**options)
         self.label_smoothing = check_float(label_smoothing, "label_smoothing", low=0.0, high=1.0)
 
     def compute(

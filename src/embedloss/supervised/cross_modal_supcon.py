@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -14,11 +14,14 @@ from embedloss._validation import (
     check_same_shape,
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
-from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses, ChunkSize, mean_accuracy, reduce_anchor_losses
 from embedloss.ops.info_nce import ContrastiveOptions
 from embedloss.ops.supcon import check_supervision, cross_contrast, multi_view_contrast
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["CrossModalSupConLoss", "cross_modal_supcon_loss"]
 
@@ -189,23 +192,11 @@ class CrossModalSupConLoss(BaseContrastiveLoss):
     def __init__(
         self,
         *,
-        temperature: float = 0.1,
         base_temperature: float | None = None,
         contrast_mode: str = "all",
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
+        **options: Unpack[ContrastiveArgs],
     ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
+        super().__init__(**options)
         self.contrast_mode = check_choice(contrast_mode, "contrast_mode", CROSS_MODAL_MODES)
         self.base_temperature = check_optional_positive(base_temperature, "base_temperature")
 

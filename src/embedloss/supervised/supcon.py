@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_choice, check_embeddings, check_optional_positive
 from embedloss.base.base_loss import LossOutput, detached_terms
-from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses, ChunkSize
 from embedloss.ops.info_nce import ContrastiveOptions
 from embedloss.ops.supcon import multi_view_contrast
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["SupConLoss", "supcon_loss"]
 
@@ -146,23 +149,11 @@ class SupConLoss(BaseContrastiveLoss):
     def __init__(
         self,
         *,
-        temperature: float = 0.1,
         base_temperature: float | None = None,
         contrast_mode: str = "all",
-        learnable_temperature: bool = False,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
+        **options: Unpack[ContrastiveArgs],
     ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
+        super().__init__(**options)
         self.contrast_mode = check_choice(contrast_mode, "contrast_mode", CONTRAST_MODES)
         self.base_temperature = check_optional_positive(base_temperature, "base_temperature")
 
