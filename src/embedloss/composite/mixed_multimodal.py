@@ -11,8 +11,14 @@ from torch import Tensor
 from embedloss._validation import check_float, check_labels, check_pair
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
-from embedloss.ops.anchors import AnchorLosses, ChunkSize, mean_accuracy
-from embedloss.ops.info_nce import ContrastiveOptions, nt_xent, paired_symmetric
+from embedloss.ops.anchors import AnchorLosses, mean_accuracy
+from embedloss.ops.info_nce import (
+    ContrastiveKeywords,
+    ContrastiveOptions,
+    contrastive_keywords,
+    nt_xent,
+    paired_symmetric,
+)
 from embedloss.ops.supcon import multi_view_contrast
 from embedloss.registry import register_loss
 
@@ -75,20 +81,17 @@ def _mixed(
     return _Mixed(sum(values[1:], values[0]), parts, clip.anchors)
 
 
+@contrastive_keywords(temperature=0.07)
 def mixed_multimodal_loss(
     image_embeddings: Tensor,
     text_embeddings: Tensor,
     *,
     labels: Tensor | None = None,
     pair_labels: Tensor | None = None,
-    temperature: float | Tensor = 0.07,
     clip_weight: float = 0.4,
     nt_xent_weight: float = 0.3,
     supcon_weight: float = 0.3,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""Weighted sum of CLIP, NT-Xent and SupCon over paired image and text embeddings.
 
@@ -135,9 +138,7 @@ def mixed_multimodal_loss(
         True
     """
     weights = _check_weights(clip_weight, nt_xent_weight, supcon_weight)
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     return _mixed(image_embeddings, text_embeddings, labels, pair_labels, options, weights).loss
 
 

@@ -10,9 +10,15 @@ from torch import Tensor
 from embedloss._validation import check_positive_float
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
-from embedloss.ops.anchors import AnchorLosses, ChunkSize
+from embedloss.ops.anchors import AnchorLosses
 from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, nt_xent
+from embedloss.ops.info_nce import (
+    ContrastiveKeywords,
+    ContrastiveOptions,
+    PairedResult,
+    contrastive_keywords,
+    nt_xent,
+)
 from embedloss.ops.layouts import two_view_layout
 from embedloss.ops.similarity import l2_normalize, label_codes
 from embedloss.registry import register_loss
@@ -92,16 +98,13 @@ def _dcl(
     return PairedResult(options.reduce(weighted), (weighted,), a, b)
 
 
+@contrastive_keywords()
 def dcl_loss(
     z_a: Tensor,
     z_b: Tensor,
     *,
-    temperature: float | Tensor = 0.1,
     labels: Tensor | None = None,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""Decoupled contrastive loss: NT-Xent without the positive in the denominator.
 
@@ -138,23 +141,18 @@ def dcl_loss(
         >>> round(loss.item(), 6) == round(math.log(4) - 1, 6)
         True
     """
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     return _dcl(z_a, z_b, labels, options, None).loss
 
 
+@contrastive_keywords()
 def dclw_loss(
     z_a: Tensor,
     z_b: Tensor,
     *,
-    temperature: float | Tensor = 0.1,
     sigma: float = 0.5,
     labels: Tensor | None = None,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""Weighted decoupled contrastive loss: DCL with a von Mises–Fisher weight on the positive.
 
@@ -189,9 +187,7 @@ def dclw_loss(
         >>> bool(torch.isclose(dclw_loss(z, z), dcl_loss(z, z)))
         True
     """
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     return _dcl(z_a, z_b, labels, options, check_positive_float(sigma, "sigma")).loss
 
 

@@ -11,8 +11,14 @@ from embedloss._validation import check_pair
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.base.mixins import HardNegativeMiningMixin
-from embedloss.ops.anchors import AnchorLosses, ChunkSize, pair_masks
-from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, info_nce
+from embedloss.ops.anchors import AnchorLosses, pair_masks
+from embedloss.ops.info_nce import (
+    ContrastiveKeywords,
+    ContrastiveOptions,
+    PairedResult,
+    contrastive_keywords,
+    info_nce,
+)
 from embedloss.ops.layouts import paired_layout
 from embedloss.ops.mining import HardNegativeMining, hard_negative_log_weights
 from embedloss.ops.similarity import l2_normalize
@@ -73,21 +79,18 @@ def _hard_negative(
     return PairedResult(loss, (a2b, b2a), a, b), (hard_a + hard_b) / 2
 
 
+@contrastive_keywords(temperature=0.07)
 def hard_negative_loss(
     z_a: Tensor,
     z_b: Tensor,
     *,
-    temperature: float | Tensor = 0.07,
     strategy: str = "semi_hard",
     hard_negative_factor: float = 2.0,
     percentile: float = 0.9,
     margin: float = 0.2,
     beta: float = 1.0,
     labels: Tensor | None = None,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""CLIP's symmetric InfoNCE with each anchor's hard negatives up-weighted in the denominator.
 
@@ -138,9 +141,7 @@ def hard_negative_loss(
         True
     """
     mining = HardNegativeMining.create(strategy, hard_negative_factor, percentile, margin, beta)
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     return _hard_negative(z_a, z_b, labels, mining, options)[0].loss
 
 

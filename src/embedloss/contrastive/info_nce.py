@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_embeddings, check_pair, check_same_dim
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.anchors import AnchorLosses, ChunkSize, PairSpec, anchor_losses_from_logits
-from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, info_nce
+from embedloss.ops.anchors import AnchorLosses, PairSpec, anchor_losses_from_logits
+from embedloss.ops.info_nce import (
+    ContrastiveKeywords,
+    ContrastiveOptions,
+    PairedResult,
+    contrastive_keywords,
+    info_nce,
+)
 from embedloss.ops.layouts import paired_layout
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["InfoNCELoss", "info_nce_loss"]
 
@@ -90,17 +101,14 @@ def _info_nce(
     return PairedResult(options.reduce(result, distributed=False), (result,), q, p)
 
 
+@contrastive_keywords()
 def info_nce_loss(
     query: Tensor,
     positive_key: Tensor,
     negative_keys: Tensor | None = None,
     *,
-    temperature: float | Tensor = 0.1,
     labels: Tensor | None = None,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""InfoNCE: classify each query's positive key among negatives (van den Oord et al. 2018, Eq. 4).
 
@@ -134,9 +142,7 @@ def info_nce_loss(
         >>> round(loss.item(), 6) == round(math.log(math.e + 2) - 1, 6)
         True
     """
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     return _info_nce(query, positive_key, negative_keys, labels, options).loss
 
 

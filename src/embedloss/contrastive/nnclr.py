@@ -11,8 +11,13 @@ from embedloss._validation import check_embeddings, check_int, check_pair, check
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.base.queue import FeatureQueue
-from embedloss.ops.anchors import ChunkSize
-from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, nt_xent
+from embedloss.ops.info_nce import (
+    ContrastiveKeywords,
+    ContrastiveOptions,
+    PairedResult,
+    contrastive_keywords,
+    nt_xent,
+)
 from embedloss.ops.neighbours import nearest_neighbour_index
 from embedloss.ops.similarity import l2_normalize
 from embedloss.registry import register_loss
@@ -82,6 +87,7 @@ def _nnclr(
     return _NNCLR(loss, (first, second), (near_a, near_b), a)
 
 
+@contrastive_keywords()
 def nnclr_loss(
     z_a: Tensor,
     z_b: Tensor,
@@ -89,12 +95,8 @@ def nnclr_loss(
     *,
     p_a: Tensor | None = None,
     p_b: Tensor | None = None,
-    temperature: float | Tensor = 0.1,
     labels: Tensor | None = None,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""NNCLR's loss: NT-Xent between each view's nearest neighbour and the other view.
 
@@ -133,9 +135,7 @@ def nnclr_loss(
         >>> nnclr_loss(z_a, z_b, support).shape
         torch.Size([])
     """
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     if support is not None:
         check_embeddings(support, "support")
         if support.shape[1] != z_a.shape[-1]:

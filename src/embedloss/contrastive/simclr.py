@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.ops.anchors import ChunkSize
-from embedloss.ops.info_nce import ContrastiveOptions, nt_xent
+from embedloss.ops.info_nce import (
+    ContrastiveKeywords,
+    ContrastiveOptions,
+    contrastive_keywords,
+    nt_xent,
+)
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["SimCLRLoss", "simclr_loss"]
 
 
+@contrastive_keywords(temperature=0.5)
 def simclr_loss(
     z_a: Tensor,
     z_b: Tensor,
     *,
-    temperature: float | Tensor = 0.5,
     labels: Tensor | None = None,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR.
 
@@ -57,9 +63,7 @@ def simclr_loss(
         >>> round(loss.item(), 6) == round(math.log(math.e + 6) - 1, 6)
         True
     """
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     return nt_xent(z_a, z_b, labels, options).loss
 
 

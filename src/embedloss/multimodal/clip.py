@@ -9,8 +9,12 @@ from torch import Tensor
 from embedloss._validation import check_float
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
-from embedloss.ops.anchors import ChunkSize
-from embedloss.ops.info_nce import ContrastiveOptions, paired_symmetric
+from embedloss.ops.info_nce import (
+    ContrastiveOptions,
+    SmoothedKeywords,
+    contrastive_keywords,
+    paired_symmetric,
+)
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -21,17 +25,13 @@ __all__ = ["CLIPLoss", "clip_loss"]
 NAMES = ("image_embeddings", "text_embeddings")
 
 
+@contrastive_keywords(SmoothedKeywords, temperature=0.07)
 def clip_loss(
     image_embeddings: Tensor,
     text_embeddings: Tensor,
     *,
-    temperature: float | Tensor = 0.07,
     labels: Tensor | None = None,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[SmoothedKeywords],
 ) -> Tensor:
     r"""The symmetric InfoNCE of CLIP (Radford et al. 2021, Fig. 3 pseudo-code).
 
@@ -63,9 +63,7 @@ def clip_loss(
         >>> round(clip_loss(x, x, temperature=1.0).item(), 6) == round(math.log(math.e + 2) - 1, 6)
         True
     """
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed, label_smoothing
-    )
+    options = ContrastiveOptions.create(**keywords)
     return paired_symmetric(image_embeddings, text_embeddings, labels, options, NAMES).loss
 
 

@@ -10,8 +10,11 @@ A loss hands its options to these functions as one :class:`ContrastiveOptions` o
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypedDict, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -37,7 +40,10 @@ from embedloss.ops.layouts import paired_layout, two_view_layout
 from embedloss.ops.similarity import inverse_temperature, prepare_embeddings, scale_from_logit
 
 __all__ = [
+    "ContrastiveKeywords",
     "ContrastiveOptions",
+    "SmoothedKeywords",
+    "contrastive_keywords",
     "PairedResult",
     "info_nce",
     "nt_xent",
@@ -78,7 +84,7 @@ class ContrastiveOptions:
     @classmethod
     def create(
         cls,
-        temperature: float | Tensor,
+        temperature: float | Tensor = 0.1,
         reduction: str = "mean",
         normalize: bool = True,
         chunk_size: ChunkSize = "auto",
@@ -120,6 +126,60 @@ class ContrastiveOptions:
         """``result`` reduced with ``reduction`` (over ranks when ``gather_distributed``)."""
         dist = self.gather_distributed if distributed is None else distributed
         return reduce_anchor_losses(result, self.reduction, distributed=dist)
+
+
+class ContrastiveKeywords(TypedDict, total=False):
+    """The keyword options of a functional InfoNCE-family loss (:meth:`ContrastiveOptions.create`)."""
+
+    temperature: float | Tensor
+    reduction: str
+    normalize: bool
+    chunk_size: ChunkSize
+    gather_distributed: bool
+
+
+class SmoothedKeywords(ContrastiveKeywords, total=False):
+    """:class:`ContrastiveKeywords` and label smoothing."""
+
+    label_smoothing: float
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def contrastive_keywords(keywords: type = ContrastiveKeywords, **defaults: Any) -> Callable[[F], F]:
+    """Decorator: a functional loss takes the ``keywords`` options, with these defaults.
+
+    The function is written ``fn(inputs..., *, its_own=..., **options: Unpack[keywords])`` and
+    passes ``options`` to :meth:`ContrastiveOptions.create`; the decorator gives it the full,
+    explicit signature (its own parameters, then the options with their defaults, as
+    ``inspect.signature`` and ``help`` show), fills in the defaults and refuses an unknown
+    keyword with ``TypeError``, as Python does for an explicit signature.
+    """
+    names = list(keywords.__annotations__)
+    create = inspect.signature(ContrastiveOptions.create).parameters
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        extra = [
+            create[n].replace(
+                kind=inspect.Parameter.KEYWORD_ONLY, default=defaults.get(n, create[n].default)
+            )
+            for n in names
+        ]
+        full = signature.replace(parameters=[*own, *extra])
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = full.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return fn(*bound.args, **bound.kwargs)
+
+        wrapper.__signature__ = full  # type: ignore[attr-defined]
+        return cast(F, wrapper)
+
+    return decorate
 
 
 class PairedResult(NamedTuple):

@@ -15,8 +15,8 @@ from embedloss._validation import (
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
-from embedloss.ops.anchors import AnchorLosses, ChunkSize, mean_accuracy, reduce_anchor_losses
-from embedloss.ops.info_nce import ContrastiveOptions
+from embedloss.ops.anchors import AnchorLosses, mean_accuracy, reduce_anchor_losses
+from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
 from embedloss.ops.supcon import check_supervision, cross_contrast, multi_view_contrast
 from embedloss.registry import register_loss
 
@@ -100,19 +100,16 @@ def _cross_modal_supcon(
     return _Result(sum(weighted[1:], weighted[0]) * factor, parts, factor)
 
 
+@contrastive_keywords()
 def cross_modal_supcon_loss(
     image_embeddings: Tensor,
     text_embeddings: Tensor,
     labels: Tensor | None = None,
     mask: Tensor | None = None,
     *,
-    temperature: float | Tensor = 0.1,
     base_temperature: float | None = None,
     contrast_mode: str = "all",
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""Supervised contrastive loss within and across two paired modalities.
 
@@ -155,9 +152,7 @@ def cross_modal_supcon_loss(
         >>> cross_modal_supcon_loss(x, x + 0.1, labels, contrast_mode="cross").shape
         torch.Size([])
     """
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     base = check_optional_positive(base_temperature, "base_temperature")
     return _cross_modal_supcon(
         image_embeddings, text_embeddings, labels, mask, options, contrast_mode, base

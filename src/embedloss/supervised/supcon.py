@@ -10,8 +10,8 @@ from torch import Tensor
 from embedloss._validation import check_choice, check_embeddings, check_optional_positive
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
-from embedloss.ops.anchors import AnchorLosses, ChunkSize
-from embedloss.ops.info_nce import ContrastiveOptions
+from embedloss.ops.anchors import AnchorLosses
+from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
 from embedloss.ops.supcon import multi_view_contrast
 from embedloss.registry import register_loss
 
@@ -56,18 +56,15 @@ def _supcon(
     return _SupCon(options.reduce(result), result)
 
 
+@contrastive_keywords()
 def supcon_loss(
     embeddings: Tensor,
     labels: Tensor | None = None,
     mask: Tensor | None = None,
     *,
-    temperature: float | Tensor = 0.1,
     base_temperature: float | None = None,
     contrast_mode: str = "all",
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""Supervised contrastive loss, L_out of Khosla et al. 2020 (Eq. 2).
 
@@ -113,9 +110,7 @@ def supcon_loss(
         >>> round(loss.item(), 6) == round(math.log(math.e + 6) - 1, 6)
         True
     """
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     base = check_optional_positive(base_temperature, "base_temperature")
     return _supcon(embeddings, labels, mask, options, contrast_mode, base).loss
 
