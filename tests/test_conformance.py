@@ -25,6 +25,9 @@ WITHOUT_REDUCTION = {
     "hybrid_vicreg",
     "combined",
     "multitask",
+    "cosent",  # a ranking of every pair of pairs of the batch
+    "angle",
+    "matryoshka",  # its wrapped loss has the reduction
 }
 
 

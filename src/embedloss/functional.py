@@ -18,6 +18,15 @@ from embedloss.contrastive import (
     nnclr_loss,
     simclr_loss,
 )
+from embedloss.metric_learning import (
+    arcface_loss,
+    circle_loss,
+    contrastive_margin_loss,
+    cosface_loss,
+    multi_similarity_loss,
+    proxy_anchor_loss,
+    triplet_loss,
+)
 from embedloss.multimodal import (
     alignment_uniformity_loss,
     clip_loss,
@@ -32,6 +41,7 @@ from embedloss.self_supervised import (
     vicreg_loss,
 )
 from embedloss.supervised import cross_entropy_loss, cross_modal_supcon_loss, mse_loss, supcon_loss
+from embedloss.text import angle_loss, cosent_loss
 
 __all__ = [
     "swav_loss",
@@ -40,8 +50,14 @@ __all__ = [
     "ibot_patch_loss",
     "dino_loss",
     "alignment_uniformity_loss",
+    "angle_loss",
+    "arcface_loss",
     "barlow_twins_loss",
+    "circle_loss",
     "clip_loss",
+    "contrastive_margin_loss",
+    "cosent_loss",
+    "cosface_loss",
     "cross_entropy_loss",
     "cross_modal_supcon_loss",
     "dcl_loss",
@@ -55,9 +71,12 @@ __all__ = [
     "mixed_multimodal_loss",
     "moco_loss",
     "mse_loss",
+    "multi_similarity_loss",
     "negative_cosine_loss",
+    "proxy_anchor_loss",
     "siglip_loss",
     "simclr_loss",
     "supcon_loss",
+    "triplet_loss",
     "vicreg_loss",
 ]

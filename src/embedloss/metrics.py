@@ -281,3 +281,142 @@ def effective_rank(embeddings: Tensor, *, center: bool = False) -> float:
         return 0.0
     p = s / total
     return math.exp(-torch.special.xlogy(p, p).sum().item())
+
+
+# ------------------------------------------------------------------------- retrieval metrics
+# Imported here, with the section they serve, so that this section stays self-contained.
+from typing import Any  # noqa: E402
+
+from embedloss.ops.distances import (  # noqa: E402
+    check_distance,
+    pair_similarity,
+    prepare_for_distance,
+    prepared_pair,
+)
+
+
+def _retrieval_inputs(
+    embeddings: Tensor,
+    labels: Tensor,
+    reference: Tensor | None,
+    reference_labels: Tensor | None,
+    distance: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+    """Checked, prepared ``(queries, labels, references, reference labels, self excluded)``."""
+    check_distance(distance)
+    check_embeddings(embeddings, "embeddings")
+    check_labels(labels, embeddings.shape[0])
+    if (reference is None) != (reference_labels is None):
+        raise ValueError("reference and reference_labels must be given together")
+    if reference is None or reference_labels is None:
+        q = prepare_for_distance(
+            embeddings, distance, normalize=False, dtype=compute_dtype(embeddings)
+        )
+        return q, labels, q, labels, True
+    check_embeddings(reference, "reference")
+    check_same_dim(embeddings, reference, "embeddings", "reference")
+    check_labels(reference_labels, reference.shape[0], "reference_labels")
+    q, r = prepared_pair(embeddings, reference, distance, normalize=False)
+    return q, labels, r, reference_labels.to(labels.device), False
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    reference: Tensor | None = None,
+    reference_labels: Tensor | None = None,
+    distance: str = "cosine",
+    chunk_size: int = 1024,
+) -> dict[str, float]:
+    r"""Precision@1, R-precision and MAP@R of label retrieval (Musgrave et al. 2020, §3.2).
+
+    Each query ranks the references by ``distance`` (:mod:`embedloss.ops.distances`; closest
+    first, ties in reference order). With ``R`` the number of references sharing the query's
+    label and ``rel(k)`` whether the ``k``-th reference does:
+
+    * ``precision_at_1`` = ``rel(1)``;
+    * ``r_precision`` = ``(1/R)·Σ_{k≤R} rel(k)``;
+    * ``map_at_r`` = ``(1/R)·Σ_{k≤R} P(k)·rel(k)``, with ``P(k)`` the precision at ``k``;
+
+    each averaged over the queries with ``R > 0``. Without ``reference`` the queries retrieve
+    among themselves and each query is left out of its own ranking (pytorch-metric-learning's
+    ``AccuracyCalculator`` with ``ref_includes_query``). Queries are scored in row tiles of
+    ``chunk_size`` (memory O(chunk·M)).
+
+    Args:
+        embeddings: ``(N, D)`` queries.
+        labels: ``(N,)`` their labels.
+        reference: Optional ``(M, D)`` references (default: the queries themselves).
+        reference_labels: ``(M,)`` labels of ``reference`` (given with it).
+        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"`` or ``"squared_euclidean"``.
+        chunk_size: Queries per tile (default 1024).
+
+    Returns:
+        ``{"precision_at_1", "r_precision", "map_at_r"}`` as floats in [0, 1].
+
+    Raises:
+        ValueError: For mismatched shapes, an unknown distance, ``reference`` without
+            ``reference_labels``, or when no query has a reference of its label.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0.0], [0.6, 0.4], [0.0, 1.0], [0.5, 0.5], [0.3, 0.7]])
+        >>> retrieval_metrics(x, torch.tensor([0, 0, 1, 1, 1]))
+        {'precision_at_1': 0.6, 'r_precision': 0.7, 'map_at_r': 0.65}
+    """
+    q, q_labels, ref, ref_labels, exclude_self = _retrieval_inputs(
+        embeddings, labels, reference, reference_labels, distance
+    )
+    chunk = check_int(chunk_size, "chunk_size", low=1)
+    sums = torch.zeros(3, dtype=torch.float64)
+    counted = 0
+    cols = torch.arange(ref.shape[0], device=ref.device)
+    for start in range(0, q.shape[0], chunk):
+        stop = min(start + chunk, q.shape[0])
+        score = pair_similarity(q[start:stop], ref, distance)  # (c, M), larger = closer
+        same = q_labels[start:stop].unsqueeze(1) == ref_labels.unsqueeze(0)  # (c, M)
+        if exclude_self:
+            own = torch.arange(start, stop, device=ref.device).unsqueeze(1) == cols.unsqueeze(0)
+            score = score.masked_fill(own, float("-inf"))
+            same = same & ~own
+        r = same.sum(dim=1)  # (c,)
+        keep = r > 0
+        order = score.argsort(dim=1, descending=True, stable=True)
+        rel = same.gather(1, order).double()  # (c, M): relevance by rank
+        ranks = torch.arange(1, ref.shape[0] + 1, dtype=torch.float64, device=rel.device)
+        within_r = ranks.unsqueeze(0) <= r.unsqueeze(1)
+        hits = (rel * within_r).sum(dim=1)
+        precision = rel.cumsum(dim=1) / ranks
+        ap = (precision * rel * within_r).sum(dim=1)
+        r_safe = r.clamp(min=1).double()
+        per_query = torch.stack([rel[:, 0], hits / r_safe, ap / r_safe], dim=1)  # (c, 3)
+        sums += per_query[keep].sum(dim=0).cpu()
+        counted += int(keep.sum())
+    if counted == 0:
+        raise ValueError("no query has a reference with its label; check labels")
+    p1, rp, mapr = (sums / counted).tolist()
+    return {"precision_at_1": p1, "r_precision": rp, "map_at_r": mapr}
+
+
+def precision_at_1(embeddings: Tensor, labels: Tensor, **kwargs: Any) -> float:
+    """Precision@1 of :func:`retrieval_metrics` (same arguments).
+
+    Example:
+        >>> precision_at_1(torch.eye(2).repeat(2, 1), torch.tensor([0, 1, 0, 1]))
+        1.0
+    """
+    return retrieval_metrics(embeddings, labels, **kwargs)["precision_at_1"]
+
+
+def r_precision(embeddings: Tensor, labels: Tensor, **kwargs: Any) -> float:
+    """R-precision of :func:`retrieval_metrics` (same arguments)."""
+    return retrieval_metrics(embeddings, labels, **kwargs)["r_precision"]
+
+
+def map_at_r(embeddings: Tensor, labels: Tensor, **kwargs: Any) -> float:
+    """MAP@R of :func:`retrieval_metrics` (same arguments)."""
+    return retrieval_metrics(embeddings, labels, **kwargs)["map_at_r"]
+
+
+__all__ += ["map_at_r", "precision_at_1", "r_precision", "retrieval_metrics"]

@@ -2,12 +2,13 @@ import math
 
 import pytest
 import torch
-from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss
+from pytorch_metric_learning.losses import CrossBatchMemory, NTXentLoss, SupConLoss
 
 from embedloss import MoCoLoss, create_loss
 from embedloss.functional import moco_loss
 from tests.contrastive.oracles import moco_direction_oracle
 from tests.helpers import assert_close_with_grads, randn64
+from tests.oracles import dot, lse, normalize_rows
 
 
 def _oracle_sequence(
@@ -185,6 +186,85 @@ def test_parity_with_pytorch_metric_learning_cross_batch_memory():
         torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
         gq, gr = torch.autograd.grad(loss, q)[0], torch.autograd.grad(expected, q)[0]
         torch.testing.assert_close(gq, gr, rtol=1e-10, atol=1e-10)
+
+
+def _queue_positives_oracle(q, k, bank, tau, labels, bank_labels, in_batch):
+    """SupCon's L_out (Khosla et al. 2020, Eq. 2) of each query over [own key | batch | queue]:
+    positives are the own key and every same-label entry, the denominator every entry."""
+    a, p = normalize_rows(q), normalize_rows(k)
+    b = [] if bank is None else normalize_rows(bank)
+    n, total = len(a), 0.0
+    for i in range(n):
+        keys = [(p[i], True)]
+        keys += [(p[j], labels[j] == labels[i]) for j in range(n) if in_batch and j != i]
+        keys += [(b[m], bank_labels[m] == labels[i]) for m in range(len(b))]
+        logits = [dot(a[i], key) / tau for key, _ in keys]
+        positives = [z for z, (_, is_pos) in zip(logits, keys, strict=True) if is_pos]
+        total = total + lse(logits) - sum(positives) / len(positives)
+    return total / n
+
+
+@pytest.mark.parametrize("in_batch", [False, True])
+def test_queue_positives_match_the_supcon_oracle(in_batch):
+    batches = _batches(3, 4, 5, seed=140, n_labels=3)
+    loss_fn = MoCoLoss(
+        temperature=0.3, queue_size=6, in_batch_negatives=in_batch, queue_positives=True
+    )
+    keys, labels = [], []
+    for q, k, lab in batches:
+        bank = torch.stack(keys) if keys else None
+        lab_list = [int(v) for v in lab]
+        oracle = _queue_positives_oracle(q, k, bank, 0.3, lab_list, labels, in_batch)
+        assert_close_with_grads(loss_fn(q, k, lab), oracle, (q, k))
+        keys, labels = (keys + list(k.detach()))[-6:], (labels + lab_list)[-6:]
+
+
+def test_queue_positives_parity_with_pytorch_metric_learning_cross_batch_memory():
+    # PML's CrossBatchMemory enqueues the keys first, then scores the queries against the whole
+    # memory (past keys + this batch's keys) with the wrapped loss, same-label entries being
+    # positives. Around PML's SupConLoss (cosine, AvgNonZeroReducer) that is MoCo with labels,
+    # in-batch negatives and queue_positives=True, with memory_size = queue_size + batch.
+    n, d, tau, size = 4, 6, 0.2, 8
+    ours = MoCoLoss(temperature=tau, queue_size=size, in_batch_negatives=True, queue_positives=True)
+    ref = CrossBatchMemory(SupConLoss(temperature=tau), d, memory_size=size + n)
+    mask = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
+    for q, k, labels in _batches(4, n, d, seed=150, n_labels=3):
+        k = k.detach()
+        expected = ref(torch.cat([q, k]), torch.cat([labels, labels]), enqueue_mask=mask)
+        loss = ours(q, k, labels)
+        torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+        gq, gr = torch.autograd.grad(loss, q)[0], torch.autograd.grad(expected, q)[0]
+        torch.testing.assert_close(gq, gr, rtol=1e-10, atol=1e-10)
+
+
+def test_queue_positives_pure_function_symmetric_and_errors():
+    q, k = randn64(3, 4, seed=160), randn64(3, 4, seed=161)
+    queue, past = (randn64(5, 4, seed=s, requires_grad=False) for s in (162, 163))
+    labels, queue_labels = torch.tensor([0, 1, 0]), torch.tensor([1, 2, 0, 0, 3])
+    kwargs = dict(
+        labels=labels, queue_labels=queue_labels, in_batch_negatives=True, queue_positives=True
+    )
+    lab, qlab = [0, 1, 0], [1, 2, 0, 0, 3]
+    expected = (
+        _queue_positives_oracle(q, k, queue, 0.4, lab, qlab, True)
+        + _queue_positives_oracle(k, q, past, 0.4, lab, qlab, True)
+    ) / 2
+    got = moco_loss(q, k, queue, temperature=0.4, query_queue=past, symmetric=True, **kwargs)
+    assert_close_with_grads(got, expected, (q, k))
+    # Labels all distinct: no same-label entry, so queue_positives changes nothing.
+    distinct = dict(labels=torch.arange(3), queue_labels=torch.arange(3, 8))
+    torch.testing.assert_close(
+        moco_loss(q, k, queue, queue_positives=True, **distinct), moco_loss(q, k, queue, **distinct)
+    )
+    with pytest.raises(ValueError, match="queue_positives=True .* needs labels"):
+        moco_loss(q, k, queue, queue_positives=True)
+    with pytest.raises(TypeError, match="queue_positives must be a bool"):
+        moco_loss(q, k, queue, labels=labels, queue_labels=queue_labels, queue_positives=1)
+    with pytest.raises(TypeError, match="queue_positives must be a bool"):
+        MoCoLoss(queue_positives="yes")
+    with pytest.raises(ValueError, match="queue_positives=True .* needs labels"):
+        MoCoLoss(queue_size=8, queue_positives=True)(q, k)
+    assert "queue_positives=True" in repr(MoCoLoss(queue_size=8, queue_positives=True))
 
 
 def test_pure_function_matches_module_and_gradcheck():

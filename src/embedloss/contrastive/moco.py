@@ -53,13 +53,15 @@ def _direction(
     anchor_labels: Tensor | None,
     other_labels: Tensor | None,
     bank_labels: Tensor | None,
+    queue_positives: bool = False,
 ) -> AnchorLosses:
     """Anchors ``(n, D)`` against ``[own positive | other in-batch embeddings | bank]``.
 
     MoCo's layout (Algorithm 1: ``logits = cat([l_pos, l_neg])``): column 0 holds each anchor's
     own positive, so keys differ per anchor and the dense kernel of the core is used. ``others``
     ``(M, D)`` are the in-batch embeddings of every rank (the anchor's own row, at ``offset + i``,
-    is removed); with labels, same-label columns other than column 0 leave the denominator.
+    is removed); with labels, same-label columns other than column 0 leave the denominator, or,
+    with ``queue_positives``, join column 0 as positives (and stay in the denominator).
     """
     n = anchor.shape[0]
     negatives = bank if others is None else torch.cat([others, bank])  # (M + K, D)
@@ -78,10 +80,12 @@ def _direction(
             positive_index=spec.positive_index,
             query_labels=anchor_labels,
             key_labels=torch.cat(parts),
-            labels_mark="false_negatives",
+            labels_mark="positives" if queue_positives else "false_negatives",
             self_index=self_index,
         )
     positive_mask, denominator = pair_masks(spec, rows, cols)
+    if queue_positives:  # same-label columns are positives; column 0 is every row's own key
+        positive_mask = positive_mask | (cols == 0)
     return anchor_losses_from_logits(logits, positive_mask, denominator)
 
 
@@ -133,6 +137,15 @@ def _check_inputs(
 class _Options(NamedTuple):
     in_batch_negatives: bool
     symmetric: bool
+    queue_positives: bool = False
+
+
+def _check_queue_positives(queue_positives: bool, labels: Tensor | None) -> bool:
+    if check_bool(queue_positives, "queue_positives") and labels is None:
+        raise ValueError(
+            "queue_positives=True counts same-label queue entries as positives and needs labels"
+        )
+    return queue_positives
 
 
 def _moco(
@@ -159,13 +172,16 @@ def _moco(
     in_batch = flags.in_batch_negatives
     other_labels = all_labels if in_batch else None
     others = gk.tensor if in_batch else None
-    forward = _direction(q, k, others, gk.offset, bank, scale, labels, other_labels, queue_labels)
+    as_positives = flags.queue_positives
+    forward = _direction(
+        q, k, others, gk.offset, bank, scale, labels, other_labels, queue_labels, as_positives
+    )
     backward = None
     loss = options.reduce(forward)
     if flags.symmetric:
         others = gq.tensor if in_batch else None
         backward = _direction(
-            k, q, others, gq.offset, past, scale, labels, other_labels, queue_labels
+            k, q, others, gq.offset, past, scale, labels, other_labels, queue_labels, as_positives
         )
         loss = (loss + options.reduce(backward)) / 2
     return _Batch(
@@ -184,6 +200,7 @@ def moco_loss(
     query_queue: Tensor | None = None,
     in_batch_negatives: bool = False,
     symmetric: bool = False,
+    queue_positives: bool = False,
     reduction: str = "mean",
     normalize: bool = True,
     gather_distributed: bool = False,
@@ -197,9 +214,13 @@ def moco_loss(
 
     ``Q(i)`` is the queue without the entries whose label equals ``labels[i]`` (false
     negatives), plus, with ``in_batch_negatives``, the other in-batch keys (again without
-    same-label ones). With ``symmetric``, keys are also anchors against their queries and the
-    ``query_queue`` of past queries, and the two directions are averaged. An empty queue adds
-    nothing: without in-batch negatives the loss is then exactly 0.
+    same-label ones). With ``queue_positives`` those same-label entries count as extra
+    positives instead, as pytorch-metric-learning's ``CrossBatchMemory`` around a SupCon loss
+    does: with ``P(i)`` the own key and the same-label entries and ``A(i)`` every scored key,
+    ``ℓ_i = log Σ_{a∈A(i)} exp(q_i·a/τ) − mean_{p∈P(i)} q_i·p/τ`` (Khosla et al. 2020, Eq. 2).
+    With ``symmetric``, keys are also anchors against their queries and the ``query_queue`` of
+    past queries, and the two directions are averaged. An empty queue adds nothing: without
+    in-batch negatives the loss is then exactly 0.
 
     Args:
         query: ``(n, D)`` queries.
@@ -212,6 +233,8 @@ def moco_loss(
         query_queue: ``(K, D)`` past queries, the negatives of the key→query direction.
         in_batch_negatives: Also contrast against the other keys of the batch (all ranks).
         symmetric: Also score key→query and average the directions.
+        queue_positives: Same-label queue entries (and in-batch keys) are positives, not only
+            excluded negatives (needs labels).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(n,)``, directions averaged per pair).
         normalize: L2-normalise query, key and queues (default True).
         gather_distributed: In-batch negatives from every rank; losses reduced over ranks.
@@ -221,7 +244,8 @@ def moco_loss(
 
     Raises:
         ValueError: For mismatched shapes, labels of the wrong length, labels without
-            queue_labels (or the reverse), a missing query_queue with ``symmetric``, or τ <= 0.
+            queue_labels (or the reverse), a missing query_queue with ``symmetric``,
+            ``queue_positives`` without labels, or τ <= 0.
 
     Example:
         >>> import math
@@ -234,7 +258,9 @@ def moco_loss(
     _check_inputs(query, key, queue, labels, queue_labels, query_queue, symmetric)
     options = ContrastiveOptions.create(temperature, reduction, normalize, None, gather_distributed)
     flags = _Options(
-        check_bool(in_batch_negatives, "in_batch_negatives"), check_bool(symmetric, "symmetric")
+        check_bool(in_batch_negatives, "in_batch_negatives"),
+        check_bool(symmetric, "symmetric"),
+        _check_queue_positives(queue_positives, labels),
     )
     return _moco(query, key, queue, query_queue, labels, queue_labels, options, flags).loss
 
@@ -254,8 +280,10 @@ class MoCoLoss(BaseContrastiveLoss):
     * with ``gather_distributed`` the keys of every rank are enqueued, in rank order, so every
       rank holds the same queue;
     * with ``labels`` the queue stores them and same-label entries are masked as false
-      negatives. Entries enqueued without labels cannot be compared: passing labels while
-      such entries are in the queue raises (call :meth:`reset_queue`).
+      negatives, or, with ``queue_positives=True``, count as extra positives (a labelled
+      cross-batch memory, as pytorch-metric-learning's ``CrossBatchMemory``). Entries
+      enqueued without labels cannot be compared: passing labels while such entries are in
+      the queue raises (call :meth:`reset_queue`).
 
     The queue tensor is allocated on the first call, with the keys' embedding size, device and
     compute dtype (float32, or float64 for float64 inputs). No temperature warm-up (the legacy
@@ -272,6 +300,8 @@ class MoCoLoss(BaseContrastiveLoss):
         queue_size: K, the number of past keys kept (default 65536).
         in_batch_negatives: Also use the other keys of the batch as negatives.
         symmetric: Also score key→query against a queue of past queries; average directions.
+        queue_positives: Same-label queue entries (and in-batch keys) are extra positives
+            rather than excluded negatives; every call then needs labels.
         learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         normalize: L2-normalise inputs (default True).
@@ -279,8 +309,9 @@ class MoCoLoss(BaseContrastiveLoss):
 
     Raises:
         ValueError: For ``queue_size < 1``, τ <= 0, a batch larger than the queue, a key size
-            different from the queue's, labels while unlabeled entries are queued, or inputs
-            on another device than the loss's buffers.
+            different from the queue's, labels while unlabeled entries are queued, a call
+            without labels with ``queue_positives``, or inputs on another device than the
+            loss's buffers.
 
     Example:
         >>> from embedloss.contrastive import MomentumEncoder
@@ -310,6 +341,7 @@ class MoCoLoss(BaseContrastiveLoss):
         queue_size: int = 65536,
         in_batch_negatives: bool = False,
         symmetric: bool = False,
+        queue_positives: bool = False,
         learnable_temperature: bool = False,
         reduction: str = "mean",
         normalize: bool = True,
@@ -327,6 +359,7 @@ class MoCoLoss(BaseContrastiveLoss):
         self.queue_size = check_int(queue_size, "queue_size", low=1)
         self.in_batch_negatives = check_bool(in_batch_negatives, "in_batch_negatives")
         self.symmetric = check_bool(symmetric, "symmetric")
+        self.queue_positives = check_bool(queue_positives, "queue_positives")
         self.register_buffer("queue", torch.zeros(0, 0))
         if symmetric:
             self.register_buffer("query_queue", torch.zeros(0, 0))
@@ -429,8 +462,9 @@ class MoCoLoss(BaseContrastiveLoss):
                 f"the batch ({query.shape[0]} keys) is larger than the queue "
                 f"(queue_size={self.queue_size}); raise queue_size or lower the batch size"
             )
+        positives = _check_queue_positives(self.queue_positives, labels)
         bank, past_queries, bank_labels = self._filled(query.shape[1], labels)
-        flags = _Options(self.in_batch_negatives, self.symmetric)
+        flags = _Options(self.in_batch_negatives, self.symmetric, positives)
         options = self.options()
         batch = _moco(query, key, bank, past_queries, labels, bank_labels, options, flags)
         if batch.keys.shape[0] > self.queue_size:
@@ -479,5 +513,5 @@ class MoCoLoss(BaseContrastiveLoss):
         return (
             f"temperature={self.temperature:g}, queue_size={self.queue_size}, "
             f"in_batch_negatives={self.in_batch_negatives}, symmetric={self.symmetric}, "
-            f"reduction={self.reduction!r}"
+            f"queue_positives={self.queue_positives}, reduction={self.reduction!r}"
         )

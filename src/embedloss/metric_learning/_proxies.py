@@ -1,0 +1,164 @@
+"""What the proxy-based losses share: the learnable ``weight``, class cosines, checks, examples."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from embedloss._validation import (
+    check_bool,
+    check_embeddings,
+    check_int,
+    check_labels,
+    compute_dtype,
+    on_host,
+)
+from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.ops.similarity import l2_normalize
+
+__all__ = [
+    "BaseProxyLoss",
+    "ClassCosines",
+    "class_cosines",
+    "margin_cross_entropy",
+    "proxy_terms",
+    "target_cosine",
+]
+
+
+class ClassCosines(NamedTuple):
+    """Cosines ``(N, C)`` of embeddings and class centres, and the checked labels ``(N,)``."""
+
+    cosine: Tensor
+    labels: Tensor
+
+
+def class_cosines(
+    embeddings: Tensor, labels: Tensor, weight: Tensor, sub_centers: int = 1
+) -> ClassCosines:
+    """Checked cosines of ``embeddings (N, D)`` with the centres ``weight (C·k, D)``.
+
+    With ``k = sub_centers`` rows ``c·k … c·k + k − 1`` of ``weight`` are the sub-centres of
+    class ``c`` and a sample's cosine with the class is the largest of them (Deng et al. 2020).
+    Labels are range-checked on CPU inputs only (no host synchronisation otherwise).
+
+    Raises:
+        ValueError: For a wrong embedding size, labels of the wrong length, or (on CPU) labels
+            outside ``[0, C)``.
+    """
+    check_embeddings(embeddings, "embeddings")
+    check_labels(labels, embeddings.shape[0])
+    check_embeddings(weight, "weight")
+    rows, dim = weight.shape
+    classes = rows // sub_centers
+    if embeddings.shape[1] != dim:
+        raise ValueError(
+            f"embeddings must have embedding_dim={dim} features, got {embeddings.shape[1]}"
+        )
+    if on_host(labels) and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(
+            f"labels must be class indices in [0, {classes}), got values from "
+            f"{int(labels.min())} to {int(labels.max())}"
+        )
+    dtype = compute_dtype(embeddings, weight)
+    x = l2_normalize(embeddings.to(dtype))
+    w = l2_normalize(weight.to(dtype))
+    cosine = x @ w.T  # (N, C·k)
+    if sub_centers > 1:
+        cosine = cosine.view(-1, classes, sub_centers).amax(dim=2)  # (N, C)
+    return ClassCosines(cosine, labels.long())
+
+
+def margin_cross_entropy(cosine: Tensor, labels: Tensor, target: Tensor, scale: float) -> Tensor:
+    """Per-sample cross-entropy of ``scale·cos`` with the target class's cosine replaced.
+
+    ``target (N,)`` is the margin-modified cosine of each sample's own class (ArcFace's
+    ``cos(θ + m)``, CosFace's ``cos θ − m``); the other classes keep ``cos θ_j``.
+    """
+    logits = cosine.scatter(1, labels.unsqueeze(1), target.unsqueeze(1)) * scale  # (N, C)
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def target_cosine(cc: ClassCosines) -> Tensor:
+    """``cos θ_y (N,)``: each sample's cosine with its own class."""
+    return cc.cosine.gather(1, cc.labels.unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def proxy_terms(cc: ClassCosines) -> dict[str, Tensor]:
+    """``accuracy`` (the nearest class centre is the label's) and the mean ``target_cosine``."""
+    accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()
+    return detached_terms(accuracy=accuracy, target_cosine=target_cosine(cc).mean())
+
+
+class BaseProxyLoss(BaseLoss):
+    """Base of the losses with learnable class centres ``weight (C·k, D)`` (as ``nn.Linear``).
+
+    The centres start from N(0, ``init_std``²), drawn from the global RNG (``seed=None``) or
+    from a generator seeded with ``seed`` (the same centres for every instance, e.g. on every
+    DDP rank without a broadcast). A loss implements :meth:`_call` (its one pure call,
+    returning the loss and what the terms need); ``compute`` adds :meth:`_terms` (by default
+    ``accuracy`` and ``target_cosine``), ``forward`` returns the loss.
+    """
+
+    weight: nn.Parameter
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        embedding_dim: int,
+        init_std: float,
+        sub_centers: int = 1,
+        reduction: str = "mean",
+        gather_distributed: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(reduction=reduction)
+        self.num_classes = check_int(num_classes, "num_classes", low=1)
+        self.embedding_dim = check_int(embedding_dim, "embedding_dim", low=1)
+        self.sub_centers = check_int(sub_centers, "sub_centers", low=1)
+        self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
+        g = None if seed is None else torch.Generator().manual_seed(check_int(seed, "seed"))
+        shape = (num_classes * sub_centers, embedding_dim)
+        self.weight = nn.Parameter(torch.randn(shape, generator=g) * init_std)
+
+    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Any]:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def _terms(self, extra: Any) -> dict[str, Tensor]:
+        return proxy_terms(extra)
+
+    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
+        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
+        loss, extra = self._call(embeddings, labels)
+        return LossOutput(loss, self._terms(extra))
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The loss of ``embeddings (N, D)`` and ``labels (N,)`` (see :meth:`compute`)."""
+        return self._call(embeddings, labels)[0]
+
+    @classmethod
+    def example_kwargs(cls) -> dict[str, Any]:
+        """Four classes of 16-dimensional embeddings, seeded centres (the conformance inputs)."""
+        return {"num_classes": 4, "embedding_dim": 16, "seed": 0}
+
+    @classmethod
+    def example_inputs(
+        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(embeddings (n, d), labels (n,))`` with labels in ``[0, 4)``."""
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) % 4
+        embeddings = torch.randn(n, d, generator=g).to(dtype)
+        return (embeddings, labels), {}
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return (
+            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
+            f"reduction={self.reduction!r}"
+        )

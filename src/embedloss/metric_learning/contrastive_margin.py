@@ -1,0 +1,163 @@
+"""Contrastive margin loss over all labelled pairs (Hadsell, Chopra & LeCun 2006)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from embedloss._validation import check_bool, check_float
+from embedloss.metric_learning._pairs import BasePairLoss
+from embedloss.ops.anchors import ChunkSize
+from embedloss.ops.pair_losses import PairOptions, PairResult, labelled_pair_loss
+from embedloss.registry import register_loss
+
+__all__ = ["ContrastiveMarginLoss", "contrastive_margin_loss"]
+
+
+def contrastive_rows(
+    d: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    margin: float,
+    pos_margin: float,
+    squared: bool,
+) -> tuple[Tensor, Tensor]:
+    """Per anchor ``Σ_p h(d_ap − m⁺) + Σ_n h(m − d_an)`` and its number of pairs."""
+    pulled = (d - pos_margin).clamp(min=0)
+    pushed = (margin - d).clamp(min=0)
+    if squared:
+        pulled, pushed = pulled.square() / 2, pushed.square() / 2
+    loss = torch.where(positive, pulled, 0.0).sum(1) + torch.where(negative, pushed, 0.0).sum(1)
+    return loss, (positive | negative).sum(dim=1)
+
+
+class _Margins:
+    def __init__(self, margin: float, pos_margin: float, squared: bool) -> None:
+        self.margin = check_float(margin, "margin")
+        self.pos_margin = check_float(pos_margin, "pos_margin")
+        if self.pos_margin >= self.margin:
+            raise ValueError(
+                f"pos_margin must be below margin (positives are pulled inside pos_margin, "
+                f"negatives pushed beyond margin), got pos_margin={pos_margin}, margin={margin}"
+            )
+        self.squared = check_bool(squared, "squared")
+
+    def rows(self) -> partial[tuple[Tensor, Tensor]]:
+        return partial(
+            contrastive_rows, margin=self.margin, pos_margin=self.pos_margin, squared=self.squared
+        )
+
+
+def _contrastive(
+    embeddings: Tensor, labels: Tensor, options: PairOptions, margins: _Margins
+) -> PairResult:
+    return labelled_pair_loss(embeddings, labels, options, margins.rows())
+
+
+def contrastive_margin_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    *,
+    margin: float = 0.5,
+    pos_margin: float = 0.0,
+    squared: bool = True,
+    distance: str = "cosine",
+    normalize: bool = True,
+    reduction: str = "mean",
+    chunk_size: ChunkSize = "auto",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""Contrastive margin loss (Hadsell et al. 2006, Eq. 4) over every pair of the batch.
+
+    Positives (same label) are pulled together, negatives pushed past the margin ``m``; with a
+    distance ``d`` (:mod:`embedloss.ops.distances`) and ``squared=True`` (the paper's form):
+
+        ℓ⁺_ij = ½·[d_ij − m⁺]₊²    (same label)        ℓ⁻_ij = ½·[m − d_ij]₊²    (different label)
+
+    ``m⁺ = 0`` is the paper's loss; ``squared=False`` uses the hinges ``[d − m⁺]₊`` and
+    ``[m − d]₊`` (pytorch-metric-learning's ``ContrastiveLoss``). Every ordered pair ``(i, j)``,
+    ``j ≠ i``, counts; the mean divides the sum by the number of pairs.
+
+    Args:
+        embeddings: ``(N, D)`` embeddings.
+        labels: ``(N,)`` integer labels.
+        margin: m, the distance negatives are pushed beyond (default 0.5: cosine < 0.5).
+        pos_margin: m⁺ < m, the distance positives are pulled within (default 0).
+        squared: ½·hinge² as the paper (default True) or the plain hinge.
+        distance: ``"cosine"`` (default, ``1 − cos``), ``"dot"``, ``"euclidean"`` or
+            ``"squared_euclidean"``.
+        normalize: L2-normalise the embeddings first (default True; always for cosine).
+        reduction: ``"mean"`` over pairs, ``"sum"``, or ``"none"`` (per-anchor sums, ``(N,)``).
+        chunk_size: Row tiles: ``None`` dense, an int, or ``"auto"`` (default).
+        gather_distributed: Score local anchors against the embeddings of every rank.
+
+    Shape:
+        embeddings ``(N, D)``, labels ``(N,)``; output: scalar, or ``(N,)`` for ``"none"``.
+
+    Raises:
+        ValueError: For ``pos_margin >= margin``, non-finite margins, an unknown distance or
+            mismatched shapes.
+
+    Example:
+        >>> z = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+        >>> contrastive_margin_loss(z, torch.tensor([0, 0, 1]), margin=0.5)  # all satisfied
+        tensor(0.)
+    """
+    margins = _Margins(margin, pos_margin, squared)
+    options = PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
+    return _contrastive(embeddings, labels, options, margins).loss
+
+
+@register_loss("contrastive_margin")
+class ContrastiveMarginLoss(BasePairLoss):
+    """Contrastive margin loss: positives pulled, negatives pushed past a margin (Hadsell 2006).
+
+    See :func:`contrastive_margin_loss` for the formula. Terms: ``pairs`` (what the mean
+    divides by) and ``anchors_without_terms``.
+
+    Args:
+        margin: m, the distance negatives are pushed beyond (default 0.5).
+        pos_margin: m⁺ < m, the distance positives are pulled within (default 0).
+        squared: ½·hinge² (default True, the paper) or the plain hinge.
+        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
+        normalize: L2-normalise the embeddings first (default True).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        chunk_size: Row tiles (``None``, an int or ``"auto"``).
+        gather_distributed: Use the embeddings of all ranks (DDP).
+
+    Example:
+        >>> loss = ContrastiveMarginLoss(distance="euclidean", margin=1.0)
+        >>> out = loss.compute(torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))
+        >>> out.terms["pairs"].item()
+        30.0
+    """
+
+    TERM = "pairs"
+
+    def __init__(
+        self,
+        *,
+        margin: float = 0.5,
+        pos_margin: float = 0.0,
+        squared: bool = True,
+        distance: str = "cosine",
+        normalize: bool = True,
+        reduction: str = "mean",
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        super().__init__(
+            PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
+        )
+        self._margins = _Margins(margin, pos_margin, squared)
+        self.margin, self.pos_margin = self._margins.margin, self._margins.pos_margin
+        self.squared = self._margins.squared
+
+    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+        return _contrastive(embeddings, labels, self.options(), self._margins)
+
+    def extra_repr(self) -> str:
+        """Shown by ``print(loss)``."""
+        return f"margin={self.margin}, pos_margin={self.pos_margin}, {super().extra_repr()}"

@@ -1,0 +1,141 @@
+"""CosFace: large margin cosine loss (Wang et al. 2018)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from embedloss._validation import check_float, check_positive_float
+from embedloss.metric_learning._proxies import (
+    BaseProxyLoss,
+    ClassCosines,
+    class_cosines,
+    margin_cross_entropy,
+    target_cosine,
+)
+from embedloss.ops.anchors import reduce_samples
+from embedloss.registry import register_loss
+
+__all__ = ["CosFaceLoss", "cosface_loss"]
+
+
+class _CosFace(NamedTuple):
+    loss: Tensor
+    cosines: ClassCosines
+
+
+def _cosface(
+    embeddings: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    scale: float,
+    margin: float,
+    reduction: str,
+    gather_distributed: bool,
+) -> _CosFace:
+    cc = class_cosines(embeddings, labels, weight)
+    per_sample = margin_cross_entropy(cc.cosine, cc.labels, target_cosine(cc) - margin, scale)
+    return _CosFace(reduce_samples(per_sample, reduction, distributed=gather_distributed), cc)
+
+
+def _check(scale: float, margin: float) -> tuple[float, float]:
+    return check_positive_float(scale, "scale"), check_float(margin, "margin", low=0.0)
+
+
+def cosface_loss(
+    embeddings: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    *,
+    scale: float = 64.0,
+    margin: float = 0.35,
+    reduction: str = "mean",
+    gather_distributed: bool = False,
+) -> Tensor:
+    r"""CosFace / large margin cosine loss (Wang et al. 2018, Eq. 4).
+
+    With ``cos θ_j`` the cosine of the normalised embedding ``x_i`` and class centre ``W_j``,
+    the scale ``s`` and the cosine margin ``m``:
+
+        ℓ_i = −log( e^{s·(cos θ_{y_i} − m)} / (e^{s·(cos θ_{y_i} − m)} + Σ_{j≠y_i} e^{s·cos θ_j}) )
+
+    Args:
+        embeddings: ``(N, D)`` embeddings.
+        labels: ``(N,)`` class indices in ``[0, C)``.
+        weight: ``(C, D)`` class centres.
+        scale: s > 0 (default 64).
+        margin: m >= 0 (default 0.35).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``).
+        gather_distributed: Average over the samples of every rank (DDP).
+
+    Shape:
+        embeddings ``(N, D)``, labels ``(N,)``, weight ``(C, D)``; output: scalar or ``(N,)``.
+
+    Raises:
+        ValueError: For mismatched shapes, labels outside ``[0, C)`` (checked on CPU), s <= 0
+            or m < 0.
+
+    Example:
+        >>> w = torch.eye(2)
+        >>> cosface_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), w, scale=1.0, margin=1.0)
+        tensor(0.6931)
+    """
+    scale, margin = _check(scale, margin)
+    return _cosface(embeddings, labels, weight, scale, margin, reduction, gather_distributed).loss
+
+
+@register_loss("cosface", aliases=("large_margin_cosine",))
+class CosFaceLoss(BaseProxyLoss):
+    """CosFace: large margin cosine softmax over learnable class centres (Wang et al. 2018).
+
+    See :func:`cosface_loss` for the formula. The centres are the parameter ``weight`` of shape
+    ``(num_classes, embedding_dim)`` (as ``nn.Linear``), initialised from N(0, 0.01²): pass
+    ``loss.parameters()`` to the optimiser. Terms: ``accuracy`` and ``target_cosine``.
+
+    Args:
+        num_classes: C >= 1.
+        embedding_dim: D >= 1.
+        scale: s > 0 (default 64).
+        margin: m >= 0 (default 0.35).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        gather_distributed: Average over the samples of every rank (DDP).
+        seed: Seed of the centres' initialisation (default None: the global RNG).
+
+    Example:
+        >>> loss = CosFaceLoss(num_classes=10, embedding_dim=16)
+        >>> loss(torch.randn(8, 16), torch.randint(0, 10, (8,))).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        embedding_dim: int,
+        scale: float = 64.0,
+        margin: float = 0.35,
+        reduction: str = "mean",
+        gather_distributed: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            num_classes=num_classes,
+            embedding_dim=embedding_dim,
+            init_std=0.01,
+            reduction=reduction,
+            gather_distributed=gather_distributed,
+            seed=seed,
+        )
+        self.scale, self.margin = _check(scale, margin)
+
+    def _call(self, embeddings: Tensor, labels: Tensor) -> _CosFace:
+        return _cosface(
+            embeddings,
+            labels,
+            self.weight,
+            self.scale,
+            self.margin,
+            self.reduction,
+            self.gather_distributed,
+        )
