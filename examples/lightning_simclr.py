@@ -56,6 +56,8 @@ UNSUPPORTED = {
     "ibot_patch": "needs patch tokens and masks (a vision transformer)",
     "feature_consistency": "needs frozen reference models",
     "multitask": "needs one input per task",
+    "cosent": "needs pairs with similarity scores (see the sentence-transformers recipe)",
+    "angle": "needs pairs with similarity scores (see the sentence-transformers recipe)",
 }
 TEACHER_STYLES = ("teacher_key", "predictor", "distill")
 
@@ -99,6 +101,9 @@ class EmbeddingModule(L.LightningModule):
         params = inspect.signature(embedloss.loss_info(loss).cls).parameters
         if "output_dim" in params:
             options.setdefault("output_dim", prototypes)  # DINO's centre has one entry per output
+        if "num_classes" in params:  # arcface, cosface, proxy_anchor: class centres or proxies
+            options.setdefault("num_classes", num_classes)
+            options.setdefault("embedding_dim", dim)
         if distributed and "gather_distributed" in params:
             options.setdefault("gather_distributed", True)
         self.loss = embedloss.create_loss(loss, **options)

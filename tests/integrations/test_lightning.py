@@ -160,7 +160,10 @@ def test_every_registered_loss_trains_or_is_refused(tmp_path):
             with pytest.raises(SystemExit, match=f"{name} needs"):
                 lt.call_style(name)
             continue
-        options = {"losses": {"simclr": "simclr", "vicreg": "vicreg"}} if name == "combined" else {}
+        options = {
+            "combined": {"losses": {"simclr": "simclr", "vicreg": "vicreg"}},
+            "matryoshka": {"loss": "simclr", "dims": (16, 8)},
+        }.get(name, {})
         model = module(name, **options)
         _, record = fit(model, tmp_path / name, max_steps=2)
         assert len(record.losses) == 2 and all(

@@ -23,9 +23,6 @@ from embedloss.integrations.transformers import STATE_FILE
 
 from .conftest import sentences
 
-# Losses merged in parallel with this integration: ST_LOSSES may name them before they land.
-PENDING = {"cosent", "angle", "matryoshka", "triplet", "contrastive_margin"}
-
 
 def features(model, texts: list[str]) -> dict[str, Tensor]:
     return dict(model.preprocess(texts))
@@ -101,6 +98,58 @@ def test_labels_layout_matches_mse_distillation(model64, columns):
     assert_same(g_ours, g_theirs)
 
 
+ANGLE_SIGN = pytest.mark.xfail(
+    strict=True,
+    reason="embedloss.angle ranks -delta; AnglE's official angle_loss and ST's AnglELoss rank "
+    "+|delta| like a cosine (y_pred = abs(pooling) * tau, then CoSENT): a sign to fix in "
+    "text/angle.py, after which this test passes and the marker goes",
+)
+
+
+@pytest.mark.parametrize("st_name", ["CoSENTLoss", pytest.param("AnglELoss", marks=ANGLE_SIGN)])
+def test_scored_pairs_match_st(model64, st_name):
+    cols = batch(model64, seed=11)
+    scores = torch.rand(8).double()  # exact in float32, which ST casts the scores to
+    equivalent = ST_LOSSES[st_name]
+    ours = EmbedlossLoss(model64, equivalent.loss, loss_options=equivalent.options)
+    assert ours.inputs == "scores"
+    v_ours, g_ours = value_and_grads(ours, model64, cols, scores)
+    v_theirs, g_theirs = value_and_grads(getattr(st, st_name)(model64), model64, cols, scores)
+    torch.testing.assert_close(v_ours, v_theirs, atol=1e-12, rtol=1e-10)
+    assert_same(g_ours, g_theirs)
+
+
+@pytest.mark.parametrize(
+    "st_name", ["BatchAllTripletLoss", "BatchHardTripletLoss", "BatchSemiHardTripletLoss"]
+)
+def test_labelled_sentences_match_st_triplet_losses(model64, st_name):
+    cols = batch(model64, n=12, columns=1, seed=12)
+    labels = torch.arange(12) % 4  # every row has positives and negatives
+    equivalent = ST_LOSSES[st_name]
+    ours = EmbedlossLoss(model64, equivalent.loss, loss_options=equivalent.options)
+    v_ours, g_ours = value_and_grads(ours, model64, cols, labels)
+    v_theirs, g_theirs = value_and_grads(getattr(st, st_name)(model64), model64, cols, labels)
+    assert v_theirs > 0
+    torch.testing.assert_close(v_ours, v_theirs, atol=1e-12, rtol=1e-10)
+    assert_same(g_ours, g_theirs)
+
+
+def test_matryoshka_of_info_nce_matches_st_matryoshka_of_mnrl(model64):
+    cols = batch(model64, seed=13)
+    dims, weights = (16, 8, 4), (1.0, 0.5, 0.25)
+    inner = {"name": "info_nce", "temperature": 0.05}
+    options = {"loss": inner, "dims": dims, "weights": weights}
+    ours = EmbedlossLoss(model64, "matryoshka", loss_options=options)
+    assert ours.inputs == "pair"  # the wrapped loss's layout
+    theirs = st.MatryoshkaLoss(
+        model64, st.MultipleNegativesRankingLoss(model64), list(dims), list(weights)
+    )
+    v_ours, g_ours = value_and_grads(ours, model64, cols)
+    v_theirs, g_theirs = value_and_grads(theirs, model64, cols)
+    torch.testing.assert_close(v_ours, v_theirs, atol=1e-12, rtol=1e-10)
+    assert_same(g_ours, g_theirs)
+
+
 class CosineScoreLoss(BaseLoss):
     """A scores-layout loss for the test: mean squared error of cos(a, b) and the score."""
 
@@ -110,9 +159,9 @@ class CosineScoreLoss(BaseLoss):
         return LossOutput(loss, detached_terms(mean_cosine=cos.mean()))
 
 
-def test_scores_layout_matches_cosine_similarity_loss(model64):
-    # cosent / angle take (embeddings_a, embeddings_b, scores); until they land, a local loss
-    # with that signature pins the layout against ST's CosineSimilarityLoss (same formula).
+def test_a_loss_of_ones_own_with_scores_works_too(model64):
+    # any BaseLoss whose compute takes (embeddings_a, embeddings_b, scores): this one is ST's
+    # CosineSimilarityLoss (which has no registered counterpart)
     cols = batch(model64, seed=3)
     scores = torch.rand(8).double()  # exact in float32, which ST casts the scores to
     ours = EmbedlossLoss(model64, CosineScoreLoss())
@@ -140,6 +189,24 @@ def test_negative_columns_are_each_anchors_own_negatives(model64):
     direct.backward()
     torch.testing.assert_close(v_ours, direct.detach())
     assert_same(g_ours, grads(model64))
+
+
+def test_a_wrapper_passes_negatives_and_labels_to_the_loss_it_wraps(model64):
+    options = {"loss": "info_nce", "dims": (16, 8)}
+    loss = EmbedlossLoss(model64, "matryoshka", loss_options=options)
+    cols = batch(model64, columns=3, seed=14)
+    v_ours, g_ours = value_and_grads(loss, model64, cols)
+    model64.zero_grad()
+    a, p, n = embed(model64, cols)
+    direct = embedloss.MatryoshkaLoss(**options)(a, p, n.unsqueeze(1))
+    direct.backward()
+    torch.testing.assert_close(v_ours, direct.detach())
+    assert_same(g_ours, grads(model64))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    loss(batch(model64, seed=15), labels)  # the wrapped info_nce takes labels
+    no_labels = EmbedlossLoss(model64, "matryoshka", loss_options={"loss": "vicreg", "dims": (8,)})
+    with pytest.raises(ValueError, match="MatryoshkaLoss takes no labels"):
+        no_labels(batch(model64, seed=15), labels)
 
 
 def test_labels_column_marks_identities_of_a_pair_loss(model64):
@@ -311,8 +378,8 @@ def test_every_mapped_name_is_a_sentence_transformers_loss_and_a_known_embedloss
     registered = set(embedloss.list_losses())
     for st_name, equivalent in ST_LOSSES.items():
         assert hasattr(st, st_name), st_name
-        assert equivalent.loss in registered | PENDING, (st_name, equivalent.loss)
-        if equivalent.loss in registered:
+        assert equivalent.loss in registered, (st_name, equivalent.loss)
+        if equivalent.loss != "matryoshka":  # which needs the loss it wraps
             embedloss.create_loss(equivalent.loss, **equivalent.options)  # the options are valid
 
 

@@ -177,6 +177,10 @@ def test_terms_are_averaged_between_logs_and_only_in_training():
     callback.record(terms(accuracy=1.0))
     callback.on_log(None, SimpleNamespace(log_history=[]), None, logs=eval_logs)
     assert eval_logs == {"eval_loss": 1.0}  # kept for the next training log
+    callback.add_terms(logs := {"loss": 1.0})
+    assert logs == {"loss": 1.0, "accuracy": 1.0}
+    callback.add_terms(logs := {"loss": 1.0})
+    assert logs == {"loss": 1.0}  # nothing recorded since
 
 
 def test_state_round_trips_through_the_checkpoint_folder(tmp_path):

@@ -19,7 +19,8 @@ the embedloss loss in one of three layouts (``inputs``):
 
 ``inputs="auto"`` reads the loss's ``compute`` signature: a third argument named ``scores``
 means ``scores`` (``cosent``, ``angle``), a second named ``labels``/``target``/``targets``
-means ``labels`` (``supcon``, ``mse``, the metric-learning losses), anything else ``pair``.
+means ``labels`` (``supcon``, ``mse``, the metric-learning losses), anything else ``pair``;
+a wrapper (``matryoshka``) takes the layout of the loss it wraps.
 
 The loss's parameters are submodules of the ST loss module, which is what the ST trainer
 optimises, so a learnable τ or SigLIP bias trains with the model. ``EmbedlossLoss.callback``
@@ -71,6 +72,8 @@ class Equivalent(NamedTuple):
     note: str  # conventions, and where the two differ
 
 
+_TRIPLET = {"distance": "euclidean", "normalize": False, "margin": 5.0}
+
 ST_LOSSES: dict[str, Equivalent] = {
     "MultipleNegativesRankingLoss": Equivalent(
         "info_nce",
@@ -96,39 +99,55 @@ ST_LOSSES: dict[str, Equivalent] = {
         "as MultipleNegativesSymmetricRankingLoss, with micro_batch_size=m",
     ),
     "CoSENTLoss": Equivalent(
-        "cosent", {"scale": 20.0}, "(sentence_a, sentence_b, score) rows; inputs='scores'"
+        "cosent", {"scale": 20.0}, "(sentence_a, sentence_b, score): identical"
     ),
-    "AnglELoss": Equivalent("angle", {}, "(sentence_a, sentence_b, score) rows; inputs='scores'"),
+    "AnglELoss": Equivalent(
+        "angle",
+        {"cosine_weight": 0.0, "ibn_weight": 0.0, "angle_weight": 1.0, "angle_scale": 20.0},
+        "ST's AnglELoss is AnglE's angle term alone, which these weights select (embedloss's "
+        "defaults add CoSENT and in-batch negatives, the paper's Eq. 7)",
+    ),
     "MatryoshkaLoss": Equivalent(
         "matryoshka",
         {},
-        "matryoshka(loss=<inner embedloss loss>, dims=..., weights=...): wraps any loss; "
-        "pass inputs= for the inner loss's layout",
+        "matryoshka(loss=<the inner loss>, dims=..., weights=...): the weighted sum over the "
+        "prefixes, as ST (which can also sample n_dims_per_step of them)",
     ),
     "BatchAllTripletLoss": Equivalent(
-        "triplet", {}, "(sentence, label) rows; inputs='labels'; margin and distance per triplet"
+        "triplet",
+        {**_TRIPLET, "mining": "batch_all"},
+        "(sentence, label) rows: identical (mean over the triplets with a positive loss)",
     ),
     "BatchHardTripletLoss": Equivalent(
-        "triplet", {}, "(sentence, label) rows; inputs='labels'; hardest-pair mining per triplet"
+        "triplet",
+        {**_TRIPLET, "mining": "batch_hard"},
+        "(sentence, label) rows: identical when every row has a positive (embedloss leaves "
+        "anchors without one out of the mean)",
+    ),
+    "BatchSemiHardTripletLoss": Equivalent(
+        "triplet",
+        {**_TRIPLET, "mining": "semi_hard"},
+        "(sentence, label) rows: identical (FaceNet's semi-hard negatives, TF Addons' rule)",
     ),
     "MSELoss": Equivalent(
         "mse",
         {},
-        "(sentence, teacher embedding) rows; inputs='labels': F.mse_loss of the student "
-        "embeddings and the targets, as ST",
-    ),
-    "SoftmaxLoss": Equivalent(
-        "cross_entropy",
-        {},
-        "needs ST's classifier head over (u, v, |u-v|): not an embedding loss, keep ST's",
+        "(sentence, teacher embedding) rows: identical (F.mse_loss of the embeddings and targets)",
     ),
 }
 
 
 def _infer_inputs(loss: BaseLoss) -> str:
-    """The layout the loss's ``compute`` signature asks for (see the module docstring)."""
+    """The layout the loss's ``compute`` signature asks for (see the module docstring).
+
+    A wrapper whose ``compute`` takes ``*args`` (``matryoshka``) answers for its inner
+    ``loss``.
+    """
     params = list(inspect.signature(loss.compute).parameters.values())
     if any(p.kind is p.VAR_POSITIONAL for p in params):
+        inner = getattr(loss, "loss", None)
+        if isinstance(inner, BaseLoss):
+            return _infer_inputs(inner)
         raise ValueError(
             f"cannot tell which columns {type(loss).__name__} takes from compute(*args): "
             f"pass inputs= one of {INPUTS[1:]}"
@@ -139,6 +158,16 @@ def _infer_inputs(loss: BaseLoss) -> str:
     if len(names) >= 2 and names[1] in ("labels", "target", "targets"):
         return "labels"
     return "pair"
+
+
+def _takes(loss: BaseLoss, argument: str) -> bool:
+    """Whether ``loss.compute`` takes ``argument`` (a wrapper's ``**kwargs``: its inner loss)."""
+    params = inspect.signature(loss.compute).parameters
+    if argument in params:
+        return True
+    inner = getattr(loss, "loss", None)
+    wraps = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    return wraps and isinstance(inner, BaseLoss) and _takes(inner, argument)
 
 
 class _Embedder(nn.Module):
@@ -287,20 +316,19 @@ class EmbedlossLoss(nn.Module):
         return self._pair(embeddings, labels)
 
     def _pair(self, embeddings: Sequence[Tensor], labels: Tensor | None) -> LossOutput:
-        params = inspect.signature(self.loss.compute).parameters
         name = type(self.loss).__name__
         if len(embeddings) < 2:
             raise ValueError(f"{name} with inputs='pair' needs two columns, got {len(embeddings)}")
         kwargs: dict[str, Tensor] = {}
         if len(embeddings) > 2:
-            if "negative_keys" not in params:
+            if not _takes(self.loss, "negative_keys"):
                 raise ValueError(
                     f"{name} takes (anchor, positive) columns, got {len(embeddings)}: "
                     "negative columns need a loss with negative_keys (info_nce)"
                 )
             kwargs["negative_keys"] = torch.stack(list(embeddings[2:]), dim=1)  # (N, k, D)
         if labels is not None:
-            if "labels" not in params:
+            if not _takes(self.loss, "labels"):
                 raise ValueError(
                     f"{name} takes no labels, but the batch has a 'label' column: "
                     "remove it, or choose a loss that takes labels"
