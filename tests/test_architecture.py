@@ -11,6 +11,7 @@ hide a cycle.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,18 @@ def test_the_checker_sees_a_back_edge_and_a_cycle(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from embedloss.ops import info_nce\n", encoding="utf-8")
     assert _imports(bad) == (set(), ["embedloss.ops.info_nce"])
+
+
+def test_only_ops_distributed_talks_to_other_ranks():
+    # Every collective of a loss goes through embedloss.ops.distributed, whose first collective
+    # of a call is the ranks' agreement (ops.distributed.ranks_agree): a direct torch.distributed
+    # call could run before it and leave ranks waiting on each other.
+    pattern = re.compile(r"\bdist\.(all_reduce|all_gather|broadcast|reduce|gather|scatter)\b")
+    offenders = [
+        name
+        for name, path in MODULES.items()
+        if pattern.search(path.read_text(encoding="utf-8"))
+        and name != "embedloss.ops.distributed"
+        and not name.startswith(("embedloss.cli", "embedloss.integrations"))
+    ]
+    assert not offenders, f"collectives outside ops.distributed: {offenders}"

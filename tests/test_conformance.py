@@ -198,3 +198,11 @@ def test_forward_backward_and_compute_on_meta_device(name):
     output = loss.compute(*args, **kwargs)
     assert output.loss.device.type == "meta"
     assert all(t.device.type == "meta" for t in output.terms.values())
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if _has(n, "gather_distributed")])
+def test_gather_distributed_is_readable(name):
+    # The call guard reads it to decide whether the ranks must agree first (and whether a rank
+    # may hold an empty batch): a loss that keeps it inside an options object must expose it.
+    assert _build(name, gather_distributed=True).gather_distributed is True
+    assert _build(name).gather_distributed is False

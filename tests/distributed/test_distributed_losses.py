@@ -75,7 +75,9 @@ def test_every_required_loss_has_a_case():
     assert set(list_losses()) >= REQUIRED
 
 
-@pytest.fixture(scope="module", params=[[3, 5], [2, 4, 1]], ids=["world2", "world3"])
+@pytest.fixture(
+    scope="module", params=[[3, 5], [2, 4, 1], [4, 0, 3]], ids=["world2", "world3", "empty_rank"]
+)
 def outcome(request, tmp_path_factory):
     sizes = request.param
     ranks = run_distributed(CASES, sizes, str(tmp_path_factory.mktemp("dist")))

@@ -122,7 +122,9 @@ def test_case_ids_are_unique_and_cover_the_new_families():
     assert {c.name for c in CASES} >= set(list_losses(category="text"))
 
 
-@pytest.fixture(scope="module", params=[[3, 5], [2, 4, 1]], ids=["world2", "world3"])
+@pytest.fixture(
+    scope="module", params=[[3, 5], [2, 4, 1], [4, 0, 3]], ids=["world2", "world3", "empty_rank"]
+)
 def outcome(request, tmp_path_factory):
     sizes = request.param
     out_dir = str(tmp_path_factory.mktemp("dist_ml"))

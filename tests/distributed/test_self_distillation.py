@@ -110,7 +110,9 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], out_dir: str) ->
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.fixture(scope="module", params=[[3, 5], [2, 4, 1]], ids=["world2", "world3"])
+@pytest.fixture(
+    scope="module", params=[[3, 5], [2, 4, 1], [4, 0, 3]], ids=["world2", "world3", "empty_rank"]
+)
 def outcome(request, tmp_path_factory):
     sizes = request.param
     out_dir = str(tmp_path_factory.mktemp("distill"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Mapping
+from dataclasses import is_dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -140,15 +141,16 @@ class BaseLoss(nn.Module):
     def options_fingerprint(self) -> dict[str, Any]:
         """What ranks must share: the loss's plain settings and its fixed scalar buffers.
 
-        Plain attributes (numbers, strings, flags, tuples and mappings of them, the training
-        mode) and the values of 0-d float64 buffers (a fixed τ, a fixed bias). Read only under
+        Plain attributes (numbers, strings, flags, tuples and mappings of them, options
+        dataclasses, the training mode) and the values of 0-d float64 buffers (a fixed τ, a fixed bias). Read only under
         ``gather_distributed``, where the ranks synchronise anyway.
         """
         plain = (bool, int, float, str, type(None), tuple, Mapping)
         settings: dict[str, Any] = {
             k: v
             for k, v in vars(self).items()
-            if k not in _MODULE_INTERNALS and isinstance(v, plain)
+            if k not in _MODULE_INTERNALS
+            and (isinstance(v, plain) or (is_dataclass(v) and not isinstance(v, type)))
         }
         for name, buffer in self.named_buffers(recurse=False):
             if buffer.dim() == 0 and buffer.dtype == torch.float64:

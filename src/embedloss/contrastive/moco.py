@@ -72,8 +72,10 @@ def _direction(
     self_index = None if others is None else rows + 1 + offset
     spec = PairSpec(positive_index=torch.zeros_like(rows), self_index=self_index)
     if anchor_labels is not None:
-        # Column 0 is every row's positive, so its label never masks it: any value will do.
-        parts = [anchor_labels[:1], *([] if other_labels is None else [other_labels])]
+        # Column 0 is every row's positive, so its label never masks it: any value will do
+        # (a placeholder, since a rank of a distributed batch may hold no anchor to copy).
+        placeholder = anchor_labels.new_zeros(1)
+        parts = [placeholder, *([] if other_labels is None else [other_labels])]
         if bank_labels is not None:
             parts.append(bank_labels)
         spec = PairSpec(

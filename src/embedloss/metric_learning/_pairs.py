@@ -70,6 +70,11 @@ class BasePairLoss(BaseLoss):
         """``(embeddings (n, d), labels (n,))`` with two samples of each label."""
         return labelled_examples(n, d, dtype, seed)
 
+    @property
+    def gather_distributed(self) -> bool:
+        """Whether the loss uses the batch of every rank (see ``gather_distributed``)."""
+        return self._options.gather_distributed
+
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
         o = self._options

@@ -167,6 +167,11 @@ class AlignmentUniformityLoss(BaseLoss):
         """The alignment–uniformity loss (see :meth:`compute`)."""
         return _alignment_uniformity(z_a, z_b, labels, self.options, self.reduction)[0]
 
+    @property
+    def gather_distributed(self) -> bool:
+        """Whether the loss uses the batch of every rank (see ``gather_distributed``)."""
+        return self.options.gather_distributed
+
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
         o = self.options

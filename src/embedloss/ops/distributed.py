@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "Gathered",
+    "all_reduce_max_no_grad",
     "all_reduce_sum_no_grad",
     "describe_structure",
     "gather_with_grad",
@@ -45,6 +46,14 @@ def all_reduce_sum_no_grad(x: Tensor) -> Tensor:
     _settle(None)
     out = x.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_reduce_max_no_grad(x: Tensor) -> Tensor:
+    """Element-wise maximum of ``x`` over ranks, outside autograd (a shared shift)."""
+    _settle(None)
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
 
 

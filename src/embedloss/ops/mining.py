@@ -71,7 +71,7 @@ def hard_negative_log_weights(
     """
     negative = ~positive
     zeros = torch.zeros_like(similarity)
-    if mining.strategy == "none":
+    if mining.strategy == "none" or similarity.numel() == 0:  # (no rows: an empty rank)
         return zeros
     if mining.strategy == "beta":
         scores = (mining.beta * similarity).masked_fill(positive, float("-inf"))

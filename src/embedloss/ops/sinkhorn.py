@@ -21,11 +21,10 @@ concatenated batch, uneven batches included.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from embedloss._validation import compute_dtype
-from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
+from embedloss.ops.distributed import all_reduce_max_no_grad, all_reduce_sum_no_grad, world_info
 
 __all__ = ["sinkhorn_knopp"]
 
@@ -34,8 +33,11 @@ def _batch_logsumexp(log_q: Tensor, distributed: bool) -> Tensor:
     """``log Σ_b exp(log_q[b, k])`` ``(1, K)`` over the samples of every rank."""
     if world_info(distributed)[0] == 1:
         return log_q.logsumexp(dim=0, keepdim=True)
-    top = log_q.max(dim=0, keepdim=True).values  # (1, K)
-    dist.all_reduce(top, op=dist.ReduceOp.MAX)  # the same shift on every rank
+    if log_q.shape[0] == 0:  # a rank without samples shifts by the others' maximum
+        top = log_q.new_full((1, log_q.shape[1]), float("-inf"))
+    else:
+        top = log_q.max(dim=0, keepdim=True).values  # (1, K)
+    top = all_reduce_max_no_grad(top)  # the same shift on every rank
     total = all_reduce_sum_no_grad((log_q - top).exp().sum(dim=0, keepdim=True))
     return top + total.log()
 

@@ -194,6 +194,11 @@ class VICRegLoss(BaseLoss):
         """The VICReg loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
         return vicreg(z_a, z_b, self.options, self.warmup_factor)[0]
 
+    @property
+    def gather_distributed(self) -> bool:
+        """Whether the loss uses the batch of every rank (see ``gather_distributed``)."""
+        return self.options.gather_distributed
+
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
         o = self.options
