@@ -98,15 +98,7 @@ def test_labels_layout_matches_mse_distillation(model64, columns):
     assert_same(g_ours, g_theirs)
 
 
-ANGLE_SIGN = pytest.mark.xfail(
-    strict=True,
-    reason="embedloss.angle ranks -delta; AnglE's official angle_loss and ST's AnglELoss rank "
-    "+|delta| like a cosine (y_pred = abs(pooling) * tau, then CoSENT): a sign to fix in "
-    "text/angle.py, after which this test passes and the marker goes",
-)
-
-
-@pytest.mark.parametrize("st_name", ["CoSENTLoss", pytest.param("AnglELoss", marks=ANGLE_SIGN)])
+@pytest.mark.parametrize("st_name", ["CoSENTLoss", "AnglELoss"])
 def test_scored_pairs_match_st(model64, st_name):
     cols = batch(model64, seed=11)
     scores = torch.rand(8).double()  # exact in float32, which ST casts the scores to

@@ -25,7 +25,7 @@ def pair_cosines(a: Tensor, b: Tensor) -> list[Tensor]:
     return [dot(an[i], bn[i]) for i in range(len(an))]
 
 
-def angle_differences(a: Tensor, b: Tensor) -> list[Tensor]:
+def angle_similarities(a: Tensor, b: Tensor) -> list[Tensor]:
     """AnglE's angle_loss / sentence-transformers' pairwise_angle_sim, one pair at a time:
     (x_re + i·x_im)·conj(y_re + i·y_im) / ‖y‖², rescaled by ‖y‖/‖x‖, pooled by summing
     real and imaginary parts, absolute value."""

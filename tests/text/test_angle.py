@@ -3,9 +3,9 @@ import torch
 
 from embedloss import AnglELoss
 from embedloss.functional import angle_loss, cosent_loss
-from embedloss.ops.ranking import angle_difference
+from embedloss.ops.ranking import angle_similarity
 from tests.helpers import assert_close_with_grads, randn64
-from tests.text.oracles import angle_differences, cosent_oracle, ibn_oracle, pair_cosines
+from tests.text.oracles import angle_similarities, cosent_oracle, ibn_oracle, pair_cosines
 
 ONLY = {
     "cosine": dict(ibn_weight=0.0, angle_weight=0.0),
@@ -21,10 +21,10 @@ def _pairs(n=6, d=8, seed=0):
     return a, b, scores
 
 
-def test_angle_difference_is_the_official_formula():
+def test_angle_similarity_is_the_official_formula():
     a, b, _ = _pairs()
     w = torch.linspace(0.5, 2.0, 6, dtype=torch.float64)  # a scalar of the six values
-    got, expected = angle_difference(a, b), torch.stack(angle_differences(a, b))
+    got, expected = angle_similarity(a, b), torch.stack(angle_similarities(a, b))
     assert_close_with_grads((got * w).sum(), (expected * w).sum(), (a, b))
     torch.testing.assert_close(got, expected)
 
@@ -34,8 +34,9 @@ def test_each_part_matches_its_oracle():
     cos = cosent_oracle(pair_cosines(a, b), scores, 5.0)
     got = angle_loss(a, b, scores, cosine_scale=5.0, **ONLY["cosine"])
     assert_close_with_grads(got, cos, (a, b))
-    # sentence-transformers' AnglELoss is the angle objective alone: CoSENT of −Δ.
-    angle = cosent_oracle([-v for v in angle_differences(a, b)], scores, 7.0)
+    # The official angle_loss (and sentence-transformers' AnglELoss): CoSENT of the angle
+    # similarity, ranked like a cosine (a higher score wants a higher value).
+    angle = cosent_oracle(angle_similarities(a, b), scores, 7.0)
     assert_close_with_grads(
         angle_loss(a, b, scores, angle_scale=7.0, **ONLY["angle"]), angle, (a, b)
     )

@@ -11,7 +11,7 @@ the first position of ``s_i``'s tie group (a binary search), so
     L = log(1 + Σ_i exp(−λ·v_i + log Σ_{j: s_j < s_i} exp(λ·v_j)))
 
 exactly, in log space, with O(N) memory instead of the N×N matrix of differences.
-:func:`angle_difference` is AnglE's value of a pair (Li & Li 2023), ranked the same way.
+:func:`angle_similarity` is AnglE's value of a pair (Li & Li 2023), ranked the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from torch import Tensor
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.pair_losses import masked_log1p_sum_exp
 
-__all__ = ["angle_difference", "ranking_loss"]
+__all__ = ["angle_similarity", "ranking_loss"]
 
 
 def ranking_loss(
@@ -50,13 +50,21 @@ def ranking_loss(
     return masked_log1p_sum_exp((lower - v).unsqueeze(0), (below > 0).unsqueeze(0)).squeeze(0)
 
 
-def angle_difference(x: Tensor, y: Tensor) -> Tensor:
-    """AnglE's normalised angle difference ``Δ (N,)`` of rows of ``x``, ``y`` ``(N, 2K)``.
+def angle_similarity(x: Tensor, y: Tensor) -> Tensor:
+    """AnglE's angle similarity ``Δ (N,)`` of rows of ``x``, ``y`` ``(N, 2K)``.
 
     Each row is read as K complex numbers ``u = a + i·b`` (first half real, second half
     imaginary). The elementwise quotient ``u / w`` of ``x = (a, b)`` and ``y = (c, d)``, scaled
     by ``‖y‖/‖x‖``, is ``((ac + bd) + i·(bc − ad)) / (‖x‖·‖y‖)``, and
-    ``Δ = |Σ_k (Re + Im)|`` (the official code's ``sum`` pooling). Small Δ means similar.
+    ``Δ = |Σ_k (Re + Im)|`` (the official code's ``sum`` pooling). Δ is 1 for identical rows and
+    is ranked like a cosine: larger means more similar (the official code's comment calls it an
+    "absolute delta angle", but its ``angle_loss`` ranks it exactly as CoSENT ranks cosines, and
+    so does sentence-transformers' ``AnglELoss``).
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
+        >>> angle_similarity(x, x)
+        tensor([1.])
     """
     a, b = x.chunk(2, dim=1)
     c, d = y.chunk(2, dim=1)

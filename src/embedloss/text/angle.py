@@ -12,7 +12,7 @@ from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.ops.anchors import PairSpec, reduce_anchor_losses
 from embedloss.ops.info_nce import info_nce
 from embedloss.ops.layouts import two_view_layout
-from embedloss.ops.ranking import angle_difference, ranking_loss
+from embedloss.ops.ranking import angle_similarity, ranking_loss
 from embedloss.ops.similarity import l2_normalize
 from embedloss.registry import register_loss
 from embedloss.text._scored import check_scored_pairs, scored_pair_examples
@@ -87,8 +87,8 @@ def _angle(a: Tensor, b: Tensor, scores: Tensor, o: _Options) -> LossOutput:
     if o.weights.ibn:
         parts["ibn"] = _in_batch_negatives(a, b, scores >= o.ibn_threshold, o)
     if o.weights.angle:
-        delta = angle_difference(a, b)
-        parts["angle"] = ranking_loss(-delta, scores, o.scales.angle, gather_distributed=gather)
+        similarity = angle_similarity(a, b)
+        parts["angle"] = ranking_loss(similarity, scores, o.scales.angle, gather_distributed=gather)
     loss = sum((getattr(o.weights, k) * v for k, v in parts.items()), a.new_zeros(()))
     return LossOutput(loss, parts)
 
@@ -117,10 +117,10 @@ def angle_loss(
       runs over the texts of positive pairs (the official code divides by all 2N texts; the
       two agree when every pair is positive). AnglE marks positives with the label 1 and casts
       labels to int, which ``ibn_threshold=1`` reproduces for non-negative scores.
-    * ``L_angle``: the CoSENT ranking of ``−Δ`` with scale λ₃, where Δ is the normalised angle
-      difference of the pair in complex space (:func:`~embedloss.ops.ranking.angle_difference`): pairs with higher
-      scores should have smaller angle differences (sentence-transformers' ``AnglELoss`` is this
-      term alone).
+    * ``L_angle``: the CoSENT ranking, with scale λ₃, of the pairs' angle similarity Δ in
+      complex space (:func:`~embedloss.ops.ranking.angle_similarity`, as the official
+      ``angle_loss``): pairs with higher scores should have a higher Δ (sentence-transformers'
+      ``AnglELoss`` is this term alone).
 
     A part with weight 0 is skipped. A value of the whole batch: no per-sample ``reduction``.
 
