@@ -93,6 +93,13 @@ def _merge_base_options(cls: type, init: Callable[..., None]) -> None:
     init.__signature__ = signature.replace(parameters=[params[0], *inherited, *own])  # type: ignore[attr-defined]
 
 
+def _refresh_counters(module: nn.Module, incompatible: Any) -> None:
+    """Re-read the host copies of a loaded module's counters (loading is off the step path)."""
+    counters: dict[str, int] = module.__dict__["_counters"]
+    for name in counters:
+        counters[name] = int(getattr(module, name))
+
+
 def _poisoned_terms(output: LossOutput) -> LossOutput:
     """``output`` with every term NaN where the loss is not finite (``0·x`` is NaN then)."""
     if not output.terms:
@@ -122,6 +129,7 @@ class BaseLoss(nn.Module):
         super().__init__()
         self.reduction = check_reduction(reduction)
         self._counters = {}
+        self.register_load_state_dict_post_hook(_refresh_counters)
 
     def __init_subclass__(cls, **defaults: Any) -> None:
         """Set up a subclass: its call guard, its constructor's signature and defaults.
@@ -203,22 +211,6 @@ class BaseLoss(nn.Module):
 
     def _counter(self, name: str) -> int:
         return self._counters[name]
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-        for name in self._counters:
-            self._counters[name] = int(getattr(self, name))  # loading is off the step path
 
     def compute(self, *args: Any, **kwargs: Any) -> LossOutput:
         """Return the loss and its named terms; implemented by every concrete loss."""

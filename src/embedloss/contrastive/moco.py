@@ -372,6 +372,8 @@ class MoCoLoss(BaseContrastiveLoss):
         # A host copy of the labelled flags (it follows from whether labels were passed), so
         # that the step path checks the queue without reading a buffer back from the device.
         self._labeled_host = bytearray(queue_size)
+        self._register_load_state_dict_pre_hook(self._adopt_stored_queue)
+        self.register_load_state_dict_post_hook(MoCoLoss._read_labeled_back)
 
     def _queue_names(self) -> tuple[str, ...]:
         return ("queue", "query_queue") if self.symmetric else ("queue",)
@@ -429,25 +431,15 @@ class MoCoLoss(BaseContrastiveLoss):
         self._set_counter("queue_ptr", end % size)
         self._set_counter("queue_count", min(self._counter("queue_count") + b, size))
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
+    def _adopt_stored_queue(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
         # The queue is allocated lazily: adopt the stored shape and dtype before copying.
         for name in self._queue_names():
             stored = state_dict.get(prefix + name)
             current = getattr(self, name)
             if isinstance(stored, Tensor) and stored.shape != current.shape:
                 setattr(self, name, torch.empty_like(stored, device=current.device))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+
+    def _read_labeled_back(self, *_: Any) -> None:
         # Loading is off the step path: the host copy is read back here, once.
         self._labeled_host = bytearray(self.queue_labeled.cpu().tolist())
 
