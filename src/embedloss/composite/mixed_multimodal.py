@@ -164,11 +164,9 @@ class MixedMultimodalLoss(BaseContrastiveLoss, temperature=0.07):
         clip_weight: Weight of the CLIP part (default 0.4).
         nt_xent_weight: Weight of the NT-Xent part (default 0.3).
         supcon_weight: Weight of the SupCon part, used only with labels (default 0.3).
-        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)`` per pair).
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``learnable_temperature``, ``reduction`` (``"none"``: ``(N,)`` per pair),
+            ``normalize``, ``chunk_size``, ``gather_distributed``: as
+            :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = MixedMultimodalLoss()

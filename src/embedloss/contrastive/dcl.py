@@ -200,11 +200,8 @@ class DCLLoss(BaseContrastiveLoss):
 
     Args:
         temperature: τ > 0 (default 0.1).
-        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
-        gather_distributed: Use the views of all ranks (DDP).
+        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = DCLLoss(temperature=0.2)
@@ -236,11 +233,8 @@ class DCLWLoss(DCLLoss):
     Args:
         temperature: τ > 0 (default 0.1).
         sigma: σ > 0 of the von Mises–Fisher weighting (default 0.5).
-        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
-        gather_distributed: Use the views of all ranks (DDP).
+        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = DCLWLoss(sigma=0.5)

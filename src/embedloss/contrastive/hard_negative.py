@@ -160,11 +160,8 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss, temperature
         percentile: Row quantile of the ``"hard"`` strategy (default 0.9).
         margin: Window of the ``"semi_hard"`` strategy (default 0.2).
         beta: Concentration of the ``"beta"`` strategy (default 1.0).
-        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = HardNegativeLoss(strategy="hard", hard_negative_factor=3.0)

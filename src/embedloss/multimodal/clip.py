@@ -77,12 +77,9 @@ class CLIPLoss(BaseContrastiveLoss, temperature=0.07):
 
     Args:
         temperature: τ > 0 (default 0.07); the initial value when learnable.
-        learnable_temperature: Learn ``logit_scale = log(1/τ)``, clamped at 100 as in CLIP.
         label_smoothing: ε in [0, 1] (default 0).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = CLIPLoss(learnable_temperature=True)

@@ -171,11 +171,8 @@ class CrossModalSupConLoss(BaseContrastiveLoss):
         temperature: τ > 0 (default 0.1).
         base_temperature: τ_base of the ``τ/τ_base`` factor, or None (default) for 1.
         contrast_mode: ``"all"`` (default), ``"cross"`` or ``"intra"``.
-        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = CrossModalSupConLoss(contrast_mode="all")

@@ -128,11 +128,8 @@ class SupConLoss(BaseContrastiveLoss):
         base_temperature: τ_base of the official code's ``τ/τ_base`` factor (it uses 0.07 with
             τ = 0.07); None (default) for a factor of 1.
         contrast_mode: ``"all"`` (default) or ``"one"`` (first view as anchors).
-        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = SupConLoss()
