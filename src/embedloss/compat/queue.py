@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from embedloss._validation import check_float
-from embedloss.compat._adapter import LegacyLoss, metric, warn_ignored
+from embedloss.compat._adapter import LegacyLoss, PairedLoss, metric, renamed
 from embedloss.contrastive.moco import MoCoLoss as _MoCo
 from embedloss.momentum import MomentumEncoder
 
@@ -20,7 +19,7 @@ __all__ = ["EMAMoCoLoss", "MemoryQueueContrastiveLoss", "MoCoLoss"]
 FULL = 0.95
 
 
-class MemoryQueueContrastiveLoss(LegacyLoss):
+class MemoryQueueContrastiveLoss(PairedLoss):
     """Legacy multi-positive InfoNCE with queues of past negatives: :class:`embedloss.MoCoLoss`.
 
     ``MoCoLoss(in_batch_negatives=True, symmetric=True)`` with the vision features as queries
@@ -63,8 +62,7 @@ class MemoryQueueContrastiveLoss(LegacyLoss):
         adaptive_temperature: bool = True,
         max_temperature_factor: float = 1.3,
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, dim=dim)
+        super().__init__(dim=dim)
         self.base_temperature = temperature
         self.adaptive_temperature = adaptive_temperature
         self.max_temperature_factor = check_float(
@@ -86,29 +84,22 @@ class MemoryQueueContrastiveLoss(LegacyLoss):
             tau = tau_max - (tau_max - tau) * fill
         self.loss.logit_scale.fill_(math.log(1.0 / tau))
 
-    def forward(
-        self,
-        vision_features: Tensor,
-        text_features: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
-        **inputs: Any,
-    ) -> dict[str, Any]:
+    def outputs(self, v: Tensor, t: Tensor, labels: Tensor | None) -> dict[str, Any]:
         """Loss and legacy metrics; the batch is enqueued afterwards in training mode."""
-        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
         self._ease_temperature()
-        codes = torch.arange(v.shape[0], device=v.device) if ids is None else ids
+        codes = torch.arange(v.shape[0], device=v.device) if labels is None else labels
         out = self.loss.compute(v, t, codes + self.label_offset)
         if self.training:
             self.label_offset.add_(v.shape[0])
-        terms = out.terms
-        return {
-            "loss": out.loss,
-            "loss_v2t": metric(terms["loss_query_to_key"]),
-            "loss_t2v": metric(terms["loss_key_to_query"]),
-            "temperature": metric(terms["temperature"]),
-            "queue_fill": metric(terms["queue_fill"]),
-            "accuracy": metric(terms["accuracy"]),
-        }
+        terms = renamed(
+            out.terms,
+            loss_v2t="loss_query_to_key",
+            loss_t2v="loss_key_to_query",
+            temperature="temperature",
+            queue_fill="queue_fill",
+            accuracy="accuracy",
+        )
+        return {"loss": out.loss, **terms}
 
 
 class MoCoLoss(MemoryQueueContrastiveLoss):
@@ -166,8 +157,7 @@ class EMAMoCoLoss(LegacyLoss):
         symmetric: bool = True,
         update_key_encoder: bool = True,
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, dim=dim)
+        super().__init__(dim=dim)
         self.symmetric = symmetric
         self.update_key_encoder = update_key_encoder
         self.vision_key_encoder = MomentumEncoder(vision_encoder, momentum=m)
