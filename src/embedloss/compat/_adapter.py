@@ -327,9 +327,14 @@ class LegacyLoss(ProjectionMixin, nn.Module):
 class PairedLoss(LegacyLoss):
     """A legacy class whose forward takes ``vision_features, text_features, match_ids=None``.
 
-    Subclasses implement :meth:`outputs` on the validated, projected features and the labels
-    made from ``match_ids`` (``None``: diagonal pairing).
+    :meth:`outputs` gets the validated, projected features and the labels made from
+    ``match_ids`` (``None``: diagonal pairing). By default it is the held loss's ``loss`` and its
+    terms under their legacy names (``legacy_terms``); subclasses override it for more.
     """
+
+    loss: BaseLoss
+    #: Legacy output key → the name of the term of ``self.loss`` it reports, in output order.
+    legacy_terms: ClassVar[dict[str, str]] = {}
 
     def forward(
         self,
@@ -343,4 +348,5 @@ class PairedLoss(LegacyLoss):
 
     def outputs(self, v: Tensor, t: Tensor, labels: Tensor | None) -> dict[str, Any]:
         """The legacy output dict of one batch."""
-        raise NotImplementedError
+        out = self.loss.compute(v, t, labels)
+        return {"loss": out.loss, **renamed(out.terms, **self.legacy_terms)}

@@ -9,6 +9,7 @@ from torch import Tensor
 from embedloss._validation import check_choice, check_float, check_reduction
 from embedloss.compat._adapter import (
     CLIP_DIRECTIONS,
+    LegacyLoss,
     MatchIds,
     PairedLoss,
     deprecated,
@@ -34,7 +35,7 @@ __all__ = [
 LOSS_TYPES = ("infonce", "nt_xent", "supervised")
 
 
-class ContrastiveLoss(PairedLoss):
+class ContrastiveLoss(LegacyLoss):
     """Legacy bidirectional contrastive loss, computed by :class:`embedloss.CLIPLoss` or :class:`embedloss.SimCLRLoss`.
 
     ``loss_type="infonce"`` is CLIP's symmetric InfoNCE between the modalities (registry

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from embedloss._validation import check_float
-from embedloss.compat._adapter import LegacyLoss, PairedLoss, metric, renamed
+from embedloss.compat._adapter import LegacyLoss, PairedLoss, metric
 from embedloss.contrastive.moco import MoCoLoss as _MoCo
 from embedloss.momentum import MomentumEncoder
 
@@ -49,10 +49,18 @@ class MemoryQueueContrastiveLoss(PairedLoss):
     """
 
     label_offset: Tensor
+    loss: _MoCo
     replacement = (
         "embedloss.MoCoLoss (registry 'moco', alias 'memory_queue') with "
         "in_batch_negatives=True, symmetric=True"
     )
+    legacy_terms: ClassVar[dict[str, str]] = {
+        "loss_v2t": "loss_query_to_key",
+        "loss_t2v": "loss_key_to_query",
+        "temperature": "temperature",
+        "queue_fill": "queue_fill",
+        "accuracy": "accuracy",
+    }
 
     def __init__(
         self,
@@ -88,18 +96,10 @@ class MemoryQueueContrastiveLoss(PairedLoss):
         """Loss and legacy metrics; the batch is enqueued afterwards in training mode."""
         self._ease_temperature()
         codes = torch.arange(v.shape[0], device=v.device) if labels is None else labels
-        out = self.loss.compute(v, t, codes + self.label_offset)
+        out = super().outputs(v, t, codes + self.label_offset)
         if self.training:
             self.label_offset.add_(v.shape[0])
-        terms = renamed(
-            out.terms,
-            loss_v2t="loss_query_to_key",
-            loss_t2v="loss_key_to_query",
-            temperature="temperature",
-            queue_fill="queue_fill",
-            accuracy="accuracy",
-        )
-        return {"loss": out.loss, **terms}
+        return out
 
 
 class MoCoLoss(MemoryQueueContrastiveLoss):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -44,6 +44,7 @@ class HardNegativeMiningContrastiveLoss(PairedLoss):
     """
 
     replacement = "embedloss.HardNegativeLoss (registry 'hard_negative')"
+    loss: _HardNegative
 
     def __init__(
         self,
@@ -120,6 +121,12 @@ class DynamicTemperatureContrastiveLoss(PairedLoss):
     """
 
     replacement = "embedloss.DynamicTemperatureLoss (registry 'dynamic_temperature')"
+    legacy_terms: ClassVar[dict[str, str]] = {
+        "temperature": "temperature",
+        "pos_similarity": "positive_similarity",
+        "neg_similarity": "negative_similarity",
+        **DIRECTIONS,
+    }
 
     def __init__(
         self,
@@ -132,18 +139,6 @@ class DynamicTemperatureContrastiveLoss(PairedLoss):
         self.loss = _DynamicTemperature(
             base_temperature=base_temperature, min_temperature=min_temp, max_temperature=max_temp
         )
-
-    def outputs(self, v: Tensor, t: Tensor, labels: Tensor | None) -> dict[str, Any]:
-        """Loss and legacy metrics of one batch."""
-        out = self.loss.compute(v, t, labels)
-        terms = renamed(
-            out.terms,
-            temperature="temperature",
-            pos_similarity="positive_similarity",
-            neg_similarity="negative_similarity",
-            **DIRECTIONS,
-        )
-        return {"loss": out.loss, **terms}
 
 
 class DynamicTemperatureLoss(DynamicTemperatureContrastiveLoss):
