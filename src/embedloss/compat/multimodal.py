@@ -416,10 +416,7 @@ class FeatureConsistencyLoss(LegacyLoss):
     ) -> dict[str, Any]:
         """Loss and legacy metrics; each modality with a reference model needs its inputs."""
         self.ignore_inputs(inputs)
-        given = {
-            "vision": (vision_features, vision_inputs),
-            "text": (text_features, text_inputs),
-        }
+        given = {"vision": (vision_features, vision_inputs), "text": (text_features, text_inputs)}
         active = [m for m in given if m in self.loss.reference_models]
         if active:
             out = self.loss.compute(

@@ -77,10 +77,7 @@ class MemoryQueueContrastiveLoss(PairedLoss):
             max_temperature_factor, "max_temperature_factor", low=1.0
         )
         self.loss = _MoCo(
-            temperature=temperature,
-            queue_size=queue_size,
-            in_batch_negatives=True,
-            symmetric=True,
+            temperature=temperature, queue_size=queue_size, in_batch_negatives=True, symmetric=True
         )
         self.register_buffer("label_offset", torch.zeros((), dtype=torch.long))
 

@@ -266,11 +266,7 @@ class HybridPretrainVICRegLoss(LegacyLoss):
         return self.loss.warmup_factor
 
     def forward(
-        self,
-        z_a: Tensor,
-        z_b: Tensor,
-        match_ids: MatchIds = None,
-        **inputs: Any,
+        self, z_a: Tensor, z_b: Tensor, match_ids: MatchIds = None, **inputs: Any
     ) -> dict[str, Any]:
         """Loss and legacy metrics of two ``(N, D)`` views."""
         self.ignore_inputs(inputs)
