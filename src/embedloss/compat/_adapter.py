@@ -169,7 +169,7 @@ def metrics(**values: Tensor | float) -> dict[str, Tensor]:
 
 
 def renamed(terms: Mapping[str, Any], **names: str) -> dict[str, Tensor]:
-    """Legacy metrics from a new loss's terms: ``{legacy_key: metric(terms[new_name])}``, in order."""
+    """Legacy metrics from a new loss's terms: ``{legacy_key: metric(terms[new_name])}``."""
     return {key: metric(terms[name]) for key, name in names.items()}
 
 

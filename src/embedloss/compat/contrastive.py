@@ -130,22 +130,11 @@ class ContrastiveLoss(LegacyLoss):
 class SimCLRLoss(ContrastiveLoss):
     """The consolidation's ``SimCLRLoss``: :class:`ContrastiveLoss` with ``use_projection``.
 
-    Same inputs and outputs as :class:`ContrastiveLoss`; for the new tensor-returning NT-Xent
-    use :class:`embedloss.SimCLRLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        loss_type: ``"infonce"`` (default), ``"nt_xent"`` or ``"supervised"``.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        input_dim: Feature size for the heads.
-        projection_dim: Output size of the heads (default 256).
-        use_projection: Build per-modality projection heads (default True; needs ``input_dim``).
-        sampling_strategy: Ignored, with a warning.
-        memory_bank_size: Ignored, with a warning.
-        dataset_size: Ignored, with a warning.
+    The arguments of :class:`ContrastiveLoss` in the consolidation's order, ``use_projection``
+    standing for ``add_projection``; the same inputs and outputs. For the new tensor-returning
+    NT-Xent use :class:`embedloss.SimCLRLoss`.
     """
 
-    replacement = ContrastiveLoss.replacement
     projection_flag = "use_projection"
 
     def __init__(
@@ -256,11 +245,4 @@ class DecoupledContrastiveLoss(PairedLoss):
 
 
 class DecoupledLoss(DecoupledContrastiveLoss):
-    """The consolidation's ``DecoupledLoss``: the same as :class:`DecoupledContrastiveLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        lambda_v: Weight of the vision instance-discrimination term (default 0.5).
-        lambda_t: Weight of the text instance-discrimination term (default 0.5).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-    """
+    """The consolidation's ``DecoupledLoss``: :class:`DecoupledContrastiveLoss`, same arguments."""

@@ -116,17 +116,9 @@ class CLIPStyleLoss(PairedLoss):
 
 
 class CLIPLoss(CLIPStyleLoss):
-    """The consolidation's ``CLIPLoss``: :class:`CLIPStyleLoss` with its argument order.
+    """The consolidation's ``CLIPLoss``: :class:`CLIPStyleLoss` with ``label_smoothing`` second.
 
     For the new tensor-returning loss use :class:`embedloss.CLIPLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        label_smoothing: ε in [0, 1] (default 0).
-        use_hard_negatives: Ignored, with a warning.
-        hard_negative_weight: Ignored, with a warning.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        cache_labels: Ignored, with a warning.
     """
 
     def __init__(
@@ -221,15 +213,8 @@ class MultiModalMixedContrastiveLoss(LegacyLoss):
 class MixedMultimodalLoss(MultiModalMixedContrastiveLoss):
     """The consolidation's ``MixedMultimodalLoss``: :class:`MultiModalMixedContrastiveLoss`.
 
-    For the new tensor-returning loss use :class:`embedloss.MixedMultimodalLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        loss_weights: ``{"infonce", "nt_xent", "supervised"}`` weights.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        input_dim: Feature size for the heads.
-        projection_dim: Output size of the heads (default 256).
-        add_projection: Per-modality projection heads (default False).
+    The same arguments, the head arguments in the order ``input_dim, projection_dim,
+    add_projection``. For the new tensor-returning loss use :class:`embedloss.MixedMultimodalLoss`.
     """
 
     def __init__(

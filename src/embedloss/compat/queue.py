@@ -100,16 +100,9 @@ class MemoryQueueContrastiveLoss(PairedLoss):
 
 
 class MoCoLoss(MemoryQueueContrastiveLoss):
-    """The consolidation's ``MoCoLoss``: :class:`MemoryQueueContrastiveLoss`.
+    """The consolidation's ``MoCoLoss``: :class:`MemoryQueueContrastiveLoss`, same arguments.
 
     For the new tensor-returning loss use :class:`embedloss.MoCoLoss`.
-
-    Args:
-        dim: Ignored, with a warning.
-        queue_size: Entries per queue (default 8192).
-        temperature: τ > 0 (default 0.07).
-        adaptive_temperature: Ease τ while the queue fills (default True).
-        max_temperature_factor: τ multiplier of an empty queue (default 1.3).
     """
 
 

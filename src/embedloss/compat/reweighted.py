@@ -37,6 +37,7 @@ class HardNegativeMiningContrastiveLoss(PairedLoss):
         hard_negative_factor: Weight >= 1 of a mined negative (default 2).
         mining_strategy: ``"semi-hard"`` (default) or ``"hard"``.
         dim: Ignored, with a warning.
+        hard_negative_percentile: Percentile (0-100) of the ``"hard"`` strategy (default 90).
 
     Returns (forward):
         ``{"loss", "v2t_loss", "t2v_loss", "hard_negative_factor", "hard_negative_fraction",
@@ -80,15 +81,9 @@ class HardNegativeMiningContrastiveLoss(PairedLoss):
 
 
 class HardNegativeLoss(HardNegativeMiningContrastiveLoss):
-    """The consolidation's ``HardNegativeLoss``, with ``hard_negative_percentile`` (0-100).
+    """The consolidation's ``HardNegativeLoss``: no ``dim``; ``hard_negative_percentile`` fourth.
 
     For the new tensor-returning loss use :class:`embedloss.HardNegativeLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        hard_negative_factor: Weight >= 1 of a mined negative (default 2).
-        mining_strategy: ``"semi-hard"`` (default) or ``"hard"``.
-        hard_negative_percentile: Percentile of the ``"hard"`` strategy (default 90).
     """
 
     def __init__(
@@ -142,13 +137,7 @@ class DynamicTemperatureContrastiveLoss(PairedLoss):
 
 
 class DynamicTemperatureLoss(DynamicTemperatureContrastiveLoss):
-    """The consolidation's ``DynamicTemperatureLoss``: the same as the legacy class.
+    """The consolidation's ``DynamicTemperatureLoss``: the legacy class, same arguments.
 
     For the new tensor-returning loss use :class:`embedloss.DynamicTemperatureLoss`.
-
-    Args:
-        base_temperature: τ₀ > 0 (default 0.07).
-        min_temp: Lower clamp (default 0.04).
-        max_temp: Upper clamp (default 0.2).
-        dim: Ignored, with a warning.
     """

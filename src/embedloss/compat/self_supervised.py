@@ -330,24 +330,17 @@ class DecorrelationLoss(LegacyLoss):
     ) -> dict[str, Any]:
         """Loss and legacy metrics of the modalities given."""
         self.ignore_inputs(inputs)
-        given = [
-            (name, prefix, x)
-            for name, prefix, x in (
-                ("vision", "vision", vision_features),
-                ("text", "text", text_features),
-                ("generic", "feature", features),
-            )
-            if x is not None
-        ]
-        if not given:
+        given = {"vision": vision_features, "text": text_features, "generic": features}
+        outs = {name: self.loss.compute(x) for name, x in given.items() if x is not None}
+        if not outs:
             raise ValueError(
                 "DecorrelationLoss needs vision_features, text_features or features; got none"
             )
-        outs = [(name, prefix, self.loss.compute(x)) for name, prefix, x in given]
-        loss = sum(out.loss for _, _, out in outs) / len(outs)
+        loss = sum(out.loss for out in outs.values()) / len(outs)
         result: dict[str, Any] = {"loss": loss, "decorrelation_loss": metric(loss)}
         stats: dict[str, Tensor] = {}
-        for name, prefix, out in outs:
+        for name, out in outs.items():
+            prefix = "feature" if name == "generic" else name
             result[f"{name}_decorrelation_loss"] = metric(out.terms["decorrelation"])
             stats[f"{prefix}_min_var"] = metric(out.terms["min_variance"])
             stats[f"{prefix}_mean_var"] = metric(out.terms["mean_variance"])

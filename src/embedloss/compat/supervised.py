@@ -115,16 +115,7 @@ class SupervisedContrastiveLoss(LegacyLoss):
 
 
 class SupervisedLoss(SupervisedContrastiveLoss):
-    """The consolidation's supervised contrastive loss: the same as :class:`SupervisedContrastiveLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        contrast_mode: ``"all"`` (default), ``"cross"`` or ``"intra"``.
-        base_temperature: τ_base (default 0.07).
-        similarity_threshold: Threshold on ``similarity_scores`` (default 0.5).
-        use_class_weights: Ignored, with a warning.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-    """
+    """The consolidation's ``SupervisedLoss``: :class:`SupervisedContrastiveLoss`, same arguments."""
 
 
 def supervised_contrastive_loss(
