@@ -45,7 +45,6 @@ class HardNegativeMiningContrastiveLoss(PairedLoss):
     """
 
     replacement = "embedloss.HardNegativeLoss (registry 'hard_negative')"
-    loss: _HardNegative
 
     def __init__(
         self,
