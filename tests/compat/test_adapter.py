@@ -1,6 +1,7 @@
 """The shared adapter: one DeprecationWarning per name, ignored arguments and inputs, heads, hooks."""
 
 from argparse import Namespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -9,10 +10,19 @@ from torch import nn
 import embedloss
 import embedloss.compat as compat
 from embedloss.compat import IgnoredArgumentWarning
-from embedloss.compat._adapter import GUIDE, LegacyLoss, metric, reset_warning_registry
+from embedloss.compat._adapter import (
+    GUIDE,
+    LegacyLoss,
+    PairedLoss,
+    legacy_reduce,
+    metric,
+    reset_warning_registry,
+    retrieval_metrics,
+)
+from embedloss.ops import labels_from_match_ids
 
 from .conftest import of, recorded
-from .helpers import trainer_batch
+from .helpers import assert_same, trainer_batch
 
 
 def test_one_deprecation_warning_per_class_naming_replacement_and_guide():
@@ -148,6 +158,60 @@ def test_base_names_resolve_to_embedloss_with_a_warning():
     assert len(of(caught, DeprecationWarning)) == 2
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchLoss'"):
         compat.NoSuchLoss  # noqa: B018
+
+
+class _Paired(PairedLoss):
+    replacement = "embedloss.CLIPLoss"
+    legacy_terms: ClassVar[dict[str, str]] = {
+        "t2v_loss": "loss_text_to_image",
+        "temperature": "temperature",
+    }
+
+    def __init__(self, dim=None):
+        super().__init__(dim=dim)
+        self.loss = embedloss.CLIPLoss(temperature=0.1)
+
+
+def test_paired_loss_reports_the_held_loss_terms_under_their_legacy_names():
+    with recorded() as caught:
+        loss = _Paired(dim=768)
+    (w,) = of(caught, IgnoredArgumentWarning)
+    assert str(w.message) == (
+        "_Paired(dim=768) is ignored: the embedding dimension is taken from the inputs."
+    )
+    ids = ["a", "b", "a", "c", "d", "e"]
+    batch = trainer_batch(match_ids=ids)
+    with recorded() as caught:
+        out = loss(**batch)
+    assert of(caught, IgnoredArgumentWarning) == []  # trainer keys are accepted silently
+    assert list(out) == ["loss", "t2v_loss", "temperature"]  # the legacy order
+    v, t = batch["vision_features"], batch["text_features"]
+    ref = embedloss.CLIPLoss(temperature=0.1).compute(v, t, labels_from_match_ids(ids))
+    assert_same(out["loss"], ref.loss, (v, t))
+    assert out["t2v_loss"].item() == ref.terms["loss_text_to_image"].item()
+    assert not out["t2v_loss"].requires_grad and out["temperature"].shape == ()
+
+
+def test_retrieval_metrics_without_recalls_are_the_same_accuracies():
+    batch = trainer_batch(n=12)
+    v, t = batch["vision_features"], batch["text_features"]
+    labels = torch.tensor([i % 5 for i in range(12)])
+    full = retrieval_metrics(v, t, labels)
+    short = retrieval_metrics(v, t, labels, recalls=False)
+    assert list(short) == ["v2t_accuracy", "t2v_accuracy", "accuracy"]
+    assert all(short[k].item() == full[k].item() for k in short) and "recalls" in full
+
+
+def test_legacy_reduce_weights_each_sample_then_reduces():
+    per = torch.arange(6.0, dtype=torch.float64).reshape(3, 2)
+    s = torch.tensor([1.0, 0.0, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(legacy_reduce(per, "none", s), per * s[:, None])
+    assert legacy_reduce(per, "mean", s).item() == (0 + 1 + 0 + 0 + 8 + 10) / 6
+    assert legacy_reduce(per, "sum").item() == 15.0
+    with pytest.raises(ValueError, match=r"sample_weight must have shape \(3,\), got \(2,\)"):
+        legacy_reduce(per, "mean", torch.ones(2))
+    with pytest.raises(TypeError, match="sample_weight must be a torch.Tensor"):
+        legacy_reduce(per, "mean", [1.0, 1.0, 1.0])
 
 
 def test_metric_is_a_detached_scalar_tensor():

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from embedloss._validation import check_float
-from embedloss.compat._adapter import LegacyLoss, metric, warn_ignored
+from embedloss.compat._adapter import LegacyLoss, call_hook, metric
 from embedloss.composite.combined import CombinedLoss as _Combined
 from embedloss.composite.multitask import MultitaskLoss as _Multitask
 
@@ -34,14 +34,10 @@ class _Part(nn.Module):
         return self.last
 
     def update_step(self, step: int, total_steps: int | None = None) -> None:
-        hook = getattr(self.module, "update_step", None)
-        if callable(hook):
-            hook(step, total_steps)
+        call_hook(self.module, "update_step", step, total_steps)
 
     def update_epoch(self, epoch: int) -> None:
-        hook = getattr(self.module, "update_epoch", None)
-        if callable(hook):
-            hook(epoch)
+        call_hook(self.module, "update_epoch", epoch)
 
 
 def _as_dict(output: Any) -> dict[str, Any]:
@@ -137,8 +133,7 @@ class MultitaskLoss(LegacyLoss):
         dynamic_weighting: bool = False,
         reduction: str | None = None,
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, reduction=reduction)
+        super().__init__(reduction=reduction)
         if not isinstance(loss_functions, Mapping) or not loss_functions:
             raise ValueError("loss_functions must be a non-empty mapping of task names to losses")
         raw = dict.fromkeys(loss_functions, 1.0) if loss_weights is None else dict(loss_weights)

@@ -1,17 +1,21 @@
-"""Legacy contrastive names: ``ContrastiveLoss``, ``SimCLRLoss`` (consolidation) and ``nt_xent_loss``."""
+"""Legacy contrastive names (and their consolidation spellings): contrastive, decoupled, NT-Xent."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 from torch import Tensor
 
 from embedloss._validation import check_choice, check_float, check_reduction
 from embedloss.compat._adapter import (
+    CLIP_DIRECTIONS,
     LegacyLoss,
+    MatchIds,
+    PairedLoss,
     deprecated,
+    legacy_reduce,
     metric,
+    renamed,
     retrieval_metrics,
     warn_ignored,
 )
@@ -29,10 +33,6 @@ __all__ = [
 ]
 
 LOSS_TYPES = ("infonce", "nt_xent", "supervised")
-
-
-def _reduce(per_anchor: Tensor, reduction: str) -> Tensor:
-    return per_anchor if reduction == "none" else getattr(per_anchor, reduction)()
 
 
 class ContrastiveLoss(LegacyLoss):
@@ -72,7 +72,6 @@ class ContrastiveLoss(LegacyLoss):
         "embedloss.CLIPLoss ('clip'); loss_type='nt_xent' → embedloss.SimCLRLoss ('simclr'), "
         "'supervised' → embedloss.SupConLoss ('supcon')"
     )
-    legacy_inputs = frozenset({"indices"})
     projection_flag = "add_projection"
 
     def __init__(
@@ -107,7 +106,7 @@ class ContrastiveLoss(LegacyLoss):
         self,
         vision_features: Tensor,
         text_features: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
+        match_ids: MatchIds = None,
         indices: Tensor | None = None,
         labels: Tensor | None = None,
         **inputs: Any,
@@ -116,41 +115,26 @@ class ContrastiveLoss(LegacyLoss):
         v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
         if isinstance(self.loss, _CLIP):
             out = self.loss.compute(v, t, ids)
-            loss = out.loss
-            loss_v2t, loss_t2v = out.terms["loss_image_to_text"], out.terms["loss_text_to_image"]
+            loss, terms = out.loss, out.terms
+            v2t, t2v = terms["loss_image_to_text"], terms["loss_text_to_image"]
         else:
             positives = labels if self.loss_type == "supervised" and labels is not None else ids
             per_anchor = self.loss(v, t, positives)  # (2N,): vision anchors, then text anchors
             n = v.shape[0]
-            loss = _reduce(per_anchor, self.reduction)
-            loss_v2t, loss_t2v = per_anchor[:n].mean(), per_anchor[n:].mean()
-        return {
-            "loss": loss,
-            "loss_v2t": metric(loss_v2t),
-            "loss_t2v": metric(loss_t2v),
-            **retrieval_metrics(v, t, ids),
-        }
+            loss = legacy_reduce(per_anchor, self.reduction)
+            v2t, t2v = per_anchor[:n].mean(), per_anchor[n:].mean()
+        legacy = {"loss": loss, "loss_v2t": metric(v2t), "loss_t2v": metric(t2v)}
+        return {**legacy, **retrieval_metrics(v, t, ids)}
 
 
 class SimCLRLoss(ContrastiveLoss):
     """The consolidation's ``SimCLRLoss``: :class:`ContrastiveLoss` with ``use_projection``.
 
-    Same inputs and outputs as :class:`ContrastiveLoss`; for the new tensor-returning NT-Xent
-    use :class:`embedloss.SimCLRLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        loss_type: ``"infonce"`` (default), ``"nt_xent"`` or ``"supervised"``.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        input_dim: Feature size for the heads.
-        projection_dim: Output size of the heads (default 256).
-        use_projection: Build per-modality projection heads (default True; needs ``input_dim``).
-        sampling_strategy: Ignored, with a warning.
-        memory_bank_size: Ignored, with a warning.
-        dataset_size: Ignored, with a warning.
+    The arguments of :class:`ContrastiveLoss` in the consolidation's order, ``use_projection``
+    standing for ``add_projection``; the same inputs and outputs. For the new tensor-returning
+    NT-Xent use :class:`embedloss.SimCLRLoss`.
     """
 
-    replacement = ContrastiveLoss.replacement
     projection_flag = "use_projection"
 
     def __init__(
@@ -166,15 +150,15 @@ class SimCLRLoss(ContrastiveLoss):
         dataset_size: int | None = None,
     ) -> None:
         super().__init__(
-            temperature=temperature,
-            loss_type=loss_type,
-            reduction=reduction,
-            add_projection=use_projection,
-            projection_dim=projection_dim,
-            input_dim=input_dim,
-            sampling_strategy=sampling_strategy,
-            memory_bank_size=memory_bank_size,
-            dataset_size=dataset_size,
+            temperature,
+            loss_type,
+            reduction,
+            use_projection,
+            projection_dim,
+            input_dim,
+            sampling_strategy,
+            memory_bank_size,
+            dataset_size,
         )
 
 
@@ -200,7 +184,7 @@ def nt_xent_loss(
     return simclr_loss(vision_features, text_features, temperature=temperature, reduction=reduction)
 
 
-class DecoupledContrastiveLoss(LegacyLoss):
+class DecoupledContrastiveLoss(PairedLoss):
     """Legacy cross-modal NCE plus per-modality instance discrimination, by CLIP and InfoNCE.
 
     ``loss = clip(v, t) + λ_v·info_nce(v, v) + λ_t·info_nce(t, t)``: the cross-modal part is
@@ -245,38 +229,20 @@ class DecoupledContrastiveLoss(LegacyLoss):
         self.cross_modal = _CLIP(temperature=temperature, reduction=reduction)
         self.instance = _InfoNCE(temperature=temperature, reduction=reduction)
 
-    def forward(
-        self,
-        vision_features: Tensor,
-        text_features: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
-        **inputs: Any,
-    ) -> dict[str, Any]:
-        """Loss and legacy metrics (``match_ids`` default: diagonal pairing)."""
-        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
-        cross = self.cross_modal.compute(v, t, ids)
+    def outputs(self, v: Tensor, t: Tensor, labels: Tensor | None) -> dict[str, Any]:
+        """Loss and legacy metrics of one batch."""
+        cross = self.cross_modal.compute(v, t, labels)
         vision_inst, text_inst = self.instance(v, v), self.instance(t, t)
-        loss = cross.loss + self.lambda_v * vision_inst + self.lambda_t * text_inst
-        metrics = retrieval_metrics(v, t, ids)
-        metrics.pop("recalls")
         return {
-            "loss": loss,
+            "loss": cross.loss + self.lambda_v * vision_inst + self.lambda_t * text_inst,
             "cross_modal_loss": metric(cross.loss.mean()),
             "instance_loss": metric((vision_inst.mean() + text_inst.mean()) / 2),
-            "v2t_loss": metric(cross.terms["loss_image_to_text"]),
-            "t2v_loss": metric(cross.terms["loss_text_to_image"]),
+            **renamed(cross.terms, **CLIP_DIRECTIONS),
             "vision_inst_loss": metric(vision_inst.mean()),
             "text_inst_loss": metric(text_inst.mean()),
-            **metrics,
+            **retrieval_metrics(v, t, labels, recalls=False),
         }
 
 
 class DecoupledLoss(DecoupledContrastiveLoss):
-    """The consolidation's ``DecoupledLoss``: the same as :class:`DecoupledContrastiveLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        lambda_v: Weight of the vision instance-discrimination term (default 0.5).
-        lambda_t: Weight of the text instance-discrimination term (default 0.5).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-    """
+    """The consolidation's ``DecoupledLoss``: :class:`DecoupledContrastiveLoss`, same arguments."""

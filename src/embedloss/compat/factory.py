@@ -15,11 +15,7 @@ from embedloss.compat.reweighted import (
     DynamicTemperatureContrastiveLoss,
     HardNegativeMiningContrastiveLoss,
 )
-from embedloss.compat.self_supervised import (
-    BarlowTwinsLoss,
-    HybridPretrainVICRegLoss,
-    VICRegLoss,
-)
+from embedloss.compat.self_supervised import BarlowTwinsLoss, HybridPretrainVICRegLoss, VICRegLoss
 
 __all__ = ["LOSS_TYPES", "create_loss_function"]
 
@@ -62,34 +58,21 @@ def _queue_size(args: Any, dataset_size: int | None) -> int:
     return 2048
 
 
-_CLASSES: dict[str, Any] = {
-    cls.__name__: cls
-    for cls in (
-        BarlowTwinsLoss,
-        CombinedLoss,
-        ContrastiveLoss,
-        DecoupledContrastiveLoss,
-        DynamicTemperatureContrastiveLoss,
-        HardNegativeMiningContrastiveLoss,
-        HybridPretrainVICRegLoss,
-        MemoryQueueContrastiveLoss,
-        MultiModalMixedContrastiveLoss,
-        SimpleContrastiveLoss,
-        VICRegLoss,
-    )
-}
-
-
-def _cls(name: str) -> Any:
-    return _CLASSES[name]
-
-
-def _mixed_weights(args: Any) -> dict[str, float]:
-    return {
+def _mixed(
+    args: Any, temperature: float, heads: bool, projection_dim: int, input_dim: int | None
+) -> MultiModalMixedContrastiveLoss:
+    weights = {
         "infonce": _get(args, "contrastive_weight", 0.4),
         "nt_xent": _get(args, "classification_weight", 0.3),
         "supervised": _get(args, "multimodal_matching_weight", 0.3),
     }
+    return MultiModalMixedContrastiveLoss(
+        temperature,
+        weights,
+        add_projection=heads,
+        projection_dim=projection_dim,
+        input_dim=input_dim,
+    )
 
 
 def create_loss_function(
@@ -121,11 +104,11 @@ def create_loss_function(
     temperature = _get(args, "temperature", 0.07)
     dim = _model_dim(args)
     if _get(args, "use_simple_model", False):
-        return _cls("SimpleContrastiveLoss")(temperature=temperature)
+        return SimpleContrastiveLoss(temperature=temperature)
     loss_type = "mixed" if _get(args, "use_mixed_loss", False) else _get(args, "loss_type", "")
     heads = bool(_get(args, "use_hard_negatives", False))  # the legacy flag for loss-owned heads
     if loss_type == "barlow_twins":
-        return _cls("BarlowTwinsLoss")(
+        return BarlowTwinsLoss(
             lambda_coeff=_get(args, "lambda_coeff", 0.005),
             batch_norm_last_layer=_get(args, "batch_norm_last", True),
             correlation_mode=_get(args, "correlation_mode", "cross_modal"),
@@ -142,12 +125,12 @@ def create_loss_function(
             "epsilon": 1e-4,
         }
         if not _get(args, "use_contrastive_pretrain", False):
-            return _cls("VICRegLoss")(
+            return VICRegLoss(
                 **coeffs,
                 warmup_epochs=_get(args, "vicreg_warmup_epochs", 5),
                 curriculum=_get(args, "use_curriculum", True),
             )
-        return _cls("HybridPretrainVICRegLoss")(
+        return HybridPretrainVICRegLoss(
             **coeffs,
             contrastive_pretrain_steps=_get(args, "contrastive_pretrain_steps", 200),
             temperature=temperature,
@@ -156,11 +139,11 @@ def create_loss_function(
             gradual_transition_steps=_get(args, "gradual_transition_steps", 100),
         )
     if loss_type == "memory_queue":
-        return _cls("MemoryQueueContrastiveLoss")(
+        return MemoryQueueContrastiveLoss(
             queue_size=_queue_size(args, dataset_size), temperature=temperature
         )
     if loss_type == "dynamic_temp":
-        return _cls("DynamicTemperatureContrastiveLoss")(
+        return DynamicTemperatureContrastiveLoss(
             base_temperature=temperature,
             min_temp=_get(args, "dynamic_temp_min", max(0.01, temperature * 0.6)),
             max_temp=_get(args, "dynamic_temp_max", min(0.3, temperature * 2.0)),
@@ -170,7 +153,7 @@ def create_loss_function(
         if strategy == "auto":
             strategy = "semi-hard" if _get(args, "batch_size", 32) < 32 else "hard"
         factor = _get(args, "hard_negative_factor", 3.0 if strategy == "semi-hard" else 2.0)
-        return _cls("HardNegativeMiningContrastiveLoss")(
+        return HardNegativeMiningContrastiveLoss(
             temperature=temperature, hard_negative_factor=factor, mining_strategy=strategy
         )
     decoupled = {
@@ -179,17 +162,11 @@ def create_loss_function(
         "lambda_t": _get(args, "lambda_t", 0.5),
     }
     if loss_type == "decoupled":
-        return _cls("DecoupledContrastiveLoss")(**decoupled)
+        return DecoupledContrastiveLoss(**decoupled)
     if loss_type == "mixed":
         legacy_dim = _get(args, "dim", None)
-        return _cls("MultiModalMixedContrastiveLoss")(
-            temperature=temperature,
-            loss_weights=_mixed_weights(args),
-            add_projection=heads,
-            projection_dim=legacy_dim or 256,
-            input_dim=legacy_dim,
-        )
-    contrastive = _cls("ContrastiveLoss")(
+        return _mixed(args, temperature, heads, legacy_dim or 256, legacy_dim)
+    contrastive = ContrastiveLoss(
         temperature=temperature,
         add_projection=True if loss_type != "combined" else heads,
         projection_dim=dim,
@@ -197,16 +174,10 @@ def create_loss_function(
     )
     if loss_type != "combined":
         return contrastive
-    return _cls("CombinedLoss")(
+    return CombinedLoss(
         primary_loss=contrastive,
-        secondary_loss=_cls("DecoupledContrastiveLoss")(**decoupled),
+        secondary_loss=DecoupledContrastiveLoss(**decoupled),
         secondary_loss_weight=_get(args, "secondary_loss_weight", 0.5),
-        tertiary_loss=_cls("MultiModalMixedContrastiveLoss")(
-            temperature=temperature,
-            loss_weights=_mixed_weights(args),
-            add_projection=heads,
-            projection_dim=dim,
-            input_dim=dim,
-        ),
+        tertiary_loss=_mixed(args, temperature, heads, dim, dim),
         tertiary_loss_weight=_get(args, "tertiary_loss_weight", 0.3),
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -10,11 +10,15 @@ from torch import Tensor, nn
 
 from embedloss._validation import check_tensor
 from embedloss.compat._adapter import (
+    CLIP_DIRECTIONS,
     LegacyLoss,
+    MatchIds,
+    PairedLoss,
     deprecated,
     metric,
+    metrics,
+    renamed,
     retrieval_metrics,
-    warn_ignored,
 )
 from embedloss.composite.mixed_multimodal import MixedMultimodalLoss as _Mixed
 from embedloss.metrics import recall_at_k
@@ -34,7 +38,7 @@ __all__ = [
 ]
 
 
-class CLIPStyleLoss(LegacyLoss):
+class CLIPStyleLoss(PairedLoss):
     """Legacy CLIP loss with label smoothing and retrieval metrics: :class:`embedloss.CLIPLoss`.
 
     Samples sharing a ``match_id`` are all positives (uniform target over them) instead of one
@@ -73,9 +77,7 @@ class CLIPStyleLoss(LegacyLoss):
         label_smoothing: float = 0.0,
         cache_labels: bool | None = None,
     ) -> None:
-        super().__init__()
-        warn_ignored(
-            type(self).__name__,
+        super().__init__(
             use_hard_negatives=use_hard_negatives or None,
             hard_negative_weight=hard_negative_weight,
             cache_labels=cache_labels,
@@ -88,47 +90,35 @@ class CLIPStyleLoss(LegacyLoss):
         self,
         vision_features: Tensor,
         text_features: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
+        match_ids: MatchIds = None,
         similarity_matrix: Tensor | None = None,
         **inputs: Any,
     ) -> dict[str, Any]:
         """Loss and legacy metrics; a given ``similarity_matrix`` is ignored with a warning."""
-        warn_ignored(
-            f"{type(self).__name__}.forward", once=True, similarity_matrix=_shape(similarity_matrix)
-        )
-        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
-        out = self.loss.compute(v, t, ids)
+        self.ignore_forward(similarity_matrix=similarity_matrix)
+        return super().forward(vision_features, text_features, match_ids, **inputs)
+
+    def outputs(self, v: Tensor, t: Tensor, labels: Tensor | None) -> dict[str, Any]:
+        """Loss and legacy metrics of one batch."""
+        out = self.loss.compute(v, t, labels)
         terms, n = out.terms, v.shape[0]
         scale = 1.0 / terms["temperature"]
         matched = terms["positive_similarity"] * scale
         mean = (terms["positive_similarity"] + (n - 1) * terms["negative_similarity"]) / n * scale
         return {
             "loss": out.loss,
-            "v2t_loss": metric(terms["loss_image_to_text"]),
-            "t2v_loss": metric(terms["loss_text_to_image"]),
-            **retrieval_metrics(v, t, ids),
+            **renamed(terms, **CLIP_DIRECTIONS),
+            **retrieval_metrics(v, t, labels),
             "mean_similarity": metric(mean),
             "matched_similarity": metric(matched),
             "similarity_gap": metric(matched - mean),
         }
 
 
-def _shape(x: Tensor | None) -> str | None:
-    return None if x is None else f"<tensor of shape {tuple(x.shape)}>"
-
-
 class CLIPLoss(CLIPStyleLoss):
-    """The consolidation's ``CLIPLoss``: :class:`CLIPStyleLoss` with its argument order.
+    """The consolidation's ``CLIPLoss``: :class:`CLIPStyleLoss` with ``label_smoothing`` second.
 
     For the new tensor-returning loss use :class:`embedloss.CLIPLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        label_smoothing: ε in [0, 1] (default 0).
-        use_hard_negatives: Ignored, with a warning.
-        hard_negative_weight: Ignored, with a warning.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        cache_labels: Ignored, with a warning.
     """
 
     def __init__(
@@ -141,12 +131,12 @@ class CLIPLoss(CLIPStyleLoss):
         cache_labels: bool | None = None,
     ) -> None:
         super().__init__(
-            temperature=temperature,
-            use_hard_negatives=use_hard_negatives,
-            hard_negative_weight=hard_negative_weight,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            cache_labels=cache_labels,
+            temperature,
+            use_hard_negatives,
+            hard_negative_weight,
+            reduction,
+            label_smoothing,
+            cache_labels,
         )
 
 
@@ -205,7 +195,7 @@ class MultiModalMixedContrastiveLoss(LegacyLoss):
         self,
         vision_features: Tensor,
         text_features: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
+        match_ids: MatchIds = None,
         labels: Tensor | None = None,
         **inputs: Any,
     ) -> dict[str, Any]:
@@ -214,8 +204,7 @@ class MultiModalMixedContrastiveLoss(LegacyLoss):
         out = self.loss.compute(v, t, labels, ids)
         return {
             "loss": out.loss,
-            "loss_infonce": metric(out.terms["loss_clip"]),
-            "loss_nt_xent": metric(out.terms["loss_nt_xent"]),
+            **renamed(out.terms, loss_infonce="loss_clip", loss_nt_xent="loss_nt_xent"),
             "loss_supervised": metric(out.terms.get("loss_supcon", 0.0)),
             **retrieval_metrics(v, t, ids),
         }
@@ -224,15 +213,8 @@ class MultiModalMixedContrastiveLoss(LegacyLoss):
 class MixedMultimodalLoss(MultiModalMixedContrastiveLoss):
     """The consolidation's ``MixedMultimodalLoss``: :class:`MultiModalMixedContrastiveLoss`.
 
-    For the new tensor-returning loss use :class:`embedloss.MixedMultimodalLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        loss_weights: ``{"infonce", "nt_xent", "supervised"}`` weights.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        input_dim: Feature size for the heads.
-        projection_dim: Output size of the heads (default 256).
-        add_projection: Per-modality projection heads (default False).
+    The same arguments, the head arguments in the order ``input_dim, projection_dim,
+    add_projection``. For the new tensor-returning loss use :class:`embedloss.MixedMultimodalLoss`.
     """
 
     def __init__(
@@ -245,12 +227,7 @@ class MixedMultimodalLoss(MultiModalMixedContrastiveLoss):
         add_projection: bool = False,
     ) -> None:
         super().__init__(
-            temperature=temperature,
-            loss_weights=loss_weights,
-            reduction=reduction,
-            add_projection=add_projection,
-            projection_dim=projection_dim,
-            input_dim=input_dim,
+            temperature, loss_weights, reduction, add_projection, projection_dim, input_dim
         )
 
 
@@ -284,7 +261,7 @@ class SimpleContrastiveLoss(LegacyLoss):
         self,
         vision_features: Tensor,
         text_features: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
+        match_ids: MatchIds = None,
         decor_loss: Tensor | None = None,
         **inputs: Any,
     ) -> dict[str, Any]:
@@ -311,16 +288,16 @@ class SimpleContrastiveLoss(LegacyLoss):
         pos, neg = terms["positive_similarity"] * scale, terms["negative_similarity"] * scale
         return {
             "loss": loss,
-            "infonce_loss": metric(out.loss),
-            "mse_loss": metric(mse),
-            "v2t_loss": metric(terms["loss_image_to_text"]),
-            "t2v_loss": metric(terms["loss_text_to_image"]),
-            "accuracy": retrieval_metrics(v, t, ids)["accuracy"],
-            "pos_sim": metric(pos),
-            "neg_sim": metric(neg),
-            "separation": metric(pos - neg),
-            "temperature": metric(terms["temperature"]),
-            "decor_loss": metric(decor),
+            **metrics(infonce_loss=out.loss, mse_loss=mse),
+            **renamed(terms, **CLIP_DIRECTIONS),
+            "accuracy": retrieval_metrics(v, t, ids, recalls=False)["accuracy"],
+            **metrics(
+                pos_sim=pos,
+                neg_sim=neg,
+                separation=pos - neg,
+                temperature=terms["temperature"],
+                decor_loss=decor,
+            ),
         }
 
 
@@ -404,13 +381,12 @@ class FeatureConsistencyLoss(LegacyLoss):
         super().__init__()
         given = {"vision": reference_vision_model, "text": reference_text_model}
         models = {m: model for m, model in given.items() if model is not None}
-        weights = {"vision": vision_weight, "text": text_weight}
-        self.weights = weights
+        self.weights = {"vision": vision_weight, "text": text_weight}
         self.loss = _Consistency(
             distance=distance_fn,
             normalize=normalize_features,
             reference_models=models,
-            weights={m: weights[m] for m in models},
+            weights={m: self.weights[m] for m in models},
             detach_reference=detach_reference,
             reduction=reduction,
         )
@@ -425,12 +401,8 @@ class FeatureConsistencyLoss(LegacyLoss):
     ) -> dict[str, Any]:
         """Loss and legacy metrics; each modality with a reference model needs its inputs."""
         self.ignore_inputs(inputs)
-        given = {
-            "vision": (vision_features, vision_inputs),
-            "text": (text_features, text_inputs),
-        }
+        given = {"vision": (vision_features, vision_inputs), "text": (text_features, text_inputs)}
         active = [m for m in given if m in self.loss.reference_models]
-        result: dict[str, Any] = {}
         if active:
             out = self.loss.compute(
                 {m: given[m][0] for m in active}, inputs={m: given[m][1] for m in active}
@@ -438,8 +410,7 @@ class FeatureConsistencyLoss(LegacyLoss):
             loss, terms = out.loss, out.terms
         else:  # no reference model: nothing to be consistent with
             loss, terms = vision_features.new_zeros(()), {}
-        result["loss"] = loss
-        result["feature_consistency_loss"] = metric(loss.mean())
+        result: dict[str, Any] = {"loss": loss, "feature_consistency_loss": metric(loss.mean())}
         for m in given:
             result[f"{m}_consistency_loss"] = metric(terms.get(f"consistency_{m}", 0.0))
             result[f"{m}_weight"] = metric(self.weights[m])

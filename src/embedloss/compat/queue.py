@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from embedloss._validation import check_float
-from embedloss.compat._adapter import LegacyLoss, metric, warn_ignored
+from embedloss.compat._adapter import LegacyLoss, PairedLoss, metric
 from embedloss.contrastive.moco import MoCoLoss as _MoCo
 from embedloss.momentum import MomentumEncoder
 
@@ -20,7 +19,7 @@ __all__ = ["EMAMoCoLoss", "MemoryQueueContrastiveLoss", "MoCoLoss"]
 FULL = 0.95
 
 
-class MemoryQueueContrastiveLoss(LegacyLoss):
+class MemoryQueueContrastiveLoss(PairedLoss):
     """Legacy multi-positive InfoNCE with queues of past negatives: :class:`embedloss.MoCoLoss`.
 
     ``MoCoLoss(in_batch_negatives=True, symmetric=True)`` with the vision features as queries
@@ -50,10 +49,18 @@ class MemoryQueueContrastiveLoss(LegacyLoss):
     """
 
     label_offset: Tensor
+    loss: _MoCo
     replacement = (
         "embedloss.MoCoLoss (registry 'moco', alias 'memory_queue') with "
         "in_batch_negatives=True, symmetric=True"
     )
+    legacy_terms: ClassVar[dict[str, str]] = {
+        "loss_v2t": "loss_query_to_key",
+        "loss_t2v": "loss_key_to_query",
+        "temperature": "temperature",
+        "queue_fill": "queue_fill",
+        "accuracy": "accuracy",
+    }
 
     def __init__(
         self,
@@ -63,18 +70,14 @@ class MemoryQueueContrastiveLoss(LegacyLoss):
         adaptive_temperature: bool = True,
         max_temperature_factor: float = 1.3,
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, dim=dim)
+        super().__init__(dim=dim)
         self.base_temperature = temperature
         self.adaptive_temperature = adaptive_temperature
         self.max_temperature_factor = check_float(
             max_temperature_factor, "max_temperature_factor", low=1.0
         )
         self.loss = _MoCo(
-            temperature=temperature,
-            queue_size=queue_size,
-            in_batch_negatives=True,
-            symmetric=True,
+            temperature=temperature, queue_size=queue_size, in_batch_negatives=True, symmetric=True
         )
         self.register_buffer("label_offset", torch.zeros((), dtype=torch.long))
 
@@ -86,42 +89,20 @@ class MemoryQueueContrastiveLoss(LegacyLoss):
             tau = tau_max - (tau_max - tau) * fill
         self.loss.logit_scale.fill_(math.log(1.0 / tau))
 
-    def forward(
-        self,
-        vision_features: Tensor,
-        text_features: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
-        **inputs: Any,
-    ) -> dict[str, Any]:
+    def outputs(self, v: Tensor, t: Tensor, labels: Tensor | None) -> dict[str, Any]:
         """Loss and legacy metrics; the batch is enqueued afterwards in training mode."""
-        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
         self._ease_temperature()
-        codes = torch.arange(v.shape[0], device=v.device) if ids is None else ids
-        out = self.loss.compute(v, t, codes + self.label_offset)
+        codes = torch.arange(v.shape[0], device=v.device) if labels is None else labels
+        out = super().outputs(v, t, codes + self.label_offset)
         if self.training:
             self.label_offset.add_(v.shape[0])
-        terms = out.terms
-        return {
-            "loss": out.loss,
-            "loss_v2t": metric(terms["loss_query_to_key"]),
-            "loss_t2v": metric(terms["loss_key_to_query"]),
-            "temperature": metric(terms["temperature"]),
-            "queue_fill": metric(terms["queue_fill"]),
-            "accuracy": metric(terms["accuracy"]),
-        }
+        return out
 
 
 class MoCoLoss(MemoryQueueContrastiveLoss):
-    """The consolidation's ``MoCoLoss``: :class:`MemoryQueueContrastiveLoss`.
+    """The consolidation's ``MoCoLoss``: :class:`MemoryQueueContrastiveLoss`, same arguments.
 
     For the new tensor-returning loss use :class:`embedloss.MoCoLoss`.
-
-    Args:
-        dim: Ignored, with a warning.
-        queue_size: Entries per queue (default 8192).
-        temperature: τ > 0 (default 0.07).
-        adaptive_temperature: Ease τ while the queue fills (default True).
-        max_temperature_factor: τ multiplier of an empty queue (default 1.3).
     """
 
 
@@ -166,8 +147,7 @@ class EMAMoCoLoss(LegacyLoss):
         symmetric: bool = True,
         update_key_encoder: bool = True,
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, dim=dim)
+        super().__init__(dim=dim)
         self.symmetric = symmetric
         self.update_key_encoder = update_key_encoder
         self.vision_key_encoder = MomentumEncoder(vision_encoder, momentum=m)

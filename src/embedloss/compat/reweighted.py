@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor
 
-from embedloss.compat._adapter import LegacyLoss, metric, retrieval_metrics, warn_ignored
+from embedloss.compat._adapter import PairedLoss, metric, renamed, retrieval_metrics
 from embedloss.contrastive.dynamic_temperature import DynamicTemperatureLoss as _DynamicTemperature
 from embedloss.contrastive.hard_negative import HardNegativeLoss as _HardNegative
 
@@ -18,11 +17,14 @@ __all__ = [
     "HardNegativeMiningContrastiveLoss",
 ]
 
+#: The legacy names of the directional losses of both new losses (for :func:`renamed`).
+DIRECTIONS = {"v2t_loss": "loss_a_to_b", "t2v_loss": "loss_b_to_a"}
+
 #: Legacy ``mining_strategy`` spellings → ``HardNegativeLoss(strategy=...)``.
 STRATEGIES = {"hard": "hard", "semi-hard": "semi_hard", "semi_hard": "semi_hard", "none": "none"}
 
 
-class HardNegativeMiningContrastiveLoss(LegacyLoss):
+class HardNegativeMiningContrastiveLoss(PairedLoss):
     """Legacy InfoNCE with up-weighted hard negatives: :class:`embedloss.HardNegativeLoss`.
 
     ``"hard"`` up-weights the negatives at or above each row's 90th percentile (the legacy top
@@ -35,6 +37,7 @@ class HardNegativeMiningContrastiveLoss(LegacyLoss):
         hard_negative_factor: Weight >= 1 of a mined negative (default 2).
         mining_strategy: ``"semi-hard"`` (default) or ``"hard"``.
         dim: Ignored, with a warning.
+        hard_negative_percentile: Percentile (0-100) of the ``"hard"`` strategy (default 90).
 
     Returns (forward):
         ``{"loss", "v2t_loss", "t2v_loss", "hard_negative_factor", "hard_negative_fraction",
@@ -51,8 +54,7 @@ class HardNegativeMiningContrastiveLoss(LegacyLoss):
         dim: int | None = None,
         hard_negative_percentile: float = 90.0,
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, dim=dim)
+        super().__init__(dim=dim)
         if mining_strategy not in STRATEGIES:
             raise ValueError(
                 f"mining_strategy must be one of 'hard', 'semi-hard'; got {mining_strategy!r}"
@@ -65,38 +67,22 @@ class HardNegativeMiningContrastiveLoss(LegacyLoss):
             percentile=hard_negative_percentile / 100.0,
         )
 
-    def forward(
-        self,
-        vision_features: Tensor,
-        text_features: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
-        **inputs: Any,
-    ) -> dict[str, Any]:
-        """Loss and legacy metrics (``match_ids`` default: diagonal pairing)."""
-        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
-        out = self.loss.compute(v, t, ids)
-        metrics = retrieval_metrics(v, t, ids)
-        metrics.pop("recalls")
+    def outputs(self, v: Tensor, t: Tensor, labels: Tensor | None) -> dict[str, Any]:
+        """Loss and legacy metrics of one batch."""
+        out = self.loss.compute(v, t, labels)
         return {
             "loss": out.loss,
-            "v2t_loss": metric(out.terms["loss_a_to_b"]),
-            "t2v_loss": metric(out.terms["loss_b_to_a"]),
+            **renamed(out.terms, **DIRECTIONS),
             "hard_negative_factor": metric(self.hard_negative_factor),
             "hard_negative_fraction": metric(out.terms["hard_negative_fraction"]),
-            **metrics,
+            **retrieval_metrics(v, t, labels, recalls=False),
         }
 
 
 class HardNegativeLoss(HardNegativeMiningContrastiveLoss):
-    """The consolidation's ``HardNegativeLoss``, with ``hard_negative_percentile`` (0-100).
+    """The consolidation's ``HardNegativeLoss``: no ``dim``; ``hard_negative_percentile`` fourth.
 
     For the new tensor-returning loss use :class:`embedloss.HardNegativeLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        hard_negative_factor: Weight >= 1 of a mined negative (default 2).
-        mining_strategy: ``"semi-hard"`` (default) or ``"hard"``.
-        hard_negative_percentile: Percentile of the ``"hard"`` strategy (default 90).
     """
 
     def __init__(
@@ -107,14 +93,11 @@ class HardNegativeLoss(HardNegativeMiningContrastiveLoss):
         hard_negative_percentile: float = 90.0,
     ) -> None:
         super().__init__(
-            temperature=temperature,
-            hard_negative_factor=hard_negative_factor,
-            mining_strategy=mining_strategy,
-            hard_negative_percentile=hard_negative_percentile,
+            temperature, hard_negative_factor, mining_strategy, None, hard_negative_percentile
         )
 
 
-class DynamicTemperatureContrastiveLoss(LegacyLoss):
+class DynamicTemperatureContrastiveLoss(PairedLoss):
     """Legacy InfoNCE with a gap-driven temperature: :class:`embedloss.DynamicTemperatureLoss`.
 
     τ = clamp(τ₀·(0.8 + 0.4·exp(−2·gap)), min, max) with the gap between the mean positive and
@@ -132,6 +115,12 @@ class DynamicTemperatureContrastiveLoss(LegacyLoss):
     """
 
     replacement = "embedloss.DynamicTemperatureLoss (registry 'dynamic_temperature')"
+    legacy_terms: ClassVar[dict[str, str]] = {
+        "temperature": "temperature",
+        "pos_similarity": "positive_similarity",
+        "neg_similarity": "negative_similarity",
+        **DIRECTIONS,
+    }
 
     def __init__(
         self,
@@ -140,41 +129,14 @@ class DynamicTemperatureContrastiveLoss(LegacyLoss):
         max_temp: float = 0.2,
         dim: int | None = None,
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, dim=dim)
+        super().__init__(dim=dim)
         self.loss = _DynamicTemperature(
             base_temperature=base_temperature, min_temperature=min_temp, max_temperature=max_temp
         )
 
-    def forward(
-        self,
-        vision_features: Tensor,
-        text_features: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
-        **inputs: Any,
-    ) -> dict[str, Any]:
-        """Loss and legacy metrics (``match_ids`` default: diagonal pairing)."""
-        v, t, ids = self.paired_inputs(vision_features, text_features, match_ids, inputs)
-        out = self.loss.compute(v, t, ids)
-        terms = out.terms
-        return {
-            "loss": out.loss,
-            "temperature": metric(terms["temperature"]),
-            "pos_similarity": metric(terms["positive_similarity"]),
-            "neg_similarity": metric(terms["negative_similarity"]),
-            "v2t_loss": metric(terms["loss_a_to_b"]),
-            "t2v_loss": metric(terms["loss_b_to_a"]),
-        }
-
 
 class DynamicTemperatureLoss(DynamicTemperatureContrastiveLoss):
-    """The consolidation's ``DynamicTemperatureLoss``: the same as the legacy class.
+    """The consolidation's ``DynamicTemperatureLoss``: the legacy class, same arguments.
 
     For the new tensor-returning loss use :class:`embedloss.DynamicTemperatureLoss`.
-
-    Args:
-        base_temperature: τ₀ > 0 (default 0.07).
-        min_temp: Lower clamp (default 0.04).
-        max_temp: Upper clamp (default 0.2).
-        dim: Ignored, with a warning.
     """

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_choice
-from embedloss.compat._adapter import LegacyLoss, metric, warn_ignored
+from embedloss.compat._adapter import LegacyLoss, MatchIds, metric, metrics, renamed
 from embedloss.composite.hybrid_vicreg import HybridVICRegLoss as _Hybrid
 from embedloss.ops.similarity import labels_from_match_ids
 from embedloss.self_supervised.barlow_twins import BarlowTwinsLoss as _BarlowTwins
@@ -19,16 +18,22 @@ from embedloss.self_supervised.vicreg import VICRegLoss as _VICReg
 __all__ = ["BarlowTwinsLoss", "DecorrelationLoss", "HybridPretrainVICRegLoss", "VICRegLoss"]
 
 
-def _vicreg_metrics(terms: dict[str, Tensor], sim: float, var: float, cov: float) -> dict[str, Any]:
+def _vicreg_metrics(terms: dict[str, Tensor], loss: _VICReg | _Hybrid) -> dict[str, Tensor]:
+    """The legacy VICReg parts and the weights in use (``loss`` holds the coefficients)."""
     factor = terms["warmup_factor"]
     return {
-        "invariance_loss": metric(terms["invariance"]),
-        "variance_loss": metric(terms["variance"]),
-        "covariance_loss": metric(terms["covariance"]),
-        "sim_weight": metric(sim),
-        "var_weight": metric(var * factor),
-        "cov_weight": metric(cov * factor),
-        "warmup_factor": metric(factor),
+        **renamed(
+            terms,
+            invariance_loss="invariance",
+            variance_loss="variance",
+            covariance_loss="covariance",
+        ),
+        **metrics(
+            sim_weight=loss.sim_coeff,
+            var_weight=loss.var_coeff * factor,
+            cov_weight=loss.cov_coeff * factor,
+            warmup_factor=factor,
+        ),
     }
 
 
@@ -77,8 +82,7 @@ class VICRegLoss(LegacyLoss):
         curriculum: bool = True,
         num_epochs: int | None = None,
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, num_epochs=num_epochs)
+        super().__init__(num_epochs=num_epochs)
         self.loss = _VICReg(
             sim_coeff=sim_coeff,
             var_coeff=var_coeff,
@@ -103,8 +107,7 @@ class VICRegLoss(LegacyLoss):
         """Loss and legacy metrics of two ``(N, D)`` views."""
         self.ignore_inputs(inputs)
         out = self.loss.compute(z_a, z_b)
-        weights = (self.loss.sim_coeff, self.loss.var_coeff, self.loss.cov_coeff)
-        return {"loss": out.loss, **_vicreg_metrics(out.terms, *weights)}
+        return {"loss": out.loss, **_vicreg_metrics(out.terms, self.loss)}
 
 
 class BarlowTwinsLoss(LegacyLoss):
@@ -146,11 +149,8 @@ class BarlowTwinsLoss(LegacyLoss):
         input_dim: int | None = None,
         normalize_embeddings: bool | None = None,
     ) -> None:
-        super().__init__()
-        warn_ignored(
-            type(self).__name__,
-            batch_norm_last_layer=batch_norm_last_layer,
-            normalize_embeddings=normalize_embeddings,
+        super().__init__(
+            batch_norm_last_layer=batch_norm_last_layer, normalize_embeddings=normalize_embeddings
         )
         self.correlation_mode = check_choice(
             correlation_mode, "correlation_mode", ("cross_modal", "within_batch")
@@ -235,9 +235,7 @@ class HybridPretrainVICRegLoss(LegacyLoss):
         vision_dim: int | None = None,
         text_dim: int | None = None,
     ) -> None:
-        super().__init__()
-        warn_ignored(
-            type(self).__name__,
+        super().__init__(
             warmup_epochs=warmup_epochs,
             curriculum=curriculum,
             num_epochs=num_epochs,
@@ -268,29 +266,22 @@ class HybridPretrainVICRegLoss(LegacyLoss):
         return self.loss.warmup_factor
 
     def forward(
-        self,
-        z_a: Tensor,
-        z_b: Tensor,
-        match_ids: Sequence[Hashable] | Tensor | None = None,
-        **inputs: Any,
+        self, z_a: Tensor, z_b: Tensor, match_ids: MatchIds = None, **inputs: Any
     ) -> dict[str, Any]:
         """Loss and legacy metrics of two ``(N, D)`` views."""
         self.ignore_inputs(inputs)
         labels = None if match_ids is None else labels_from_match_ids(match_ids, device=z_a.device)
         out = self.loss.compute(z_a, z_b, labels)
-        terms, h = out.terms, self.loss
-        alpha = terms["transition_progress"]
+        terms, alpha = out.terms, out.terms["transition_progress"]
         return {
             "loss": out.loss,
             "current_phase": self.current_phase,
-            "transition_progress": metric(alpha),
-            "contrastive_weight": metric(1.0 - alpha),
-            "vicreg_weight": metric(alpha),
-            "contrastive_loss": metric(terms["contrastive"]),
-            "vicreg_loss": metric(terms["vicreg"]),
-            **_vicreg_metrics(terms, h.sim_coeff, h.var_coeff, h.cov_coeff),
-            "alignment_gap": metric(terms["alignment_gap"]),
-            "temperature": metric(terms["temperature"]),
+            **metrics(
+                transition_progress=alpha, contrastive_weight=1.0 - alpha, vicreg_weight=alpha
+            ),
+            **renamed(terms, contrastive_loss="contrastive", vicreg_loss="vicreg"),
+            **_vicreg_metrics(terms, self.loss),
+            **renamed(terms, alignment_gap="alignment_gap", temperature="temperature"),
         }
 
 
@@ -324,8 +315,7 @@ class DecorrelationLoss(LegacyLoss):
         track_feature_stats: bool = True,
         reduction: str | None = None,
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, reduction=reduction)
+        super().__init__(reduction=reduction)
         self.track_feature_stats = track_feature_stats
         self.loss = _Decorrelation(
             weight=coef, use_correlation=False, eps=epsilon, normalize=normalize_embeddings
@@ -340,24 +330,17 @@ class DecorrelationLoss(LegacyLoss):
     ) -> dict[str, Any]:
         """Loss and legacy metrics of the modalities given."""
         self.ignore_inputs(inputs)
-        given = [
-            (name, prefix, x)
-            for name, prefix, x in (
-                ("vision", "vision", vision_features),
-                ("text", "text", text_features),
-                ("generic", "feature", features),
-            )
-            if x is not None
-        ]
-        if not given:
+        given = {"vision": vision_features, "text": text_features, "generic": features}
+        outs = {name: self.loss.compute(x) for name, x in given.items() if x is not None}
+        if not outs:
             raise ValueError(
                 "DecorrelationLoss needs vision_features, text_features or features; got none"
             )
-        outs = [(name, prefix, self.loss.compute(x)) for name, prefix, x in given]
-        loss = sum(out.loss for _, _, out in outs) / len(outs)
+        loss = sum(out.loss for out in outs.values()) / len(outs)
         result: dict[str, Any] = {"loss": loss, "decorrelation_loss": metric(loss)}
         stats: dict[str, Tensor] = {}
-        for name, prefix, out in outs:
+        for name, out in outs.items():
+            prefix = "feature" if name == "generic" else name
             result[f"{name}_decorrelation_loss"] = metric(out.terms["decorrelation"])
             stats[f"{prefix}_min_var"] = metric(out.terms["min_variance"])
             stats[f"{prefix}_mean_var"] = metric(out.terms["mean_variance"])

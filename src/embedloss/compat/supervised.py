@@ -7,19 +7,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from embedloss._validation import (
-    check_embeddings,
-    check_float,
-    check_reduction,
-    check_same_shape,
-    check_tensor,
-)
+from embedloss._validation import check_embeddings, check_float, check_reduction, check_same_shape
 from embedloss.compat._adapter import (
     LegacyLoss,
     deprecated,
-    metric,
+    legacy_reduce,
+    renamed,
     retrieval_metrics,
-    warn_ignored,
 )
 from embedloss.supervised.cross_entropy import CrossEntropyLoss as _CrossEntropy
 from embedloss.supervised.cross_modal_supcon import CrossModalSupConLoss as _CrossModalSupCon
@@ -73,8 +67,7 @@ class SupervisedContrastiveLoss(LegacyLoss):
         use_class_weights: bool | None = None,
         reduction: str = "mean",
     ) -> None:
-        super().__init__()
-        warn_ignored(type(self).__name__, use_class_weights=use_class_weights or None)
+        super().__init__(use_class_weights=use_class_weights or None)
         self.similarity_threshold = check_float(similarity_threshold, "similarity_threshold")
         self.loss = _CrossModalSupCon(
             temperature=temperature,
@@ -94,9 +87,7 @@ class SupervisedContrastiveLoss(LegacyLoss):
     ) -> dict[str, Any]:
         """Loss and legacy metrics for paired features and ``labels`` or ``similarity_scores``."""
         v, t, _ = self.paired_inputs(vision_features, text_features, None, inputs)
-        warn_ignored(
-            f"{type(self).__name__}.forward", once=True, class_weights=_given(class_weights)
-        )
+        self.ignore_forward(class_weights=class_weights)
         mask = None
         if labels is None and similarity_scores is not None:
             mask = similarity_scores >= self.similarity_threshold
@@ -105,36 +96,26 @@ class SupervisedContrastiveLoss(LegacyLoss):
         elif labels.dim() == 2 and labels.shape[1] == 1:
             labels = labels.reshape(-1)
         out = self.loss.compute(v, t, labels, mask)
-        terms = out.terms
-        zero = torch.zeros(())
-        accuracy = terms.get("accuracy")
-        if accuracy is None:  # "intra" mode: the loss has no cross-modal ranking
+        zero = torch.zeros(())  # for a part the mode leaves out
+        terms = {"loss_intra_image": zero, "loss_intra_text": zero, "loss_cross_modal": zero}
+        terms.update(out.terms)
+        if "accuracy" not in terms:  # "intra" mode: the loss has no cross-modal ranking
             flat = labels if labels is not None and labels.dim() == 1 else None
-            accuracy = retrieval_metrics(v, t, flat)["accuracy"]
+            terms["accuracy"] = retrieval_metrics(v, t, flat, recalls=False)["accuracy"]
         return {
             "loss": out.loss,
-            "intra_vision_loss": metric(terms.get("loss_intra_image", zero)),
-            "intra_text_loss": metric(terms.get("loss_intra_text", zero)),
-            "cross_modal_loss": metric(terms.get("loss_cross_modal", zero)),
-            "contrastive_accuracy": metric(accuracy),
+            **renamed(
+                terms,
+                intra_vision_loss="loss_intra_image",
+                intra_text_loss="loss_intra_text",
+                cross_modal_loss="loss_cross_modal",
+                contrastive_accuracy="accuracy",
+            ),
         }
 
 
-def _given(x: Tensor | None) -> str | None:
-    return None if x is None else f"<tensor of shape {tuple(x.shape)}>"
-
-
 class SupervisedLoss(SupervisedContrastiveLoss):
-    """The consolidation's supervised contrastive loss: the same as :class:`SupervisedContrastiveLoss`.
-
-    Args:
-        temperature: τ > 0 (default 0.07).
-        contrast_mode: ``"all"`` (default), ``"cross"`` or ``"intra"``.
-        base_temperature: τ_base (default 0.07).
-        similarity_threshold: Threshold on ``similarity_scores`` (default 0.5).
-        use_class_weights: Ignored, with a warning.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-    """
+    """The consolidation's ``SupervisedLoss``: :class:`SupervisedContrastiveLoss`, same arguments."""
 
 
 def supervised_contrastive_loss(
@@ -202,21 +183,7 @@ class CrossEntropyLoss(LegacyLoss):
         self.ignore_inputs(inputs)
         if sample_weight is None and self.reduction == "mean":
             return self.mean(input, target)  # F.cross_entropy's weighted mean
-        return _legacy_reduce(self.loss(input, target), sample_weight, self.reduction)
-
-
-def _legacy_reduce(per: Tensor, sample_weight: Tensor | None, reduction: str) -> Tensor:
-    """The legacy reduction: ``per·s`` (weights broadcast over trailing dims), then mean/sum."""
-    if sample_weight is not None:
-        check_tensor(sample_weight, "sample_weight")
-        if sample_weight.shape != per.shape[:1]:
-            raise ValueError(
-                f"sample_weight must have shape ({per.shape[0]},), got {tuple(sample_weight.shape)}"
-            )
-        per = per * sample_weight.to(per).reshape(-1, *([1] * (per.dim() - 1)))
-    if reduction == "none":
-        return per
-    return per.sum() if reduction == "sum" else per.mean()
+        return legacy_reduce(self.loss(input, target), self.reduction, sample_weight)
 
 
 class MeanSquaredError(LegacyLoss):
@@ -256,9 +223,7 @@ class MeanSquaredError(LegacyLoss):
         for x, name in ((input, "input"), (target, "target")):
             check_embeddings(x, name, ndim=tuple(range(1, 9)), shape="(N, *)")
         check_same_shape(input, target, "input", "target")
-        per = (input - target).square()
-        if sample_weight is not None:
-            per = _legacy_reduce(per, sample_weight, "none")
+        per = legacy_reduce((input - target).square(), "none", sample_weight)
         if self.clip_grad is not None:
             per = per.clamp(max=self.clip_grad)
-        return _legacy_reduce(per, None, self.reduction)
+        return legacy_reduce(per, self.reduction)
