@@ -58,6 +58,9 @@ def _arg_descriptions(lines: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     name = None
     for line in textwrap.dedent("\n".join(lines)).splitlines():
+        if line.startswith("**"):  # "**options: as the base class": described there
+            name = None
+            continue
         match = re.match(r"^(\w+)(?:\s*\(.*?\))?:\s*(.*)$", line)
         if match:
             name = match.group(1)
@@ -138,7 +141,10 @@ def format_info(name: str, full: bool = False) -> str:
     if terms is None:
         match = _TERMS.search(doc)
         terms = re.findall(r"``(\w+)``", match.group(1)) if match else []
-    descriptions = _arg_descriptions(sections.get("Args", []))
+    descriptions: dict[str, str] = {}
+    for klass in reversed(info.cls.__mro__):  # a base class documents the options it gives
+        own_doc = inspect.cleandoc(klass.__dict__.get("__doc__") or "")
+        descriptions.update(_arg_descriptions(docstring_sections(own_doc)[1].get("Args", [])))
     lines = [
         f"{info.name}: {info.summary}",
         "",
