@@ -1,4 +1,4 @@
-"""What the pair-based metric-learning losses share: options, example inputs, terms."""
+"""What the pair-based metric-learning losses share: options, the one pure call, terms, examples."""
 
 from __future__ import annotations
 
@@ -8,35 +8,45 @@ import torch
 from torch import Tensor
 
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.ops.pair_losses import PairOptions, PairResult
+from embedloss.ops.anchors import ChunkSize
+from embedloss.ops.pair_losses import PairOptions, PairResult, RowLoss, labelled_pair_loss
 
-__all__ = ["BasePairLoss", "labelled_examples"]
-
-
-def labelled_examples(
-    n: int, d: int, dtype: torch.dtype, seed: int
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``((embeddings (n, d), labels (n,)), {})`` with two samples of each label."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) // 2
-    centres = torch.randn(n, d, generator=g)[labels]
-    embeddings = (centres + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
-    return (embeddings, labels), {}
+__all__ = ["BasePairLoss"]
 
 
 class BasePairLoss(BaseLoss):
     """Base of the losses over pairs of labelled embeddings (:mod:`embedloss.ops.pair_losses`).
 
-    Holds the options every such loss takes and hands them to its pure function as one
-    :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`), which a subclass builds
-    from its own explicit constructor arguments with ``PairOptions.create``. A loss implements
-    :meth:`_result` (its one pure call); ``compute`` adds the terms ``{TERM: Σ count,
-    "anchors_without_terms": ...}`` (none when ``TERM`` is None), ``forward`` returns the loss.
+    Takes the options every such loss has (a subclass names only its own and passes these on
+    as ``**options: Unpack[PairKeywords]``) and hands them to the pure call as one
+    :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`). A loss gives its row loss
+    (:meth:`_row_loss`, built from its own options) and whether it scores similarities
+    (``SIMILARITY``); ``compute`` adds the terms ``{TERM: Σ count, "anchors_without_terms":
+    ...}`` (none when ``TERM`` is None), ``forward`` returns the loss. ``print(loss)`` shows the
+    options named in ``SHOWN``, then the shared ones.
+
+    Args:
+        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
+        normalize: L2-normalise the embeddings first (default True).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        chunk_size: Row tiles (``None``, an int or ``"auto"``).
+        gather_distributed: Use the embeddings of all ranks (DDP).
     """
 
     TERM: ClassVar[str | None] = None
+    SIMILARITY: ClassVar[bool] = False
+    SHOWN: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: PairOptions) -> None:
+    def __init__(
+        self,
+        *,
+        distance: str = "cosine",
+        normalize: bool = True,
+        reduction: str = "mean",
+        chunk_size: ChunkSize = "auto",
+        gather_distributed: bool = False,
+    ) -> None:
+        options = PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
         super().__init__(reduction=options.reduction)
         self._options = options
 
@@ -44,8 +54,14 @@ class BasePairLoss(BaseLoss):
         """The checked options of this loss."""
         return self._options
 
-    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+    def _row_loss(self) -> RowLoss:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+        rows = self._row_loss()
+        return labelled_pair_loss(
+            embeddings, labels, self._options, rows, similarity=self.SIMILARITY
+        )
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
@@ -68,7 +84,10 @@ class BasePairLoss(BaseLoss):
         cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(embeddings (n, d), labels (n,))`` with two samples of each label."""
-        return labelled_examples(n, d, dtype, seed)
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) // 2
+        centres = torch.randn(n, d, generator=g)[labels]
+        return ((centres + 0.5 * torch.randn(n, d, generator=g)).to(dtype), labels), {}
 
     @property
     def gather_distributed(self) -> bool:
@@ -78,4 +97,5 @@ class BasePairLoss(BaseLoss):
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
         o = self._options
-        return f"distance={o.distance!r}, normalize={o.normalize}, reduction={o.reduction!r}"
+        own = "".join(f"{name}={getattr(self, name)!r}, " for name in self.SHOWN)
+        return f"{own}distance={o.distance!r}, normalize={o.normalize}, reduction={o.reduction!r}"
