@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.ops.anchors import ChunkSize
-from embedloss.ops.pair_losses import PairOptions, PairResult, RowLoss, labelled_pair_loss
+from embedloss.ops.keywords import keyword_options
+from embedloss.ops.pair_losses import (
+    PairKeywords,
+    PairOptions,
+    PairResult,
+    RowLoss,
+    labelled_pair_loss,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["BasePairLoss"]
 
@@ -17,36 +26,23 @@ __all__ = ["BasePairLoss"]
 class BasePairLoss(BaseLoss):
     """Base of the losses over pairs of labelled embeddings (:mod:`embedloss.ops.pair_losses`).
 
-    Takes the options every such loss has (a subclass names only its own and passes these on
-    as ``**options: Unpack[PairKeywords]``) and hands them to the pure call as one
+    Takes the options of :meth:`PairOptions.create <embedloss.ops.pair_losses.PairOptions.create>`
+    (a subclass names only its own and passes these on as ``**options: Unpack[PairKeywords]``)
+    and hands them to the pure call as one
     :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`). A loss gives its row loss
     (:meth:`_row_loss`, built from its own options) and whether it scores similarities
     (``SIMILARITY``); ``compute`` adds the terms ``{TERM: Σ count, "anchors_without_terms":
     ...}`` (none when ``TERM`` is None), ``forward`` returns the loss. ``print(loss)`` shows the
     options named in ``SHOWN``, then the shared ones.
-
-    Args:
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
-        normalize: L2-normalise the embeddings first (default True).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: Row tiles (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
     """
 
     TERM: ClassVar[str | None] = None
     SIMILARITY: ClassVar[bool] = False
     SHOWN: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(
-        self,
-        *,
-        distance: str = "cosine",
-        normalize: bool = True,
-        reduction: str = "mean",
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
-    ) -> None:
-        options = PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
+    @keyword_options(PairOptions.create, PairKeywords)
+    def __init__(self, **keywords: Unpack[PairKeywords]) -> None:
+        options = PairOptions.create(**keywords)
         super().__init__(reduction=options.reduction)
         self._options = options
 
@@ -54,14 +50,17 @@ class BasePairLoss(BaseLoss):
         """The checked options of this loss."""
         return self._options
 
+    @property
+    def gather_distributed(self) -> bool:
+        """Whether the loss uses the batch of every rank."""
+        return self._options.gather_distributed
+
     def _row_loss(self) -> RowLoss:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
 
     def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
-        rows = self._row_loss()
-        return labelled_pair_loss(
-            embeddings, labels, self._options, rows, similarity=self.SIMILARITY
-        )
+        options, rows = self._options, self._row_loss()
+        return labelled_pair_loss(embeddings, labels, options, rows, similarity=self.SIMILARITY)
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
@@ -88,11 +87,6 @@ class BasePairLoss(BaseLoss):
         labels = torch.arange(n) // 2
         centres = torch.randn(n, d, generator=g)[labels]
         return ((centres + 0.5 * torch.randn(n, d, generator=g)).to(dtype), labels), {}
-
-    @property
-    def gather_distributed(self) -> bool:
-        """Whether the loss uses the batch of every rank (see ``gather_distributed``)."""
-        return self._options.gather_distributed
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

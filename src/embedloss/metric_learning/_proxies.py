@@ -24,16 +24,7 @@ from embedloss.ops.similarity import l2_normalize
 if TYPE_CHECKING:
     from typing_extensions import Required
 
-__all__ = [
-    "BaseProxyLoss",
-    "ClassCosines",
-    "ProxyArgs",
-    "ProxyOptions",
-    "class_cosines",
-    "margin_softmax",
-    "proxy_terms",
-    "target_cosine",
-]
+__all__ = ["BaseProxyLoss", "ProxyArgs", "ProxyOptions", "class_cosines", "margin_softmax"]
 
 
 class ClassCosines(NamedTuple):
@@ -46,15 +37,10 @@ class ClassCosines(NamedTuple):
 def class_cosines(
     embeddings: Tensor, labels: Tensor, weight: Tensor, sub_centers: int = 1
 ) -> ClassCosines:
-    """Checked cosines of ``embeddings (N, D)`` with the centres ``weight (C·k, D)``.
+    """Checked cosines of ``embeddings (N, D)`` with the class centres ``weight (C·k, D)``.
 
-    With ``k = sub_centers`` rows ``c·k … c·k + k − 1`` of ``weight`` are the sub-centres of
-    class ``c`` and a sample's cosine with the class is the largest of them (Deng et al. 2020).
-    Labels are range-checked on CPU inputs only (no host synchronisation otherwise).
-
-    Raises:
-        ValueError: For a wrong embedding size, labels of the wrong length, or (on CPU) labels
-            outside ``[0, C)``.
+    Rows ``c·k … c·k + k − 1`` of ``weight`` are class ``c``'s ``k = sub_centers`` sub-centres
+    and the class's cosine is their largest (Deng et al. 2020). Labels are range-checked on CPU.
     """
     check_embeddings(embeddings, "embeddings")
     check_labels(labels, embeddings.shape[0])
@@ -92,13 +78,6 @@ class ProxyOptions(NamedTuple):
     gather_distributed: bool = False
 
 
-class ProxyResult(NamedTuple):
-    """A reduced proxy loss and the class cosines its terms need."""
-
-    loss: Tensor
-    cosines: ClassCosines
-
-
 def margin_softmax(
     embeddings: Tensor,
     labels: Tensor,
@@ -106,7 +85,7 @@ def margin_softmax(
     scale: float,
     target: Callable[[Tensor], Tensor],
     options: ProxyOptions,
-) -> ProxyResult:
+) -> tuple[Tensor, ClassCosines]:
     """Reduced cross-entropy of ``scale·cos θ`` with ``cos θ_y`` made ``target(cos θ_y)``.
 
     ``target`` applies the loss's margin (ArcFace's ``cos(θ + m)``, CosFace's ``cos θ − m``);
@@ -116,16 +95,8 @@ def margin_softmax(
     y = cc.labels.unsqueeze(1)
     logits = cc.cosine.scatter(1, y, target(target_cosine(cc)).unsqueeze(1)) * scale  # (N, C)
     per_sample = F.cross_entropy(logits, cc.labels, reduction="none")
-    return ProxyResult(
-        reduce_samples(per_sample, options.reduction, distributed=options.gather_distributed), cc
-    )
-
-
-@torch.no_grad()
-def proxy_terms(cc: ClassCosines) -> dict[str, Tensor]:
-    """``accuracy`` (the nearest class centre is the label's) and the mean ``target_cosine``."""
-    accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()
-    return detached_terms(accuracy=accuracy, target_cosine=target_cosine(cc).mean())
+    distributed = options.gather_distributed
+    return reduce_samples(per_sample, options.reduction, distributed=distributed), cc
 
 
 class ProxyArgs(TypedDict, total=False):
@@ -141,13 +112,12 @@ class ProxyArgs(TypedDict, total=False):
 class BaseProxyLoss(BaseLoss):
     """Base of the losses with learnable class centres ``weight (C·k, D)`` (as ``nn.Linear``).
 
-    A subclass names only its own options and passes these on as ``**options:
-    Unpack[ProxyArgs]`` (ArcFace also its ``k`` sub-centres, positionally). The centres start
-    from N(0, :meth:`_init_std`²), drawn from the global RNG (``seed=None``) or from a generator
-    seeded with ``seed`` (the same centres for every instance, e.g. on every DDP rank without a
-    broadcast). A loss implements :meth:`_call` (its one pure call, returning the loss and what
-    the terms need); ``compute`` adds :meth:`_terms` (by default ``accuracy`` and
-    ``target_cosine``), ``forward`` returns the loss.
+    A subclass names its own options and passes these on as ``**options: Unpack[ProxyArgs]``
+    (ArcFace also its ``k`` sub-centres, positionally). The centres start from
+    N(0, :meth:`_init_std`²), drawn from the global RNG, or with ``seed`` from a seeded generator
+    (the same centres on every DDP rank without a broadcast). A loss implements :meth:`_call`
+    (its one pure call: the loss and what the terms need); ``compute`` adds :meth:`_terms`
+    (``accuracy``, ``target_cosine`` by default), ``forward`` returns the loss only.
     """
 
     weight: nn.Parameter
@@ -182,8 +152,10 @@ class BaseProxyLoss(BaseLoss):
     def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Any]:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
 
-    def _terms(self, extra: Any) -> dict[str, Tensor]:
-        return proxy_terms(extra)
+    @torch.no_grad()
+    def _terms(self, cc: Any) -> dict[str, Tensor]:
+        accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()  # nearest centre's
+        return detached_terms(accuracy=accuracy, target_cosine=target_cosine(cc).mean())
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""

@@ -12,9 +12,9 @@ from torch import Tensor
 from embedloss._validation import check_float, check_int, check_positive_float
 from embedloss.metric_learning._proxies import (
     BaseProxyLoss,
+    ClassCosines,
     ProxyArgs,
     ProxyOptions,
-    ProxyResult,
     margin_softmax,
 )
 from embedloss.registry import register_loss
@@ -98,7 +98,7 @@ def arcface_loss(
         )
     options = ProxyOptions(k, reduction, gather_distributed)
     target = partial(_angular_margin, margin=margin)
-    return margin_softmax(embeddings, labels, weight, scale, target, options).loss
+    return margin_softmax(embeddings, labels, weight, scale, target, options)[0]
 
 
 @register_loss("arcface", aliases=("sub_center_arcface",))
@@ -141,6 +141,6 @@ class ArcFaceLoss(BaseProxyLoss):
         super().__init__(sub_centers, **options)
         self.scale, self.margin = _check(scale, margin)
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> ProxyResult:
+    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, ClassCosines]:
         target = partial(_angular_margin, margin=self.margin)
         return margin_softmax(embeddings, labels, self.weight, self.scale, target, self.options())

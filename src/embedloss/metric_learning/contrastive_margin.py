@@ -11,7 +11,12 @@ from torch import Tensor
 from embedloss._validation import check_bool, check_float
 from embedloss.metric_learning._pairs import BasePairLoss
 from embedloss.ops.keywords import keyword_options
-from embedloss.ops.pair_losses import PairKeywords, PairOptions, RowLoss, labelled_pair_loss
+from embedloss.ops.pair_losses import (
+    PairKeywords,
+    PairOptions,
+    RowLoss,
+    labelled_pair_loss,
+)
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -109,11 +114,8 @@ class ContrastiveMarginLoss(BasePairLoss):
         margin: m, the distance negatives are pushed beyond (default 0.5).
         pos_margin: m⁺ < m, the distance positives are pulled within (default 0).
         squared: ½·hinge² (default True, the paper) or the plain hinge.
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
-        normalize: L2-normalise the embeddings first (default True).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: Row tiles (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :func:`contrastive_margin_loss`.
 
     Example:
         >>> loss = ContrastiveMarginLoss(distance="euclidean", margin=1.0)

@@ -9,9 +9,9 @@ from torch import Tensor
 from embedloss._validation import check_float, check_positive_float
 from embedloss.metric_learning._proxies import (
     BaseProxyLoss,
+    ClassCosines,
     ProxyArgs,
     ProxyOptions,
-    ProxyResult,
     margin_softmax,
 )
 from embedloss.registry import register_loss
@@ -66,7 +66,7 @@ def cosface_loss(
     """
     scale, margin = _check(scale, margin)
     options = ProxyOptions(1, reduction, gather_distributed)
-    return margin_softmax(embeddings, labels, weight, scale, lambda c: c - margin, options).loss
+    return margin_softmax(embeddings, labels, weight, scale, lambda c: c - margin, options)[0]
 
 
 @register_loss("cosface", aliases=("large_margin_cosine",))
@@ -98,7 +98,7 @@ class CosFaceLoss(BaseProxyLoss):
         super().__init__(**options)
         self.scale, self.margin = _check(scale, margin)
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> ProxyResult:
+    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, ClassCosines]:
         options, margin = self.options(), self.margin
         return margin_softmax(
             embeddings, labels, self.weight, self.scale, lambda c: c - margin, options

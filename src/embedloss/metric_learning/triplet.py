@@ -12,7 +12,12 @@ from embedloss._validation import check_choice, check_positive_float
 from embedloss.metric_learning._pairs import BasePairLoss
 from embedloss.ops.keywords import keyword_options
 from embedloss.ops.miners import hardest_pairs, semi_hard_negatives
-from embedloss.ops.pair_losses import PairKeywords, PairOptions, RowLoss, labelled_pair_loss
+from embedloss.ops.pair_losses import (
+    PairKeywords,
+    PairOptions,
+    RowLoss,
+    labelled_pair_loss,
+)
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -145,11 +150,8 @@ class TripletLoss(BasePairLoss):
     Args:
         margin: m >= 0 (default 0.2).
         mining: ``"batch_hard"`` (default), ``"batch_all"`` or ``"semi_hard"``.
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
-        normalize: L2-normalise the embeddings first (default True).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: Row tiles (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :func:`triplet_loss`.
 
     Example:
         >>> loss = TripletLoss(mining="batch_all")

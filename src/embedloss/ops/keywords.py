@@ -22,7 +22,9 @@ def keyword_options(
     options object), and passes ``options`` to ``create``. The decorator gives it the full,
     explicit signature (its own parameters, then the options with ``create``'s defaults or those
     given here, as ``inspect.signature`` and ``help`` show), fills in the defaults and refuses
-    an unknown keyword with ``TypeError``, as Python does for an explicit signature.
+    an unknown keyword with ``TypeError``, as Python does for an explicit signature. It serves
+    constructors too: ``__init__(self, **options: Unpack[keywords])`` gets the explicit
+    signature that ``BaseLoss`` merges into its subclasses' constructors.
 
     Raises:
         TypeError: If a default names no option of ``keywords``.
@@ -58,7 +60,10 @@ def keyword_options(
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            bound = full.bind(*args, **kwargs)
+            try:
+                bound = full.bind(*args, **kwargs)
+            except TypeError as error:  # named as Python names a call's errors
+                raise TypeError(f"{fn.__qualname__}() {error}") from None
             bound.apply_defaults()
             return fn(*bound.args, **bound.kwargs)
 

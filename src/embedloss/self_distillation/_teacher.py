@@ -96,15 +96,11 @@ class TeacherArgs(TypedDict, total=False):
 class CenteredTeacherLoss(BaseLoss):
     """Options and state shared by DINO and iBOT (see :class:`~embedloss.DINOLoss`).
 
-    Its constructor is iBOT's: ``output_dim`` (K, sizing the centre), ``teacher_temperature``
-    τ_t > 0, ``student_temperature`` τ_s > 0, ``center_momentum`` m in [0, 1], ``reduction``
-    and ``gather_distributed``, each checked here; DINO adds its own options and passes these
-    on as ``**options: Unpack[TeacherArgs]``.
-
-    The centre is a float64 buffer ``center`` ``(output_dim,)`` (an EMA over many steps keeps
-    its precision; it is cast to the compute dtype when used), updated in training mode only,
-    after the loss (:meth:`_run`). A loss's ``compute`` and ``forward`` are :meth:`_output` and
-    :meth:`_run` of its pure core.
+    Its constructor, iBOT's, checks ``output_dim`` (K, sizing the centre), τ_t, τ_s > 0, the
+    centre's momentum m in [0, 1], ``reduction`` and ``gather_distributed``; DINO adds its own
+    options and passes these on as ``**options: Unpack[TeacherArgs]``. The centre is a float64
+    buffer ``center`` ``(output_dim,)`` (an EMA keeps its precision), updated after the loss in
+    training mode only. ``compute``/``forward`` are :meth:`_output`/:meth:`_run` of the core.
     """
 
     center: Tensor
