@@ -139,7 +139,7 @@ class CenteredTeacherLoss(BaseLoss):
         return result
 
     def _output(self, core: Callable[..., TeacherResult], *inputs: Any) -> LossOutput:
-        """:meth:`_run` with the terms ``teacher_entropy``, ``kl``, ``center_norm``, ``teacher_temperature``.
+        """:meth:`_run` and its terms (``teacher_entropy``, ``kl``, ``center_norm``, τ_t).
 
         ``kl`` is the mean cross-entropy minus the mean teacher entropy, weighted as the loss
         weights the teacher rows (per sample over its views, or over its masked patches).

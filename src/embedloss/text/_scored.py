@@ -50,7 +50,7 @@ class BaseScoredPairLoss(BaseLoss):
     def example_inputs(
         cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``(embeddings_a, embeddings_b, scores)``: pairs whose score rises with their similarity."""
+        """``(embeddings_a, embeddings_b, scores)``: pairs whose score rises with similarity."""
         g = torch.Generator().manual_seed(seed)
         a = torch.randn(n, d, generator=g)
         noise = torch.linspace(0.2, 2.0, n).unsqueeze(1)
