@@ -164,11 +164,10 @@ class FeatureQueue(nn.Module):
         if labels is not None:
             self.labels[slots] = labels.to(self.labels.dtype)
         self.labeled[slots] = labels is not None
-        flag, end = bytes([labels is not None]), ptr + b
-        self._labeled_host[ptr : min(end, size)] = flag * (min(end, size) - ptr)
-        if end > size:  # wrapped around
-            self._labeled_host[: end - size] = flag * (end - size)
-        self._set("ptr", end % size)
+        flags, head = bytes([labels is not None]) * b, min(b, size - ptr)
+        self._labeled_host[ptr : ptr + head] = flags[:head]
+        self._labeled_host[: b - head] = flags[head:]  # the rows that wrapped around
+        self._set("ptr", (ptr + b) % size)
         self._set("count", min(self.n_filled + b, size))
 
     def _set(self, name: str, value: int) -> None:

@@ -203,11 +203,9 @@ class NNCLRLoss(BaseContrastiveLoss):
         labels: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms for views ``(N, D)`` (and predictions); then enqueue ``z_a``."""
-        fill, stored = self.queue.fill, None
-        if labels is not None and self.queue.fully_labeled:
-            stored = self.queue.entry_labels()  # None while empty
-            # A copy: this batch's enqueue overwrites rows of the support set in place.
-            stored = None if stored is None else stored.clone()
+        fill, queue = self.queue.fill, self.queue
+        stored = queue.entry_labels() if labels is not None and queue.fully_labeled else None
+        stored = None if stored is None else stored.clone()  # this batch's enqueue overwrites it
         result = self._batch(z_a, z_b, p_a, p_b, labels)
         with torch.no_grad():
             first, second = (d.anchors[0].correct.float().mean() for d in result.directions)
