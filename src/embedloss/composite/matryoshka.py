@@ -62,14 +62,13 @@ class MatryoshkaLoss(BaseLoss):
 
         L = Σ_k w_k · L(x[..., :d_k], …)
 
-    Every floating-point input with at least two dimensions (the embeddings: ``(N, D)``,
+    Every floating-point input of two or more dimensions (the embeddings: ``(N, D)``,
     ``(N, V, D)``, ``(N, M, D)``) is cut to its first ``d_k`` features; other inputs (labels,
-    scores) pass unchanged. One wrapped loss serves every ``d_k`` (it normalises the prefixes
-    itself when it normalises), so its state and parameters are shared: a loss with
-    dimension-sized parameters (``arcface``'s centres) fits one size only. The wrapped loss is
-    a module, a config mapping ``{"name": ..., **kwargs}`` or a registered name (as
-    ``combined`` takes its parts); step and epoch hooks are forwarded to it. Each ``d_k``
-    gets the wrapped loss's terms as ``"dim_<d_k>/<term>"`` plus ``"dim_<d_k>/loss"``.
+    scores) pass unchanged. One wrapped loss (a module, a config mapping ``{"name": ...,
+    **kwargs}`` or a registered name, as ``combined`` takes its parts) serves every ``d_k``, so
+    its state, parameters and step/epoch hooks are shared: a loss with dimension-sized
+    parameters (``arcface``'s centres) fits one size only; it normalises each prefix itself if
+    it normalises. Terms: the wrapped loss's as ``"dim_<d_k>/<term>"``, and ``"dim_<d_k>/loss"``.
 
     Args:
         loss: The wrapped loss: an ``nn.Module``, a config mapping or a registered name.

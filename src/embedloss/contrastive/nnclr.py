@@ -141,12 +141,11 @@ class NNCLRLoss(BaseContrastiveLoss):
     """NNCLR: nearest neighbours from a FIFO support set as positives (Dwibedi et al. 2021).
 
     See :func:`nnclr_loss` for the formula. The support set is a
-    :class:`~embedloss.base.queue.FeatureQueue` (submodule ``queue``), with MoCo's semantics:
-    it starts empty (a view is then its own neighbour: plain NT-Xent), only filled rows are
-    searched, the prepared ``z_a`` of the batch is enqueued **after** the loss and only in
-    training mode, FIFO, gathered from every rank with ``gather_distributed`` (so every rank
-    searches the same set), and the state round-trips through ``state_dict``. With ``labels``
-    the queue stores them too, for the ``nn_accuracy`` term.
+    :class:`~embedloss.base.queue.FeatureQueue` (submodule ``queue``) with MoCo's semantics: it
+    starts empty (a view is then its own neighbour: plain NT-Xent), only filled rows are
+    searched, and the prepared ``z_a`` of the batch (with its ``labels``, if given) is enqueued
+    FIFO **after** the loss, in training mode only, from every rank with
+    ``gather_distributed`` (every rank searches the same set); ``state_dict`` round-trips it.
 
     Terms: ``accuracy`` (NT-Xent top-1, both terms), ``nn_similarity`` (mean cosine of a view
     and its neighbour), ``queue_fill`` (before this batch is enqueued), ``temperature``; with

@@ -102,27 +102,24 @@ def dino_loss(
 class DINOLoss(CenteredTeacherLoss):
     """DINO self-distillation loss with a centred, warmed-up teacher (Caron et al. 2021).
 
-    See :func:`dino_loss` for the formula. The centre ``c`` is a float64 buffer ``center``
-    ``(output_dim,)``, updated after the loss of a batch, in training mode only, as
+    See :func:`dino_loss` for the formula. After the loss of a batch, in training mode only,
+    the centre (a float64 buffer ``center`` ``(output_dim,)``) moves as
 
         c ← m·c + (1 − m)·mean of the teacher outputs of the batch (all views)
 
-    with the sums all-reduced across ranks when ``gather_distributed`` (as the official code):
-    every rank holds the same centre, uneven batches included. τ_t warms up over epochs as in
-    the official code (``np.linspace``): ``τ_t(e) = τ_w + (τ_t − τ_w)·e/(warmup_epochs − 1)``
-    for ``e < warmup_epochs``, then ``τ_t``; the epoch, set by :meth:`update_epoch`, is kept in
-    the ``epoch`` buffer, so checkpoints resume exactly.
+    with the sums all-reduced across ranks under ``gather_distributed``, as the official code
+    (every rank holds the same centre, uneven batches included; without it the ranks' centres
+    drift apart). τ_t warms up as in the official code (``np.linspace``): ``τ_t(e) = τ_w + (τ_t
+    − τ_w)·e/(warmup_epochs − 1)`` for ``e < warmup_epochs``, then τ_t; the epoch, set by
+    :meth:`update_epoch`, is the ``epoch`` buffer, so checkpoints resume exactly. The centre
+    follows each call's batch (see :mod:`embedloss.self_distillation`): gradient accumulation
+    over k micro-batches moves it k times per step (``center_momentum = m**(1/k)`` keeps its
+    time constant), ``GradCache`` once, from the full batch.
 
-    **Whole-batch state** (see :mod:`embedloss.self_distillation`): the centre follows the
-    batch of each call, so gradient accumulation over k micro-batches moves it k times per
-    step, a noisier EMA (``center_momentum = m**(1/k)`` keeps its time constant); ``GradCache``
-    moves it once, from the full batch. Under DDP pass ``gather_distributed=True``, or the
-    ranks' centres drift apart.
-
-    Terms (collapse monitors): ``teacher_entropy`` (mean entropy of the centred teacher: near
-    0 when one output dominates, near ``log K`` when uniform), ``kl`` (the loss minus that
-    entropy: the mean KL from teacher to student), ``center_norm`` (of the centre this batch
-    was scored with), ``teacher_temperature``.
+    Terms (collapse monitors): ``teacher_entropy`` (of the centred teacher: near 0 when one
+    output dominates, near ``log K`` when uniform), ``kl`` (the loss minus that entropy: the
+    mean KL from teacher to student), ``center_norm`` (of the centre this batch was scored
+    with), ``teacher_temperature``.
 
     Args:
         output_dim: K, the number of outputs of the DINO head (sizes the centre).
