@@ -65,10 +65,11 @@ class MatryoshkaLoss(BaseLoss):
     Every floating-point input of two or more dimensions (the embeddings: ``(N, D)``,
     ``(N, V, D)``, ``(N, M, D)``) is cut to its first ``d_k`` features; other inputs (labels,
     scores) pass unchanged. One wrapped loss (a module, a config mapping ``{"name": ...,
-    **kwargs}`` or a registered name, as ``combined`` takes its parts) serves every ``d_k``, so
-    its state, parameters and step/epoch hooks are shared: a loss with dimension-sized
-    parameters (``arcface``'s centres) fits one size only; it normalises each prefix itself if
-    it normalises. Terms: the wrapped loss's as ``"dim_<d_k>/<term>"``, and ``"dim_<d_k>/loss"``.
+    **kwargs}`` or a registered name, as ``combined`` takes its parts) serves every ``d_k`` and
+    normalises each prefix itself if it normalises; its state and parameters are shared (a loss
+    with dimension-sized parameters, such as ``arcface``'s centres, fits one size only) and the
+    step and epoch hooks are forwarded to it. Terms: the wrapped loss's as
+    ``"dim_<d_k>/<term>"``, plus ``"dim_<d_k>/loss"``.
 
     Args:
         loss: The wrapped loss: an ``nn.Module``, a config mapping or a registered name.
