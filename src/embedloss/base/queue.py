@@ -65,6 +65,8 @@ class FeatureQueue(nn.Module):
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
         self._host = {"ptr": 0, "count": 0}
         self._labeled_host = bytearray(size)
+        self._register_load_state_dict_pre_hook(self._adopt_stored_shape)
+        self.register_load_state_dict_post_hook(FeatureQueue._read_host_copies)
 
     @property
     def n_filled(self) -> int:
@@ -162,11 +164,10 @@ class FeatureQueue(nn.Module):
         if labels is not None:
             self.labels[slots] = labels.to(self.labels.dtype)
         self.labeled[slots] = labels is not None
-        flag, end = bytes([labels is not None]), ptr + b
-        self._labeled_host[ptr : min(end, size)] = flag * (min(end, size) - ptr)
-        if end > size:  # wrapped around
-            self._labeled_host[: end - size] = flag * (end - size)
-        self._set("ptr", end % size)
+        flags, head = bytes([labels is not None]) * b, min(b, size - ptr)
+        self._labeled_host[ptr : ptr + head] = flags[:head]
+        self._labeled_host[: b - head] = flags[head:]  # the rows that wrapped around
+        self._set("ptr", (ptr + b) % size)
         self._set("count", min(self.n_filled + b, size))
 
     def _set(self, name: str, value: int) -> None:
@@ -183,23 +184,13 @@ class FeatureQueue(nn.Module):
         self._set("count", 0)
         self._labeled_host = bytearray(self.size)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # Allocated lazily: adopt the stored shape and dtype before copying.
+    def _adopt_stored_shape(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        # Allocated lazily: adopt the stored shape and dtype before the copy.
         stored = state_dict.get(prefix + "features")
         if isinstance(stored, Tensor) and stored.shape != self.features.shape:
             self.features = torch.empty_like(stored, device=self.features.device)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+
+    def _read_host_copies(self, *_: Any) -> None:
         # Loading is off the step path: the host copies are read back here, once.
         self._host = {"ptr": int(self.ptr), "count": int(self.count)}
         self._labeled_host = bytearray(self.labeled.cpu().tolist())

@@ -50,20 +50,26 @@ def _prefix(x: Any, d: int) -> Any:
     return x[..., :d]
 
 
+def _forward_hook(module: nn.Module, name: str, *args: Any) -> None:
+    hook = getattr(module, name, None)
+    if callable(hook):
+        hook(*args)
+
+
 @register_loss("matryoshka", category="composite")
 class MatryoshkaLoss(BaseLoss):
     """Matryoshka loss: a loss summed over nested prefixes of the embedding (Kusupati et al. 2022).
 
         L = Σ_k w_k · L(x[..., :d_k], …)
 
-    Every floating-point input with at least two dimensions (the embeddings: ``(N, D)``,
+    Every floating-point input of two or more dimensions (the embeddings: ``(N, D)``,
     ``(N, V, D)``, ``(N, M, D)``) is cut to its first ``d_k`` features; other inputs (labels,
-    scores) pass unchanged. One wrapped loss serves every ``d_k`` (it normalises the prefixes
-    itself when it normalises), so its state and parameters are shared: a loss with
-    dimension-sized parameters (``arcface``'s centres) fits one size only. The wrapped loss is
-    a module, a config mapping ``{"name": ..., **kwargs}`` or a registered name (as
-    ``combined`` takes its parts); step and epoch hooks are forwarded to it. Each ``d_k``
-    gets the wrapped loss's terms as ``"dim_<d_k>/<term>"`` plus ``"dim_<d_k>/loss"``.
+    scores) pass unchanged. One wrapped loss (a module, a config mapping ``{"name": ...,
+    **kwargs}`` or a registered name, as ``combined`` takes its parts) serves every ``d_k`` and
+    normalises each prefix itself if it normalises; its state and parameters are shared (a loss
+    with dimension-sized parameters, such as ``arcface``'s centres, fits one size only) and the
+    step and epoch hooks are forwarded to it. Terms: the wrapped loss's as
+    ``"dim_<d_k>/<term>"``, plus ``"dim_<d_k>/loss"``.
 
     Args:
         loss: The wrapped loss: an ``nn.Module``, a config mapping or a registered name.
@@ -104,15 +110,13 @@ class MatryoshkaLoss(BaseLoss):
         """The wrapped loss at every prefix size: the weighted sum and the prefixed terms."""
         outputs = {}
         for d in self.dims:
-            cut_args = tuple(_prefix(a, d) for a in args)
-            cut_kwargs = {k: _prefix(v, d) for k, v in kwargs.items()}
-            outputs[f"dim_{d}"] = run_part(f"dim_{d}", self.loss, cut_args, cut_kwargs)
-        factors = {f"dim_{d}": w for d, w in zip(self.dims, self.weights, strict=True)}
-        loss = weighted_sum({n: o.loss for n, o in outputs.items()}, dict(factors))
-        terms: dict[str, Tensor] = {}
-        for name, output in outputs.items():
-            terms.update(prefixed(name, output))
-        return LossOutput(loss, terms)
+            cut = tuple(_prefix(a, d) for a in args), {k: _prefix(v, d) for k, v in kwargs.items()}
+            outputs[f"dim_{d}"] = run_part(f"dim_{d}", self.loss, *cut)
+        factors = dict(zip(outputs, self.weights, strict=True))
+        loss = weighted_sum({n: out.loss for n, out in outputs.items()}, factors)
+        return LossOutput(
+            loss, {k: v for n, o in outputs.items() for k, v in prefixed(n, o).items()}
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Tensor:
         """The weighted sum over the prefix sizes (see :meth:`compute`)."""
@@ -120,15 +124,11 @@ class MatryoshkaLoss(BaseLoss):
 
     def update_step(self, step: int, total_steps: int | None = None) -> None:
         """Forward the step hook to the wrapped loss."""
-        hook = getattr(self.loss, "update_step", None)
-        if callable(hook):
-            hook(step, total_steps)
+        _forward_hook(self.loss, "update_step", step, total_steps)
 
     def update_epoch(self, epoch: int) -> None:
         """Forward the epoch hook to the wrapped loss."""
-        hook = getattr(self.loss, "update_epoch", None)
-        if callable(hook):
-            hook(epoch)
+        _forward_hook(self.loss, "update_epoch", epoch)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -29,6 +29,8 @@ __all__ = ["NNCLRLoss", "nnclr_loss"]
 
 
 class _Neighbours(NamedTuple):
+    """Each view's neighbour: vector, row in the support set, cosine."""
+
     vectors: Tensor  # (n, D) the neighbour of each view (no gradient)
     position: Tensor | None  # (n,) its row in the support set, None without one
     similarity: Tensor  # (n,) cosine of the view and its neighbour
@@ -51,17 +53,6 @@ def _nearest(view: Tensor, support: Tensor | None) -> _Neighbours:
     return _Neighbours(support[index].to(view.dtype), index, (unit * bank[index]).sum(-1))
 
 
-def _nn_accuracy(
-    support_labels: Tensor | None, labels: Tensor | None, neighbours: tuple[_Neighbours, ...]
-) -> Tensor | None:
-    """Share of views whose neighbour has their label (None without labels or neighbours)."""
-    row_a, row_b = (near.position for near in neighbours)
-    if support_labels is None or labels is None or row_a is None or row_b is None:
-        return None
-    found = torch.cat([support_labels[row_a], support_labels[row_b]])  # (2n,)
-    return (found == labels.repeat(2)).float().mean()
-
-
 def _nnclr(
     z_a: Tensor,
     z_b: Tensor,
@@ -78,6 +69,12 @@ def _nnclr(
     if p_a is not None and p_b is not None:
         check_pair(p_a, p_b, "p_a", "p_b")
         check_same_shape(p_a, z_a, "p_a", "z_a")
+    if support is not None:
+        check_embeddings(support, "support")
+        if support.shape[1] != z_a.shape[-1]:
+            raise ValueError(
+                f"support must have the views' D={z_a.shape[-1]}, got {tuple(support.shape)}"
+            )
     a, b = options.prepare(z_a.detach(), z_b.detach())
     near_a, near_b = _nearest(a, support), _nearest(b, support)
     pred_a, pred_b = (z_a, z_b) if p_a is None or p_b is None else (p_a, p_b)
@@ -136,12 +133,6 @@ def nnclr_loss(
         torch.Size([])
     """
     options = ContrastiveOptions.create(**keywords)
-    if support is not None:
-        check_embeddings(support, "support")
-        if support.shape[1] != z_a.shape[-1]:
-            raise ValueError(
-                f"support must have the views' D={z_a.shape[-1]}, got {tuple(support.shape)}"
-            )
     return _nnclr(z_a, z_b, p_a, p_b, support, labels, options).loss
 
 
@@ -150,12 +141,11 @@ class NNCLRLoss(BaseContrastiveLoss):
     """NNCLR: nearest neighbours from a FIFO support set as positives (Dwibedi et al. 2021).
 
     See :func:`nnclr_loss` for the formula. The support set is a
-    :class:`~embedloss.base.queue.FeatureQueue` (submodule ``queue``), with MoCo's semantics:
-    it starts empty (a view is then its own neighbour: plain NT-Xent), only filled rows are
-    searched, the prepared ``z_a`` of the batch is enqueued **after** the loss and only in
-    training mode, FIFO, gathered from every rank with ``gather_distributed`` (so every rank
-    searches the same set), and the state round-trips through ``state_dict``. With ``labels``
-    the queue stores them too, for the ``nn_accuracy`` term.
+    :class:`~embedloss.base.queue.FeatureQueue` (submodule ``queue``) with MoCo's semantics: it
+    starts empty (a view is then its own neighbour: plain NT-Xent), only filled rows are
+    searched, and the prepared ``z_a`` of the batch (with its ``labels``, if given) is enqueued
+    FIFO **after** the loss, in training mode only, from every rank with
+    ``gather_distributed`` (every rank searches the same set); ``state_dict`` round-trips it.
 
     Terms: ``accuracy`` (NT-Xent top-1, both terms), ``nn_similarity`` (mean cosine of a view
     and its neighbour), ``queue_fill`` (before this batch is enqueued), ``temperature``; with
@@ -200,9 +190,8 @@ class NNCLRLoss(BaseContrastiveLoss):
         support = self.queue.entries(z_a.shape[1])
         result = _nnclr(z_a, z_b, p_a, p_b, support, labels, self.options())
         if self.training:
-            self.queue.enqueue(
-                result.keys, labels=labels, gather_distributed=self.gather_distributed
-            )
+            gather = self.gather_distributed
+            self.queue.enqueue(result.keys, labels=labels, gather_distributed=gather)
         return result
 
     def compute(
@@ -215,21 +204,20 @@ class NNCLRLoss(BaseContrastiveLoss):
         labels: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms for views ``(N, D)`` (and predictions); then enqueue ``z_a``."""
-        fill, support_labels = self.queue.fill, None
-        if labels is not None and self.queue.fully_labeled:
-            stored = self.queue.entry_labels()  # None while empty
-            # A copy: this batch's enqueue overwrites rows of the support set in place.
-            support_labels = None if stored is None else stored.clone()
+        fill, queue = self.queue.fill, self.queue
+        stored = queue.entry_labels() if labels is not None and queue.fully_labeled else None
+        stored = None if stored is None else stored.clone()  # this batch's enqueue overwrites it
         result = self._batch(z_a, z_b, p_a, p_b, labels)
         with torch.no_grad():
-            first, second = (d.anchors[0] for d in result.directions)
-            extra: dict[str, Tensor | float] = {}
-            accuracy = _nn_accuracy(support_labels, labels, result.neighbours)
-            if accuracy is not None:
-                extra["nn_accuracy"] = accuracy
+            first, second = (d.anchors[0].correct.float().mean() for d in result.directions)
+            near = result.neighbours
+            extra: dict[str, Tensor] = {}
+            if stored is not None and labels is not None:  # a filled queue: both views' rows
+                found = torch.cat([stored[n.position] for n in near])  # (2n,)
+                extra["nn_accuracy"] = (found == labels.repeat(2)).float().mean()
             terms = detached_terms(
-                accuracy=(first.correct.float().mean() + second.correct.float().mean()) / 2,
-                nn_similarity=torch.cat([near.similarity for near in result.neighbours]).mean(),
+                accuracy=(first + second) / 2,
+                nn_similarity=torch.cat([n.similarity for n in near]).mean(),
                 queue_fill=fill,
                 temperature=1.0 / self.scale(dtype=torch.float64),
                 **extra,

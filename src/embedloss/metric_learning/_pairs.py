@@ -1,42 +1,48 @@
-"""What the pair-based metric-learning losses share: options, example inputs, terms."""
+"""What the pair-based metric-learning losses share: options, the one pure call, terms, examples."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
-from embedloss.ops.pair_losses import PairOptions, PairResult
+from embedloss.ops.keywords import keyword_options
+from embedloss.ops.pair_losses import (
+    PairKeywords,
+    PairOptions,
+    PairResult,
+    RowLoss,
+    labelled_pair_loss,
+)
 
-__all__ = ["BasePairLoss", "labelled_examples"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-
-def labelled_examples(
-    n: int, d: int, dtype: torch.dtype, seed: int
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``((embeddings (n, d), labels (n,)), {})`` with two samples of each label."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(n) // 2
-    centres = torch.randn(n, d, generator=g)[labels]
-    embeddings = (centres + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
-    return (embeddings, labels), {}
+__all__ = ["BasePairLoss"]
 
 
 class BasePairLoss(BaseLoss):
     """Base of the losses over pairs of labelled embeddings (:mod:`embedloss.ops.pair_losses`).
 
-    Holds the options every such loss takes and hands them to its pure function as one
-    :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`), which a subclass builds
-    from its own explicit constructor arguments with ``PairOptions.create``. A loss implements
-    :meth:`_result` (its one pure call); ``compute`` adds the terms ``{TERM: Σ count,
-    "anchors_without_terms": ...}`` (none when ``TERM`` is None), ``forward`` returns the loss.
+    Takes the options of :meth:`PairOptions.create <embedloss.ops.pair_losses.PairOptions.create>`
+    (a subclass names only its own and passes these on as ``**options: Unpack[PairKeywords]``)
+    and hands them to the pure call as one
+    :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`). A loss gives its row loss
+    (:meth:`_row_loss`, built from its own options) and whether it scores similarities
+    (``SIMILARITY``); ``compute`` adds the terms ``{TERM: Σ count, "anchors_without_terms":
+    ...}`` (none when ``TERM`` is None), ``forward`` returns the loss. ``print(loss)`` shows the
+    options named in ``SHOWN``, then the shared ones.
     """
 
     TERM: ClassVar[str | None] = None
+    SIMILARITY: ClassVar[bool] = False
+    SHOWN: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: PairOptions) -> None:
+    @keyword_options(PairOptions.create, PairKeywords)
+    def __init__(self, **keywords: Unpack[PairKeywords]) -> None:
+        options = PairOptions.create(**keywords)
         super().__init__(reduction=options.reduction)
         self._options = options
 
@@ -44,8 +50,17 @@ class BasePairLoss(BaseLoss):
         """The checked options of this loss."""
         return self._options
 
-    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+    @property
+    def gather_distributed(self) -> bool:
+        """Whether the loss uses the batch of every rank."""
+        return self._options.gather_distributed
+
+    def _row_loss(self) -> RowLoss:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
+        options, rows = self._options, self._row_loss()
+        return labelled_pair_loss(embeddings, labels, options, rows, similarity=self.SIMILARITY)
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
@@ -68,14 +83,13 @@ class BasePairLoss(BaseLoss):
         cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``(embeddings (n, d), labels (n,))`` with two samples of each label."""
-        return labelled_examples(n, d, dtype, seed)
-
-    @property
-    def gather_distributed(self) -> bool:
-        """Whether the loss uses the batch of every rank (see ``gather_distributed``)."""
-        return self._options.gather_distributed
+        g = torch.Generator().manual_seed(seed)
+        labels = torch.arange(n) // 2
+        centres = torch.randn(n, d, generator=g)[labels]
+        return ((centres + 0.5 * torch.randn(n, d, generator=g)).to(dtype), labels), {}
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
         o = self._options
-        return f"distance={o.distance!r}, normalize={o.normalize}, reduction={o.reduction!r}"
+        own = "".join(f"{name}={getattr(self, name)!r}, " for name in self.SHOWN)
+        return f"{own}distance={o.distance!r}, normalize={o.normalize}, reduction={o.reduction!r}"

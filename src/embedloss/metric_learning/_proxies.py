@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -17,16 +18,13 @@ from embedloss._validation import (
     on_host,
 )
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import l2_normalize
 
-__all__ = [
-    "BaseProxyLoss",
-    "ClassCosines",
-    "class_cosines",
-    "margin_cross_entropy",
-    "proxy_terms",
-    "target_cosine",
-]
+if TYPE_CHECKING:
+    from typing_extensions import Required
+
+__all__ = ["BaseProxyLoss", "ProxyArgs", "ProxyOptions", "class_cosines", "margin_softmax"]
 
 
 class ClassCosines(NamedTuple):
@@ -39,15 +37,10 @@ class ClassCosines(NamedTuple):
 def class_cosines(
     embeddings: Tensor, labels: Tensor, weight: Tensor, sub_centers: int = 1
 ) -> ClassCosines:
-    """Checked cosines of ``embeddings (N, D)`` with the centres ``weight (C·k, D)``.
+    """Checked cosines of ``embeddings (N, D)`` with the class centres ``weight (C·k, D)``.
 
-    With ``k = sub_centers`` rows ``c·k … c·k + k − 1`` of ``weight`` are the sub-centres of
-    class ``c`` and a sample's cosine with the class is the largest of them (Deng et al. 2020).
-    Labels are range-checked on CPU inputs only (no host synchronisation otherwise).
-
-    Raises:
-        ValueError: For a wrong embedding size, labels of the wrong length, or (on CPU) labels
-            outside ``[0, C)``.
+    Rows ``c·k … c·k + k − 1`` of ``weight`` are class ``c``'s ``k = sub_centers`` sub-centres
+    and the class's cosine is their largest (Deng et al. 2020). Labels are range-checked on CPU.
     """
     check_embeddings(embeddings, "embeddings")
     check_labels(labels, embeddings.shape[0])
@@ -72,47 +65,70 @@ def class_cosines(
     return ClassCosines(cosine, labels.long())
 
 
-def margin_cross_entropy(cosine: Tensor, labels: Tensor, target: Tensor, scale: float) -> Tensor:
-    """Per-sample cross-entropy of ``scale·cos`` with the target class's cosine replaced.
-
-    ``target (N,)`` is the margin-modified cosine of each sample's own class (ArcFace's
-    ``cos(θ + m)``, CosFace's ``cos θ − m``); the other classes keep ``cos θ_j``.
-    """
-    logits = cosine.scatter(1, labels.unsqueeze(1), target.unsqueeze(1)) * scale  # (N, C)
-    return F.cross_entropy(logits, labels, reduction="none")
-
-
 def target_cosine(cc: ClassCosines) -> Tensor:
     """``cos θ_y (N,)``: each sample's cosine with its own class."""
     return cc.cosine.gather(1, cc.labels.unsqueeze(1)).squeeze(1)
 
 
-@torch.no_grad()
-def proxy_terms(cc: ClassCosines) -> dict[str, Tensor]:
-    """``accuracy`` (the nearest class centre is the label's) and the mean ``target_cosine``."""
-    accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()
-    return detached_terms(accuracy=accuracy, target_cosine=target_cosine(cc).mean())
+class ProxyOptions(NamedTuple):
+    """A proxy loss's layout and reduction: ``k`` centres per class, ``reduction``, over ranks."""
+
+    sub_centers: int = 1
+    reduction: str = "mean"
+    gather_distributed: bool = False
+
+
+def margin_softmax(
+    embeddings: Tensor,
+    labels: Tensor,
+    weight: Tensor,
+    scale: float,
+    target: Callable[[Tensor], Tensor],
+    options: ProxyOptions,
+) -> tuple[Tensor, ClassCosines]:
+    """Reduced cross-entropy of ``scale·cos θ`` with ``cos θ_y`` made ``target(cos θ_y)``.
+
+    ``target`` applies the loss's margin (ArcFace's ``cos(θ + m)``, CosFace's ``cos θ − m``);
+    the other classes keep ``cos θ_j``.
+    """
+    cc = class_cosines(embeddings, labels, weight, options.sub_centers)
+    y = cc.labels.unsqueeze(1)
+    logits = cc.cosine.scatter(1, y, target(target_cosine(cc)).unsqueeze(1)) * scale  # (N, C)
+    per_sample = F.cross_entropy(logits, cc.labels, reduction="none")
+    distributed = options.gather_distributed
+    return reduce_samples(per_sample, options.reduction, distributed=distributed), cc
+
+
+class ProxyArgs(TypedDict, total=False):
+    """The options of :class:`BaseProxyLoss`, for a subclass's ``**options: Unpack[...]``."""
+
+    num_classes: Required[int]
+    embedding_dim: Required[int]
+    reduction: str
+    gather_distributed: bool
+    seed: int | None
 
 
 class BaseProxyLoss(BaseLoss):
     """Base of the losses with learnable class centres ``weight (C·k, D)`` (as ``nn.Linear``).
 
-    The centres start from N(0, ``init_std``²), drawn from the global RNG (``seed=None``) or
-    from a generator seeded with ``seed`` (the same centres for every instance, e.g. on every
-    DDP rank without a broadcast). A loss implements :meth:`_call` (its one pure call,
-    returning the loss and what the terms need); ``compute`` adds :meth:`_terms` (by default
-    ``accuracy`` and ``target_cosine``), ``forward`` returns the loss.
+    A subclass names its own options and passes these on as ``**options: Unpack[ProxyArgs]``
+    (ArcFace also its ``k`` sub-centres, positionally). The centres start from
+    N(0, :meth:`_init_std`²), drawn from the global RNG, or with ``seed`` from a seeded generator
+    (the same centres on every DDP rank without a broadcast). A loss implements :meth:`_call`
+    (its one pure call: the loss and what the terms need); ``compute`` adds :meth:`_terms`
+    (``accuracy``, ``target_cosine`` by default), ``forward`` returns the loss only.
     """
 
     weight: nn.Parameter
 
     def __init__(
         self,
+        sub_centers: int = 1,
+        /,
         *,
         num_classes: int,
         embedding_dim: int,
-        init_std: float,
-        sub_centers: int = 1,
         reduction: str = "mean",
         gather_distributed: bool = False,
         seed: int | None = None,
@@ -124,13 +140,22 @@ class BaseProxyLoss(BaseLoss):
         self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
         g = None if seed is None else torch.Generator().manual_seed(check_int(seed, "seed"))
         shape = (num_classes * sub_centers, embedding_dim)
-        self.weight = nn.Parameter(torch.randn(shape, generator=g) * init_std)
+        self.weight = nn.Parameter(torch.randn(shape, generator=g) * self._init_std())
+
+    def _init_std(self) -> float:
+        return 0.01  # the official ArcFace's
+
+    def options(self) -> ProxyOptions:
+        """This loss's layout and reduction."""
+        return ProxyOptions(self.sub_centers, self.reduction, self.gather_distributed)
 
     def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Any]:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
 
-    def _terms(self, extra: Any) -> dict[str, Tensor]:
-        return proxy_terms(extra)
+    @torch.no_grad()
+    def _terms(self, cc: Any) -> dict[str, Tensor]:
+        accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()  # nearest centre's
+        return detached_terms(accuracy=accuracy, target_cosine=target_cosine(cc).mean())
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -12,19 +13,16 @@ from embedloss._validation import check_float, check_int, check_positive_float
 from embedloss.metric_learning._proxies import (
     BaseProxyLoss,
     ClassCosines,
-    class_cosines,
-    margin_cross_entropy,
-    target_cosine,
+    ProxyArgs,
+    ProxyOptions,
+    margin_softmax,
 )
-from embedloss.ops.anchors import reduce_samples
 from embedloss.registry import register_loss
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["ArcFaceLoss", "arcface_loss"]
-
-
-class _ArcFace(NamedTuple):
-    loss: Tensor
-    cosines: ClassCosines
 
 
 def _angular_margin(cos: Tensor, margin: float) -> Tensor:
@@ -38,22 +36,6 @@ def _angular_margin(cos: Tensor, margin: float) -> Tensor:
     sin = torch.where(inside, torch.where(inside, sin_sq, torch.ones_like(sin_sq)).sqrt(), 0.0)
     shifted = cos * math.cos(margin) - sin * math.sin(margin)
     return torch.where(cos >= math.cos(math.pi - margin), shifted, cos - margin * math.sin(margin))
-
-
-def _arcface(
-    embeddings: Tensor,
-    labels: Tensor,
-    weight: Tensor,
-    scale: float,
-    margin: float,
-    sub_centers: int,
-    reduction: str,
-    gather_distributed: bool,
-) -> _ArcFace:
-    cc = class_cosines(embeddings, labels, weight, sub_centers)
-    target = _angular_margin(target_cosine(cc), margin)
-    per_sample = margin_cross_entropy(cc.cosine, cc.labels, target, scale)
-    return _ArcFace(reduce_samples(per_sample, reduction, distributed=gather_distributed), cc)
 
 
 def _check(scale: float, margin: float) -> tuple[float, float]:
@@ -114,9 +96,9 @@ def arcface_loss(
         raise ValueError(
             f"weight must be (C·sub_centers, D) with sub_centers={k}, got {tuple(weight.shape)}"
         )
-    return _arcface(
-        embeddings, labels, weight, scale, margin, k, reduction, gather_distributed
-    ).loss
+    options = ProxyOptions(k, reduction, gather_distributed)
+    target = partial(_angular_margin, margin=margin)
+    return margin_softmax(embeddings, labels, weight, scale, target, options)[0]
 
 
 @register_loss("arcface", aliases=("sub_center_arcface",))
@@ -151,34 +133,14 @@ class ArcFaceLoss(BaseProxyLoss):
     def __init__(
         self,
         *,
-        num_classes: int,
-        embedding_dim: int,
         scale: float = 64.0,
         margin: float = 0.5,
         sub_centers: int = 1,
-        reduction: str = "mean",
-        gather_distributed: bool = False,
-        seed: int | None = None,
+        **options: Unpack[ProxyArgs],
     ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            embedding_dim=embedding_dim,
-            init_std=0.01,
-            sub_centers=sub_centers,
-            reduction=reduction,
-            gather_distributed=gather_distributed,
-            seed=seed,
-        )
+        super().__init__(sub_centers, **options)
         self.scale, self.margin = _check(scale, margin)
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> _ArcFace:
-        return _arcface(
-            embeddings,
-            labels,
-            self.weight,
-            self.scale,
-            self.margin,
-            self.sub_centers,
-            self.reduction,
-            self.gather_distributed,
-        )
+    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, ClassCosines]:
+        target = partial(_angular_margin, margin=self.margin)
+        return margin_softmax(embeddings, labels, self.weight, self.scale, target, self.options())

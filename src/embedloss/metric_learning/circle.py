@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_positive_float
 from embedloss.metric_learning._pairs import BasePairLoss
-from embedloss.ops.anchors import ChunkSize
-from embedloss.ops.pair_losses import PairOptions, PairResult, labelled_pair_loss, masked_logsumexp
+from embedloss.ops.keywords import keyword_options
+from embedloss.ops.pair_losses import (
+    PairKeywords,
+    PairOptions,
+    RowLoss,
+    labelled_pair_loss,
+    masked_logsumexp,
+)
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["CircleLoss", "circle_loss"]
 
@@ -30,28 +40,18 @@ def _rows(
     return torch.where(valid, loss, 0.0), valid.long()
 
 
-def _circle(
-    embeddings: Tensor, labels: Tensor, options: PairOptions, margin: float, gamma: float
-) -> PairResult:
-    rows = partial(_rows, margin=margin, gamma=gamma)
-    return labelled_pair_loss(embeddings, labels, options, rows, similarity=True)
-
-
 def _check(margin: float, gamma: float) -> tuple[float, float]:
     return check_float(margin, "margin", low=0.0), check_positive_float(gamma, "gamma")
 
 
+@keyword_options(PairOptions.create, PairKeywords)
 def circle_loss(
     embeddings: Tensor,
     labels: Tensor,
     *,
     margin: float = 0.25,
     gamma: float = 256.0,
-    distance: str = "cosine",
-    normalize: bool = True,
-    reduction: str = "mean",
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[PairKeywords],
 ) -> Tensor:
     r"""Circle loss for pairwise labels (Sun et al. 2020, Eq. 6).
 
@@ -89,8 +89,9 @@ def circle_loss(
         True
     """
     margin, gamma = _check(margin, gamma)
-    options = PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
-    return _circle(embeddings, labels, options, margin, gamma).loss
+    rows = partial(_rows, margin=margin, gamma=gamma)
+    options = PairOptions.create(**keywords)
+    return labelled_pair_loss(embeddings, labels, options, rows, similarity=True).loss
 
 
 @register_loss("circle")
@@ -117,26 +118,14 @@ class CircleLoss(BasePairLoss):
     """
 
     TERM = "anchors"
+    SIMILARITY = True
+    SHOWN = ("margin", "gamma")
 
     def __init__(
-        self,
-        *,
-        margin: float = 0.25,
-        gamma: float = 256.0,
-        distance: str = "cosine",
-        normalize: bool = True,
-        reduction: str = "mean",
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
+        self, *, margin: float = 0.25, gamma: float = 256.0, **options: Unpack[PairKeywords]
     ) -> None:
-        super().__init__(
-            PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
-        )
+        super().__init__(**options)
         self.margin, self.gamma = _check(margin, gamma)
 
-    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
-        return _circle(embeddings, labels, self.options(), self.margin, self.gamma)
-
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"margin={self.margin}, gamma={self.gamma}, {super().extra_repr()}"
+    def _row_loss(self) -> RowLoss:
+        return partial(_rows, margin=self.margin, gamma=self.gamma)

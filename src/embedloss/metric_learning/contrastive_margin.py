@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float
 from embedloss.metric_learning._pairs import BasePairLoss
-from embedloss.ops.anchors import ChunkSize
-from embedloss.ops.pair_losses import PairOptions, PairResult, labelled_pair_loss
+from embedloss.ops.keywords import keyword_options
+from embedloss.ops.pair_losses import (
+    PairKeywords,
+    PairOptions,
+    RowLoss,
+    labelled_pair_loss,
+)
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["ContrastiveMarginLoss", "contrastive_margin_loss"]
 
@@ -33,29 +42,17 @@ def contrastive_rows(
     return loss, (positive | negative).sum(dim=1)
 
 
-class _Margins:
-    def __init__(self, margin: float, pos_margin: float, squared: bool) -> None:
-        self.margin = check_float(margin, "margin")
-        self.pos_margin = check_float(pos_margin, "pos_margin")
-        if self.pos_margin >= self.margin:
-            raise ValueError(
-                f"pos_margin must be below margin (positives are pulled inside pos_margin, "
-                f"negatives pushed beyond margin), got pos_margin={pos_margin}, margin={margin}"
-            )
-        self.squared = check_bool(squared, "squared")
-
-    def rows(self) -> partial[tuple[Tensor, Tensor]]:
-        return partial(
-            contrastive_rows, margin=self.margin, pos_margin=self.pos_margin, squared=self.squared
+def _check(margin: float, pos_margin: float, squared: bool) -> tuple[float, float, bool]:
+    m, m_pos = check_float(margin, "margin"), check_float(pos_margin, "pos_margin")
+    if m_pos >= m:
+        raise ValueError(
+            f"pos_margin must be below margin (positives are pulled inside pos_margin, "
+            f"negatives pushed beyond margin), got pos_margin={pos_margin}, margin={margin}"
         )
+    return m, m_pos, check_bool(squared, "squared")
 
 
-def _contrastive(
-    embeddings: Tensor, labels: Tensor, options: PairOptions, margins: _Margins
-) -> PairResult:
-    return labelled_pair_loss(embeddings, labels, options, margins.rows())
-
-
+@keyword_options(PairOptions.create, PairKeywords)
 def contrastive_margin_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -63,11 +60,7 @@ def contrastive_margin_loss(
     margin: float = 0.5,
     pos_margin: float = 0.0,
     squared: bool = True,
-    distance: str = "cosine",
-    normalize: bool = True,
-    reduction: str = "mean",
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[PairKeywords],
 ) -> Tensor:
     r"""Contrastive margin loss (Hadsell et al. 2006, Eq. 4) over every pair of the batch.
 
@@ -105,9 +98,9 @@ def contrastive_margin_loss(
         >>> contrastive_margin_loss(z, torch.tensor([0, 0, 1]), margin=0.5)  # all satisfied
         tensor(0.)
     """
-    margins = _Margins(margin, pos_margin, squared)
-    options = PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
-    return _contrastive(embeddings, labels, options, margins).loss
+    margin, pos_margin, squared = _check(margin, pos_margin, squared)
+    rows = partial(contrastive_rows, margin=margin, pos_margin=pos_margin, squared=squared)
+    return labelled_pair_loss(embeddings, labels, PairOptions.create(**keywords), rows).loss
 
 
 @register_loss("contrastive_margin")
@@ -135,6 +128,7 @@ class ContrastiveMarginLoss(BasePairLoss):
     """
 
     TERM = "pairs"
+    SHOWN = ("margin", "pos_margin")
 
     def __init__(
         self,
@@ -142,22 +136,12 @@ class ContrastiveMarginLoss(BasePairLoss):
         margin: float = 0.5,
         pos_margin: float = 0.0,
         squared: bool = True,
-        distance: str = "cosine",
-        normalize: bool = True,
-        reduction: str = "mean",
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
+        **options: Unpack[PairKeywords],
     ) -> None:
-        super().__init__(
-            PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
+        super().__init__(**options)
+        self.margin, self.pos_margin, self.squared = _check(margin, pos_margin, squared)
+
+    def _row_loss(self) -> RowLoss:
+        return partial(
+            contrastive_rows, margin=self.margin, pos_margin=self.pos_margin, squared=self.squared
         )
-        self._margins = _Margins(margin, pos_margin, squared)
-        self.margin, self.pos_margin = self._margins.margin, self._margins.pos_margin
-        self.squared = self._margins.squared
-
-    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
-        return _contrastive(embeddings, labels, self.options(), self._margins)
-
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"margin={self.margin}, pos_margin={self.pos_margin}, {super().extra_repr()}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -10,33 +10,16 @@ from embedloss._validation import check_float, check_positive_float
 from embedloss.metric_learning._proxies import (
     BaseProxyLoss,
     ClassCosines,
-    class_cosines,
-    margin_cross_entropy,
-    target_cosine,
+    ProxyArgs,
+    ProxyOptions,
+    margin_softmax,
 )
-from embedloss.ops.anchors import reduce_samples
 from embedloss.registry import register_loss
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["CosFaceLoss", "cosface_loss"]
-
-
-class _CosFace(NamedTuple):
-    loss: Tensor
-    cosines: ClassCosines
-
-
-def _cosface(
-    embeddings: Tensor,
-    labels: Tensor,
-    weight: Tensor,
-    scale: float,
-    margin: float,
-    reduction: str,
-    gather_distributed: bool,
-) -> _CosFace:
-    cc = class_cosines(embeddings, labels, weight)
-    per_sample = margin_cross_entropy(cc.cosine, cc.labels, target_cosine(cc) - margin, scale)
-    return _CosFace(reduce_samples(per_sample, reduction, distributed=gather_distributed), cc)
 
 
 def _check(scale: float, margin: float) -> tuple[float, float]:
@@ -82,7 +65,8 @@ def cosface_loss(
         tensor(0.6931)
     """
     scale, margin = _check(scale, margin)
-    return _cosface(embeddings, labels, weight, scale, margin, reduction, gather_distributed).loss
+    options = ProxyOptions(1, reduction, gather_distributed)
+    return margin_softmax(embeddings, labels, weight, scale, lambda c: c - margin, options)[0]
 
 
 @register_loss("cosface", aliases=("large_margin_cosine",))
@@ -109,33 +93,13 @@ class CosFaceLoss(BaseProxyLoss):
     """
 
     def __init__(
-        self,
-        *,
-        num_classes: int,
-        embedding_dim: int,
-        scale: float = 64.0,
-        margin: float = 0.35,
-        reduction: str = "mean",
-        gather_distributed: bool = False,
-        seed: int | None = None,
+        self, *, scale: float = 64.0, margin: float = 0.35, **options: Unpack[ProxyArgs]
     ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            embedding_dim=embedding_dim,
-            init_std=0.01,
-            reduction=reduction,
-            gather_distributed=gather_distributed,
-            seed=seed,
-        )
+        super().__init__(**options)
         self.scale, self.margin = _check(scale, margin)
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> _CosFace:
-        return _cosface(
-            embeddings,
-            labels,
-            self.weight,
-            self.scale,
-            self.margin,
-            self.reduction,
-            self.gather_distributed,
+    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, ClassCosines]:
+        options, margin = self.options(), self.margin
+        return margin_softmax(
+            embeddings, labels, self.weight, self.scale, lambda c: c - margin, options
         )

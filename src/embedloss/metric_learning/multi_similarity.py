@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float, check_positive_float
 from embedloss.metric_learning._pairs import BasePairLoss
-from embedloss.ops.anchors import ChunkSize
+from embedloss.ops.keywords import keyword_options
 from embedloss.ops.miners import multi_similarity_pairs
 from embedloss.ops.pair_losses import (
+    PairKeywords,
     PairOptions,
-    PairResult,
+    RowLoss,
     labelled_pair_loss,
     masked_log1p_sum_exp,
 )
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["MultiSimilarityLoss", "multi_similarity_loss"]
 
@@ -53,12 +57,7 @@ def _rows(s: Tensor, positive: Tensor, negative: Tensor, p: _Params) -> tuple[Te
     return loss, torch.ones_like(loss, dtype=torch.long)
 
 
-def _multi_similarity(
-    embeddings: Tensor, labels: Tensor, options: PairOptions, p: _Params
-) -> PairResult:
-    return labelled_pair_loss(embeddings, labels, options, partial(_rows, p=p), similarity=True)
-
-
+@keyword_options(PairOptions.create, PairKeywords)
 def multi_similarity_loss(
     embeddings: Tensor,
     labels: Tensor,
@@ -68,11 +67,7 @@ def multi_similarity_loss(
     base: float = 0.5,
     mining: bool = True,
     epsilon: float = 0.1,
-    distance: str = "cosine",
-    normalize: bool = True,
-    reduction: str = "mean",
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[PairKeywords],
 ) -> Tensor:
     r"""Multi-similarity loss (Wang et al. 2019, Eq. 9) with its pair mining (Eqs. 5–6).
 
@@ -115,9 +110,9 @@ def multi_similarity_loss(
         >>> round(loss.item(), 6) == round(math.log(1 + math.exp(-1.0)) / 2, 6)
         True
     """
-    p = _Params.create(alpha, beta, base, mining, epsilon)
-    options = PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
-    return _multi_similarity(embeddings, labels, options, p).loss
+    rows = partial(_rows, p=_Params.create(alpha, beta, base, mining, epsilon))
+    options = PairOptions.create(**keywords)
+    return labelled_pair_loss(embeddings, labels, options, rows, similarity=True).loss
 
 
 @register_loss("multi_similarity")
@@ -144,6 +139,9 @@ class MultiSimilarityLoss(BasePairLoss):
         torch.Size([])
     """
 
+    SIMILARITY = True
+    SHOWN = _Params._fields
+
     def __init__(
         self,
         *,
@@ -152,25 +150,11 @@ class MultiSimilarityLoss(BasePairLoss):
         base: float = 0.5,
         mining: bool = True,
         epsilon: float = 0.1,
-        distance: str = "cosine",
-        normalize: bool = True,
-        reduction: str = "mean",
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
+        **options: Unpack[PairKeywords],
     ) -> None:
-        super().__init__(
-            PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
-        )
+        super().__init__(**options)
         self._params = _Params.create(alpha, beta, base, mining, epsilon)
         self.alpha, self.beta, self.base, self.mining, self.epsilon = self._params
 
-    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
-        return _multi_similarity(embeddings, labels, self.options(), self._params)
-
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        p = self._params
-        return (
-            f"alpha={p.alpha}, beta={p.beta}, base={p.base}, mining={p.mining}, "
-            f"epsilon={p.epsilon}, {super().extra_repr()}"
-        )
+    def _row_loss(self) -> RowLoss:
+        return partial(_rows, p=self._params)

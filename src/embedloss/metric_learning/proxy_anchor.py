@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -11,16 +11,23 @@ from torch import Tensor
 from embedloss._validation import (
     check_embeddings,
     check_float,
-    check_int,
     check_labels,
     check_positive_float,
     check_reduction,
 )
 from embedloss.base.base_loss import detached_terms
-from embedloss.metric_learning._proxies import BaseProxyLoss, class_cosines
+from embedloss.metric_learning._proxies import (
+    BaseProxyLoss,
+    ProxyArgs,
+    ProxyOptions,
+    class_cosines,
+)
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.pair_losses import masked_log1p_sum_exp
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["ProxyAnchorLoss", "proxy_anchor_loss"]
 
@@ -36,10 +43,9 @@ def _proxy_anchor(
     weight: Tensor,
     alpha: float,
     delta: float,
-    reduction: str,
-    gather_distributed: bool,
+    options: ProxyOptions,
 ) -> _ProxyAnchor:
-    check_reduction(reduction)
+    reduction, gather_distributed = check_reduction(options.reduction), options.gather_distributed
     check_embeddings(embeddings, "embeddings")
     check_labels(labels, embeddings.shape[0])
     # Every proxy sums over the whole batch, so the batch of every rank is gathered and each
@@ -112,9 +118,8 @@ def proxy_anchor_loss(
         True
     """
     alpha, delta = _check(alpha, delta)
-    return _proxy_anchor(
-        embeddings, labels, weight, alpha, delta, reduction, gather_distributed
-    ).loss
+    options = ProxyOptions(1, reduction, gather_distributed)
+    return _proxy_anchor(embeddings, labels, weight, alpha, delta, options).loss
 
 
 @register_loss("proxy_anchor")
@@ -144,35 +149,17 @@ class ProxyAnchorLoss(BaseProxyLoss):
     """
 
     def __init__(
-        self,
-        *,
-        num_classes: int,
-        embedding_dim: int,
-        alpha: float = 32.0,
-        delta: float = 0.1,
-        reduction: str = "mean",
-        gather_distributed: bool = False,
-        seed: int | None = None,
+        self, *, alpha: float = 32.0, delta: float = 0.1, **options: Unpack[ProxyArgs]
     ) -> None:
-        super().__init__(
-            num_classes=num_classes,
-            embedding_dim=embedding_dim,
-            init_std=math.sqrt(2.0 / check_int(num_classes, "num_classes", low=1)),
-            reduction=reduction,
-            gather_distributed=gather_distributed,
-            seed=seed,
-        )
+        super().__init__(**options)
         self.alpha, self.delta = _check(alpha, delta)
+
+    def _init_std(self) -> float:
+        return math.sqrt(2.0 / self.num_classes)  # Kaiming-normal, fan_out = C
 
     def _call(self, embeddings: Tensor, labels: Tensor) -> _ProxyAnchor:
         return _proxy_anchor(
-            embeddings,
-            labels,
-            self.weight,
-            self.alpha,
-            self.delta,
-            self.reduction,
-            self.gather_distributed,
+            embeddings, labels, self.weight, self.alpha, self.delta, self.options()
         )
 
     def _terms(self, extra: Any) -> dict[str, Tensor]:

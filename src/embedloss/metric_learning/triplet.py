@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_choice, check_positive_float
 from embedloss.metric_learning._pairs import BasePairLoss
-from embedloss.ops.anchors import ChunkSize
+from embedloss.ops.keywords import keyword_options
 from embedloss.ops.miners import hardest_pairs, semi_hard_negatives
-from embedloss.ops.pair_losses import PairOptions, PairResult, labelled_pair_loss
+from embedloss.ops.pair_losses import (
+    PairKeywords,
+    PairOptions,
+    RowLoss,
+    labelled_pair_loss,
+)
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["TripletLoss", "triplet_loss"]
 
@@ -67,13 +76,6 @@ def _semi_hard(
 _ROWS = {"batch_all": _batch_all, "batch_hard": _batch_hard, "semi_hard": _semi_hard}
 
 
-def _triplet(
-    embeddings: Tensor, labels: Tensor, options: PairOptions, margin: float, mining: str
-) -> PairResult:
-    """Checked, laid out, tiled and reduced triplet loss."""
-    return labelled_pair_loss(embeddings, labels, options, partial(_ROWS[mining], margin=margin))
-
-
 def _check(margin: float, mining: str) -> tuple[float, str]:
     return (
         check_positive_float(margin, "margin", allow_zero=True),
@@ -81,17 +83,14 @@ def _check(margin: float, mining: str) -> tuple[float, str]:
     )
 
 
+@keyword_options(PairOptions.create, PairKeywords)
 def triplet_loss(
     embeddings: Tensor,
     labels: Tensor,
     *,
     margin: float = 0.2,
     mining: str = "batch_hard",
-    distance: str = "cosine",
-    normalize: bool = True,
-    reduction: str = "mean",
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
+    **keywords: Unpack[PairKeywords],
 ) -> Tensor:
     r"""Triplet margin loss over the triplets of a labelled batch.
 
@@ -136,8 +135,8 @@ def triplet_loss(
         0.0
     """
     margin, mining = _check(margin, mining)
-    options = PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
-    return _triplet(embeddings, labels, options, margin, mining).loss
+    rows = partial(_ROWS[mining], margin=margin)
+    return labelled_pair_loss(embeddings, labels, PairOptions.create(**keywords), rows).loss
 
 
 @register_loss("triplet", aliases=("triplet_margin",))
@@ -165,26 +164,13 @@ class TripletLoss(BasePairLoss):
     """
 
     TERM = "triplets"
+    SHOWN = ("margin", "mining")
 
     def __init__(
-        self,
-        *,
-        margin: float = 0.2,
-        mining: str = "batch_hard",
-        distance: str = "cosine",
-        normalize: bool = True,
-        reduction: str = "mean",
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
+        self, *, margin: float = 0.2, mining: str = "batch_hard", **options: Unpack[PairKeywords]
     ) -> None:
-        super().__init__(
-            PairOptions.create(distance, normalize, reduction, chunk_size, gather_distributed)
-        )
+        super().__init__(**options)
         self.margin, self.mining = _check(margin, mining)
 
-    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
-        return _triplet(embeddings, labels, self.options(), self.margin, self.mining)
-
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"margin={self.margin}, mining={self.mining!r}, {super().extra_repr()}"
+    def _row_loss(self) -> RowLoss:
+        return partial(_ROWS[self.mining], margin=self.margin)

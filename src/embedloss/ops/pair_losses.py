@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -62,6 +62,7 @@ __all__ = [
     "PAIR_TILE_BYTES",
     "PairLayout",
     "PairMiner",
+    "PairKeywords",
     "PairOptions",
     "PairResult",
     "RowLoss",
@@ -328,6 +329,16 @@ class PairOptions:
             check_chunk_size(chunk_size),
             check_bool(gather_distributed, "gather_distributed"),
         )
+
+
+class PairKeywords(TypedDict, total=False):
+    """The options of :meth:`PairOptions.create`, as a pair loss's keywords (function or module)."""
+
+    distance: str
+    normalize: bool
+    reduction: str
+    chunk_size: ChunkSize
+    gather_distributed: bool
 
 
 class PairResult(NamedTuple):

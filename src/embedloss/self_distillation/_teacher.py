@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -18,7 +19,16 @@ from embedloss._validation import (
 from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
 from embedloss.ops.distillation import entropy, update_center_
 
-__all__ = ["CenteredTeacherLoss", "TeacherOptions", "TeacherResult"]
+if TYPE_CHECKING:
+    from typing_extensions import Required
+
+__all__ = [
+    "CenteredTeacherLoss",
+    "TeacherArgs",
+    "TeacherKeywords",
+    "TeacherOptions",
+    "TeacherResult",
+]
 
 
 class TeacherResult(NamedTuple):
@@ -33,22 +43,23 @@ class TeacherResult(NamedTuple):
 
 
 class TeacherOptions(NamedTuple):
-    """The checked keyword options of a centred-teacher loss's pure function."""
+    """How a centred-teacher loss scores a batch: centre, ``(τ_t, τ_s)``, reduction, over ranks."""
 
-    temperatures: tuple[float, float]  # (τ_t, τ_s)
+    center: Tensor | None
+    temperatures: tuple[float, float]
     reduction: str
     distributed: bool
 
     @classmethod
     def create(
         cls,
-        center: Tensor | None,
-        teacher_temperature: float,
-        student_temperature: float,
-        reduction: str,
-        gather_distributed: bool,
+        center: Tensor | None = None,
+        teacher_temperature: float = 0.04,
+        student_temperature: float = 0.1,
+        reduction: str = "mean",
+        gather_distributed: bool = False,
     ) -> TeacherOptions:
-        """Check the options (and that ``center``, if given, is a ``(K,)`` tensor)."""
+        """Checked options of a functional loss (``center``, if given, a ``(K,)`` tensor)."""
         if center is not None:
             check_tensor(center, "center")
             if center.dim() != 1:
@@ -57,23 +68,39 @@ class TeacherOptions(NamedTuple):
             check_positive_float(teacher_temperature, "teacher_temperature"),
             check_positive_float(student_temperature, "student_temperature"),
         )
-        return cls(
-            temperatures,
-            check_reduction(reduction),
-            check_bool(gather_distributed, "gather_distributed"),
-        )
+        distributed = check_bool(gather_distributed, "gather_distributed")
+        return cls(center, temperatures, check_reduction(reduction), distributed)
+
+
+class TeacherKeywords(TypedDict, total=False):
+    """The keywords of :meth:`TeacherOptions.create`, for a functional's ``**keywords``."""
+
+    center: Tensor | None
+    teacher_temperature: float
+    student_temperature: float
+    reduction: str
+    gather_distributed: bool
+
+
+class TeacherArgs(TypedDict, total=False):
+    """The options of :class:`CenteredTeacherLoss`, for a subclass's ``**options: Unpack[...]``."""
+
+    output_dim: Required[int]
+    teacher_temperature: float
+    student_temperature: float
+    center_momentum: float
+    reduction: str
+    gather_distributed: bool
 
 
 class CenteredTeacherLoss(BaseLoss):
     """Options and state shared by DINO and iBOT (see :class:`~embedloss.DINOLoss`).
 
-    Its constructor is iBOT's: ``output_dim`` (K, sizing the centre), ``teacher_temperature``
-    τ_t > 0, ``student_temperature`` τ_s > 0, ``center_momentum`` m in [0, 1], ``reduction``
-    and ``gather_distributed``, each checked here.
-
-    The centre is a float64 buffer ``center`` ``(output_dim,)`` (an EMA over many steps keeps
-    its precision; it is cast to the compute dtype when used), updated in training mode only,
-    after the loss, by :meth:`update_center`.
+    Its constructor, iBOT's, checks ``output_dim`` (K, sizing the centre), τ_t, τ_s > 0, the
+    centre's momentum m in [0, 1], ``reduction`` and ``gather_distributed``; DINO adds its own
+    options and passes these on as ``**options: Unpack[TeacherArgs]``. The centre is a float64
+    buffer ``center`` ``(output_dim,)`` (an EMA keeps its precision), updated after the loss in
+    training mode only. ``compute``/``forward`` are :meth:`_output`/:meth:`_run` of the core.
     """
 
     center: Tensor
@@ -96,28 +123,29 @@ class CenteredTeacherLoss(BaseLoss):
         self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
         self.register_buffer("center", torch.zeros(output_dim, dtype=torch.float64))
 
-    def update_center(self, result: TeacherResult) -> None:
-        """EMA step of the centre from a batch's teacher rows (all ranks when distributed).
+    @property
+    def current_teacher_temperature(self) -> float:
+        """τ_t of this call (a host value: no device read)."""
+        return self.teacher_temperature
 
-        Called by the loss after the loss is computed, in training mode only.
-        """
-        if self.training:
-            update_center_(
-                self.center,
-                result.center_total,
-                result.center_count,
-                self.center_momentum,
-                self.gather_distributed,
-            )
+    def _run(self, core: Callable[..., TeacherResult], *inputs: Any) -> TeacherResult:
+        """The core's result for this batch; then, in training mode, the centre's EMA step."""
+        temperatures = (self.current_teacher_temperature, self.student_temperature)
+        options = TeacherOptions(self.center, temperatures, self.reduction, self.gather_distributed)
+        result = core(*inputs, options)
+        if self.training:  # all ranks' teacher rows when distributed
+            total, count = result.center_total, result.center_count
+            update_center_(self.center, total, count, self.center_momentum, options.distributed)
+        return result
 
-    def teacher_output(
-        self, result: TeacherResult, center_norm: Tensor, temperature: float
-    ) -> LossOutput:
-        """The loss and its terms: ``teacher_entropy``, ``kl``, ``center_norm``, ``teacher_temperature``.
+    def _output(self, core: Callable[..., TeacherResult], *inputs: Any) -> LossOutput:
+        """:meth:`_run` and its terms (``teacher_entropy``, ``kl``, ``center_norm``, τ_t).
 
         ``kl`` is the mean cross-entropy minus the mean teacher entropy, weighted as the loss
         weights the teacher rows (per sample over its views, or over its masked patches).
         """
+        center_norm = self.center.norm()  # the centre this batch is scored with
+        result = self._run(core, *inputs)
         with torch.no_grad():
             h = entropy(result.teacher_log_probs)
             h_mean = h_sample = h.mean()
@@ -130,7 +158,7 @@ class CenteredTeacherLoss(BaseLoss):
                 teacher_entropy=h_mean,
                 kl=result.per_sample.mean() - h_sample,
                 center_norm=center_norm,
-                teacher_temperature=temperature,
+                teacher_temperature=self.current_teacher_temperature,
             )
         return LossOutput(result.loss, terms)
 

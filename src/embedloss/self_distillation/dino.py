@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -11,31 +11,26 @@ from torch import Tensor
 from embedloss._validation import check_int, check_optional_positive, compute_dtype
 from embedloss.base.base_loss import LossOutput
 from embedloss.ops.anchors import reduce_samples
-from embedloss.ops.distillation import (
-    Views,
-    cross_view_entropy,
-    stack_views,
-    teacher_log_probs,
-)
+from embedloss.ops.distillation import Views, cross_view_entropy, stack_views, teacher_log_probs
+from embedloss.ops.keywords import keyword_options
 from embedloss.registry import register_loss
 from embedloss.self_distillation._teacher import (
     CenteredTeacherLoss,
+    TeacherArgs,
+    TeacherKeywords,
     TeacherOptions,
     TeacherResult,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ["DINOLoss", "dino_loss"]
 
 
-def _dino(
-    student_outputs: Views,
-    teacher_outputs: Views,
-    center: Tensor | None,
-    temperatures: tuple[float, float],
-    reduction: str,
-    distributed: bool,
-) -> TeacherResult:
+def _dino(student_outputs: Views, teacher_outputs: Views, options: TeacherOptions) -> TeacherResult:
     """Checked, reduced DINO loss and the teacher statistics its centre follows."""
+    center, temperatures = options.center, options.temperatures
     dim = None if center is None else center.shape[-1]
     s = stack_views(student_outputs, "student_outputs", dim=dim)  # (V_s, n, K)
     t = stack_views(teacher_outputs, "teacher_outputs", dim=s.shape[-1])  # (V_t, n, K)
@@ -54,20 +49,14 @@ def _dino(
     log_p = teacher_log_probs(t, center, temperatures[0], dtype)  # (V_t, n, K), no grad
     log_q = F.log_softmax(s.to(dtype) / temperatures[1], dim=-1)  # (V_s, n, K)
     per_sample = cross_view_entropy(log_p.exp(), log_q) / (v_t * (v_s - 1))  # (n,)
-    loss = reduce_samples(per_sample, reduction, distributed=distributed)
+    loss = reduce_samples(per_sample, options.reduction, distributed=options.distributed)
     total = t.detach().to(dtype).sum(dim=(0, 1))  # (K,)
     return TeacherResult(loss, per_sample, log_p, None, total, total.new_full((), v_t * n))
 
 
+@keyword_options(TeacherOptions.create, TeacherKeywords)
 def dino_loss(
-    student_outputs: Views,
-    teacher_outputs: Views,
-    *,
-    center: Tensor | None = None,
-    teacher_temperature: float = 0.04,
-    student_temperature: float = 0.1,
-    reduction: str = "mean",
-    gather_distributed: bool = False,
+    student_outputs: Views, teacher_outputs: Views, **keywords: Unpack[TeacherKeywords]
 ) -> Tensor:
     r"""DINO's cross-entropy between centred, sharpened teacher and student outputs (stateless).
 
@@ -106,41 +95,31 @@ def dino_loss(
         >>> round(dino_loss(s, t).item(), 6) == round(math.log(4), 6)
         True
     """
-    options = TeacherOptions.create(
-        center, teacher_temperature, student_temperature, reduction, gather_distributed
-    )
-    return _dino(student_outputs, teacher_outputs, center, *options).loss
+    return _dino(student_outputs, teacher_outputs, TeacherOptions.create(**keywords)).loss
 
 
 @register_loss("dino")
 class DINOLoss(CenteredTeacherLoss):
     """DINO self-distillation loss with a centred, warmed-up teacher (Caron et al. 2021).
 
-    See :func:`dino_loss` for the formula. The module keeps the centre ``c`` in a float64
-    buffer ``center`` ``(output_dim,)``: after the loss of a batch, in training mode only,
+    See :func:`dino_loss` for the formula. After the loss of a batch, in training mode only,
+    the centre (a float64 buffer ``center`` ``(output_dim,)``) moves as
 
         c ← m·c + (1 − m)·mean of the teacher outputs of the batch (all views)
 
-    with the sums all-reduced across ranks when ``gather_distributed`` (as the official code),
-    so every rank holds the same centre, uneven batches included. The teacher temperature warms
-    up over epochs as in the official code (``np.linspace`` over ``warmup_epochs`` epochs):
-    ``τ_t(e) = τ_w + (τ_t − τ_w)·e/(warmup_epochs − 1)`` for ``e < warmup_epochs`` (``τ_w`` at
-    e = 0), then ``τ_t``; the epoch is set by :meth:`update_epoch` and kept in the ``epoch``
-    buffer, so checkpoints resume exactly.
+    with the sums all-reduced across ranks under ``gather_distributed``, as the official code
+    (every rank holds the same centre, uneven batches included; without it the ranks' centres
+    drift apart). τ_t warms up as in the official code (``np.linspace``): ``τ_t(e) = τ_w + (τ_t
+    − τ_w)·e/(warmup_epochs − 1)`` for ``e < warmup_epochs``, then τ_t; the epoch, set by
+    :meth:`update_epoch`, is the ``epoch`` buffer, so checkpoints resume exactly. The centre
+    follows each call's batch (see :mod:`embedloss.self_distillation`): gradient accumulation
+    over k micro-batches moves it k times per step (``center_momentum = m**(1/k)`` keeps its
+    time constant), ``GradCache`` once, from the full batch.
 
-    **Whole-batch state.** The centre follows the batch of each call. Under gradient
-    accumulation over k micro-batches the centre moves k times per optimiser step, from
-    micro-batch means, and later micro-batches are centred by a centre that already saw earlier
-    ones: a different (noisier) EMA than one large batch; ``center_momentum = m**(1/k)`` keeps
-    its time constant per step. Under gradient caching (``embedloss.gradcache.GradCache``) the
-    loss sees the full batch once per step, so the centre is updated once, from the full batch:
-    exactly large-batch DINO. Under DDP pass ``gather_distributed=True``, or the ranks' centres
-    drift apart.
-
-    Terms (collapse monitors): ``teacher_entropy`` (mean entropy of the centred teacher
-    distributions: near 0 when one output dominates, near ``log K`` when uniform, both
-    collapses), ``kl`` (the loss minus that entropy: the mean KL from teacher to student),
-    ``center_norm`` (of the centre this batch was scored with), ``teacher_temperature``.
+    Terms (collapse monitors): ``teacher_entropy`` (of the centred teacher: near 0 when one
+    output dominates, near ``log K`` when uniform), ``kl`` (the loss minus that entropy: the
+    mean KL from teacher to student), ``center_norm`` (of the centre this batch was scored
+    with), ``teacher_temperature``.
 
     Args:
         output_dim: K, the number of outputs of the DINO head (sizes the centre).
@@ -171,23 +150,11 @@ class DINOLoss(CenteredTeacherLoss):
     def __init__(
         self,
         *,
-        output_dim: int,
-        teacher_temperature: float = 0.04,
-        student_temperature: float = 0.1,
-        center_momentum: float = 0.9,
         warmup_teacher_temperature: float | None = None,
         warmup_epochs: int = 0,
-        reduction: str = "mean",
-        gather_distributed: bool = False,
+        **options: Unpack[TeacherArgs],
     ) -> None:
-        super().__init__(
-            output_dim=output_dim,
-            teacher_temperature=teacher_temperature,
-            student_temperature=student_temperature,
-            center_momentum=center_momentum,
-            reduction=reduction,
-            gather_distributed=gather_distributed,
-        )
+        super().__init__(**options)
         self.warmup_teacher_temperature = check_optional_positive(
             warmup_teacher_temperature, "warmup_teacher_temperature"
         )
@@ -209,28 +176,13 @@ class DINOLoss(CenteredTeacherLoss):
             return start
         return start + (self.teacher_temperature - start) * epoch / (warmup - 1)
 
-    def _batch(self, student_outputs: Views, teacher_outputs: Views) -> TeacherResult:
-        temperatures = (self.current_teacher_temperature, self.student_temperature)
-        result = _dino(
-            student_outputs,
-            teacher_outputs,
-            self.center,
-            temperatures,
-            self.reduction,
-            self.gather_distributed,
-        )
-        self.update_center(result)
-        return result
-
     def compute(self, student_outputs: Views, teacher_outputs: Views) -> LossOutput:
         """Loss and terms for the student's and the teacher's views; then update the centre."""
-        center_norm = self.center.norm()
-        result = self._batch(student_outputs, teacher_outputs)
-        return self.teacher_output(result, center_norm, self.current_teacher_temperature)
+        return self._output(_dino, student_outputs, teacher_outputs)
 
     def forward(self, student_outputs: Views, teacher_outputs: Views) -> Tensor:
         """The DINO loss (see :meth:`compute`); updates the centre in training mode."""
-        return self._batch(student_outputs, teacher_outputs).loss
+        return self._run(_dino, student_outputs, teacher_outputs).loss
 
     @classmethod
     def example_inputs(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +19,17 @@ from embedloss._validation import (
 from embedloss.base.base_loss import LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distillation import teacher_log_probs
+from embedloss.ops.keywords import keyword_options
 from embedloss.registry import register_loss
 from embedloss.self_distillation._teacher import (
     CenteredTeacherLoss,
+    TeacherKeywords,
     TeacherOptions,
     TeacherResult,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["IBOTPatchLoss", "ibot_patch_loss"]
 
@@ -50,16 +55,9 @@ def _check_inputs(student: Tensor, teacher: Tensor, mask: Tensor, dim: int | Non
             check_finite(torch.where(mask.unsqueeze(-1), x, 0.0), f"{name} (masked patches)")
 
 
-def _ibot(
-    student: Tensor,
-    teacher: Tensor,
-    mask: Tensor,
-    center: Tensor | None,
-    temperatures: tuple[float, float],
-    reduction: str,
-    distributed: bool,
-) -> TeacherResult:
+def _ibot(student: Tensor, teacher: Tensor, mask: Tensor, options: TeacherOptions) -> TeacherResult:
     """Checked, reduced iBOT patch loss and the masked teacher rows its centre follows."""
+    center, temperatures = options.center, options.temperatures
     _check_inputs(student, teacher, mask, None if center is None else center.shape[-1])
     dtype = compute_dtype(student, teacher)
     masked = mask.unsqueeze(-1)  # (N, P, 1)
@@ -68,21 +66,17 @@ def _ibot(
     log_q = F.log_softmax(student.to(dtype) / temperatures[1], dim=-1)  # (N, P, K)
     ce = -(p * log_q).sum(-1)  # (N, P)
     per_image = ce.sum(1) / mask.sum(1).clamp(min=1).to(dtype)  # (N,)
-    loss = reduce_samples(per_image, reduction, distributed=distributed)
+    loss = reduce_samples(per_image, options.reduction, distributed=options.distributed)
     total = torch.where(masked, teacher.detach().to(dtype), 0.0).sum(dim=(0, 1))  # (K,)
     return TeacherResult(loss, per_image, log_p, mask, total, mask.sum())
 
 
+@keyword_options(TeacherOptions.create, TeacherKeywords)
 def ibot_patch_loss(
     student_patches: Tensor,
     teacher_patches: Tensor,
     mask: Tensor,
-    *,
-    center: Tensor | None = None,
-    teacher_temperature: float = 0.04,
-    student_temperature: float = 0.1,
-    reduction: str = "mean",
-    gather_distributed: bool = False,
+    **keywords: Unpack[TeacherKeywords],
 ) -> Tensor:
     r"""IBOT's cross-entropy of centred teacher and student patch tokens on masked patches.
 
@@ -120,10 +114,8 @@ def ibot_patch_loss(
         >>> round(ibot_patch_loss(s, t, mask).item(), 6) == round(math.log(4) / 2, 6)
         True
     """
-    options = TeacherOptions.create(
-        center, teacher_temperature, student_temperature, reduction, gather_distributed
-    )
-    return _ibot(student_patches, teacher_patches, mask, center, *options).loss
+    options = TeacherOptions.create(**keywords)
+    return _ibot(student_patches, teacher_patches, mask, options).loss
 
 
 @register_loss("ibot_patch")
@@ -131,13 +123,10 @@ class IBOTPatchLoss(CenteredTeacherLoss):
     """iBOT's masked-patch self-distillation loss with its own centre (Zhou et al. 2022; DINOv2).
 
     See :func:`ibot_patch_loss` for the formula. The centre (a float64 buffer ``center``
-    ``(output_dim,)``, separate from DINO's) follows the teacher outputs of the masked patches:
-    after the loss, in training mode only, ``c ← m·c + (1 − m)·mean over the masked patches of
-    the batch`` (all ranks when ``gather_distributed``: the exact global mean, where DINOv2
-    averages the ranks' means); a batch with nothing masked leaves it unchanged. As for
-    :class:`DINOLoss`, gradient accumulation updates the centre once per micro-batch, gradient
-    caching once per step from the full batch.
-
+    ``(output_dim,)``, separate from DINO's) follows the teacher outputs of the masked patches,
+    as :class:`DINOLoss`'s follows its views: ``c ← m·c + (1 − m)·mean over the masked patches``
+    after the loss, in training mode only (all ranks with ``gather_distributed``: the exact
+    global mean, where DINOv2 averages the ranks' means); nothing masked leaves it unchanged.
     Terms: ``teacher_entropy`` (over masked patches), ``kl``, ``center_norm``,
     ``teacher_temperature``.
 
@@ -162,29 +151,13 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         (torch.Size([]), ['center_norm', 'kl', 'teacher_entropy', 'teacher_temperature'])
     """
 
-    def _batch(self, student: Tensor, teacher: Tensor, mask: Tensor) -> TeacherResult:
-        temperatures = (self.teacher_temperature, self.student_temperature)
-        result = _ibot(
-            student,
-            teacher,
-            mask,
-            self.center,
-            temperatures,
-            self.reduction,
-            self.gather_distributed,
-        )
-        self.update_center(result)
-        return result
-
     def compute(self, student_patches: Tensor, teacher_patches: Tensor, mask: Tensor) -> LossOutput:
         """Loss and terms for ``(N, P, K)`` patch outputs and the ``(N, P)`` mask."""
-        center_norm = self.center.norm()
-        result = self._batch(student_patches, teacher_patches, mask)
-        return self.teacher_output(result, center_norm, self.teacher_temperature)
+        return self._output(_ibot, student_patches, teacher_patches, mask)
 
     def forward(self, student_patches: Tensor, teacher_patches: Tensor, mask: Tensor) -> Tensor:
         """The iBOT patch loss (see :meth:`compute`); updates the centre in training mode."""
-        return self._batch(student_patches, teacher_patches, mask).loss
+        return self._run(_ibot, student_patches, teacher_patches, mask).loss
 
     @classmethod
     def example_inputs(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,13 +24,10 @@ from embedloss.registry import register_loss
 __all__ = ["KoLeoLoss", "koleo_loss"]
 
 
-class _KoLeo(NamedTuple):
-    loss: Tensor
-    distance: Tensor  # (n,) distance of each embedding to its nearest neighbour
-
-
-def _koleo(embeddings: Tensor, eps: float, reduction: str, distributed: bool) -> _KoLeo:
-    """Checked, reduced KoLeo loss and the nearest-neighbour distances."""
+def _koleo(
+    embeddings: Tensor, eps: float, reduction: str, distributed: bool
+) -> tuple[Tensor, Tensor]:
+    """Checked, reduced KoLeo loss and each embedding's distance to its nearest neighbour."""
     check_embeddings(embeddings, "embeddings")
     x = l2_normalize(embeddings.to(compute_dtype(embeddings)), eps=eps)  # (n, D)
     gathered = gather_with_grad(x, distributed)
@@ -44,7 +41,7 @@ def _koleo(embeddings: Tensor, eps: float, reduction: str, distributed: bool) ->
     index = nearest_neighbour_index(x.detach(), everyone.detach(), exclude=own)  # (n,)
     distance = torch.linalg.vector_norm(x - everyone[index], dim=1)  # (n,)
     per_sample = -torch.log(distance + eps)
-    return _KoLeo(reduce_samples(per_sample, reduction, distributed=distributed), distance)
+    return reduce_samples(per_sample, reduction, distributed=distributed), distance
 
 
 def koleo_loss(
@@ -86,7 +83,7 @@ def koleo_loss(
     eps = check_positive_float(eps, "eps")
     reduction = check_reduction(reduction)
     distributed = check_bool(gather_distributed, "gather_distributed")
-    return _koleo(embeddings, eps, reduction, distributed).loss
+    return _koleo(embeddings, eps, reduction, distributed)[0]
 
 
 @register_loss("koleo")
@@ -123,16 +120,13 @@ class KoLeoLoss(BaseLoss):
 
     def compute(self, embeddings: Tensor) -> LossOutput:
         """Loss and terms for ``(N, D)`` embeddings."""
-        result = _koleo(embeddings, self.eps, self.reduction, self.gather_distributed)
-        terms = detached_terms(
-            nearest_neighbour_distance=result.distance.mean(),
-            min_distance=result.distance.min(),
-        )
-        return LossOutput(result.loss, terms)
+        loss, rho = _koleo(embeddings, self.eps, self.reduction, self.gather_distributed)
+        terms = detached_terms(nearest_neighbour_distance=rho.mean(), min_distance=rho.min())
+        return LossOutput(loss, terms)
 
     def forward(self, embeddings: Tensor) -> Tensor:
         """The KoLeo loss of ``(N, D)`` embeddings (see :meth:`compute`)."""
-        return _koleo(embeddings, self.eps, self.reduction, self.gather_distributed).loss
+        return _koleo(embeddings, self.eps, self.reduction, self.gather_distributed)[0]
 
     @classmethod
     def example_inputs(

@@ -44,12 +44,6 @@ class _Options(NamedTuple):
         )
 
 
-class _SwAV(NamedTuple):
-    loss: Tensor
-    per_sample: Tensor  # (n,)
-    codes: Tensor  # (V_h, n, K), no gradient
-
-
 def _crops(high: Views, low: Views, queue: Views | None) -> tuple[Tensor, int, Tensor | None]:
     """``(views (V, n, K), V_h, queue (V_h, M, K) or None)``, checked, in one compute dtype."""
     h = stack_views(high, "high_resolution_outputs")  # (V_h, n, K)
@@ -75,25 +69,23 @@ def _crops(high: Views, low: Views, queue: Views | None) -> tuple[Tensor, int, T
     return views, v_h, q
 
 
-def _swav(high: Views, low: Views, queue: Views | None, options: _Options) -> _SwAV:
-    """Checked, reduced SwAV loss and the codes."""
+def _swav(high: Views, low: Views, queue: Views | None, o: _Options) -> tuple[Tensor, Tensor]:
+    """Checked, reduced SwAV loss and the codes ``(V_h, n, K)`` (no gradient)."""
     views, v_h, q = _crops(high, low, queue)
-    n, v = views.shape[1], views.shape[0]
-    codes = []
-    for i in range(v_h):  # codes of crop i, from its scores and (if given) its queue's
+    (v, n, _), codes = views.shape, []
+    for i in range(v_h):  # crop i's codes, from its scores and its queue's (if given)
         scores = views[i] if q is None else torch.cat([views[i], q[i].to(views.dtype)])
         code = sinkhorn_knopp(
             scores,
-            iterations=options.sinkhorn_iterations,
-            epsilon=options.epsilon,
-            distributed=options.gather_distributed,
+            iterations=o.sinkhorn_iterations,
+            epsilon=o.epsilon,
+            distributed=o.gather_distributed,
         )
         codes.append(code[:n])
     targets = torch.stack(codes)  # (V_h, n, K)
-    log_predictions = F.log_softmax(views / options.temperature, dim=-1)  # (V, n, K)
+    log_predictions = F.log_softmax(views / o.temperature, dim=-1)  # (V, n, K)
     per_sample = cross_view_entropy(targets, log_predictions) / (v_h * (v - 1))  # (n,)
-    loss = reduce_samples(per_sample, options.reduction, distributed=options.gather_distributed)
-    return _SwAV(loss, per_sample, targets)
+    return reduce_samples(per_sample, o.reduction, distributed=o.gather_distributed), targets
 
 
 def swav_loss(
@@ -148,7 +140,7 @@ def swav_loss(
     options = _Options.create(
         temperature, sinkhorn_iterations, epsilon, reduction, gather_distributed
     )
-    return _swav(high_resolution_outputs, low_resolution_outputs, queue_outputs, options).loss
+    return _swav(high_resolution_outputs, low_resolution_outputs, queue_outputs, options)[0]
 
 
 @register_loss("swav")
@@ -159,12 +151,10 @@ class SwAVLoss(BaseLoss):
     the model, and a queue of past features (``queue_outputs``, their scores against the
     current prototypes) to the training loop, as in the official code.
 
-    **Whole-batch codes.** The codes are balanced over the batch a call sees (all ranks with
-    ``gather_distributed``, as the official ``distributed_sinkhorn``, uneven batches included).
-    Under gradient accumulation each micro-batch gets its own equipartition, a weaker
-    constraint on small micro-batches (pass a queue to enlarge it); under gradient caching
-    (``embedloss.gradcache.GradCache``) the loss sees the full batch once per step and the codes
-    equal those of one large batch.
+    **Whole-batch codes** (see :mod:`embedloss.self_distillation`): balanced over the batch a
+    call sees (all ranks with ``gather_distributed``, as the official ``distributed_sinkhorn``);
+    under gradient accumulation each micro-batch gets its own, weaker, equipartition (a queue
+    enlarges it); under ``GradCache`` they are the codes of the full batch.
 
     Terms: ``code_entropy`` (mean entropy of a sample's code: low when assignments are
     confident), ``cluster_entropy`` (entropy of the batch's mean code: ``log K`` when the
@@ -212,17 +202,15 @@ class SwAVLoss(BaseLoss):
         queue_outputs: Views | None = None,
     ) -> LossOutput:
         """Loss and terms for the crops' prototype scores (and optional queue scores)."""
-        result = _swav(
-            high_resolution_outputs, low_resolution_outputs, queue_outputs, self._options
-        )
+        high, low = high_resolution_outputs, low_resolution_outputs
+        loss, codes = _swav(high, low, queue_outputs, self._options)
         with torch.no_grad():
-            codes = result.codes
             terms = detached_terms(
                 code_entropy=torch.special.entr(codes).sum(-1).mean(),
                 cluster_entropy=torch.special.entr(codes.mean(dim=1)).sum(-1).mean(),
                 temperature=self.temperature,
             )
-        return LossOutput(result.loss, terms)
+        return LossOutput(loss, terms)
 
     def forward(
         self,
@@ -231,9 +219,8 @@ class SwAVLoss(BaseLoss):
         queue_outputs: Views | None = None,
     ) -> Tensor:
         """The SwAV loss (see :meth:`compute`)."""
-        return _swav(
-            high_resolution_outputs, low_resolution_outputs, queue_outputs, self._options
-        ).loss
+        high, low = high_resolution_outputs, low_resolution_outputs
+        return _swav(high, low, queue_outputs, self._options)[0]
 
     @classmethod
     def example_inputs(

@@ -1,4 +1,4 @@
-"""What the scored-pair losses share: input checks and example inputs."""
+"""What the scored-pair losses share: input checks, example inputs, ``compute`` and ``forward``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_pair, check_tensor
+from embedloss.base.base_loss import BaseLoss, LossOutput
 
-__all__ = ["check_scored_pairs", "scored_pair_examples"]
+__all__ = ["BaseScoredPairLoss", "check_scored_pairs"]
 
 
 def check_scored_pairs(embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> None:
@@ -23,13 +24,36 @@ def check_scored_pairs(embeddings_a: Tensor, embeddings_b: Tensor, scores: Tenso
         raise TypeError(f"scores must be real numbers, got dtype {scores.dtype}")
 
 
-def scored_pair_examples(
-    n: int, d: int, dtype: torch.dtype, seed: int
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``((a, b, scores), {})``: pairs whose score rises with their similarity, plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, d, generator=g)
-    noise = torch.linspace(0.2, 2.0, n).unsqueeze(1)
-    b = a + noise * torch.randn(n, d, generator=g)
-    scores = torch.linspace(5.0, 0.0, n)
-    return (a.to(dtype), b.to(dtype), scores), {}
+class BaseScoredPairLoss(BaseLoss):
+    """Base of the losses over scored sentence pairs: a value of the whole batch (no reduction).
+
+    A loss implements :meth:`_call` (its one pure call: the loss and what its terms need) and
+    :meth:`_terms`; ``compute`` returns both, ``forward`` the loss only.
+    """
+
+    def _call(self, a: Tensor, b: Tensor, scores: Tensor) -> tuple[Tensor, Any]:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def _terms(self, extra: Any) -> dict[str, Tensor]:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def compute(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> LossOutput:
+        """Loss and terms for pairs ``(embeddings_a[i], embeddings_b[i])`` and ``scores (N,)``."""
+        loss, extra = self._call(embeddings_a, embeddings_b, scores)
+        return LossOutput(loss, self._terms(extra))
+
+    def forward(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> Tensor:
+        """The loss of the scored pairs (see :meth:`compute`)."""
+        return self._call(embeddings_a, embeddings_b, scores)[0]
+
+    @classmethod
+    def example_inputs(
+        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """``(embeddings_a, embeddings_b, scores)``: pairs whose score rises with similarity."""
+        g = torch.Generator().manual_seed(seed)
+        a = torch.randn(n, d, generator=g)
+        noise = torch.linspace(0.2, 2.0, n).unsqueeze(1)
+        b = a + noise * torch.randn(n, d, generator=g)
+        scores = torch.linspace(5.0, 0.0, n)
+        return (a.to(dtype), b.to(dtype), scores), {}

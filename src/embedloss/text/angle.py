@@ -2,60 +2,77 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float, check_positive_float, compute_dtype
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.ops.anchors import PairSpec, reduce_anchor_losses
 from embedloss.ops.info_nce import info_nce
+from embedloss.ops.keywords import keyword_options
 from embedloss.ops.layouts import two_view_layout
 from embedloss.ops.ranking import angle_similarity, ranking_loss
 from embedloss.ops.similarity import l2_normalize
 from embedloss.registry import register_loss
-from embedloss.text._scored import check_scored_pairs, scored_pair_examples
+from embedloss.text._scored import BaseScoredPairLoss, check_scored_pairs
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["AnglELoss", "angle_loss"]
 
 
-class _Weights(NamedTuple):
+class _Parts(NamedTuple):
+    """A weight or a scale per part of the loss."""
+
     cosine: float
     ibn: float
     angle: float
 
-
-class _Scales(NamedTuple):
-    cosine: float
-    ibn: float
-    angle: float
+    @classmethod
+    def checked(cls, values: tuple[float, ...], kind: str) -> _Parts:
+        """Weights >= 0 or scales > 0, each error naming ``<part>_<kind>``."""
+        pairs, zero = zip(values, cls._fields, strict=True), kind == "weight"
+        return cls(*(check_positive_float(v, f"{n}_{kind}", allow_zero=zero) for v, n in pairs))
 
 
 class _Options(NamedTuple):
-    weights: _Weights
-    scales: _Scales
+    weights: _Parts
+    scales: _Parts
     ibn_threshold: float
     gather_distributed: bool
 
     @classmethod
     def create(
-        cls, weights: tuple[float, ...], scales: tuple[float, ...], threshold: float, gather: bool
+        cls,
+        cosine_weight: float = 1.0,
+        ibn_weight: float = 1.0,
+        angle_weight: float = 1.0,
+        cosine_scale: float = 20.0,
+        ibn_scale: float = 20.0,
+        angle_scale: float = 20.0,
+        ibn_threshold: float = 1.0,
+        gather_distributed: bool = False,
     ) -> _Options:
-        names = ("cosine", "ibn", "angle")
-        return cls(
-            _Weights(
-                *(
-                    check_positive_float(w, f"{n}_weight", allow_zero=True)
-                    for w, n in zip(weights, names, strict=True)
-                )
-            ),
-            _Scales(
-                *(check_positive_float(s, f"{n}_scale") for s, n in zip(scales, names, strict=True))
-            ),
-            check_float(threshold, "ibn_threshold"),
-            check_bool(gather, "gather_distributed"),
-        )
+        weights = _Parts.checked((cosine_weight, ibn_weight, angle_weight), "weight")
+        scales = _Parts.checked((cosine_scale, ibn_scale, angle_scale), "scale")
+        threshold = check_float(ibn_threshold, "ibn_threshold")
+        return cls(weights, scales, threshold, check_bool(gather_distributed, "gather_distributed"))
+
+
+class _Keywords(TypedDict, total=False):
+    """The options of :meth:`_Options.create`: AnglE's function and module take them all."""
+
+    cosine_weight: float
+    ibn_weight: float
+    angle_weight: float
+    cosine_scale: float
+    ibn_scale: float
+    angle_scale: float
+    ibn_threshold: float
+    gather_distributed: bool
 
 
 def _in_batch_negatives(a: Tensor, b: Tensor, positive: Tensor, o: _Options) -> Tensor:
@@ -93,19 +110,9 @@ def _angle(a: Tensor, b: Tensor, scores: Tensor, o: _Options) -> LossOutput:
     return LossOutput(loss, parts)
 
 
+@keyword_options(_Options.create, _Keywords)
 def angle_loss(
-    embeddings_a: Tensor,
-    embeddings_b: Tensor,
-    scores: Tensor,
-    *,
-    cosine_weight: float = 1.0,
-    ibn_weight: float = 1.0,
-    angle_weight: float = 1.0,
-    cosine_scale: float = 20.0,
-    ibn_scale: float = 20.0,
-    angle_scale: float = 20.0,
-    ibn_threshold: float = 1.0,
-    gather_distributed: bool = False,
+    embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor, **keywords: Unpack[_Keywords]
 ) -> Tensor:
     r"""AnglE loss (Li & Li 2023, Eq. 7): CoSENT + in-batch negatives + the angle objective.
 
@@ -150,17 +157,11 @@ def angle_loss(
         >>> loss.shape, bool(loss > 0)
         (torch.Size([]), True)
     """
-    options = _Options.create(
-        (cosine_weight, ibn_weight, angle_weight),
-        (cosine_scale, ibn_scale, angle_scale),
-        ibn_threshold,
-        gather_distributed,
-    )
-    return _angle(embeddings_a, embeddings_b, scores, options).loss
+    return _angle(embeddings_a, embeddings_b, scores, _Options.create(**keywords)).loss
 
 
 @register_loss("angle")
-class AnglELoss(BaseLoss):
+class AnglELoss(BaseScoredPairLoss):
     """AnglE: CoSENT, in-batch negatives and the angle objective, weighted (Li & Li 2023).
 
     See :func:`angle_loss` for the formula. A value of the whole batch (no ``reduction``).
@@ -183,44 +184,17 @@ class AnglELoss(BaseLoss):
         ['angle', 'cosine']
     """
 
-    def __init__(
-        self,
-        *,
-        cosine_weight: float = 1.0,
-        ibn_weight: float = 1.0,
-        angle_weight: float = 1.0,
-        cosine_scale: float = 20.0,
-        ibn_scale: float = 20.0,
-        angle_scale: float = 20.0,
-        ibn_threshold: float = 1.0,
-        gather_distributed: bool = False,
-    ) -> None:
+    @keyword_options(_Options.create, _Keywords)
+    def __init__(self, **options: Unpack[_Keywords]) -> None:
         super().__init__()
-        self._options = _Options.create(
-            (cosine_weight, ibn_weight, angle_weight),
-            (cosine_scale, ibn_scale, angle_scale),
-            ibn_threshold,
-            gather_distributed,
-        )
-        self.weights, self.scales = self._options.weights, self._options.scales
-        self.ibn_threshold = self._options.ibn_threshold
-        self.gather_distributed = self._options.gather_distributed
+        self._options = _Options.create(**options)
+        self.weights, self.scales, self.ibn_threshold, self.gather_distributed = self._options
 
-    def compute(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> LossOutput:
-        """Loss and terms for pairs ``(embeddings_a[i], embeddings_b[i])`` and ``scores (N,)``."""
-        loss, parts = _angle(embeddings_a, embeddings_b, scores, self._options)
-        return LossOutput(loss, detached_terms(**parts))
+    def _call(self, a: Tensor, b: Tensor, scores: Tensor) -> LossOutput:
+        return _angle(a, b, scores, self._options)
 
-    def forward(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> Tensor:
-        """The AnglE loss (see :meth:`compute`)."""
-        return _angle(embeddings_a, embeddings_b, scores, self._options).loss
-
-    @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``(embeddings_a, embeddings_b, scores)`` with scores from 5 down to 0."""
-        return scored_pair_examples(n, d, dtype, seed)
+    def _terms(self, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+        return detached_terms(**parts)
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
-import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_positive_float, compute_dtype
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import detached_terms
 from embedloss.ops.ranking import ranking_loss
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.registry import register_loss
-from embedloss.text._scored import check_scored_pairs, scored_pair_examples
+from embedloss.text._scored import BaseScoredPairLoss, check_scored_pairs
 
 __all__ = ["CoSENTLoss", "cosent_loss"]
 
 
-class _CoSENT(NamedTuple):
-    loss: Tensor
-    cosine: Tensor  # (N,) cosines of the local pairs
-
-
 def _cosent(
     embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor, scale: float, gather: bool
-) -> _CoSENT:
+) -> tuple[Tensor, Tensor]:
+    """The loss and the ``(N,)`` cosines of the local pairs."""
     check_scored_pairs(embeddings_a, embeddings_b, scores)
     dtype = compute_dtype(embeddings_a, embeddings_b)
     a = prepare_embeddings(embeddings_a, normalize=True, dtype=dtype)
     b = prepare_embeddings(embeddings_b, normalize=True, dtype=dtype)
     cosine = (a * b).sum(dim=1)  # (N,)
-    return _CoSENT(ranking_loss(cosine, scores, scale, gather_distributed=gather), cosine)
+    return ranking_loss(cosine, scores, scale, gather_distributed=gather), cosine
 
 
 def cosent_loss(
@@ -76,11 +69,11 @@ def cosent_loss(
     """
     scale = check_positive_float(scale, "scale")
     gather = check_bool(gather_distributed, "gather_distributed")
-    return _cosent(embeddings_a, embeddings_b, scores, scale, gather).loss
+    return _cosent(embeddings_a, embeddings_b, scores, scale, gather)[0]
 
 
 @register_loss("cosent")
-class CoSENTLoss(BaseLoss):
+class CoSENTLoss(BaseScoredPairLoss):
     """CoSENT: cosines of scored sentence pairs ranked as their scores (Su 2022).
 
     See :func:`cosent_loss` for the formula. The loss is a value of the whole batch (no
@@ -102,23 +95,11 @@ class CoSENTLoss(BaseLoss):
         self.scale = check_positive_float(scale, "scale")
         self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
 
-    def compute(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> LossOutput:
-        """Loss and terms for pairs ``(embeddings_a[i], embeddings_b[i])`` and ``scores (N,)``."""
-        loss, cosine = _cosent(
-            embeddings_a, embeddings_b, scores, self.scale, self.gather_distributed
-        )
-        return LossOutput(loss, detached_terms(cosine=cosine.mean()))
+    def _call(self, a: Tensor, b: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
+        return _cosent(a, b, scores, self.scale, self.gather_distributed)
 
-    def forward(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> Tensor:
-        """The CoSENT loss (see :meth:`compute`)."""
-        return _cosent(embeddings_a, embeddings_b, scores, self.scale, self.gather_distributed).loss
-
-    @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """``(embeddings_a, embeddings_b, scores)``: ``(n, d)``, ``(n, d)``, ``(n,)``."""
-        return scored_pair_examples(n, d, dtype, seed)
+    def _terms(self, cosine: Tensor) -> dict[str, Tensor]:
+        return detached_terms(cosine=cosine.mean())
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
