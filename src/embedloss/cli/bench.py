@@ -1,4 +1,4 @@
-"""``embedloss bench``: speed and memory of the InfoNCE losses against the GEMM floor and peers.
+"""``embedloss bench``: speed and memory of the tiled losses against the GEMM floor and peers.
 
 For each case (loss, N, D) it reports the median forward+backward time of
 
@@ -6,7 +6,8 @@ For each case (loss, N, D) it reports the median forward+backward time of
   ``A@Bᵀ``, ``G@B``, ``Gᵀ@A`` — on preallocated buffers (a lower bound, not a loss);
 * ``embedloss``: the library's loss module (``chunk_size="auto"``);
 * ``plain``: a straightforward materialising implementation (``logits = a@bᵀ/τ`` and
-  ``F.cross_entropy``, both ways for CLIP);
+  ``F.cross_entropy``, both ways for CLIP; ``−logsigmoid`` of every pair for SigLIP, as
+  open_clip's ``SigLipLoss`` writes it);
 * peers where available (``--peers``): ``openclip_style`` (both logit matrices, as open_clip's
   ``ClipLoss``) and ``pml_ntxent`` (pytorch-metric-learning's ``NTXentLoss``), from
   ``bench/peers.py``.
@@ -17,7 +18,7 @@ memory is measured for each implementation in a fresh subprocess: the growth of 
 (``resource.getrusage``) over its value after the inputs were allocated (on CUDA: the peak of
 ``torch.cuda.max_memory_allocated`` over the inputs).
 
-``--required`` runs the cases of the scale issue and checks its targets; ``--write`` puts the
+``--required`` runs the cases of the scale and huge-batch issues and checks their targets; ``--write`` puts the
 markdown table into ``docs/benchmarks.md`` (section "Speed and memory") and the figure into
 ``docs/benchmarks.png``. Also callable as ``python bench/bench_losses.py``.
 """
@@ -37,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ __all__ = [
     "REQUIRED_CASES",
     "Case",
     "add_arguments",
+    "check_huge_batches",
     "check_requirements",
     "format_markdown",
     "machine_info",
@@ -56,16 +58,18 @@ __all__ = [
 ]
 
 Step = Callable[[], None]
-LOSSES = ("clip", "simclr")
+LOSSES = ("clip", "simclr", "siglip")
 IMPLS = {
     "clip": ("embedloss", "plain", "openclip_style"),
     "simclr": ("embedloss", "plain", "pml_ntxent"),
+    "siglip": ("embedloss", "plain"),
 }
 PEERS = ("openclip_style", "pml_ntxent")
 #: Largest logit-matrix side a peer is run at: pytorch-metric-learning's NTXentLoss builds a
 #: (positive pairs × negative pairs) matrix, cubic in N (17 GiB of RSS at 1024 rows).
 PEER_MAX_ROWS = {"pml_ntxent": 512}
-TEMPERATURE = {"clip": 0.07, "simclr": 0.5}
+TEMPERATURE = {"clip": 0.07, "simclr": 0.5, "siglip": 0.1}
+SIGLIP_BIAS = -10.0
 #: Above this many bytes for the (rows × keys) float matrix, the floor is timed tile by tile on a
 #: sample of the tiles and extrapolated, and the materialising implementations are not run.
 MATERIALISE_LIMIT = 8 * 2**30
@@ -93,10 +97,11 @@ class Case:
         return f"{self.loss} N={self.n} D={self.d}"
 
 
-#: The cases of the scale issue (float32, 2-core CPU) and their targets.
+#: The cases of the scale and huge-batch issues (float32, 2-core CPU) and their targets.
 REQUIRED_CASES = (
     Case("clip", 8192, 512, repeats=5),
     Case("simclr", 4096, 512, repeats=5),
+    Case("siglip", 8192, 512, repeats=5),
     Case("clip", 16384, 512, repeats=1),
     Case("clip", 131072, 128, repeats=1, impls=("embedloss",)),
     Case("simclr", 256, 512, repeats=3),  # small enough for pytorch-metric-learning
@@ -127,6 +132,14 @@ def plain_simclr(z_a: Tensor, z_b: Tensor, temperature: float = 0.5) -> Tensor:
     return F.cross_entropy(logits, torch.cat([idx + n, idx]))
 
 
+def plain_siglip(image: Tensor, text: Tensor, temperature: float = 0.1) -> Tensor:
+    """The materialising SigLIP loss: every pair's ``−log σ(z·ℓ)``, ``z = 2I − 1``, over N."""
+    image, text = F.normalize(image, dim=1), F.normalize(text, dim=1)
+    logits = image @ text.T / temperature + SIGLIP_BIAS  # (N, N)
+    signs = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+
+
 def _peer(name: str, loss: str) -> Callable[[Tensor, Tensor], Tensor]:
     import peers  # type: ignore[import-not-found]  # bench/peers.py, put on sys.path by the runner
 
@@ -136,18 +149,16 @@ def _peer(name: str, loss: str) -> Callable[[Tensor, Tensor], Tensor]:
 
 def make_loss(impl: str, loss: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The loss function ``f(a, b) -> scalar`` of an implementation."""
-    if impl == "embedloss":
-        from embedloss import CLIPLoss, SimCLRLoss
+    if impl in ("embedloss", "embedloss_dense"):
+        from embedloss import CLIPLoss, SigLIPLoss, SimCLRLoss
 
+        chunk: Literal["auto"] | None = "auto" if impl == "embedloss" else None
+        if loss == "siglip":  # learnable τ and bias, as trained
+            return SigLIPLoss(temperature=TEMPERATURE[loss], bias=SIGLIP_BIAS, chunk_size=chunk)
         module = CLIPLoss if loss == "clip" else SimCLRLoss
-        return module(temperature=TEMPERATURE[loss])
-    if impl == "embedloss_dense":
-        from embedloss import CLIPLoss, SimCLRLoss
-
-        module = CLIPLoss if loss == "clip" else SimCLRLoss
-        return module(temperature=TEMPERATURE[loss], chunk_size=None)
+        return module(temperature=TEMPERATURE[loss], chunk_size=chunk)
     if impl == "plain":
-        fn = plain_clip if loss == "clip" else plain_simclr
+        fn = {"clip": plain_clip, "simclr": plain_simclr, "siglip": plain_siglip}[loss]
         return lambda a, b: fn(a, b, TEMPERATURE[loss])
     if impl in PEERS:
         return _peer(impl, loss)
@@ -503,6 +514,29 @@ def check_requirements(results: Sequence[CaseResult]) -> list[Check]:
     return checks
 
 
+def check_huge_batches(results: Sequence[CaseResult]) -> list[Check]:
+    """The huge-batch issue's targets (time over the GEMM floor), for the cases present."""
+    checks = []
+    targets = (
+        ("clip", 8192, 512, 1.4),
+        ("clip", 16384, 512, 1.4),
+        ("simclr", 4096, 512, 1.15),
+        ("siglip", 8192, 512, 1.15),
+    )
+    for loss, n, d, limit in targets:
+        r = _find(results, loss, n, d)
+        if r is not None:
+            value = r.ratio("embedloss")
+            text = f"{loss} N={n} D={d}: fwd+bwd / GEMM floor"
+            checks.append(Check(text, value, limit, value is not None and value <= limit))
+    r = _find(results, "siglip", 8192, 512)
+    if r is not None:
+        value = r.memory_ratio("embedloss")
+        text = "siglip N=8192 D=512: peak memory / plain"
+        checks.append(Check(text, value, 0.2, value is not None and value <= 0.2))
+    return checks
+
+
 def format_checks(checks: Sequence[Check]) -> str:
     """The checks as a markdown list."""
     lines = []
@@ -567,11 +601,14 @@ def format_section(
         "logit matrices as open_clip's `ClipLoss` does. Every per-round time is in "
         "`benchmarks.json`.",
         "",
-        'How embedloss gets there (`embedloss/ops/chunked.py`, `chunk_size="auto"`): row tiles '
-        "of the logits (about 16 MiB each) with exact row log-sum-exps, never an N×N buffer. "
-        "SimCLR / InfoNCE compute their gradients during the forward (the 3 GEMMs of the floor, "
-        "one `exp` per logit); CLIP accumulates the column log-sum-exps online and recomputes "
-        "each tile once in the backward (4 GEMM units, one `exp` per logit per pass).",
+        'How embedloss gets there (`embedloss/ops/chunked.py`, `ops/sigmoid.py`, `chunk_size="auto"`): '
+        "row tiles of the logits (about 16 MiB each), never an N×N buffer, logits in base-2 units "
+        "so that every exponential is an `exp2`. SimCLR / InfoNCE compute exact row "
+        "log-sum-exps and their gradients during the forward (the 3 GEMMs of the floor, one "
+        "`exp2` per logit); SigLIP needs no log-sum-exp and does the same (one `softplus` and "
+        "one `sigmoid` per logit); CLIP merges the column log-sum-exps online and recomputes each "
+        "tile once in the backward (4 GEMM units; each direction exponentiated against its own "
+        "maxima, so two `exp2` per logit per pass, exact at any temperature).",
         "",
         format_markdown(results),
         "",
@@ -579,6 +616,9 @@ def format_section(
     ]
     if checks:
         parts += ["", "Targets of the scale issue:", "", format_checks(checks)]
+    huge = check_huge_batches(results)
+    if huge:
+        parts += ["", "Targets of the huge-batch issue:", "", format_checks(huge)]
     notes = [f"- {r.case.label}: {k}: {v}" for r in results for k, v in r.notes.items()]
     if notes:
         parts += ["", "Notes:", "", *notes]
@@ -679,7 +719,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--required",
         action="store_true",
-        help="the scale issue's cases and targets (clip N=8192/16384/131072, simclr N=4096)",
+        help="the scale and huge-batch issues' cases and targets "
+        "(clip N=8192/16384/131072, simclr N=4096, siglip N=8192)",
     )
     parser.add_argument(
         "--case",
@@ -750,10 +791,12 @@ def run(args: argparse.Namespace) -> int:
         )
         machine = machine_info(args.threads, args.device)
     checks = check_requirements(results)
+    huge = check_huge_batches(results)
     print(format_markdown(results))
-    if checks:
-        print()
-        print(format_checks(checks))
+    for group in (checks, huge):
+        if group:
+            print()
+            print(format_checks(group))
     payload = {
         "machine": machine,
         "results": [
@@ -765,7 +808,7 @@ def run(args: argparse.Namespace) -> int:
             }
             for r in results
         ],
-        "checks": [asdict(c) for c in checks],
+        "checks": [asdict(c) for c in (*checks, *huge)],
     }
     json_path = args.json if args.from_json is None else None
     if args.write:
@@ -779,7 +822,7 @@ def run(args: argparse.Namespace) -> int:
             json_path = json_path or args.docs / "benchmarks.json"
     if json_path is not None:
         json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    return 0 if all(c.ok for c in checks) else 1
+    return 0 if all(c.ok for c in (*checks, *huge)) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
