@@ -57,3 +57,19 @@ def test_huge_batch_targets():
     section = bench.format_section(results, [], bench.machine_info(1), "cmd")
     assert "Targets of the huge-batch issue:" in section
     assert "- FAIL: siglip N=8192 D=512: fwd+bwd / GEMM floor = 1.2 (target ≤ 1.15)" in section
+
+
+def test_cpu_clock_times_this_process_only():
+    import time
+
+    def sleeper():
+        time.sleep(0.2)  # no CPU used: the CPU clock sees (almost) nothing
+
+    assert bench._timed(sleeper, "cpu", "cpu") < 0.05 <= 0.15 < bench._timed(sleeper, "cpu")
+    out = bench.worker_main(
+        {"kind": "time", "impls": ["embedloss"], "loss": "siglip", "n": 16, "d": 4,
+         "repeats": 1, "threads": 1, "clock": "cpu"}
+    )  # fmt: skip
+    assert set(out["seconds"]) == {"floor", "embedloss"}
+    machine = {**bench.machine_info(1), "clock": "cpu"}
+    assert "CPU time" in bench.format_section([], [], machine, "cmd")

@@ -225,12 +225,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(step: Step, device: str) -> float:
+def _timed(step: Step, device: str, clock: str = "wall") -> float:
+    """Seconds of one ``step``: wall time, or this process's CPU time (``clock="cpu"``).
+
+    CPU time counts only the cycles this process ran, so on a shared machine other jobs do not
+    inflate it; it equals the wall time of a single-threaded run (with several threads it adds
+    up every thread, spin-waits included), so use it with ``--threads 1``.
+    """
+    now = (
+        time.process_time if clock == "cpu" and not device.startswith("cuda") else time.perf_counter
+    )
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     step()
     _sync(device)
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 def _materialise_bytes(case: Case, dtype: torch.dtype) -> int:
@@ -251,7 +260,7 @@ def _peak_rss() -> int:
 
 
 def time_worker(
-    case: Case, impls: Sequence[str], device: str, dtype: torch.dtype
+    case: Case, impls: Sequence[str], device: str, dtype: torch.dtype, clock: str = "wall"
 ) -> dict[str, Any]:
     """Median forward+backward seconds of the floor and each implementation, interleaved."""
     huge = _materialise_bytes(case, dtype) > MATERIALISE_LIMIT
@@ -288,7 +297,7 @@ def time_worker(
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(case.repeats):
         for name, step in steps.items():
-            times[name].append(_timed(step, device))
+            times[name].append(_timed(step, device, clock))
     median = {
         name: statistics.median(ts) * (floor_scale if name == "floor" else 1.0)
         for name, ts in times.items()
@@ -301,7 +310,9 @@ def time_worker(
     }
 
 
-def memory_worker(case: Case, impl: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
+def memory_worker(
+    case: Case, impl: str, device: str, dtype: torch.dtype, clock: str = "wall"
+) -> dict[str, Any]:
     """Peak extra memory of one forward+backward, measured over the allocated inputs."""
     small = Case(case.loss, min(case.n, 64), case.d)
     sa, sb = make_inputs(small, device, dtype)
@@ -318,7 +329,7 @@ def memory_worker(case: Case, impl: str, device: str, dtype: torch.dtype) -> dic
         peak = torch.cuda.max_memory_allocated() - base
     else:
         base = _peak_rss()
-        seconds = _timed(step, device)
+        seconds = _timed(step, device, clock)
         peak = _peak_rss() - base
     return {"peak_bytes": max(peak, 0), "seconds": seconds}
 
@@ -330,10 +341,10 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(threads))
     case = Case(spec["loss"], spec["n"], spec["d"], spec.get("repeats", 3))
     dtype = getattr(torch, spec.get("dtype", "float32"))
-    device = spec.get("device", "cpu")
+    device, clock = spec.get("device", "cpu"), spec.get("clock", "wall")
     if spec["kind"] == "time":
-        return time_worker(case, spec["impls"], device, dtype)
-    return memory_worker(case, spec["impl"], device, dtype)
+        return time_worker(case, spec["impls"], device, dtype, clock)
+    return memory_worker(case, spec["impl"], device, dtype, clock)
 
 
 def _spawn(spec: dict[str, Any], peers_dir: str | None, timeout: float) -> dict[str, Any]:
@@ -400,6 +411,7 @@ def run_suite(
     memory: bool = True,
     timeout: float = 3600.0,
     log: Callable[[str], None] = print,
+    clock: str = "wall",
 ) -> list[CaseResult]:
     """Run every case: one timing subprocess, then one memory subprocess per implementation."""
     results = []
@@ -409,7 +421,7 @@ def run_suite(
             impls = [i for i in impls if i not in PEERS]
         res = CaseResult(case)
         common = {"loss": case.loss, "n": case.n, "d": case.d, "repeats": case.repeats}
-        common.update({"device": device, "dtype": dtype, "threads": threads})
+        common.update({"device": device, "dtype": dtype, "threads": threads, "clock": clock})
         log(f"[bench] {case.label}: timing {', '.join(['floor', *impls])}")
         out = _spawn({**common, "kind": "time", "impls": impls}, peers_dir, timeout)
         if "error" in out:
@@ -593,12 +605,19 @@ def format_section(
         + (f" ({m['gpu']})" if "gpu" in m else "")
         + ".",
         "",
-        "Forward+backward medians over interleaved rounds in one process per case; `× floor` is "
+        (
+            "Times are this process's CPU time (single thread: other jobs on the machine do not "
+            "count). "
+            if m.get("clock") == "cpu"
+            else ""
+        )
+        + "Forward+backward medians over interleaved rounds in one process per case; `× floor` is "
         "the ratio to the three GEMMs `A@Bᵀ`, `G@B`, `Gᵀ@A` at the same shapes timed in that "
         "process; peak extra memory is the growth of the peak RSS over the allocated inputs, "
         "each implementation in a fresh process. `plain` is the straightforward materialising "
-        "loss (`logits = a@bᵀ/τ`, `F.cross_entropy` both ways); `openclip_style` builds both "
-        "logit matrices as open_clip's `ClipLoss` does. Every per-round time is in "
+        "loss (`logits = a@bᵀ/τ`, `F.cross_entropy` both ways; `−logsigmoid` of every pair for "
+        "SigLIP); `openclip_style` builds both logit matrices as open_clip's `ClipLoss` does. "
+        "Every per-round time is in "
         "`benchmarks.json`.",
         "",
         'How embedloss gets there (`embedloss/ops/chunked.py`, `ops/sigmoid.py`, `chunk_size="auto"`): '
@@ -739,6 +758,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="time steps by wall clock (default) or by this process's CPU time (with "
+        "--threads 1: unaffected by other jobs on a shared machine)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
         "--write",
@@ -788,8 +814,12 @@ def run(args: argparse.Namespace) -> int:
             memory=not args.no_memory,
             timeout=args.timeout,
             log=lambda s: print(s, file=sys.stderr, flush=True),
+            clock=getattr(args, "clock", "wall"),
         )
-        machine = machine_info(args.threads, args.device)
+        machine = {
+            **machine_info(args.threads, args.device),
+            "clock": getattr(args, "clock", "wall"),
+        }
     checks = check_requirements(results)
     huge = check_huge_batches(results)
     print(format_markdown(results))
@@ -814,6 +844,7 @@ def run(args: argparse.Namespace) -> int:
     if args.write:
         args.docs.mkdir(parents=True, exist_ok=True)
         command = "python bench/bench_losses.py" + (" --required" if args.required else "")
+        command += machine.get("flags", "")
         write_section(
             args.docs / "benchmarks.md", format_section(results, checks, machine, command)
         )
