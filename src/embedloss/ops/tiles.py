@@ -104,20 +104,15 @@ def max_and_prefix_max(s: Tensor, index: Tensor, width: int = 128) -> tuple[Tens
     """
     c, m = s.shape
     width = max(1, min(width, m))
-    nb = m // width
-    neg = s.new_full((c,), NEG_INF)
-    body = s[:, : nb * width].reshape(c, nb, width).amax(2) if nb > 0 else s.new_empty(c, 0)
-    row_max = body.amax(1) if nb > 0 else neg
+    nb = m // width  # >= 1 full blocks, then maybe a shorter remainder
+    body = s[:, : nb * width].reshape(c, nb, width).amax(2)  # (c, nb) block maxima
+    row_max = body.amax(1)
     if nb * width < m:
         row_max = torch.maximum(row_max, s[:, nb * width :].amax(1))
     block = torch.div(index, width, rounding_mode="floor")  # the block holding index[i]
-    before = neg
-    if nb > 0:
-        running = body.cummax(1).values
-        prior = running.gather(1, (block - 1).clamp(0, nb - 1).unsqueeze(1)).squeeze(1)
-        before = torch.where(block > 0, prior, NEG_INF)
-    offsets = torch.arange(width, device=s.device)
-    cols = block.unsqueeze(1) * width + offsets  # (c, width) the columns of that block
+    prior = body.cummax(1).values.gather(1, (block - 1).clamp(0, nb - 1).unsqueeze(1))
+    before = torch.where(block > 0, prior.squeeze(1), NEG_INF)  # the whole blocks before it
+    cols = block.unsqueeze(1) * width + torch.arange(width, device=s.device)  # (c, width)
     part = s.gather(1, cols.clamp(max=m - 1)).masked_fill(cols >= index.unsqueeze(1), NEG_INF)
     return row_max, torch.maximum(before, part.amax(1))
 
