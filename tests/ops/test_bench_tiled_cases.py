@@ -73,3 +73,20 @@ def test_cpu_clock_times_this_process_only():
     assert set(out["seconds"]) == {"floor", "embedloss"}
     machine = {**bench.machine_info(1), "clock": "cpu"}
     assert "CPU time" in bench.format_section([], [], machine, "cmd")
+
+
+def test_report_names_the_measuring_flags(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "run_suite", lambda cases, **kw: [])
+    parser = __import__("argparse").ArgumentParser()
+    bench.add_arguments(parser)
+    flags = ["--case", "siglip:8:4", "--threads", "1", "--clock", "cpu"]
+    args = parser.parse_args([*flags, "--write", "--docs", str(tmp_path)])
+    bench.run(args)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "Measured with `python bench/bench_losses.py --threads 1 --clock cpu`" in text
+    again = tmp_path / "again"
+    args = parser.parse_args(
+        ["--from-json", str(tmp_path / "benchmarks.json"), "--write", "--docs", str(again)]
+    )
+    bench.run(args)
+    assert (again / "benchmarks.md").read_text() == text

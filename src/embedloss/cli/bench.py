@@ -816,10 +816,10 @@ def run(args: argparse.Namespace) -> int:
             log=lambda s: print(s, file=sys.stderr, flush=True),
             clock=getattr(args, "clock", "wall"),
         )
-        machine = {
-            **machine_info(args.threads, args.device),
-            "clock": getattr(args, "clock", "wall"),
-        }
+        clock = getattr(args, "clock", "wall")
+        flags = f" --threads {args.threads}" if args.threads else ""
+        flags += " --clock cpu" if clock == "cpu" else ""
+        machine = {**machine_info(args.threads, args.device), "clock": clock, "flags": flags}
     checks = check_requirements(results)
     huge = check_huge_batches(results)
     print(format_markdown(results))
