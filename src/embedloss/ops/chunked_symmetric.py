@@ -78,6 +78,7 @@ class SymForward:
         before = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).triu(1)
         self.bias_before = x.new_zeros(chunk, chunk).masked_fill_(~before, NEG_INF)
         self.bias_after = x.new_zeros(chunk, chunk).masked_fill_(~before.T, NEG_INF)
+        self.block_buf = x.new_empty(2, chunk, chunk)
         self.ref_r, self.lsum_r = x.new_empty(n), x.new_empty(n)
         self.col_ref, self.col_sum = x.new_full((n,), NEG_INF), x.new_zeros(n)
         self.pos_r, self.pos_c = x.new_empty(n), x.new_zeros(n)  # Σ_P ℓ₂ per row / column
@@ -115,8 +116,9 @@ class SymForward:
         self.pos_r[r0:r1], self.pos_c[r0:r1] = d, d
         s.scatter_(1, diag, NEG_INF)
         block_t = s[:, r0:r1].T  # contiguous (c, c), the diagonal at -inf
-        k_lt_i = block_t + self.bias_before[:c, :c]  # row i, columns before i
-        k_gt_i = block_t + self.bias_after[:c, :c]  # row i, columns after i
+        # row i's logits in the columns before / after column i (-inf elsewhere)
+        k_lt_i = torch.add(block_t, self.bias_before[:c, :c], out=self.block_buf[0, :c, :c])
+        k_gt_i = torch.add(block_t, self.bias_after[:c, :c], out=self.block_buf[1, :c, :c])
         before = _amax_cols(s, 0, r0, k_lt_i.amax(0))  # row i: the columns j < i
         after = _amax_cols(s, r1, self.n, k_gt_i.amax(0))  # the columns j > i
         self.correct_r[r0:r1] = (d > before) & (d >= after)
