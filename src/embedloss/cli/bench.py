@@ -785,11 +785,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args``; 0 on success, 1 if a target is missed."""
-    if args.worker is not None:
-        print(json.dumps(worker_main(json.loads(args.worker))))
-        return 0
+def _cases(args: argparse.Namespace) -> list[Case]:
+    """The cases ``args`` ask for (``--case``, ``--required`` or the quick ones)."""
     if args.case:
         cases = list(args.case)
     elif args.required:
@@ -798,28 +795,41 @@ def run(args: argparse.Namespace) -> int:
         cases = list(QUICK_CASES)
     if args.repeats is not None:
         cases = [Case(c.loss, c.n, c.d, max(1, args.repeats), c.impls) for c in cases]
+    return cases
+
+
+def _measure(args: argparse.Namespace) -> tuple[list[CaseResult], dict[str, Any]]:
+    """Run the suite for ``args``; the machine description records the timing flags."""
     peers_dir = args.peers_dir
     if peers_dir is None and Path("bench", "peers.py").exists():
         peers_dir = str(Path("bench").resolve())
+    clock = getattr(args, "clock", "wall")
+    results = run_suite(
+        _cases(args),
+        peers=args.peers or args.required,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        peers_dir=peers_dir,
+        memory=not args.no_memory,
+        timeout=args.timeout,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+        clock=clock,
+    )
+    flags = f" --threads {args.threads}" if args.threads else ""
+    flags += " --clock cpu" if clock == "cpu" else ""
+    return results, {**machine_info(args.threads, args.device), "clock": clock, "flags": flags}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; 0 on success, 1 if a target is missed."""
+    if args.worker is not None:
+        print(json.dumps(worker_main(json.loads(args.worker))))
+        return 0
     if args.from_json is not None:
         results, machine = load_results(args.from_json)
     else:
-        results = run_suite(
-            cases,
-            peers=args.peers or args.required,
-            device=args.device,
-            dtype=args.dtype,
-            threads=args.threads,
-            peers_dir=peers_dir,
-            memory=not args.no_memory,
-            timeout=args.timeout,
-            log=lambda s: print(s, file=sys.stderr, flush=True),
-            clock=getattr(args, "clock", "wall"),
-        )
-        clock = getattr(args, "clock", "wall")
-        flags = f" --threads {args.threads}" if args.threads else ""
-        flags += " --clock cpu" if clock == "cpu" else ""
-        machine = {**machine_info(args.threads, args.device), "clock": clock, "flags": flags}
+        results, machine = _measure(args)
     checks = check_requirements(results)
     huge = check_huge_batches(results)
     print(format_markdown(results))
