@@ -75,7 +75,8 @@ first-order gradients (``create_graph=True`` raises; use ``chunk_size=None``). N
 log-weights are constants (a weight tensor that requires grad makes
 :func:`~embedloss.ops.info_nce.info_nce` use the dense path); a weight function is called once
 per tile in the forward and again in a recomputing backward, must be deterministic, compute
-each entry from its tile row (full key width) and not modify the logits it is given.
+each entry from its tile row (full key width); it gets a copy of the tile's logits (natural
+units), which it may keep or modify.
 """
 
 from __future__ import annotations
