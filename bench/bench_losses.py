@@ -1,6 +1,6 @@
-"""Speed and memory of embedloss's InfoNCE losses against the GEMM floor, a plain implementation
-and peers. ``python bench/bench_losses.py --required`` runs the scale issue's cases, checks its
-targets and writes ``docs/benchmarks.md`` (section "Speed and memory"), ``docs/benchmarks.json``
+"""Speed and memory of embedloss's tiled losses (CLIP, SimCLR, SigLIP) against the GEMM floor, a
+plain implementation and peers. ``python bench/bench_losses.py --required`` runs the scale and
+huge-batch issues' cases, checks their targets and writes ``docs/benchmarks.md`` (section "Speed and memory"), ``docs/benchmarks.json``
 and ``docs/benchmarks.png``. Without ``--required`` it runs quick cases (or ``--case LOSS:N:D``).
 All options: ``--help`` (the same as ``embedloss bench``).
 """

@@ -215,3 +215,202 @@ def test_bad_inputs():
         ValueError, match=r"reduction must be one of 'mean', 'sum', 'none'; got 'avg'"
     ):
         siglip_loss(torch.randn(3, 4), torch.randn(3, 4), reduction="avg")
+
+
+# ----------------------------------------------------------------------------------------------
+# the tiled kernel (embedloss.ops.sigmoid) equals the dense path
+# ----------------------------------------------------------------------------------------------
+
+TILE_TOL = {torch.float64: 1e-9, torch.float32: 1e-5}
+
+
+def _leaves(n: int, d: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    y = 0.5 * x.detach() + torch.randn(n, d, generator=g, dtype=torch.float64).to(dtype)
+    tau = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+    b = torch.tensor(-1.5, dtype=dtype, requires_grad=True)
+    return x, y.requires_grad_(), tau, b
+
+
+def _close(a, b, dtype, what):
+    tol = TILE_TOL[dtype]
+    assert torch.allclose(a, b, rtol=tol, atol=tol), f"{what}: max diff {(a - b).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("mode", ["diagonal", "labels", "negative_only"])
+def test_tiled_equals_dense_value_and_all_gradients(mode, reduction, dtype):
+    n = 9
+    x, y, tau, b = _leaves(n, 5, dtype, seed=21)
+    kw: dict = {"temperature": tau, "bias": b, "reduction": reduction}
+    if mode == "labels":
+        kw["labels"] = torch.tensor([0, 1, 0, 2, 1, 3, 0, 4, 2])
+    kw["negative_only"] = mode == "negative_only"
+    upstream = torch.linspace(-0.7, 1.9, n, dtype=dtype)  # per-row, signed (reduction "none")
+    results = []
+    for chunk in (None, 4, 1, 100):  # dense; a remainder tile; one row per tile; one tile
+        loss = siglip_loss(x, y, chunk_size=chunk, **kw)
+        total = (loss * upstream).sum() if reduction == "none" else loss
+        results.append((loss, torch.autograd.grad(total, (x, y, tau, b))))
+    (ld, gd) = results[0]
+    for lt, gt in results[1:]:
+        _close(lt, ld, dtype, "loss")
+        for a, c, name in zip(gt, gd, ("x", "y", "temperature", "bias"), strict=True):
+            _close(a, c, dtype, f"grad {name}")
+
+
+def test_negative_only_matches_its_equation():
+    # every pair negative: L = (1/N) Σ_i Σ_j −log(1 − σ(ℓ_ij)), ℓ = x_i·y_j/τ + b on unit rows
+    x, y = randn64(6, 4, seed=22), randn64(6, 4, seed=23)
+    tau, b = 0.4, 0.3
+    logits = F.normalize(x, dim=1) @ F.normalize(y, dim=1).T / tau + b
+    expected = -torch.log(1 - torch.sigmoid(logits)).sum() / 6
+    for chunk in (None, 2):
+        assert_close_with_grads(
+            siglip_loss(x, y, temperature=tau, bias=b, negative_only=True, chunk_size=chunk),
+            expected,
+            (x, y),
+        )
+
+
+@pytest.mark.parametrize("options", [{}, {"labels": True}, {"negative_only": True}])
+def test_gradcheck_tiled(options):
+    x, y = randn64(4, 3, seed=24), randn64(4, 3, seed=25)
+    tau = torch.tensor(0.4, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 1, 1, 2]) if options.get("labels") else None
+    neg = options.get("negative_only", False)
+
+    def fn(a, c, t, bb):
+        return siglip_loss(
+            a,
+            c,
+            temperature=t,
+            bias=bb,
+            labels=labels,
+            negative_only=neg,
+            chunk_size=3,
+            reduction="none",
+        )
+
+    assert torch.autograd.gradcheck(fn, (x, y, tau, b))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_tiled_runs_on_meta_device(reduction):
+    # no value is read back on the step path: forward and backward on meta tensors
+    x = torch.empty(8, 5, device="meta", requires_grad=True)
+    y = torch.empty(8, 5, device="meta", requires_grad=True)
+    loss = SigLIPLoss(chunk_size=3, reduction=reduction).to("meta")
+    for labels in (None, torch.tensor([0, 1, 0, 2, 1, 3, 0, 2], device="meta")):
+        out = loss(x, y, labels)
+        assert out.device.type == "meta"
+        total = out.sum()
+        gx, gy, gs, gb = torch.autograd.grad(total, (x, y, loss.logit_scale, loss.logit_bias))
+        assert gx.shape == x.shape and gy.shape == y.shape and gs.shape == gb.shape == ()
+    out = loss(x, y, negative_only=True)
+    assert out.device.type == "meta"
+
+
+def test_module_tiled_equals_dense_with_learnable_scale_and_bias():
+    x, y = randn64(11, 6, seed=26), randn64(11, 6, seed=27)
+    results = []
+    for chunk in (None, 4):
+        loss = SigLIPLoss(temperature=0.2, bias=-2.0, chunk_size=chunk).double()
+        out = loss.compute(x, y)
+        params = (x, y, loss.logit_scale, loss.logit_bias)
+        results.append((out, torch.autograd.grad(out.loss, params)))
+    (od, gd), (ot, gt) = results
+    torch.testing.assert_close(ot.loss, od.loss, rtol=1e-9, atol=1e-9)
+    for a, c in zip(gt, gd, strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-9)
+    for name in od.terms:
+        torch.testing.assert_close(ot.terms[name], od.terms[name], rtol=1e-9, atol=1e-9)
+    neg_d = SigLIPLoss(chunk_size=None).double()(x, y, negative_only=True)
+    neg_t = SigLIPLoss(chunk_size=4).double()(x, y, negative_only=True)
+    torch.testing.assert_close(neg_t, neg_d, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(neg_t, SigLIPLoss(chunk_size=4).double()(x, y))  # it changes L
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_tiled_accuracy_follows_the_dense_first_maximum(chunk):
+    # exact ties: an image ranks several texts equally; the first of them decides
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    for labels in (None, torch.tensor([0, 1, 0, 2])):
+        dense = SigLIPLoss(chunk_size=None, normalize=False).double().compute(x, y, labels)
+        tiled = SigLIPLoss(chunk_size=chunk, normalize=False).double().compute(x, y, labels)
+        assert tiled.terms["accuracy"] == dense.terms["accuracy"]
+    # rows [1,1,0,1], [0,0,1,0], [1,1,1,1], [1,1,0,1]: only image 0 ranks its own text first
+    out = SigLIPLoss(chunk_size=chunk, normalize=False).double().compute(x, y)
+    assert out.terms["accuracy"].item() == 0.25
+
+
+def test_tiled_extreme_logits_stay_exact():
+    x, y = randn64(10, 4, seed=28) * 30, randn64(10, 4, seed=29) * 30
+    for kw in ({"temperature": 1e-3, "bias": 5.0}, {"temperature": 1e-3, "bias": -5e3}):
+        dense = siglip_loss(x, y, normalize=False, chunk_size=None, **kw)
+        tiled = siglip_loss(x, y, normalize=False, chunk_size=3, **kw)
+        assert torch.isfinite(tiled)
+        assert_close_with_grads(tiled, dense, (x, y))
+
+
+def test_tiled_path_never_builds_an_n_by_n_buffer():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Largest(TorchDispatchMode):
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    n, chunk = 64, 8
+    x, y = torch.randn(n, 4, requires_grad=True), torch.randn(n, 4, requires_grad=True)
+    for reduction, labels in (("mean", None), ("none", torch.arange(n) % 5)):
+        loss = SigLIPLoss(chunk_size=chunk, reduction=reduction)
+        with Largest() as largest:
+            torch.autograd.grad(loss(x, y, labels).sum(), (x, y))
+        assert largest.numel <= chunk * n, largest.numel
+    with Largest() as largest:
+        SigLIPLoss(chunk_size=None)(x, y)
+    assert largest.numel == n * n  # the check can fail: the dense path builds one
+
+
+def test_auto_tiles_large_batches(monkeypatch):
+    from embedloss.ops import chunked, sigmoid
+
+    calls = []
+    original = sigmoid.chunked_siglip
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["chunk_size"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sigmoid, "chunked_siglip", spy)
+    x, y = torch.randn(40, 3), torch.randn(40, 3)
+    dense = siglip_loss(x, y)  # small: dense
+    assert calls == []
+    monkeypatch.setattr(chunked, "DENSE_LIMIT_BYTES", 1024)
+    monkeypatch.setattr(chunked, "MIN_TILE_ROWS", 16)
+    monkeypatch.setattr(chunked, "TILE_BYTES", 16 * 40 * 4)
+    torch.testing.assert_close(siglip_loss(x, y), dense, rtol=1e-5, atol=1e-5)
+    assert calls == [16]
+
+
+def test_negative_only_and_chunk_size_errors():
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    with pytest.raises(ValueError, match="labels cannot be combined with negative_only"):
+        siglip_loss(x, y, labels=torch.tensor([0, 1, 0]), negative_only=True)
+    with pytest.raises(TypeError, match="negative_only must be a bool, got str"):
+        SigLIPLoss()(x, y, negative_only="yes")
+    with pytest.raises(TypeError, match="chunk_size must be None, 'auto' or an int"):
+        SigLIPLoss(chunk_size=2.5)
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        siglip_loss(x, y, chunk_size=0)

@@ -372,12 +372,21 @@ def test_extreme_temperatures_stay_exact(scale):
         assert err_tiled <= max(2 * err_dense, 1e-5), (err_tiled, err_dense)
 
 
-def test_shared_shift_choices():
-    assert chunked._shared_shift(10.0, -10.0, torch.float32) == 0.0  # no shift pass
-    mu = chunked._shared_shift(300.0, 290.0, torch.float32)
-    assert mu is not None and 300.0 - mu <= 60.0 and mu - 290.0 <= 50.0
-    assert chunked._shared_shift(1000.0, -1000.0, torch.float32) is None  # two exps
-    assert chunked._shared_shift(1000.0, -100.0, torch.float64) == 400.0
+@pytest.mark.parametrize("chunk", [1, 64])
+def test_extreme_spread_within_one_tile_or_one_row(chunk):
+    # every row and every column exponentiated against its own maximum: one tile holding
+    # logits from -1000 to 1000 (or tiles of a single row) is as exact as the dense path
+    n = 23
+    gen = torch.Generator().manual_seed(12)
+    x = F.normalize(torch.randn(n, 6, generator=gen, dtype=torch.float64), dim=1)
+    y = F.normalize(torch.randn(n, 6, generator=gen, dtype=torch.float64), dim=1)
+    w1 = torch.rand(n, generator=gen, dtype=torch.float64)
+    truth, truth_correct = _extreme_run(x, y, 1000.0, None, w1)
+    tiled, correct = _extreme_run(x, y, 1000.0, chunk, w1)
+    for t, d in zip(tiled, truth, strict=True):
+        _close(t, d, torch.float64, "float64")
+    for t, d in zip(correct, truth_correct, strict=True):
+        assert torch.equal(t, d)
 
 
 # ----------------------------------------------------------------------------------------------

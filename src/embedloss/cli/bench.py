@@ -1,4 +1,4 @@
-"""``embedloss bench``: speed and memory of the InfoNCE losses against the GEMM floor and peers.
+"""``embedloss bench``: speed and memory of the tiled losses against the GEMM floor and peers.
 
 For each case (loss, N, D) it reports the median forward+backward time of
 
@@ -6,7 +6,8 @@ For each case (loss, N, D) it reports the median forward+backward time of
   ``A@Bᵀ``, ``G@B``, ``Gᵀ@A`` — on preallocated buffers (a lower bound, not a loss);
 * ``embedloss``: the library's loss module (``chunk_size="auto"``);
 * ``plain``: a straightforward materialising implementation (``logits = a@bᵀ/τ`` and
-  ``F.cross_entropy``, both ways for CLIP);
+  ``F.cross_entropy``, both ways for CLIP; ``−logsigmoid`` of every pair for SigLIP, as
+  open_clip's ``SigLipLoss`` writes it);
 * peers where available (``--peers``): ``openclip_style`` (both logit matrices, as open_clip's
   ``ClipLoss``) and ``pml_ntxent`` (pytorch-metric-learning's ``NTXentLoss``), from
   ``bench/peers.py``.
@@ -17,7 +18,7 @@ memory is measured for each implementation in a fresh subprocess: the growth of 
 (``resource.getrusage``) over its value after the inputs were allocated (on CUDA: the peak of
 ``torch.cuda.max_memory_allocated`` over the inputs).
 
-``--required`` runs the cases of the scale issue and checks its targets; ``--write`` puts the
+``--required`` runs the cases of the scale and huge-batch issues and checks their targets; ``--write`` puts the
 markdown table into ``docs/benchmarks.md`` (section "Speed and memory") and the figure into
 ``docs/benchmarks.png``. Also callable as ``python bench/bench_losses.py``.
 """
@@ -37,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ __all__ = [
     "REQUIRED_CASES",
     "Case",
     "add_arguments",
+    "check_huge_batches",
     "check_requirements",
     "format_markdown",
     "machine_info",
@@ -56,16 +58,18 @@ __all__ = [
 ]
 
 Step = Callable[[], None]
-LOSSES = ("clip", "simclr")
+LOSSES = ("clip", "simclr", "siglip")
 IMPLS = {
     "clip": ("embedloss", "plain", "openclip_style"),
     "simclr": ("embedloss", "plain", "pml_ntxent"),
+    "siglip": ("embedloss", "plain"),
 }
 PEERS = ("openclip_style", "pml_ntxent")
 #: Largest logit-matrix side a peer is run at: pytorch-metric-learning's NTXentLoss builds a
 #: (positive pairs × negative pairs) matrix, cubic in N (17 GiB of RSS at 1024 rows).
 PEER_MAX_ROWS = {"pml_ntxent": 512}
-TEMPERATURE = {"clip": 0.07, "simclr": 0.5}
+TEMPERATURE = {"clip": 0.07, "simclr": 0.5, "siglip": 0.1}
+SIGLIP_BIAS = -10.0
 #: Above this many bytes for the (rows × keys) float matrix, the floor is timed tile by tile on a
 #: sample of the tiles and extrapolated, and the materialising implementations are not run.
 MATERIALISE_LIMIT = 8 * 2**30
@@ -93,10 +97,11 @@ class Case:
         return f"{self.loss} N={self.n} D={self.d}"
 
 
-#: The cases of the scale issue (float32, 2-core CPU) and their targets.
+#: The cases of the scale and huge-batch issues (float32, 2-core CPU) and their targets.
 REQUIRED_CASES = (
     Case("clip", 8192, 512, repeats=5),
     Case("simclr", 4096, 512, repeats=5),
+    Case("siglip", 8192, 512, repeats=5),
     Case("clip", 16384, 512, repeats=1),
     Case("clip", 131072, 128, repeats=1, impls=("embedloss",)),
     Case("simclr", 256, 512, repeats=3),  # small enough for pytorch-metric-learning
@@ -127,6 +132,14 @@ def plain_simclr(z_a: Tensor, z_b: Tensor, temperature: float = 0.5) -> Tensor:
     return F.cross_entropy(logits, torch.cat([idx + n, idx]))
 
 
+def plain_siglip(image: Tensor, text: Tensor, temperature: float = 0.1) -> Tensor:
+    """The materialising SigLIP loss: every pair's ``−log σ(z·ℓ)``, ``z = 2I − 1``, over N."""
+    image, text = F.normalize(image, dim=1), F.normalize(text, dim=1)
+    logits = image @ text.T / temperature + SIGLIP_BIAS  # (N, N)
+    signs = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid(signs * logits).sum() / image.shape[0]
+
+
 def _peer(name: str, loss: str) -> Callable[[Tensor, Tensor], Tensor]:
     import peers  # type: ignore[import-not-found]  # bench/peers.py, put on sys.path by the runner
 
@@ -136,18 +149,16 @@ def _peer(name: str, loss: str) -> Callable[[Tensor, Tensor], Tensor]:
 
 def make_loss(impl: str, loss: str) -> Callable[[Tensor, Tensor], Tensor]:
     """The loss function ``f(a, b) -> scalar`` of an implementation."""
-    if impl == "embedloss":
-        from embedloss import CLIPLoss, SimCLRLoss
+    if impl in ("embedloss", "embedloss_dense"):
+        from embedloss import CLIPLoss, SigLIPLoss, SimCLRLoss
 
+        chunk: Literal["auto"] | None = "auto" if impl == "embedloss" else None
+        if loss == "siglip":  # learnable τ and bias, as trained
+            return SigLIPLoss(temperature=TEMPERATURE[loss], bias=SIGLIP_BIAS, chunk_size=chunk)
         module = CLIPLoss if loss == "clip" else SimCLRLoss
-        return module(temperature=TEMPERATURE[loss])
-    if impl == "embedloss_dense":
-        from embedloss import CLIPLoss, SimCLRLoss
-
-        module = CLIPLoss if loss == "clip" else SimCLRLoss
-        return module(temperature=TEMPERATURE[loss], chunk_size=None)
+        return module(temperature=TEMPERATURE[loss], chunk_size=chunk)
     if impl == "plain":
-        fn = plain_clip if loss == "clip" else plain_simclr
+        fn = {"clip": plain_clip, "simclr": plain_simclr, "siglip": plain_siglip}[loss]
         return lambda a, b: fn(a, b, TEMPERATURE[loss])
     if impl in PEERS:
         return _peer(impl, loss)
@@ -214,12 +225,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(step: Step, device: str) -> float:
+def _timed(step: Step, device: str, clock: str = "wall") -> float:
+    """Seconds of one ``step``: wall time, or this process's CPU time (``clock="cpu"``).
+
+    CPU time counts only the cycles this process ran, so on a shared machine other jobs do not
+    inflate it; it equals the wall time of a single-threaded run (with several threads it adds
+    up every thread, spin-waits included), so use it with ``--threads 1``.
+    """
+    now = (
+        time.process_time if clock == "cpu" and not device.startswith("cuda") else time.perf_counter
+    )
     _sync(device)
-    t0 = time.perf_counter()
+    t0 = now()
     step()
     _sync(device)
-    return time.perf_counter() - t0
+    return now() - t0
 
 
 def _materialise_bytes(case: Case, dtype: torch.dtype) -> int:
@@ -240,7 +260,7 @@ def _peak_rss() -> int:
 
 
 def time_worker(
-    case: Case, impls: Sequence[str], device: str, dtype: torch.dtype
+    case: Case, impls: Sequence[str], device: str, dtype: torch.dtype, clock: str = "wall"
 ) -> dict[str, Any]:
     """Median forward+backward seconds of the floor and each implementation, interleaved."""
     huge = _materialise_bytes(case, dtype) > MATERIALISE_LIMIT
@@ -277,7 +297,7 @@ def time_worker(
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(case.repeats):
         for name, step in steps.items():
-            times[name].append(_timed(step, device))
+            times[name].append(_timed(step, device, clock))
     median = {
         name: statistics.median(ts) * (floor_scale if name == "floor" else 1.0)
         for name, ts in times.items()
@@ -290,7 +310,9 @@ def time_worker(
     }
 
 
-def memory_worker(case: Case, impl: str, device: str, dtype: torch.dtype) -> dict[str, Any]:
+def memory_worker(
+    case: Case, impl: str, device: str, dtype: torch.dtype, clock: str = "wall"
+) -> dict[str, Any]:
     """Peak extra memory of one forward+backward, measured over the allocated inputs."""
     small = Case(case.loss, min(case.n, 64), case.d)
     sa, sb = make_inputs(small, device, dtype)
@@ -307,7 +329,7 @@ def memory_worker(case: Case, impl: str, device: str, dtype: torch.dtype) -> dic
         peak = torch.cuda.max_memory_allocated() - base
     else:
         base = _peak_rss()
-        seconds = _timed(step, device)
+        seconds = _timed(step, device, clock)
         peak = _peak_rss() - base
     return {"peak_bytes": max(peak, 0), "seconds": seconds}
 
@@ -319,10 +341,10 @@ def worker_main(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(int(threads))
     case = Case(spec["loss"], spec["n"], spec["d"], spec.get("repeats", 3))
     dtype = getattr(torch, spec.get("dtype", "float32"))
-    device = spec.get("device", "cpu")
+    device, clock = spec.get("device", "cpu"), spec.get("clock", "wall")
     if spec["kind"] == "time":
-        return time_worker(case, spec["impls"], device, dtype)
-    return memory_worker(case, spec["impl"], device, dtype)
+        return time_worker(case, spec["impls"], device, dtype, clock)
+    return memory_worker(case, spec["impl"], device, dtype, clock)
 
 
 def _spawn(spec: dict[str, Any], peers_dir: str | None, timeout: float) -> dict[str, Any]:
@@ -389,6 +411,7 @@ def run_suite(
     memory: bool = True,
     timeout: float = 3600.0,
     log: Callable[[str], None] = print,
+    clock: str = "wall",
 ) -> list[CaseResult]:
     """Run every case: one timing subprocess, then one memory subprocess per implementation."""
     results = []
@@ -398,7 +421,7 @@ def run_suite(
             impls = [i for i in impls if i not in PEERS]
         res = CaseResult(case)
         common = {"loss": case.loss, "n": case.n, "d": case.d, "repeats": case.repeats}
-        common.update({"device": device, "dtype": dtype, "threads": threads})
+        common.update({"device": device, "dtype": dtype, "threads": threads, "clock": clock})
         log(f"[bench] {case.label}: timing {', '.join(['floor', *impls])}")
         out = _spawn({**common, "kind": "time", "impls": impls}, peers_dir, timeout)
         if "error" in out:
@@ -503,6 +526,29 @@ def check_requirements(results: Sequence[CaseResult]) -> list[Check]:
     return checks
 
 
+def check_huge_batches(results: Sequence[CaseResult]) -> list[Check]:
+    """The huge-batch issue's targets (time over the GEMM floor), for the cases present."""
+    checks = []
+    targets = (
+        ("clip", 8192, 512, 1.4),
+        ("clip", 16384, 512, 1.4),
+        ("simclr", 4096, 512, 1.15),
+        ("siglip", 8192, 512, 1.15),
+    )
+    for loss, n, d, limit in targets:
+        r = _find(results, loss, n, d)
+        if r is not None:
+            value = r.ratio("embedloss")
+            text = f"{loss} N={n} D={d}: fwd+bwd / GEMM floor"
+            checks.append(Check(text, value, limit, value is not None and value <= limit))
+    r = _find(results, "siglip", 8192, 512)
+    if r is not None:
+        value = r.memory_ratio("embedloss")
+        text = "siglip N=8192 D=512: peak memory / plain"
+        checks.append(Check(text, value, 0.2, value is not None and value <= 0.2))
+    return checks
+
+
 def format_checks(checks: Sequence[Check]) -> str:
     """The checks as a markdown list."""
     lines = []
@@ -559,19 +605,29 @@ def format_section(
         + (f" ({m['gpu']})" if "gpu" in m else "")
         + ".",
         "",
-        "Forward+backward medians over interleaved rounds in one process per case; `× floor` is "
+        (
+            "Times are this process's CPU time (single thread: other jobs on the machine do not "
+            "count). "
+            if m.get("clock") == "cpu"
+            else ""
+        )
+        + "Forward+backward medians over interleaved rounds in one process per case; `× floor` is "
         "the ratio to the three GEMMs `A@Bᵀ`, `G@B`, `Gᵀ@A` at the same shapes timed in that "
         "process; peak extra memory is the growth of the peak RSS over the allocated inputs, "
         "each implementation in a fresh process. `plain` is the straightforward materialising "
-        "loss (`logits = a@bᵀ/τ`, `F.cross_entropy` both ways); `openclip_style` builds both "
-        "logit matrices as open_clip's `ClipLoss` does. Every per-round time is in "
+        "loss (`logits = a@bᵀ/τ`, `F.cross_entropy` both ways; `−logsigmoid` of every pair for "
+        "SigLIP); `openclip_style` builds both logit matrices as open_clip's `ClipLoss` does. "
+        "Every per-round time is in "
         "`benchmarks.json`.",
         "",
-        'How embedloss gets there (`embedloss/ops/chunked.py`, `chunk_size="auto"`): row tiles '
-        "of the logits (about 16 MiB each) with exact row log-sum-exps, never an N×N buffer. "
-        "SimCLR / InfoNCE compute their gradients during the forward (the 3 GEMMs of the floor, "
-        "one `exp` per logit); CLIP accumulates the column log-sum-exps online and recomputes "
-        "each tile once in the backward (4 GEMM units, one `exp` per logit per pass).",
+        'How embedloss gets there (`embedloss/ops/chunked.py`, `ops/sigmoid.py`, `chunk_size="auto"`): '
+        "row tiles of the logits (about 16 MiB each), never an N×N buffer, logits in base-2 units "
+        "so that every exponential is an `exp2`. SimCLR / InfoNCE compute exact row "
+        "log-sum-exps and their gradients during the forward (the 3 GEMMs of the floor, one "
+        "`exp2` per logit); SigLIP needs no log-sum-exp and does the same (one `softplus` and "
+        "one `sigmoid` per logit); CLIP merges the column log-sum-exps online and recomputes each "
+        "tile once in the backward (4 GEMM units; each direction exponentiated against its own "
+        "maxima, so two `exp2` per logit per pass, exact at any temperature).",
         "",
         format_markdown(results),
         "",
@@ -579,6 +635,9 @@ def format_section(
     ]
     if checks:
         parts += ["", "Targets of the scale issue:", "", format_checks(checks)]
+    huge = check_huge_batches(results)
+    if huge:
+        parts += ["", "Targets of the huge-batch issue:", "", format_checks(huge)]
     notes = [f"- {r.case.label}: {k}: {v}" for r in results for k, v in r.notes.items()]
     if notes:
         parts += ["", "Notes:", "", *notes]
@@ -679,7 +738,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--required",
         action="store_true",
-        help="the scale issue's cases and targets (clip N=8192/16384/131072, simclr N=4096)",
+        help="the scale and huge-batch issues' cases and targets "
+        "(clip N=8192/16384/131072, simclr N=4096, siglip N=8192)",
     )
     parser.add_argument(
         "--case",
@@ -698,6 +758,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "cpu"),
+        help="time steps by wall clock (default) or by this process's CPU time (with "
+        "--threads 1: unaffected by other jobs on a shared machine)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument(
         "--write",
@@ -718,11 +785,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark described by ``args``; 0 on success, 1 if a target is missed."""
-    if args.worker is not None:
-        print(json.dumps(worker_main(json.loads(args.worker))))
-        return 0
+def _cases(args: argparse.Namespace) -> list[Case]:
+    """The cases ``args`` ask for (``--case``, ``--required`` or the quick ones)."""
     if args.case:
         cases = list(args.case)
     elif args.required:
@@ -731,29 +795,48 @@ def run(args: argparse.Namespace) -> int:
         cases = list(QUICK_CASES)
     if args.repeats is not None:
         cases = [Case(c.loss, c.n, c.d, max(1, args.repeats), c.impls) for c in cases]
+    return cases
+
+
+def _measure(args: argparse.Namespace) -> tuple[list[CaseResult], dict[str, Any]]:
+    """Run the suite for ``args``; the machine description records the timing flags."""
     peers_dir = args.peers_dir
     if peers_dir is None and Path("bench", "peers.py").exists():
         peers_dir = str(Path("bench").resolve())
+    clock = getattr(args, "clock", "wall")
+    results = run_suite(
+        _cases(args),
+        peers=args.peers or args.required,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        peers_dir=peers_dir,
+        memory=not args.no_memory,
+        timeout=args.timeout,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+        clock=clock,
+    )
+    flags = f" --threads {args.threads}" if args.threads else ""
+    flags += " --clock cpu" if clock == "cpu" else ""
+    return results, {**machine_info(args.threads, args.device), "clock": clock, "flags": flags}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark described by ``args``; 0 on success, 1 if a target is missed."""
+    if args.worker is not None:
+        print(json.dumps(worker_main(json.loads(args.worker))))
+        return 0
     if args.from_json is not None:
         results, machine = load_results(args.from_json)
     else:
-        results = run_suite(
-            cases,
-            peers=args.peers or args.required,
-            device=args.device,
-            dtype=args.dtype,
-            threads=args.threads,
-            peers_dir=peers_dir,
-            memory=not args.no_memory,
-            timeout=args.timeout,
-            log=lambda s: print(s, file=sys.stderr, flush=True),
-        )
-        machine = machine_info(args.threads, args.device)
+        results, machine = _measure(args)
     checks = check_requirements(results)
+    huge = check_huge_batches(results)
     print(format_markdown(results))
-    if checks:
-        print()
-        print(format_checks(checks))
+    for group in (checks, huge):
+        if group:
+            print()
+            print(format_checks(group))
     payload = {
         "machine": machine,
         "results": [
@@ -765,12 +848,13 @@ def run(args: argparse.Namespace) -> int:
             }
             for r in results
         ],
-        "checks": [asdict(c) for c in checks],
+        "checks": [asdict(c) for c in (*checks, *huge)],
     }
     json_path = args.json if args.from_json is None else None
     if args.write:
         args.docs.mkdir(parents=True, exist_ok=True)
         command = "python bench/bench_losses.py" + (" --required" if args.required else "")
+        command += machine.get("flags", "")
         write_section(
             args.docs / "benchmarks.md", format_section(results, checks, machine, command)
         )
@@ -779,7 +863,7 @@ def run(args: argparse.Namespace) -> int:
             json_path = json_path or args.docs / "benchmarks.json"
     if json_path is not None:
         json_path.write_text(json.dumps(payload, indent=2) + "\n")
-    return 0 if all(c.ok for c in checks) else 1
+    return 0 if all(c.ok for c in (*checks, *huge)) else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

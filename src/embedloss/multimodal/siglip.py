@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float, check_pair, check_tensor, on_host
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.base.mixins import register_scalar
-from embedloss.ops.anchors import AnchorLosses, pair_masks
+from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.info_nce import ContrastiveOptions, PairedResult
 from embedloss.ops.layouts import paired_layout
-from embedloss.ops.similarity import pair_similarity_terms, similarity_matrix
+from embedloss.ops.sigmoid import sigmoid_pairs
+from embedloss.ops.similarity import pair_similarity_terms
 from embedloss.registry import register_loss
 
 __all__ = ["SigLIPLoss", "siglip_loss"]
@@ -38,27 +38,32 @@ def _siglip(
     labels: Tensor | None,
     bias: float | Tensor,
     options: ContrastiveOptions,
+    negative_only: bool = False,
 ) -> PairedResult:
     """Per-image row sums ``L_i = −Σ_j log σ(z_ij·ℓ_ij)`` ``(n,)``, reduced.
 
     With ``gather_distributed`` the texts of every rank are gathered (with gradient) and each
     rank's images are scored against all of them, so the rows of all ranks together cover every
     image–text pair of the global batch exactly once. ``correct`` marks images whose top-scoring
-    text is a positive; every anchor is ``valid``.
+    text is a positive; every anchor is ``valid``. The rows come from
+    :func:`~embedloss.ops.sigmoid.sigmoid_pairs` (tiled for large batches, dense for tiny ones).
     """
     check_pair(image_embeddings, text_embeddings, *NAMES, labels)
+    if check_bool(negative_only, "negative_only") and labels is not None:
+        raise ValueError("labels cannot be combined with negative_only (every pair is negative)")
     img, txt = options.prepare(image_embeddings, text_embeddings)
     b = bias.to(img.dtype) if isinstance(bias, Tensor) else bias
     keys, spec = paired_layout(img, txt, labels, options.gather_distributed)
-    rows = torch.arange(img.shape[0], device=img.device)
-    cols = torch.arange(keys.shape[0], device=img.device)
-    positive, _ = pair_masks(spec, rows, cols)  # (n, N)
-    logits = similarity_matrix(img, keys, options.scale_as(img.dtype)) + b  # (n, N)
-    signs = positive.to(logits.dtype) * 2 - 1  # z_ij: +1 positive, −1 negative
-    loss = -F.logsigmoid(signs * logits).sum(dim=1)  # (n,)
-    with torch.no_grad():
-        correct = positive.gather(1, logits.argmax(dim=1, keepdim=True)).squeeze(1)
-    result = AnchorLosses(loss, torch.ones_like(correct), correct)
+    result = sigmoid_pairs(
+        img,
+        keys,
+        options.scale_as(img.dtype),
+        b,
+        spec,
+        negative_only=negative_only,
+        chunk_size=options.chunk_size,
+        reduced=options.reduced,
+    )
     return PairedResult(options.reduce(result), (result,), img, txt)
 
 
@@ -71,7 +76,9 @@ def siglip_loss(
     labels: Tensor | None = None,
     reduction: str = "mean",
     normalize: bool = True,
+    chunk_size: ChunkSize = "auto",
     gather_distributed: bool = False,
+    negative_only: bool = False,
 ) -> Tensor:
     r"""The pairwise sigmoid loss of SigLIP (Zhai et al. 2023, Eq. 1 and Algorithm 1).
 
@@ -94,15 +101,22 @@ def siglip_loss(
         reduction: ``"mean"`` (the paper's ``L``), ``"sum"`` (``N·L``) or ``"none"``: the
             ``(N,)`` per-image row sums ``−Σ_j log σ(z_ij·ℓ_ij)``, whose mean is ``L``.
         normalize: L2-normalise the inputs first (default True).
+        chunk_size: ``None`` (dense logits), an int (row tiles of that many images, exact, with
+            O((N + M)·D) memory; see :mod:`embedloss.ops.sigmoid`) or ``"auto"`` (dense for
+            tiny batches, tiles above).
         gather_distributed: Score local images against the texts of every rank; the mean over
             ranks of the returned losses is the single-process loss of the global batch.
+        negative_only: Every pair is a negative (``z_ij = −1``), as when a rank scores its
+            images against a block of another rank's texts; no ``labels`` then.
 
     Shape:
         image_embeddings, text_embeddings: ``(N, D)``; output: scalar, or ``(N,)`` for ``"none"``.
 
     Raises:
         ValueError: For mismatched shapes, an empty batch, labels of the wrong length, τ <= 0,
-            a non-finite bias or an unknown reduction.
+            a non-finite bias, an unknown reduction, or labels with ``negative_only``.
+        TypeError: For a ``chunk_size`` that is not None, "auto" or an int, or a non-bool
+            ``negative_only``.
 
     Example:
         >>> import math
@@ -112,8 +126,11 @@ def siglip_loss(
         >>> round(loss.item(), 6) == round(expected, 6)
         True
     """
-    options = ContrastiveOptions.create(temperature, reduction, normalize, None, gather_distributed)
-    return _siglip(image_embeddings, text_embeddings, labels, _check_bias(bias), options).loss
+    options = ContrastiveOptions.create(
+        temperature, reduction, normalize, chunk_size, gather_distributed
+    )
+    bias = _check_bias(bias)
+    return _siglip(image_embeddings, text_embeddings, labels, bias, options, negative_only).loss
 
 
 @register_loss("siglip")
@@ -123,8 +140,9 @@ class SigLIPLoss(BaseContrastiveLoss):
     See :func:`siglip_loss` for the formula (Zhai et al. 2023, Eq. 1). The temperature is stored
     as ``logit_scale = log(1/τ)`` (the paper's ``t'``; default ``log 10``), clamped at 100, and
     the bias as ``logit_bias``; each is an ``nn.Parameter`` when learnable, else a buffer.
-    The loss is elementwise over pairs and does not go through the InfoNCE core, so it has no
-    ``chunk_size`` option. Terms: ``accuracy`` (an image's top-scoring text is a positive),
+    Large batches are scored in row tiles (``chunk_size``, exact, O((N + M)·D) memory); the
+    ``negative_only`` argument of :meth:`compute` / :meth:`forward` makes every pair a negative
+    (a block of another rank's texts). Terms: ``accuracy`` (an image's top-scoring text is a positive),
     ``positive_similarity``, ``negative_similarity``, ``temperature``, ``bias``.
 
     Args:
@@ -134,6 +152,7 @@ class SigLIPLoss(BaseContrastiveLoss):
         learnable_bias: Learn ``logit_bias`` (default True, as in the paper).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-image row sums, see :func:`siglip_loss`).
         normalize: L2-normalise inputs (default True).
+        chunk_size: Tiling: ``None`` dense, an int tiles, ``"auto"`` picks (default).
         gather_distributed: Score local images against the texts of all ranks (DDP).
 
     Raises:
@@ -159,6 +178,7 @@ class SigLIPLoss(BaseContrastiveLoss):
         learnable_bias: bool = True,
         reduction: str = "mean",
         normalize: bool = True,
+        chunk_size: ChunkSize = "auto",
         gather_distributed: bool = False,
     ) -> None:
         super().__init__(
@@ -166,7 +186,7 @@ class SigLIPLoss(BaseContrastiveLoss):
             learnable_temperature=learnable_temperature,
             reduction=reduction,
             normalize=normalize,
-            chunk_size=None,
+            chunk_size=chunk_size,
             gather_distributed=gather_distributed,
         )
         self._learnable_bias = check_bool(learnable_bias, "learnable_bias")
@@ -184,11 +204,13 @@ class SigLIPLoss(BaseContrastiveLoss):
         labels: Tensor | None,
         logit_scale: Tensor | None,
         logit_bias: Tensor | None,
+        negative_only: bool,
     ) -> PairedResult:
         bias = self.logit_bias if logit_bias is None else check_tensor(logit_bias, "logit_bias")
         if bias.numel() != 1:
             raise ValueError(f"logit_bias must be a scalar tensor, got shape {tuple(bias.shape)}")
-        return _siglip(image, text, labels, bias.reshape(()), self.options(logit_scale))
+        options = self.options(logit_scale)
+        return _siglip(image, text, labels, bias.reshape(()), options, negative_only)
 
     def compute(
         self,
@@ -197,9 +219,16 @@ class SigLIPLoss(BaseContrastiveLoss):
         labels: Tensor | None = None,
         logit_scale: Tensor | None = None,
         logit_bias: Tensor | None = None,
+        *,
+        negative_only: bool = False,
     ) -> LossOutput:
-        """Loss and terms; ``logit_scale``/``logit_bias`` (0-d) override the module's own."""
-        result = self._result(image_embeddings, text_embeddings, labels, logit_scale, logit_bias)
+        """Loss and terms; ``logit_scale``/``logit_bias`` (0-d) override the module's own.
+
+        ``negative_only`` makes every pair a negative (see :func:`siglip_loss`).
+        """
+        result = self._result(
+            image_embeddings, text_embeddings, labels, logit_scale, logit_bias, negative_only
+        )
         bias = self.logit_bias if logit_bias is None else logit_bias
         extra = {"bias": bias.reshape(()), **pair_similarity_terms(result.a, result.b)}
         return self.paired_output(result, self.options(logit_scale), None, **extra)
@@ -211,9 +240,13 @@ class SigLIPLoss(BaseContrastiveLoss):
         labels: Tensor | None = None,
         logit_scale: Tensor | None = None,
         logit_bias: Tensor | None = None,
+        *,
+        negative_only: bool = False,
     ) -> Tensor:
         """The SigLIP loss (see :meth:`compute`)."""
-        return self._result(image_embeddings, text_embeddings, labels, logit_scale, logit_bias).loss
+        return self._result(
+            image_embeddings, text_embeddings, labels, logit_scale, logit_bias, negative_only
+        ).loss
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""
