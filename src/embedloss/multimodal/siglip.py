@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float, check_pair, check_tensor, on_host
 from embedloss.base.base_loss import LossOutput
-from embedloss.base.contrastive import BaseContrastiveLoss
+from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.base.mixins import register_scalar
-from embedloss.ops.anchors import ChunkSize
-from embedloss.ops.info_nce import ContrastiveOptions, PairedResult
+from embedloss.ops.info_nce import (
+    ContrastiveKeywords,
+    ContrastiveOptions,
+    PairedResult,
+    contrastive_keywords,
+)
 from embedloss.ops.layouts import paired_layout
 from embedloss.ops.sigmoid import sigmoid_pairs
 from embedloss.ops.similarity import pair_similarity_terms
 from embedloss.registry import register_loss
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["SigLIPLoss", "siglip_loss"]
 
@@ -67,18 +76,15 @@ def _siglip(
     return PairedResult(options.reduce(result), (result,), img, txt)
 
 
+@contrastive_keywords()
 def siglip_loss(
     image_embeddings: Tensor,
     text_embeddings: Tensor,
     *,
-    temperature: float | Tensor = 0.1,
     bias: float | Tensor = -10.0,
     labels: Tensor | None = None,
-    reduction: str = "mean",
-    normalize: bool = True,
-    chunk_size: ChunkSize = "auto",
-    gather_distributed: bool = False,
     negative_only: bool = False,
+    **keywords: Unpack[ContrastiveKeywords],
 ) -> Tensor:
     r"""The pairwise sigmoid loss of SigLIP (Zhai et al. 2023, Eq. 1 and Algorithm 1).
 
@@ -126,15 +132,13 @@ def siglip_loss(
         >>> round(loss.item(), 6) == round(expected, 6)
         True
     """
-    options = ContrastiveOptions.create(
-        temperature, reduction, normalize, chunk_size, gather_distributed
-    )
+    options = ContrastiveOptions.create(**keywords)
     bias = _check_bias(bias)
     return _siglip(image_embeddings, text_embeddings, labels, bias, options, negative_only).loss
 
 
 @register_loss("siglip")
-class SigLIPLoss(BaseContrastiveLoss):
+class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
     """SigLIP's pairwise sigmoid image–text loss with a learnable temperature and bias.
 
     See :func:`siglip_loss` for the formula (Zhai et al. 2023, Eq. 1). The temperature is stored
@@ -172,23 +176,11 @@ class SigLIPLoss(BaseContrastiveLoss):
     def __init__(
         self,
         *,
-        temperature: float = 0.1,
         bias: float = -10.0,
-        learnable_temperature: bool = True,
         learnable_bias: bool = True,
-        reduction: str = "mean",
-        normalize: bool = True,
-        chunk_size: ChunkSize = "auto",
-        gather_distributed: bool = False,
+        **options: Unpack[ContrastiveArgs],
     ) -> None:
-        super().__init__(
-            temperature=temperature,
-            learnable_temperature=learnable_temperature,
-            reduction=reduction,
-            normalize=normalize,
-            chunk_size=chunk_size,
-            gather_distributed=gather_distributed,
-        )
+        super().__init__(**options)
         self._learnable_bias = check_bool(learnable_bias, "learnable_bias")
         register_scalar(self, "logit_bias", check_float(bias, "bias"), learnable_bias)
 

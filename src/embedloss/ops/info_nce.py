@@ -10,11 +10,9 @@ A loss hands its options to these functions as one :class:`ContrastiveOptions` o
 from __future__ import annotations
 
 import dataclasses
-import functools
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypedDict, TypeVar, cast
+from typing import Any, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -36,6 +34,7 @@ from embedloss.ops.anchors import (
     dense_anchor_losses,
     reduce_anchor_losses,
 )
+from embedloss.ops.keywords import F, keyword_options
 from embedloss.ops.layouts import paired_layout, two_view_layout
 from embedloss.ops.similarity import inverse_temperature, prepare_embeddings, scale_from_logit
 
@@ -144,42 +143,14 @@ class SmoothedKeywords(ContrastiveKeywords, total=False):
     label_smoothing: float
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
 def contrastive_keywords(keywords: type = ContrastiveKeywords, **defaults: Any) -> Callable[[F], F]:
     """Decorator: a functional loss takes the ``keywords`` options, with these defaults.
 
-    The function is written ``fn(inputs..., *, its_own=..., **options: Unpack[keywords])`` and
-    passes ``options`` to :meth:`ContrastiveOptions.create`; the decorator gives it the full,
-    explicit signature (its own parameters, then the options with their defaults, as
-    ``inspect.signature`` and ``help`` show), fills in the defaults and refuses an unknown
-    keyword with ``TypeError``, as Python does for an explicit signature.
+    :func:`~embedloss.ops.keywords.keyword_options` over :meth:`ContrastiveOptions.create`: the
+    function is written ``fn(inputs..., *, its_own=..., **keywords: Unpack[ContrastiveKeywords])``
+    and gets the full, explicit signature.
     """
-    names = list(keywords.__annotations__)
-    create = inspect.signature(ContrastiveOptions.create).parameters
-
-    def decorate(fn: F) -> F:
-        signature = inspect.signature(fn)
-        own = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-        extra = [
-            create[n].replace(
-                kind=inspect.Parameter.KEYWORD_ONLY, default=defaults.get(n, create[n].default)
-            )
-            for n in names
-        ]
-        full = signature.replace(parameters=[*own, *extra])
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            bound = full.bind(*args, **kwargs)
-            bound.apply_defaults()
-            return fn(*bound.args, **bound.kwargs)
-
-        wrapper.__signature__ = full  # type: ignore[attr-defined]
-        return cast(F, wrapper)
-
-    return decorate
+    return keyword_options(ContrastiveOptions.create, keywords, **defaults)
 
 
 class PairedResult(NamedTuple):
