@@ -160,9 +160,7 @@ def nested_table(docs: dict[str, dict[str, Any]]) -> list[str]:
     """Matryoshka's metrics at each nested size, beside the random encoder's."""
     lines: list[str] = []
     for name, doc in docs.items():
-        dims = sorted(
-            {int(k.split("/")[0][4:]) for k in doc["metrics"] if k.startswith("dim_")}
-        )
+        dims = sorted({int(k.split("/")[0][4:]) for k in doc["metrics"] if k.startswith("dim_")})
         if not dims:
             continue
         kwargs = make_plan({"name": name}, "auto").loss_kwargs
@@ -177,9 +175,7 @@ def nested_table(docs: dict[str, dict[str, Any]]) -> list[str]:
         rand = doc["baselines"]["random_encoder"]
         for d in [*dims, full]:
             key = (lambda m: m) if d == full else (lambda m, d=d: f"dim_{d}/{m}")
-            cells = [
-                f"{doc['metrics'][key(m)]:.3f} ({rand[key(m)]:.3f})" for m in NESTED_METRICS
-            ]
+            cells = [f"{doc['metrics'][key(m)]:.3f} ({rand[key(m)]:.3f})" for m in NESTED_METRICS]
             lines.append(f"| {d} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -223,9 +219,7 @@ def settings(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
             parts = [f"{k} {v}" for k, v in SETTINGS.get(name, {}).items()]
             info = loss_info(name)
             defaults = {p.name: p.default for p in info.signature.parameters.values()}
-            parts += [
-                f"{k}={v}" for k, v in plan.loss_kwargs.items() if defaults.get(k, None) != v
-            ]
+            parts += [f"{k}={v}" for k, v in plan.loss_kwargs.items() if defaults.get(k) != v]
             if method["teacher_momentum"] is not None:
                 parts.append(
                     f"EMA teacher {method['teacher_momentum']} ({method['teacher_schedule']})"

@@ -34,8 +34,12 @@ def test_section_replaced_in_place_keeping_the_others(quality, tmp_path):
 
 
 def test_tasks_of_the_registry(quality):
-    by_task, skipped = quality.plan_losses(["simclr", "clip", "info_nce"])
-    assert by_task == {"ssl": ["simclr", "info_nce"], "paired": ["clip"], "supervised": []}
+    by_task, skipped = quality.plan_losses(["simclr", "clip", "info_nce", "dino", "triplet"])
+    assert by_task == {
+        "ssl": ["simclr", "info_nce", "dino"],
+        "paired": ["clip"],
+        "supervised": ["triplet"],
+    }
     assert skipped == {}
 
 
@@ -63,3 +67,50 @@ def test_table_and_findings(quality, tmp_path, capsys):
     )
     assert "- `boom` (ssl) failed to train: exploded" in section
     assert "- `combined`: needs a config" in section
+
+
+def _doc(metric: float, extra: dict | None = None) -> dict:
+    metrics = {"knn_accuracy": metric, **(extra or {})}
+    return {
+        "metrics": metrics,
+        "seconds": {"train": 1.0},
+        "baselines": {
+            "random_encoder": {k: 0.1 for k in metrics},
+            "raw_features": {"knn_accuracy": 0.2},
+        },
+    }
+
+
+def test_targets_settings_and_nested_sizes(quality):
+    nested = {f"dim_{d}/{m}": 0.5 for d in (8, 16, 32) for m in quality.NESTED_METRICS}
+    nested.update(precision_at_1=0.6, map_at_r=0.4)
+    results = {
+        "ssl": {"simclr": _doc(0.90), "moco": _doc(0.88), "dino": _doc(0.80)},
+        "paired": {},
+        "supervised": {"matryoshka": _doc(0.95, nested)},
+    }
+    empty = {"ssl": {}, "paired": {}, "supervised": {}}
+    section = quality.render(results, empty, {}, {}, 1.0)
+    assert (
+        "- PASS: `moco` 0.880 vs `simclr` 0.900 on k-NN acc. (perturbed): trails by 0.020"
+        in section
+    )
+    assert (
+        "- MISS: `dino` 0.800 vs `simclr` 0.900" in section and "negative_cosine` 0" not in section
+    )
+    assert (
+        "- `dino`: lr 0.005, EMA teacher 0.996 (cosine), local_crops 4, prototypes 256" in section
+    )
+    assert "- `moco`: queue_size=1024, EMA teacher 0.99 (constant)" in section
+    assert "**`matryoshka` at its nested sizes**" in section and "supcon inside" in section
+    assert "| 8 | 0.500 (0.100) | 0.500 (0.100) | 0.500 (0.100) |" in section
+    assert "| 64 | 0.950 (0.100) | 0.600 (0.100) | 0.400 (0.100) |" in section
+    assert "ssl: 40 epochs, batch 64; paired: 20 epochs, batch 128" in section
+    # the task's budget and a loss's settings reach its run; flags win
+    assert quality.run_overrides("dino", "ssl", {"seed": 1}) == {
+        "epochs": 40,
+        "batch_size": 64,
+        "lr": 0.005,
+        "seed": 1,
+    }
+    assert quality.run_overrides("clip", "paired", {"epochs": 2}) == {"epochs": 2}
