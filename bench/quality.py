@@ -1,6 +1,7 @@
 """Quality table: every registered loss trained on its task with the same budget and seed.
 
     python bench/quality.py                 # all losses, the task budgets below
+    python bench/quality.py --jobs 2        # two runs at a time (each on one thread)
     python bench/quality.py --losses simclr,clip --epochs 5 --no-write
 
 Each loss runs `embedloss train`'s own code (in this process, one loss after another) on the
@@ -326,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--no-write", action="store_true", help="print the section only")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at a time, in worker processes (default 1)"
+    )
     args = parser.parse_args(argv)
     names = args.losses.split(",") if args.losses else list_losses()
     overrides: dict[str, Any] = {"seed": args.seed}
@@ -335,18 +339,33 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in TASKS}
     errors: dict[str, dict[str, str]] = {t: {} for t in TASKS}
     start = time.perf_counter()
-    for task in TASKS:
-        for name in by_task[task]:
-            print(f"[{task}] {name} ...", end=" ", flush=True)
-            try:
+    jobs = [(task, name) for task in TASKS for name in by_task[task]]
+    pool = None
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
+        futures = {
+            job: pool.submit(run_one, job[1], run_overrides(job[1], job[0], overrides))
+            for job in jobs
+        }
+    for task, name in jobs:  # the table's order, whatever order the workers finish in
+        print(f"[{task}] {name} ...", end=" ", flush=True)
+        try:
+            if pool is None:
                 doc = run_one(name, run_overrides(name, task, overrides))
-            except Exception as err:  # a failing loss is a finding for the table, not a crash
-                errors[task][name] = " ".join(str(err).split())[:200]
-                print(f"FAILED: {errors[task][name]}", flush=True)
-                continue
-            results[task][name] = doc
-            key = PRIMARY_METRIC[task]
-            print(f"{key} {doc['metrics'][key]:.3f} ({doc['wall_seconds']:.1f} s)", flush=True)
+            else:
+                doc = futures[(task, name)].result()
+        except Exception as err:  # a failing loss is a finding for the table, not a crash
+            errors[task][name] = " ".join(str(err).split())[:200]
+            print(f"FAILED: {errors[task][name]}", flush=True)
+            continue
+        results[task][name] = doc
+        key = PRIMARY_METRIC[task]
+        print(f"{key} {doc['metrics'][key]:.3f} ({doc['wall_seconds']:.1f} s)", flush=True)
+    if pool is not None:
+        pool.shutdown()
     section = render(results, errors, skipped, overrides, time.perf_counter() - start)
     print()
     print(section)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # Imported by name from bench/ (on sys.path, which worker processes inherit), so that its
+    # functions pickle for --jobs.
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    return importlib.import_module("quality")
 
 
 def test_section_replaced_in_place_keeping_the_others(quality, tmp_path):
@@ -79,6 +81,19 @@ def _doc(metric: float, extra: dict | None = None) -> dict:
             "raw_features": {"knn_accuracy": 0.2},
         },
     }
+
+
+def test_worker_processes_give_the_same_numbers(quality, capsys):
+    args = ["--losses", "clip,supcon", "--epochs", "1", "--no-write"]
+    assert quality.main(args) == 0
+    alone = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert quality.main([*args, "--jobs", "2"]) == 0
+    pooled = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+
+    def metrics(lines):  # every column but the training time
+        return [line.rsplit("|", 2)[0] for line in lines]
+
+    assert len(alone) == 2 and metrics(pooled) == metrics(alone)
 
 
 def test_targets_settings_and_nested_sizes(quality):
