@@ -52,6 +52,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "dino": {"lr": 0.005},
     "ibot_patch": {"lr": 0.005},
 }
+#: For ``matryoshka``: the same wrapped loss at the full size only, measured at the same prefixes
+#: (what the nesting buys at the small sizes, and costs at the full one).
+NESTED_REFERENCE = {"loss": "supcon", "dims": [64]}
+
 #: The issue's targets: (loss, reference, the most the loss may trail on the task's metric).
 TARGETS = (("moco", "simclr", 0.05), ("negative_cosine", "simclr", 0.05), ("dino", "simclr", 0.05))
 #: The losses of this round: each must beat the random encoder (a miss is explained).
@@ -100,7 +104,7 @@ def run_overrides(name: str, task: str, overrides: dict[str, Any]) -> dict[str, 
     return {**BUDGETS.get(task, {}), **SETTINGS.get(name, {}), **overrides}
 
 
-def run_one(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
+def run_one(name: str | dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     cfg = resolve_config({"loss": name, **overrides})
     start = time.perf_counter()
     doc = run_training(cfg, progress=False, stream=io.StringIO())
@@ -157,8 +161,10 @@ def _budget(task: str, overrides: dict[str, Any]) -> str:
     return f"{cfg['epochs']} epochs, batch {cfg['batch_size']}"
 
 
-def nested_table(docs: dict[str, dict[str, Any]]) -> list[str]:
-    """Matryoshka's metrics at each nested size, beside the random encoder's."""
+def nested_table(
+    docs: dict[str, dict[str, Any]], reference: dict[str, Any] | None = None
+) -> list[str]:
+    """Matryoshka's metrics at each nested size, beside the unnested reference and random's."""
     lines: list[str] = []
     for name, doc in docs.items():
         dims = sorted({int(k.split("/")[0][4:]) for k in doc["metrics"] if k.startswith("dim_")})
@@ -166,17 +172,27 @@ def nested_table(docs: dict[str, dict[str, Any]]) -> list[str]:
             continue
         kwargs = make_plan({"name": name}, "auto").loss_kwargs
         full = max(int(d) for d in kwargs["dims"])
+        inner = kwargs.get("loss")
+        runs = [(f"`{name}`", doc["metrics"])]
+        if reference is not None:
+            runs.append((f"{inner}, full size only", reference["metrics"]))
+        runs.append(("random encoder", doc["baselines"]["random_encoder"]))
+        heads = [f"{who}: {HEADERS[m]}" for who, _ in runs for m in NESTED_METRICS]
         lines += [
-            f"**`{name}` at its nested sizes** (the first d features of the encoder's output; "
-            f"{kwargs.get('loss')} inside; random encoder in brackets):",
+            f"**`{name}` at its nested sizes**: the first d features of the encoder's output, "
+            f"trained with {inner} summed over d = {', '.join(str(d) for d in [*dims, full])}; "
+            f"beside the same {inner} on the encoder's output at the full size only (the same "
+            "budget and seed), and the random encoder.",
             "",
-            "| d | " + " | ".join(HEADERS[m] for m in NESTED_METRICS) + " |",
-            "|---:|" + "---:|" * len(NESTED_METRICS),
+            "| d | " + " | ".join(heads) + " |",
+            "|---:|" + "---:|" * len(heads),
         ]
-        rand = doc["baselines"]["random_encoder"]
         for d in [*dims, full]:
-            key = (lambda m: m) if d == full else (lambda m, d=d: f"dim_{d}/{m}")
-            cells = [f"{doc['metrics'][key(m)]:.3f} ({rand[key(m)]:.3f})" for m in NESTED_METRICS]
+            cells = [
+                f"{metrics[m if d == full else f'dim_{d}/{m}']:.3f}"
+                for _, metrics in runs
+                for m in NESTED_METRICS
+            ]
             lines.append(f"| {d} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -240,6 +256,7 @@ def render(
     skipped: dict[str, str],
     overrides: dict[str, Any],
     seconds: float,
+    nested_reference: dict[str, Any] | None = None,
 ) -> str:
     cfg = resolve_config(overrides)
     m, ev = cfg["model"], cfg["eval"]
@@ -283,7 +300,7 @@ def render(
         for name, err in errors[task].items():
             findings.append(f"- `{name}` ({task}) failed to train: {err}")
     for task in TASKS:
-        lines += nested_table(results[task])
+        lines += nested_table(results[task], nested_reference)
     checks = targets(results)
     if checks:
         lines += ["**Targets** (perturbed k-NN accuracy, same task budget):", "", *checks, ""]
@@ -366,7 +383,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key} {doc['metrics'][key]:.3f} ({doc['wall_seconds']:.1f} s)", flush=True)
     if pool is not None:
         pool.shutdown()
-    section = render(results, errors, skipped, overrides, time.perf_counter() - start)
+    reference = None
+    if "matryoshka" in results["supervised"]:
+        print("[supervised] matryoshka's reference: the wrapped loss unnested ...", flush=True)
+        dims = make_plan({"name": "matryoshka"}, "auto").loss_kwargs["dims"]
+        loss = {"name": "matryoshka", **NESTED_REFERENCE}
+        reference = run_one(
+            loss,
+            {**run_overrides("matryoshka", "supervised", overrides), "eval": {"dims": dims}},
+        )
+    section = render(results, errors, skipped, overrides, time.perf_counter() - start, reference)
     print()
     print(section)
     if not args.no_write:

@@ -117,9 +117,20 @@ def test_targets_settings_and_nested_sizes(quality):
         "- `dino`: lr 0.005, EMA teacher 0.996 (cosine), local_crops 4, prototypes 256" in section
     )
     assert "- `moco`: queue_size=1024, EMA teacher 0.99 (constant)" in section
-    assert "**`matryoshka` at its nested sizes**" in section and "supcon inside" in section
-    assert "| 8 | 0.500 (0.100) | 0.500 (0.100) | 0.500 (0.100) |" in section
-    assert "| 64 | 0.950 (0.100) | 0.600 (0.100) | 0.400 (0.100) |" in section
+    assert "**`matryoshka` at its nested sizes**" in section
+    assert "trained with supcon summed over d = 8, 16, 32, 64" in section
+    assert "| 8 | 0.500 | 0.500 | 0.500 | 0.100 | 0.100 | 0.100 |" in section
+    assert "| 64 | 0.950 | 0.600 | 0.400 | 0.100 | 0.100 | 0.100 |" in section
+    unnested = _doc(0.97, {**{k: 0.3 for k in nested}, "precision_at_1": 0.9, "map_at_r": 0.8})
+    section = quality.render(results, empty, {}, {}, 1.0, unnested)
+    assert "| `matryoshka`: k-NN acc. (perturbed) |" in section
+    assert "| supcon, full size only: k-NN acc. (perturbed) |" in section
+    assert (
+        "| 8 | 0.500 | 0.500 | 0.500 | 0.300 | 0.300 | 0.300 | 0.100 | 0.100 | 0.100 |" in section
+    )
+    assert (
+        "| 64 | 0.950 | 0.600 | 0.400 | 0.970 | 0.900 | 0.800 | 0.100 | 0.100 | 0.100 |" in section
+    )
     assert "ssl: 40 epochs, batch 64; paired: 20 epochs, batch 128" in section
     # the task's budget and a loss's settings reach its run; flags win
     assert quality.run_overrides("dino", "ssl", {"seed": 1}) == {

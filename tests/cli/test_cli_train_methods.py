@@ -28,7 +28,8 @@ HEADERS = {
     "negative_cosine": "EMA teacher (momentum 0.996 → 1, cosine)",
     "dino": "EMA teacher (momentum 0.996 → 1, cosine), 4 local crops, 256 prototypes",
     "ibot_patch": "4 local crops, masked patches, 256 prototypes",
-    "swav": "; 4 local crops, 30 prototypes;",
+    "swav": "; 4 local crops, 256 prototypes;",
+    "nnclr": "EMA teacher (momentum 0.99 → 1, cosine)",
 }
 NEW = [
     "moco",

@@ -86,8 +86,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # Training views: random shifts of up to `shift` pixels (images only), pixel masking with
     # probability `mask`, Gaussian noise of standard deviation `noise`.
     "augment": {"shift": 1, "mask": 0.1, "noise": 0.1},
-    # Held-out nuisance perturbation for the ssl/supervised metrics, and the k of k-NN.
-    "eval": {"shift": 1, "noise": 0.1, "k": 5},
+    # Held-out nuisance perturbation for the ssl/supervised metrics, and the k of k-NN; `dims`:
+    # also measure the first d features of the embedding for each d listed (null: a matryoshka
+    # run's own dims, none otherwise).
+    "eval": {"shift": 1, "noise": 0.1, "k": 5, "dims": None},
 }
 
 
@@ -229,6 +231,13 @@ def _validate(cfg: dict[str, Any]) -> None:
         _check_float(cfg[section], "noise", 0.0, None, f"{section}.")
     _check_float(cfg["augment"], "mask", 0.0, 0.9, "augment.")
     _check_int(cfg["eval"], "k", 1, "eval.")
+    dims = cfg["eval"]["dims"]
+    if dims is not None and (
+        not isinstance(dims, list)
+        or not dims
+        or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims)
+    ):
+        raise CLIError(f"eval.dims must be null or a list of integers >= 1, got {dims!r}")
     micro = cfg["micro_batch_size"]
     if micro is not None:
         _check_int(cfg, "micro_batch_size", 1)

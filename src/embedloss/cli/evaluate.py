@@ -231,12 +231,16 @@ class EvalSetup:
         device: torch.device,
         nested_dims: Sequence[int] = (),
     ) -> EvalSetup:
-        """Perturb the held-out split once, as the run's ``eval`` section says."""
+        """Perturb the held-out split once, as the run's ``eval`` section says.
+
+        ``nested_dims`` (a Matryoshka run's) apply unless ``eval.dims`` lists others.
+        """
         labelled = data.train.y is not None and data.test.y is not None
         pert = None
         if task != "paired" and labelled:
             pert = perturbed_split(data.test, data.image_shape, cfg["eval"], int(cfg["seed"]))
-        return cls(task, data, pert, int(cfg["eval"]["k"]), device, tuple(nested_dims))
+        dims = cfg["eval"].get("dims") or nested_dims
+        return cls(task, data, pert, int(cfg["eval"]["k"]), device, tuple(int(d) for d in dims))
 
 
 def _with_device(fn: Callable[[Tensor, str], Tensor], device: torch.device, m: str) -> Embed:

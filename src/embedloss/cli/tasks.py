@@ -18,7 +18,8 @@ style          model rows → loss call                            tasks
 ``predictor``  BYOL: ``loss(h(z_a), sg(t_b))`` both ways, ``t``  ssl
                the EMA teacher's projection (SimSiam without)
 ``moco``       queries vs the EMA teacher's keys, both ways      ssl
-``nnclr``      ``loss(z_a, z_b, h(z_a), h(z_b))``                ssl
+``nnclr``      ``loss(t_a, t_b, h(z_a), h(z_b))``, ``t`` the       ssl
+               teacher's projections (``z`` without one)
 ``dino``       student crops (2 global + local) vs teacher's     ssl
                global crops → ``loss(student, teacher)``
 ``ibot``       DINO on the [CLS] outputs + masked-patch loss     ssl
@@ -135,7 +136,7 @@ OVERRIDES: dict[str, Override] = {
         style="nnclr",
         task="ssl",
         defaults={"queue_size": 1024},
-        note="prediction head; support set of 1024 (small dataset)",
+        note="prediction head, EMA teacher; support set of 1024 (small dataset)",
     ),
     "dino": Override(style="dino", task="ssl", note="multi-crop, EMA teacher, prototype head"),
     "ibot_patch": Override(

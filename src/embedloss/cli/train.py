@@ -195,7 +195,8 @@ class Session:
         ]
 
 
-def _loss_context(plan: LossPlan, data: TaskData, cfg: Mapping[str, Any], method: Method):
+def _loss_context(data: TaskData, cfg: Mapping[str, Any], method: Method) -> LossContext:
+    """What the run decides of the loss's constructor: classes, widths, prototypes."""
     model = cfg["model"]
     width = model["embedding_dim"] if method.head == "none" else model["head_dim"]
     return LossContext(
@@ -215,7 +216,7 @@ def _build(
     torch.manual_seed(int(cfg["seed"]))  # the encoder comes first: one random encoder per seed
     model = build_model(plan, data, cfg, method).to(w.device)
     initial = copy.deepcopy(model).eval()
-    context = _loss_context(plan, data, cfg, method)
+    context = _loss_context(data, cfg, method)
     loss = build_loss(plan, distributed=w.distributed, context=context).to(w.device)
     loss.train()
     net: nn.Module = model
