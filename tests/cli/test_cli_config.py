@@ -133,6 +133,8 @@ def test_data_flags(tmp_path):
         ({"grad_clip": True}, "grad_clip must be a number > 0 or null"),
         ({"precision": "fp16"}, "precision must be one of fp32, bf16, got 'fp16'"),
         ({"micro_batch_size": 0}, "micro_batch_size must be an integer >= 1, got 0"),
+        ({"eval": {"dims": [8, 0]}}, "eval.dims must be null or a list of integers >= 1"),
+        ({"eval": {"dims": 8}}, "eval.dims must be null or a list of integers >= 1, got 8"),
         ({"method": {"teacher_momentum": 1.5}}, "method.teacher_momentum must be a number in"),
         ({"method": {"teacher_schedule": "step"}}, "method.teacher_schedule must be auto,"),
         ({"method": {"local_crops": -1}}, "method.local_crops must be an integer >= 0"),
