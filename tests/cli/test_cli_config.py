@@ -132,6 +132,14 @@ def test_data_flags(tmp_path):
         ({"grad_clip": 0}, "grad_clip must be a number > 0 or null (no clipping), got 0"),
         ({"grad_clip": True}, "grad_clip must be a number > 0 or null"),
         ({"precision": "fp16"}, "precision must be one of fp32, bf16, got 'fp16'"),
+        ({"micro_batch_size": 0}, "micro_batch_size must be an integer >= 1, got 0"),
+        ({"eval": {"dims": [8, 0]}}, "eval.dims must be null or a list of integers >= 1"),
+        ({"eval": {"dims": 8}}, "eval.dims must be null or a list of integers >= 1, got 8"),
+        ({"method": {"teacher_momentum": 1.5}}, "method.teacher_momentum must be a number in"),
+        ({"method": {"teacher_schedule": "step"}}, "method.teacher_schedule must be auto,"),
+        ({"method": {"local_crops": -1}}, "method.local_crops must be an integer >= 0"),
+        ({"method": {"prototypes": 0}}, "method.prototypes must be an integer >= 1"),
+        ({"method": {"crops": 2}}, "unknown config key method.'crops'"),
     ],
 )
 def test_bad_configs(file_cfg, message):
@@ -168,3 +176,32 @@ def test_yaml_round_trip_is_exact():
     text = config_to_yaml(cfg)
     assert text.startswith("# Resolved configuration") and "embedloss train --config" in text
     assert resolve_config(yaml.safe_load(text)) == cfg
+
+
+def test_method_options_norm_and_micro_batches():
+    opts = parse_loss_options(["teacher_momentum=0.9", "local_crops=2"], "--method-option")
+    assert opts == {"teacher_momentum": 0.9, "local_crops": 2}
+    with pytest.raises(CLIError, match="unknown --method-option 'prototype' .did you mean"):
+        parse_loss_options(["prototype=3"], "--method-option")
+    with pytest.raises(CLIError, match="--method-option expects NAME=VALUE"):
+        parse_loss_options(["teacher_momentum"], "--method-option")
+    cfg = resolve_config(
+        {"method": {"prototypes": 64}},
+        {"method_options": {"teacher_momentum": None}, "norm": "layer", "micro_batch_size": 32},
+    )
+    assert cfg["method"] == {
+        "teacher_momentum": None,
+        "teacher_schedule": "auto",
+        "local_crops": "auto",
+        "prototypes": 64,
+    }
+    assert cfg["model"]["norm"] == "layer" and cfg["micro_batch_size"] == 32
+    # another loss chooses its method anew (a DINO run's crops do not fit SimCLR)
+    notes: list[str] = []
+    dino = {"loss": "dino", "method": {"teacher_momentum": 0.996, "local_crops": 4}}
+    cfg = resolve_config(dino, {"loss": "simclr"}, notes)
+    assert set(cfg["method"].values()) == {"auto"}
+    assert (
+        "the method options are chosen anew (the config's were teacher_momentum=0.996, "
+        in (notes[-1])
+    )

@@ -7,6 +7,55 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+
+def _torchrun(cfg, out, port, env):
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "embedloss",
+            "train",
+            "-q",
+            "--config",
+            str(cfg),
+            "--output",
+            str(out),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _single(cfg, out, env):
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "embedloss",
+            "train",
+            "-q",
+            "--config",
+            str(cfg),
+            "--output",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def test_torchrun_two_processes_match_one_process(tmp_path, free_port_fixture, env):
@@ -18,48 +67,8 @@ def test_torchrun_two_processes_match_one_process(tmp_path, free_port_fixture, e
         "epochs: 1\nbatch_size: 64\nmodel: {norm: layer}\n"
     )
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    ddp = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            str(free_port_fixture),
-            "-m",
-            "embedloss",
-            "train",
-            "-q",
-            "--config",
-            str(cfg),
-            "--output",
-            str(ddp_out),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    single = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "embedloss",
-            "train",
-            "-q",
-            "--config",
-            str(cfg),
-            "--output",
-            str(single_out),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    ddp = _torchrun(cfg, ddp_out, free_port_fixture, env)
+    single = _single(cfg, single_out, env)
     out, err = ddp.communicate(timeout=240)
     assert ddp.returncode == 0, err
     assert single.returncode == 0, single.stderr
@@ -76,3 +85,34 @@ def test_torchrun_two_processes_match_one_process(tmp_path, free_port_fixture, e
         assert dh["terms"][key] == pytest.approx(sh["terms"][key], rel=1e-3, abs=1e-3), key
     for key, value in s["metrics"].items():
         assert d["metrics"][key] == pytest.approx(value, abs=0.01), key
+
+
+def test_torchrun_micro_batches_with_a_teacher_match_one_process(tmp_path, free_port_fixture, env):
+    # GradCache under DDP (gradients averaged by hand), an EMA teacher, DINO's centre
+    # all-reduced over the ranks, local crops drawn per global position: one process's run.
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "loss: {name: dino}\nepochs: 1\nbatch_size: 64\nmicro_batch_size: 24\n"
+        "model: {norm: layer, hidden_dim: 64}\n"
+    )
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    ddp = _torchrun(cfg, ddp_out, free_port_fixture, env)
+    single = _single(cfg, single_out, env)
+    out, err = ddp.communicate(timeout=240)
+    assert ddp.returncode == 0, err
+    assert single.returncode == 0, single.stderr
+    assert "through GradCache, 24 encoder inputs at a time" in out
+    d = json.loads((ddp_out / "metrics.json").read_text())
+    s = json.loads((single_out / "metrics.json").read_text())
+    dh, sh = d["history"][0], s["history"][0]
+    assert dh["loss"] == pytest.approx(sh["loss"], rel=1e-4)
+    for key in ("kl", "teacher_entropy", "center_norm"):
+        assert dh["terms"][key] == pytest.approx(sh["terms"][key], rel=1e-3, abs=1e-4), key
+    ckpt_d = torch.load(ddp_out / "checkpoint.pt", weights_only=True)
+    ckpt_s = torch.load(single_out / "checkpoint.pt", weights_only=True)
+    torch.testing.assert_close(
+        ckpt_d["loss"]["center"], ckpt_s["loss"]["center"], atol=1e-5, rtol=1e-4
+    )
+    for key, value in ckpt_s["model"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ckpt_d["model"][key], value, atol=1e-4, rtol=1e-3)

@@ -149,9 +149,19 @@ def test_paired_npz(tmp_path, capsys):
     ("args", "message"),
     [
         (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+        (["--micro-batch-size", "0"], "micro_batch_size must be an integer >= 1, got 0"),
         (
-            ["--batch-size", "4096"],
-            "batch_size 4096 is larger than the training split (1348 samples)",
+            ["--method-option", "teacher_momentun=0.9"],
+            "unknown --method-option 'teacher_momentun' (did you mean 'teacher_momentum'?)",
+        ),
+        (
+            ["--method-option", "teacher_momentum=0.9"],
+            "method.teacher_momentum does not apply to 'simclr' (pair style); it applies to the "
+            "moco, predictor, nnclr, dino, ibot styles",
+        ),
+        (
+            ["--loss", "dino", "--method-option", "teacher_momentum=null"],
+            "'dino' distils from its EMA teacher: method.teacher_momentum must be a number",
         ),
         (["--lr", "1e30"], "the loss became nan at epoch 1"),
         (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
 
 @pytest.fixture(scope="module")
 def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # Imported by name from bench/ (on sys.path, which worker processes inherit), so that its
+    # functions pickle for --jobs.
+    if str(SCRIPT.parent) not in sys.path:
+        sys.path.insert(0, str(SCRIPT.parent))
+    return importlib.import_module("quality")
 
 
 def test_section_replaced_in_place_keeping_the_others(quality, tmp_path):
@@ -34,8 +36,12 @@ def test_section_replaced_in_place_keeping_the_others(quality, tmp_path):
 
 
 def test_tasks_of_the_registry(quality):
-    by_task, skipped = quality.plan_losses(["simclr", "clip", "info_nce"])
-    assert by_task == {"ssl": ["simclr", "info_nce"], "paired": ["clip"], "supervised": []}
+    by_task, skipped = quality.plan_losses(["simclr", "clip", "info_nce", "dino", "triplet"])
+    assert by_task == {
+        "ssl": ["simclr", "info_nce", "dino"],
+        "paired": ["clip"],
+        "supervised": ["triplet"],
+    }
     assert skipped == {}
 
 
@@ -63,3 +69,74 @@ def test_table_and_findings(quality, tmp_path, capsys):
     )
     assert "- `boom` (ssl) failed to train: exploded" in section
     assert "- `combined`: needs a config" in section
+
+
+def _doc(metric: float, extra: dict | None = None) -> dict:
+    metrics = {"knn_accuracy": metric, **(extra or {})}
+    return {
+        "metrics": metrics,
+        "seconds": {"train": 1.0},
+        "baselines": {
+            "random_encoder": {k: 0.1 for k in metrics},
+            "raw_features": {"knn_accuracy": 0.2},
+        },
+    }
+
+
+def test_worker_processes_give_the_same_numbers(quality, capsys):
+    args = ["--losses", "clip,supcon", "--epochs", "1", "--no-write"]
+    assert quality.main(args) == 0
+    alone = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+    assert quality.main([*args, "--jobs", "2"]) == 0
+    pooled = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| `")]
+
+    def metrics(lines):  # every column but the training time
+        return [line.rsplit("|", 2)[0] for line in lines]
+
+    assert len(alone) == 2 and metrics(pooled) == metrics(alone)
+
+
+def test_targets_settings_and_nested_sizes(quality):
+    nested = {f"dim_{d}/{m}": 0.5 for d in (8, 16, 32) for m in quality.NESTED_METRICS}
+    nested.update(precision_at_1=0.6, map_at_r=0.4)
+    results = {
+        "ssl": {"simclr": _doc(0.90), "moco": _doc(0.88), "dino": _doc(0.80)},
+        "paired": {},
+        "supervised": {"matryoshka": _doc(0.95, nested)},
+    }
+    empty = {"ssl": {}, "paired": {}, "supervised": {}}
+    section = quality.render(results, empty, {}, {}, 1.0)
+    assert (
+        "- PASS: `moco` 0.880 vs `simclr` 0.900 on k-NN acc. (perturbed): trails by 0.020"
+        in section
+    )
+    assert (
+        "- MISS: `dino` 0.800 vs `simclr` 0.900" in section and "negative_cosine` 0" not in section
+    )
+    assert (
+        "- `dino`: lr 0.005, EMA teacher 0.996 (cosine), local_crops 4, prototypes 256" in section
+    )
+    assert "- `moco`: queue_size=1024, EMA teacher 0.99 (constant)" in section
+    assert "**`matryoshka` at its nested sizes**" in section
+    assert "trained with supcon summed over d = 8, 16, 32, 64" in section
+    assert "| 8 | 0.500 | 0.500 | 0.500 | 0.100 | 0.100 | 0.100 |" in section
+    assert "| 64 | 0.950 | 0.600 | 0.400 | 0.100 | 0.100 | 0.100 |" in section
+    unnested = _doc(0.97, {**{k: 0.3 for k in nested}, "precision_at_1": 0.9, "map_at_r": 0.8})
+    section = quality.render(results, empty, {}, {}, 1.0, unnested)
+    assert "| `matryoshka`: k-NN acc. (perturbed) |" in section
+    assert "| supcon, full size only: k-NN acc. (perturbed) |" in section
+    assert (
+        "| 8 | 0.500 | 0.500 | 0.500 | 0.300 | 0.300 | 0.300 | 0.100 | 0.100 | 0.100 |" in section
+    )
+    assert (
+        "| 64 | 0.950 | 0.600 | 0.400 | 0.970 | 0.900 | 0.800 | 0.100 | 0.100 | 0.100 |" in section
+    )
+    assert "ssl: 40 epochs, batch 64; paired: 20 epochs, batch 128" in section
+    # the task's budget and a loss's settings reach its run; flags win
+    assert quality.run_overrides("dino", "ssl", {"seed": 1}) == {
+        "epochs": 40,
+        "batch_size": 64,
+        "lr": 0.005,
+        "seed": 1,
+    }
+    assert quality.run_overrides("clip", "paired", {"epochs": 2}) == {"epochs": 2}

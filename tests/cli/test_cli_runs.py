@@ -115,10 +115,12 @@ def test_an_existing_run_is_refused_unless_overwrite(tmp_path, capsys):
 # ----------------------------------------------------------------------- resuming
 
 
+@pytest.mark.parametrize("loss", ["simclr", "dino"])
 def test_an_interrupted_run_resumes_exactly_even_with_a_cosine_schedule(
-    monkeypatch, tmp_path, capsys
+    loss, monkeypatch, tmp_path, capsys
 ):
-    knobs = ["--epochs", "3", "--lr-schedule", "cosine", "--warmup-epochs", "1"]
+    # dino: an EMA teacher on a cosine momentum schedule, a centre, local crops.
+    knobs = ["--epochs", "3", "--lr-schedule", "cosine", "--warmup-epochs", "1", "--loss", loss]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main([*TINY[:2], *knobs, "--batch-size", "256", "--output", str(whole)]) == 0
     real, calls = train_mod._train_epoch, []
@@ -142,6 +144,10 @@ def test_an_interrupted_run_resumes_exactly_even_with_a_cosine_schedule(
     a = torch.load(whole / "checkpoint.pt", weights_only=True)
     b = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["loss"][k], b["loss"][k]) for k in a["loss"])
+    if loss == "dino":  # the teacher, its momentum and the centre are in the checkpoint
+        assert {"teacher.current_momentum", "teacher.encoder.head.prototypes"} <= set(a["model"])
+        assert a["loss"]["center"].abs().sum() > 0
     assert _doc(whole)["history"] == _doc(cut)["history"]
     assert _doc(whole)["metrics"] == _doc(cut)["metrics"]
     lrs = [h["lr"] for h in _doc(whole)["history"]]

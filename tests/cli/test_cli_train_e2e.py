@@ -11,7 +11,14 @@ import torch
 import yaml
 
 TINY = ("--epochs", "1", "--batch-size", "64", "-q")
-SSL_KEYS = {"knn_accuracy", "linear_probe_accuracy", "clean_knn_accuracy"}
+SSL_KEYS = {
+    "knn_accuracy",
+    "linear_probe_accuracy",
+    "clean_knn_accuracy",
+    "precision_at_1",
+    "r_precision",
+    "map_at_r",
+}
 
 
 def _doc(out: Path) -> dict:

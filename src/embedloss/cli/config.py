@@ -53,7 +53,11 @@ FLAG_KEYS = (
     "precision",
     "seed",
     "device",
+    "micro_batch_size",
 )
+#: The keys of the ``method`` section: a method's EMA teacher, multi-crop views and prototypes.
+#: ``auto`` takes the method's own value (:mod:`embedloss.cli.methods`).
+METHOD_KEYS = ("teacher_momentum", "teacher_schedule", "local_crops", "prototypes")
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "loss": {"name": DEFAULT_LOSS},  # the registry name plus constructor keyword arguments
@@ -61,6 +65,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "data": {"dataset": "digits", "path": None, "test_fraction": 0.25},
     "epochs": 20,
     "batch_size": 128,
+    # Encoder inputs per GradCache micro-batch (None: plain backprop of the whole batch).
+    "micro_batch_size": None,
     "lr": 0.002,  # AdamW's peak learning rate
     # Learning rate over the run: a linear warm-up over `warmup_epochs` (fractions allowed), then
     # `constant`, or `cosine` decay to 0 at the last step of `epochs`.
@@ -73,11 +79,17 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "device": "cpu",
     "num_threads": 1,  # fixed so that the numbers do not depend on the machine's core count
     "model": {"hidden_dim": 256, "embedding_dim": 64, "head_dim": 64, "norm": "batch"},
+    # Per-method parts (auto: the method's own values, written resolved into config.yaml):
+    # the EMA teacher's base momentum (null: no teacher, where the method allows it) and its
+    # schedule (constant | cosine to 1), local crops per sample (multi-crop), prototypes (K).
+    "method": dict.fromkeys(METHOD_KEYS, "auto"),
     # Training views: random shifts of up to `shift` pixels (images only), pixel masking with
     # probability `mask`, Gaussian noise of standard deviation `noise`.
     "augment": {"shift": 1, "mask": 0.1, "noise": 0.1},
-    # Held-out nuisance perturbation for the ssl/supervised metrics, and the k of k-NN.
-    "eval": {"shift": 1, "noise": 0.1, "k": 5},
+    # Held-out nuisance perturbation for the ssl/supervised metrics, and the k of k-NN; `dims`:
+    # also measure the first d features of the embedding for each d listed (null: a matryoshka
+    # run's own dims, none otherwise).
+    "eval": {"shift": 1, "noise": 0.1, "k": 5, "dims": None},
 }
 
 
@@ -219,6 +231,33 @@ def _validate(cfg: dict[str, Any]) -> None:
         _check_float(cfg[section], "noise", 0.0, None, f"{section}.")
     _check_float(cfg["augment"], "mask", 0.0, 0.9, "augment.")
     _check_int(cfg["eval"], "k", 1, "eval.")
+    dims = cfg["eval"]["dims"]
+    if dims is not None and (
+        not isinstance(dims, list)
+        or not dims
+        or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in dims)
+    ):
+        raise CLIError(f"eval.dims must be null or a list of integers >= 1, got {dims!r}")
+    micro = cfg["micro_batch_size"]
+    if micro is not None:
+        _check_int(cfg, "micro_batch_size", 1)
+    _validate_method(cfg["method"])
+
+
+def _validate_method(method: Mapping[str, Any]) -> None:
+    """Types and ranges of the ``method`` section (whether a key applies is the method's call)."""
+    where = "method."
+    m = method["teacher_momentum"]
+    if m not in ("auto", None):
+        _check_float(method, "teacher_momentum", 0.0, 1.0, where)
+    if method["teacher_schedule"] not in ("auto", None, "constant", "cosine"):
+        raise CLIError(
+            "method.teacher_schedule must be auto, constant or cosine, got "
+            f"{method['teacher_schedule']!r}"
+        )
+    for key, low in (("local_crops", 0), ("prototypes", 1)):
+        if method[key] not in ("auto", None):
+            _check_int(method, key, low, where)
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -239,24 +278,34 @@ def _yaml_value(text: str) -> Any:
     return value
 
 
-def parse_loss_options(items: Sequence[str]) -> dict[str, Any]:
+def parse_loss_options(items: Sequence[str], flag: str = "--loss-option") -> dict[str, Any]:
     """``--loss-option NAME=VALUE`` strings as ``{NAME: value}``, values read as YAML.
+
+    ``flag="--method-option"`` reads the method options, whose names are those of
+    :data:`METHOD_KEYS`.
 
     Example:
         >>> parse_loss_options(["temperature=1e-1", "learnable_temperature=true"])
         {'temperature': 0.1, 'learnable_temperature': True}
 
     Raises:
-        CLIError: For an item without ``=``, a name that is not an identifier, or ``name``.
+        CLIError: For an item without ``=``, a name that is not an identifier, ``name``, or
+            (method options) an unknown name.
     """
     options: dict[str, Any] = {}
+    example = "temperature=0.1" if flag == "--loss-option" else "teacher_momentum=0.99"
     for item in items:
         name, sep, text = item.partition("=")
         name = name.strip()
         if not sep or not name.isidentifier():
-            raise CLIError(f"--loss-option expects NAME=VALUE (e.g. temperature=0.1), got {item!r}")
-        if name == "name":
+            raise CLIError(f"{flag} expects NAME=VALUE (e.g. {example}), got {item!r}")
+        if flag == "--loss-option" and name == "name":
             raise CLIError("--loss-option cannot set the loss's name; use --loss NAME")
+        if flag != "--loss-option" and name not in METHOD_KEYS:
+            raise CLIError(
+                f"unknown {flag} {name!r}{_close(name, list(METHOD_KEYS))}; valid names: "
+                f"{', '.join(METHOD_KEYS)}"
+            )
         options[name] = _yaml_value(text)
     return options
 
@@ -289,8 +338,9 @@ def resolve_config(
 ) -> dict[str, Any]:
     """Defaults ← ``file_config`` ← ``overrides`` (flat CLI values), validated.
 
-    ``overrides`` uses the flag names: ``loss``, ``loss_options`` (a mapping), ``dataset``,
-    ``data`` and those of :data:`FLAG_KEYS`; ``None`` values are ignored. A ``loss`` flag that
+    ``overrides`` uses the flag names: ``loss``, ``loss_options`` and ``method_options``
+    (mappings), ``dataset``, ``data``, ``norm`` and those of :data:`FLAG_KEYS`; ``None`` values
+    are ignored. A ``loss`` flag that
     names another loss keeps the file's loss options the new loss accepts (the others are
     dropped, with a note) and resets the task to ``auto`` unless a task is given too;
     ``loss_options`` then override single options.
@@ -319,7 +369,17 @@ def resolve_config(
                 "pass --task to keep it)"
             )
         cfg["task"] = "auto"
+        resolved = {k: v for k, v in cfg["method"].items() if v != "auto"}
+        if resolved:  # the previous method's teacher, crops and prototypes
+            cfg["method"] = dict.fromkeys(METHOD_KEYS, "auto")
+            notes.append(
+                f"--loss {given['loss']}: the method options are chosen anew (the config's were "
+                f"{', '.join(f'{k}={v}' for k, v in resolved.items())}; pass --method-option to set them)"
+            )
     cfg["loss"].update(given.get("loss_options") or {})
+    cfg["method"].update(given.get("method_options") or {})
+    if "norm" in given:
+        cfg["model"]["norm"] = given["norm"]
     if "dataset" in given:
         cfg["data"].update(dataset=given["dataset"], path=None)
     if "data" in given:

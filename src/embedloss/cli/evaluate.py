@@ -8,10 +8,14 @@
   clean one.
 * paired: ``recall@1`` and ``recall@5`` of held-out cross-modal retrieval (cosine), the mean of the
   a→b and b→a directions.
-* Further metrics of labelled embeddings (the retrieval metrics of metric learning: precision@1,
-  R-precision, MAP@R) are entries of :data:`LABELLED_METRICS`: each is computed on the perturbed
+* Further metrics of labelled embeddings are entries of :data:`LABELLED_METRICS`: the retrieval
+  metrics of metric learning (Musgrave et al. 2020; :func:`embedloss.metrics.retrieval_metrics`,
+  cosine): ``precision_at_1``, ``r_precision`` and ``map_at_r``, each computed on the perturbed
   held-out queries against the clean training reference and reported everywhere the others are
   (``train``'s summary and ``metrics.json``, ``embedloss eval``).
+* A Matryoshka run also reports k-NN accuracy, precision@1 and MAP@R of the embeddings' first
+  ``d`` features for each nested size ``d`` (``dim_<d>/knn_accuracy`` ...), for the model and
+  the random encoder.
 
 Each epoch of training also measures the task's main metric (:func:`epoch_metrics`: k-NN or
 recall@1, no probe) for the learning curves.
@@ -36,6 +40,7 @@ from embedloss.cli.data import Split, TaskData, perturb
 
 __all__ = [
     "LABELLED_METRICS",
+    "NESTED_METRICS",
     "PRIMARY_METRIC",
     "EvalSetup",
     "classification_metrics",
@@ -54,9 +59,23 @@ LabelledMetric = Callable[[Tensor, Tensor, Tensor, Tensor], float]
 
 #: The metric a task is judged on (the headline, the learning curve).
 PRIMARY_METRIC = {"ssl": "knn_accuracy", "supervised": "knn_accuracy", "paired": "recall@1"}
-#: More metrics of labelled held-out embeddings, reported after the built-in ones; the retrieval
-#: metrics of ``embedloss.metrics`` (precision@1, R-precision, MAP@R) belong here.
-LABELLED_METRICS: dict[str, LabelledMetric] = {}
+
+
+def _retrieval(key: str) -> LabelledMetric:
+    def score(ref: Tensor, ref_y: Tensor, queries: Tensor, query_y: Tensor) -> float:
+        found = metrics.retrieval_metrics(queries, query_y, reference=ref, reference_labels=ref_y)
+        return found[key]
+
+    score.__name__ = key
+    return score
+
+
+#: More metrics of labelled held-out embeddings, reported after the built-in ones.
+LABELLED_METRICS: dict[str, LabelledMetric] = {
+    key: _retrieval(key) for key in ("precision_at_1", "r_precision", "map_at_r")
+}
+#: What a Matryoshka run reports at each nested size.
+NESTED_METRICS = ("knn_accuracy", "precision_at_1", "map_at_r")
 
 
 class Embedder(Protocol):
@@ -143,8 +162,13 @@ def classification_metrics(
     *,
     k: int,
     device: torch.device,
+    nested_dims: Sequence[int] = (),
 ) -> dict[str, float]:
-    """``knn_accuracy``, ``linear_probe_accuracy`` (perturbed held-out) and ``clean_knn_accuracy``."""
+    """``knn_accuracy``, ``linear_probe_accuracy`` (perturbed held-out), ``clean_knn_accuracy``.
+
+    Then the :data:`LABELLED_METRICS`, and for each of ``nested_dims`` smaller than the
+    embedding the :data:`NESTED_METRICS` of the first ``d`` features (``dim_<d>/<metric>``).
+    """
     assert train.y is not None and test.y is not None
 
     def run(x: Tensor) -> Tensor:
@@ -158,6 +182,13 @@ def classification_metrics(
     }
     for name, fn in LABELLED_METRICS.items():
         out[name] = float(fn(ref, train.y, pert, test.y))
+    for d in nested_dims:
+        if d >= ref.shape[1]:
+            continue
+        r, q = ref[:, :d], pert[:, :d]
+        out[f"dim_{d}/knn_accuracy"] = knn_accuracy(r, train.y, q, test.y, k)
+        for name in NESTED_METRICS[1:]:
+            out[f"dim_{d}/{name}"] = float(LABELLED_METRICS[name](r, train.y, q, test.y))
     return out
 
 
@@ -189,25 +220,40 @@ class EvalSetup:
     perturbed: Tensor | None  # None for the paired task and for unlabelled data
     k: int
     device: torch.device
+    nested_dims: tuple[int, ...] = ()  # Matryoshka's prefix sizes
 
     @classmethod
     def build(
-        cls, task: str, data: TaskData, cfg: dict[str, Any], device: torch.device
+        cls,
+        task: str,
+        data: TaskData,
+        cfg: dict[str, Any],
+        device: torch.device,
+        nested_dims: Sequence[int] = (),
     ) -> EvalSetup:
-        """Perturb the held-out split once, as the run's ``eval`` section says."""
+        """Perturb the held-out split once, as the run's ``eval`` section says.
+
+        ``nested_dims`` (a Matryoshka run's) apply unless ``eval.dims`` lists others.
+        """
         labelled = data.train.y is not None and data.test.y is not None
         pert = None
         if task != "paired" and labelled:
             pert = perturbed_split(data.test, data.image_shape, cfg["eval"], int(cfg["seed"]))
-        return cls(task, data, pert, int(cfg["eval"]["k"]), device)
+        dims = cfg["eval"].get("dims") or nested_dims
+        return cls(task, data, pert, int(cfg["eval"]["k"]), device, tuple(int(d) for d in dims))
 
 
 def _with_device(fn: Callable[[Tensor, str], Tensor], device: torch.device, m: str) -> Embed:
     return lambda x: fn(x.to(device), m)
 
 
-def evaluate(embed: Callable[[Tensor, str], Tensor], setup: EvalSetup) -> dict[str, float]:
-    """The task's metrics of ``embed(x, modality)`` (``{}`` without labels on ssl/supervised)."""
+def evaluate(
+    embed: Callable[[Tensor, str], Tensor], setup: EvalSetup, nested: bool = True
+) -> dict[str, float]:
+    """The task's metrics of ``embed(x, modality)`` (``{}`` without labels on ssl/supervised).
+
+    ``nested``: also the metrics at the setup's nested sizes (not for raw features).
+    """
     data, dev = setup.data, setup.device
     if setup.task == "paired":
         return retrieval_metrics(
@@ -216,7 +262,13 @@ def evaluate(embed: Callable[[Tensor, str], Tensor], setup: EvalSetup) -> dict[s
     if setup.perturbed is None:
         return {}
     return classification_metrics(
-        _with_device(embed, dev, "a"), data.train, data.test, setup.perturbed, k=setup.k, device=dev
+        _with_device(embed, dev, "a"),
+        data.train,
+        data.test,
+        setup.perturbed,
+        k=setup.k,
+        device=dev,
+        nested_dims=setup.nested_dims if nested else (),
     )
 
 
@@ -247,6 +299,8 @@ def evaluate_with_baselines(
     metrics_ = evaluate(model.embed, setup)
     baselines: dict[str, dict[str, float] | None] = {
         "random_encoder": evaluate(initial.embed, setup),
-        "raw_features": None if setup.task == "paired" else evaluate(lambda x, m: x, setup),
+        "raw_features": None
+        if setup.task == "paired"
+        else evaluate(lambda x, m: x, setup, nested=False),
     }
     return metrics_, baselines

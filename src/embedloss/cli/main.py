@@ -129,9 +129,11 @@ def _train(args: Any) -> int:
         for k in (
             "loss", "task", "dataset", "data", "epochs", "batch_size", "lr", "lr_schedule",
             "warmup_epochs", "weight_decay", "grad_clip", "precision", "seed", "device",
+            "micro_batch_size", "norm",
         )
     }  # fmt: skip
     overrides["loss_options"] = parse_loss_options(args.loss_options or [])
+    overrides["method_options"] = parse_loss_options(args.method_options or [], "--method-option")
     notes: list[str] = []
     output, ckpt = args.output, None
     if args.resume is not None:

@@ -37,6 +37,8 @@ def _add_train(sub: Any) -> None:
             "  embedloss train --loss clip --output runs/clip   # paired task, writes a run\n"
             "  embedloss train --resume runs/clip --epochs 40   # continue it to 40 epochs\n"
             "  embedloss train --loss moco --loss-option temperature=0.1 --lr-schedule cosine\n"
+            "  embedloss train --loss dino --method-option teacher_momentum=0.996\n"
+            "  embedloss train --batch-size 16384 --micro-batch-size 2048 --norm layer\n"
             "  embedloss train --config runs/clip/config.yaml   # repeat that run exactly\n"
             "  torchrun --nproc_per_node 2 -m embedloss train   # DDP (gloo on CPU)"
         ),
@@ -51,6 +53,14 @@ def _add_train(sub: Any) -> None:
         help="a constructor argument of the loss, VALUE read as YAML (repeatable), e.g. "
         "temperature=0.1",
     )
+    p.add_argument(
+        "--method-option",
+        action="append",
+        metavar="NAME=VALUE",
+        dest="method_options",
+        help="the method's teacher_momentum (null: none), teacher_schedule, local_crops or "
+        "prototypes (repeatable), e.g. teacher_momentum=0.996",
+    )
     p.add_argument("--config", metavar="FILE.yaml", help="a config file, e.g. a run's config.yaml")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", choices=("digits",), help="embedded dataset (default digits)")
@@ -62,7 +72,21 @@ def _add_train(sub: Any) -> None:
         type=int,
         metavar="B",
         dest="batch_size",
-        help=f"global batch, split over processes (default {d['batch_size']})",
+        help=f"global batch, split over processes (default {d['batch_size']}); larger than "
+        "the training split: samples repeat, augmented differently",
+    )
+    p.add_argument(
+        "--micro-batch-size",
+        type=int,
+        metavar="M",
+        dest="micro_batch_size",
+        help="train through GradCache, M encoder inputs at a time (the same gradients as the "
+        "whole batch in the activation memory of M)",
+    )
+    p.add_argument(
+        "--norm",
+        choices=("batch", "layer", "none"),
+        help="normalisation layers of the MLPs (default batch; layer: exact under micro-batches)",
     )
     p.add_argument(
         "--lr", type=float, metavar="LR", help=f"peak AdamW learning rate (default {d['lr']})"

@@ -39,6 +39,9 @@ METRIC_LABELS = {
     "clean_knn_accuracy": "k-NN accuracy (clean held-out)",
     "recall@1": "recall@1 (held-out, both directions)",
     "recall@5": "recall@5 (held-out, both directions)",
+    "precision_at_1": "precision@1 (perturbed held-out)",
+    "r_precision": "R-precision (perturbed)",
+    "map_at_r": "MAP@R (perturbed)",
 }
 
 

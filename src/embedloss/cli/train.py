@@ -17,6 +17,18 @@ run stopped: on CPU the result is bit-identical to a run that was never interrup
 ``--epochs`` on resume extends the run; schedules that span the run (a cosine learning rate, a
 loss's ``update_step`` schedule) then span the new length from the current step on (a note says
 so), so only runs without such schedules — the default constant rate — equal a fresh longer run.
+
+**Methods.** The model holds the method's heads and, for MoCo, BYOL, DINO and iBOT, an EMA
+teacher (:mod:`embedloss.cli.methods`), which follows the student after every optimiser step
+and is saved in the checkpoint with the model; multi-crop methods get local crops, iBOT masked
+views (:mod:`embedloss.cli.views`).
+
+**Large batches.** ``micro_batch_size`` runs each step through
+:class:`embedloss.gradcache.GradCache`: the encoder sees that many inputs at a time, the loss the
+whole batch once (so a DINO centre, SwAV's codes and a MoCo queue see the full batch), and the
+gradients equal those of the plain step. A batch larger than the training split repeats samples,
+each copy augmented differently (:func:`embedloss.cli.views.epoch_order`); ssl losses that take
+``labels`` then get the samples' identities, so that two copies of one image are positives.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +47,6 @@ from typing import Any, TextIO
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DistributedSampler
 
 from embedloss._validation import NonFiniteError
 from embedloss.base.base_loss import BaseLoss, LossOutput
@@ -47,16 +59,9 @@ from embedloss.cli.checkpoint import (
     save_checkpoint,
 )
 from embedloss.cli.config import CLIError, config_to_yaml
-from embedloss.cli.data import (
-    InputSpec,
-    TaskData,
-    apply_view,
-    describe_perturbation,
-    draw_view_params,
-    load_task_data,
-    seeded_generator,
-)
+from embedloss.cli.data import InputSpec, TaskData, describe_perturbation, load_task_data
 from embedloss.cli.evaluate import PRIMARY_METRIC, EvalSetup, epoch_metrics, evaluate_with_baselines
+from embedloss.cli.methods import Method, resolve_method
 from embedloss.cli.models import TaskModel
 from embedloss.cli.report import (
     METRIC_LABELS,
@@ -66,7 +71,9 @@ from embedloss.cli.report import (
     write_history,
 )
 from embedloss.cli.runtime import World, deterministic, mean_over_ranks, progress_bar, world
-from embedloss.cli.tasks import LossPlan, build_loss, compute_loss, make_plan
+from embedloss.cli.tasks import LossContext, LossPlan, build_loss, compute_loss, make_plan
+from embedloss.cli.views import StepBatch, epoch_order, make_batch, steps_per_epoch
+from embedloss.gradcache import GradCache
 
 __all__ = [
     "METRIC_LABELS",
@@ -111,7 +118,9 @@ def task_text(task: str, data: TaskData, aug: Mapping[str, Any]) -> str:
     return f"{labels}two views of each {kind} ({views})"
 
 
-def build_model(plan: LossPlan, data: TaskData, cfg: Mapping[str, Any]) -> TaskModel:
+def build_model(
+    plan: LossPlan, data: TaskData, cfg: Mapping[str, Any], method: Method
+) -> TaskModel:
     """The run's model, initialised from torch's current seed."""
     b = data.inputs.get("b")
     return TaskModel.from_config(
@@ -120,8 +129,21 @@ def build_model(plan: LossPlan, data: TaskData, cfg: Mapping[str, Any]) -> TaskM
         data.inputs["a"].features,
         None if b is None else b.features,
         data.num_classes,
-        cfg["model"],
+        dict(cfg["model"]),
+        method,
+        data.image_shape,
     )
+
+
+class _Group(nn.Module):
+    """One input group of the model (:meth:`TaskModel.group`), as an encoder of GradCache."""
+
+    def __init__(self, model: TaskModel, index: int) -> None:
+        super().__init__()
+        self.model, self.index = model, index
+
+    def forward(self, *tensors: Tensor) -> Tensor:
+        return self.model.group(self.index, *tensors)
 
 
 @dataclass
@@ -129,12 +151,13 @@ class Session:
     """Everything a training run holds; the checkpoint is its state."""
 
     plan: LossPlan
+    method: Method
     data: TaskData
     cfg: dict[str, Any]
     world: World
     model: TaskModel
     initial: TaskModel  # the random encoder: the model before the first step
-    net: nn.Module  # the model, wrapped by DDP when distributed
+    net: nn.Module  # the model, wrapped by DDP when distributed (and not micro-batched)
     loss: nn.Module
     opt: torch.optim.Optimizer
     steps: int  # optimiser steps per epoch
@@ -153,38 +176,63 @@ class Session:
         """Warm-up steps (``warmup_epochs`` may be fractional)."""
         return round(float(self.cfg["warmup_epochs"]) * self.steps)
 
+    @property
+    def micro_batch(self) -> int | None:
+        """Encoder inputs per GradCache micro-batch, or None for plain backprop."""
+        m = self.cfg.get("micro_batch_size")
+        return None if m is None else int(m)
+
+    @property
+    def repeats(self) -> bool:
+        """Whether a step's batch repeats samples (larger than the training split)."""
+        return int(self.cfg["batch_size"]) > len(self.data.train)
+
     def params(self) -> list[nn.Parameter]:
         """Every trained parameter: the model's and the loss's (a learnable τ, class weights)."""
-        return [*self.model.parameters(), *(p for p in self.loss.parameters() if p.requires_grad)]
+        return [
+            *(p for p in self.model.parameters() if p.requires_grad),
+            *(p for p in self.loss.parameters() if p.requires_grad),
+        ]
 
 
-def _build(plan: LossPlan, data: TaskData, cfg: dict[str, Any], w: World) -> Session:
+def _loss_context(data: TaskData, cfg: Mapping[str, Any], method: Method) -> LossContext:
+    """What the run decides of the loss's constructor: classes, widths, prototypes."""
+    model = cfg["model"]
+    width = model["embedding_dim"] if method.head == "none" else model["head_dim"]
+    return LossContext(
+        num_classes=max(data.num_classes, 1),
+        embedding_dim=int(width),
+        output_dim=int(method.prototypes or model["head_dim"]),
+    )
+
+
+def _build(
+    plan: LossPlan, method: Method, data: TaskData, cfg: dict[str, Any], w: World
+) -> Session:
     batch = int(cfg["batch_size"])
     if batch % w.size:
         raise CLIError(f"batch_size {batch} must be divisible by the {w.size} processes")
-    steps = len(data.train) // batch
-    if steps == 0:
-        raise CLIError(
-            f"batch_size {batch} is larger than the training split ({len(data.train)} samples)"
-        )
+    steps = steps_per_epoch(len(data.train), batch)
     torch.manual_seed(int(cfg["seed"]))  # the encoder comes first: one random encoder per seed
-    model = build_model(plan, data, cfg).to(w.device)
+    model = build_model(plan, data, cfg, method).to(w.device)
     initial = copy.deepcopy(model).eval()
-    loss = build_loss(plan, distributed=w.distributed).to(w.device)
+    context = _loss_context(data, cfg, method)
+    loss = build_loss(plan, distributed=w.distributed, context=context).to(w.device)
     loss.train()
     net: nn.Module = model
-    if w.distributed:
+    if w.distributed and cfg.get("micro_batch_size") is None:
         ids = [w.device.index] if w.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     # Every parameter of the loss is trained (a learnable temperature, class weights, proxies),
-    # without weight decay.
-    groups = [{"params": list(model.parameters()), "weight_decay": cfg["weight_decay"]}]
+    # without weight decay, at the plan's multiple of the learning rate.
+    trained = [p for p in model.parameters() if p.requires_grad]  # not the EMA teacher's
+    groups: list[dict[str, Any]] = [{"params": trained, "weight_decay": cfg["weight_decay"]}]
     loss_params = [p for p in loss.parameters() if p.requires_grad]
     if loss_params:
-        groups.append({"params": loss_params, "weight_decay": 0.0})
+        groups.append({"params": loss_params, "weight_decay": 0.0, "lr_scale": plan.loss_lr_scale})
     opt = torch.optim.AdamW(groups, lr=cfg["lr"])
-    setup = EvalSetup.build(plan.task, data, cfg, w.device)
-    return Session(plan, data, cfg, w, model, initial, net, loss, opt, steps, setup)
+    setup = EvalSetup.build(plan.task, data, cfg, w.device, plan.nested_dims)
+    return Session(plan, method, data, cfg, w, model, initial, net, loss, opt, steps, setup)
 
 
 def check_resume(ckpt: Mapping[str, Any], plan: LossPlan, epochs: int, source: str) -> None:
@@ -217,69 +265,72 @@ def _resume(sess: Session, ckpt: Mapping[str, Any], source: str) -> None:
     sess.epoch, sess.step = int(ckpt["epoch"]), int(ckpt["step"])
     sess.history = list(ckpt["history"])
     step_schedule = getattr(type(sess.loss), "update_step", None) is not BaseLoss.update_step
+    step_schedule = step_schedule or sess.model.scheduled_teacher
     changed = sess.cfg["lr_schedule"] != "constant" or step_schedule
     if sess.cfg["epochs"] != old["epochs"] and changed and sess.world.main:
         print(
             f"embedloss: note: the run now spans {sess.cfg['epochs']} epochs (planned: {old['epochs']}); "
-            "its schedules (the learning rate, the loss's update_step) follow the new length from "
+            "its schedules (the learning rate, the loss's update_step, the teacher's momentum) "
+            "follow the new length from "
             f"step {sess.step} on",
             file=sys.stderr,
         )
     restore_rng(ckpt["rng"], sess.world.device)
 
 
-def _views(sess: Session, epoch: int, s: int, idx: Tensor) -> list[Tensor]:
-    """The two augmented views of the local rows ``idx`` at step ``s`` of ``epoch``."""
-    w, data, aug = sess.world, sess.data, sess.cfg["augment"]
-    local = int(sess.cfg["batch_size"]) // w.size
-    # Local sample j of a step sits at position rank + size·j of the global batch (the sampler
-    # deals the permutation round-robin), so it gets that position's augmentation.
-    positions = torch.arange(local) * w.size + w.rank
-    gen = seeded_generator(int(sess.cfg["seed"]), "augment", epoch, s)
-    train_b = data.train.b if data.train.b is not None else data.train.a
-    views = []
-    for x in (data.train.a[idx], train_b[idx]):
-        params = draw_view_params(
-            int(sess.cfg["batch_size"]),
-            x.shape[1],
-            gen,
-            shift=aug["shift"],
-            mask=aug["mask"],
-            noise=aug["noise"],
-            image_shape=data.image_shape,
-        ).rows(positions)
-        views.append(apply_view(x, params, data.image_shape, aug["shift"]).to(w.device))
-    return views
+def _average_grads(params: list[nn.Parameter], w: World) -> None:
+    """The mean of the ranks' gradients, as DDP averages a model's."""
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= w.size
 
 
-def _step(sess: Session, views: list[Tensor], y: Tensor | None) -> tuple[LossOutput, float]:
+def _forward_backward(sess: Session, batch: StepBatch) -> LossOutput:
+    """Loss and gradients of a step: plain backprop, or through GradCache in micro-batches."""
+    micro = sess.micro_batch
+    teacher = sess.model.teacher_rows(batch.teacher, micro) if batch.teacher is not None else None
+
+    def loss_of(*rows: Tensor) -> LossOutput:
+        return compute_loss(sess.plan, sess.loss, rows, teacher, batch.targets)
+
+    if micro is None:
+        out = loss_of(*sess.net(*batch.groups))
+        if out.loss.dim() != 0:
+            raise CLIError(
+                f"the loss returned shape {tuple(out.loss.shape)}; training needs a scalar "
+                "(use reduction 'mean' or 'sum')"
+            )
+        out.loss.backward()
+        return out
+    streams = [_Group(sess.model, i) for i in range(len(batch.groups))]
+    with warnings.catch_warnings():  # run_training says it once: ghost BatchNorm
+        warnings.filterwarnings("ignore", message=".*BatchNorm.*", category=UserWarning)
+        cache = GradCache(streams, loss_of, micro_batch_size=micro, allow_batch_norm=True)
+        return cache.step(*batch.groups)
+
+
+def _step(sess: Session, batch: StepBatch) -> tuple[LossOutput, float]:
     """One optimiser step; returns the loss output and the learning rate used.
 
-    The forward and backward passes are the place for gradient caching (micro-batches), and
-    :meth:`TaskModel.after_optimizer_step` the place for an EMA teacher's update.
+    Forward and backward run plain or through GradCache (:func:`_forward_backward`); then the
+    ranks' gradients are averaged, clipped, applied, and :meth:`TaskModel.after_optimizer_step`
+    moves the EMA teacher.
     """
     cfg, total = sess.cfg, sess.total_steps
     lr = float(cfg["lr"]) * lr_factor(
         sess.step, warmup_steps=sess.warmup_steps, total_steps=total, schedule=cfg["lr_schedule"]
     )
     for group in sess.opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * float(group.get("lr_scale", 1.0))
     sess.loss.update_step(sess.step, total)  # type: ignore[operator]
     bf16 = cfg["precision"] == "bf16"
-    with torch.autocast(sess.world.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = compute_loss(sess.plan, sess.loss, sess.net(*views), y, sess.data.num_classes)
-    if out.loss.dim() != 0:
-        raise CLIError(
-            f"the loss returned shape {tuple(out.loss.shape)}; training needs a scalar "
-            "(use reduction 'mean' or 'sum')"
-        )
     sess.opt.zero_grad(set_to_none=True)
-    out.loss.backward()
+    with torch.autocast(sess.world.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = _forward_backward(sess, batch)
     if sess.world.distributed:  # DDP averages the model's gradients, not the loss's
-        for p in sess.loss.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-                p.grad /= sess.world.size
+        wrapped = sess.net is not sess.model
+        _average_grads(list(sess.loss.parameters()) if wrapped else sess.params(), sess.world)
     if cfg["grad_clip"] is not None:
         torch.nn.utils.clip_grad_norm_(sess.params(), float(cfg["grad_clip"]))
     sess.opt.step()
@@ -299,22 +350,30 @@ def _scalar_terms(terms: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _train_epoch(sess: Session, sampler: DistributedSampler, bar: Any) -> dict[str, Any]:
+def _train_epoch(sess: Session, bar: Any) -> dict[str, Any]:
     """Train one epoch; returns its history record (without the held-out metric)."""
-    epoch, local = sess.epoch, int(sess.cfg["batch_size"]) // sess.world.size
-    sampler.set_epoch(epoch)
-    order = torch.tensor(list(sampler), dtype=torch.long)
+    epoch, w = sess.epoch, sess.world
+    batch, local = int(sess.cfg["batch_size"]), int(sess.cfg["batch_size"]) // w.size
+    order = epoch_order(
+        len(sess.data.train),
+        batch=batch,
+        rank=w.rank,
+        size=w.size,
+        epoch=epoch,
+        seed=int(sess.cfg["seed"]),
+    )
     sess.loss.update_epoch(epoch)  # type: ignore[operator]
     bar.set_description_str(
         f"{sess.plan.name} epoch {epoch + 1}/{sess.cfg['epochs']}", refresh=False
     )
     sums: dict[str, float] = {}
     lr = 0.0
+    where = (w.rank, w.size, w.device)
     for s in range(sess.steps):
         idx = order[s * local : (s + 1) * local]
-        y = None if sess.data.train.y is None else sess.data.train.y[idx].to(sess.world.device)
+        inputs = make_batch(sess.data, sess.cfg, sess.method, where, epoch, s, idx, sess.repeats)
         try:
-            out, lr = _step(sess, _views(sess, epoch, s, idx), y)
+            out, lr = _step(sess, inputs)
         except NonFiniteError as err:  # the model's outputs (or τ) diverged
             raise CLIError(
                 f"the loss became nan at epoch {epoch + 1}, step {s + 1} ({err}); "
@@ -369,21 +428,13 @@ def _checkpoint(sess: Session) -> dict[str, Any]:
 def _train(sess: Session, out_dir: Path | None, progress: bool) -> None:
     """The epochs left: train, measure the held-out metric, checkpoint, log."""
     w = sess.world
-    sampler: DistributedSampler[int] = DistributedSampler(
-        range(len(sess.data.train)),  # type: ignore[arg-type]  # only its length is used
-        num_replicas=w.size,
-        rank=w.rank,
-        shuffle=True,
-        seed=int(sess.cfg["seed"]),
-        drop_last=True,
-    )
     left = (int(sess.cfg["epochs"]) - sess.epoch) * sess.steps
     bar = progress_bar(left, progress and w.main, sess.plan.name)
     board = TensorBoardLog(out_dir) if out_dir is not None and w.main else None
     try:
         while sess.epoch < int(sess.cfg["epochs"]):
             sess.model.train()
-            record = _train_epoch(sess, sampler, bar)
+            record = _train_epoch(sess, bar)
             if w.main:
                 sess.model.eval()
                 record["eval"] = epoch_metrics(sess.model, sess.setup)
@@ -451,6 +502,55 @@ def _write_results(out_dir: Path, doc: dict[str, Any]) -> list[str]:
     return written
 
 
+def _method_text(method: Method) -> str:
+    parts = []
+    if method.teacher_momentum is not None:
+        cosine = method.teacher_schedule == "cosine"
+        parts.append(
+            f"EMA teacher (momentum {method.teacher_momentum:g}{' → 1, cosine' if cosine else ''})"
+        )
+    if method.local_crops:
+        parts.append(f"{method.local_crops} local crops")
+    if method.patches:
+        parts.append("masked patches")
+    if method.prototypes:
+        parts.append(f"{method.prototypes} prototypes")
+    return f"; {', '.join(parts)}" if parts else ""
+
+
+def _batch_text(sess: Session) -> str:
+    cfg, n = sess.cfg, len(sess.data.train)
+    batch = int(cfg["batch_size"])
+    text = f"batch {batch}"
+    if sess.repeats:
+        text += (
+            f" (more than the {n} training samples: each is drawn ~{batch / n:.1f}× per step, "
+            "each copy augmented differently; one step per epoch)"
+        )
+    micro = sess.micro_batch
+    if micro is not None:
+        text += f" through GradCache, {micro} encoder inputs at a time"
+        if cfg["model"]["norm"] == "batch":
+            text += (
+                " (BatchNorm normalises each micro-batch by its own statistics, so the step is "
+                "not exactly the full-batch one; --norm layer makes it exact)"
+            )
+    return text
+
+
+def _header(sess: Session, resumed: bool) -> str:
+    """The first line of a run: what is trained, on what, how."""
+    w, data, cfg, plan = sess.world, sess.data, sess.cfg, sess.plan
+    where = f" on {w.size} process{'es' if w.size > 1 else ''} (DDP)" if w.distributed else ""
+    again = f", resumed after epoch {sess.epoch}" if resumed else ""
+    epochs = int(cfg["epochs"])
+    return (
+        f"embedloss train: {plan.name} on {data.name} — {task_text(plan.task, data, cfg['augment'])}"
+        f"{_method_text(sess.method)}; {epochs} epoch{'s' if epochs != 1 else ''}{again}, "
+        f"{_batch_text(sess)}, seed {cfg['seed']}{where}"
+    )
+
+
 def run_training(
     cfg: dict[str, Any],
     *,
@@ -496,27 +596,19 @@ def run_training(
         out_dir = None
         if output is not None and w.main:
             out_dir = prepare_output(output, overwrite=overwrite, resuming=resume_dir)
-            (out_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
         specs = None
         if ckpt is not None:
             specs = {m: InputSpec.from_dict(d) for m, d in ckpt["data"]["inputs"].items()}
         data = load_task_data(cfg["data"], plan.task, seed, inputs=specs)
-        sess = _build(plan, data, cfg, w)
+        method = resolve_method(plan, cfg["method"], data.image_shape)
+        cfg["method"] = method.as_config()
+        if out_dir is not None:
+            (out_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+        sess = _build(plan, method, data, cfg, w)
         if ckpt is not None:
             _resume(sess, ckpt, source)
         if w.main:
-            where = (
-                f" on {w.size} process{'es' if w.size > 1 else ''} (DDP)" if w.distributed else ""
-            )
-            again = f", resumed after epoch {sess.epoch}" if ckpt is not None else ""
-            epochs = int(cfg["epochs"])
-            print(
-                f"embedloss train: {plan.name} on {data.name} — {task_text(plan.task, data, cfg['augment'])}; "
-                f"{epochs} epoch{'s' if epochs != 1 else ''}{again}, batch {cfg['batch_size']}, "
-                f"seed {seed}{where}",
-                file=stream,
-                flush=True,
-            )
+            print(_header(sess, ckpt is not None), file=stream, flush=True)
         _train(sess, out_dir, progress)
         doc = None
         if w.main:

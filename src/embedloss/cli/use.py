@@ -24,6 +24,7 @@ from embedloss.cli.checkpoint import load_checkpoint, load_state
 from embedloss.cli.config import CLIError
 from embedloss.cli.data import InputSpec, describe_perturbation, load_task_data, read_npz
 from embedloss.cli.evaluate import EvalSetup, evaluate_with_baselines
+from embedloss.cli.methods import resolve_method
 from embedloss.cli.models import Encoder, TaskModel
 from embedloss.cli.report import format_summary
 from embedloss.cli.runtime import deterministic
@@ -43,10 +44,11 @@ class Run:
     inputs: dict[str, InputSpec]
     epoch: int  # completed epochs
     num_classes: int
+    image_shape: tuple[int, ...] | None = None
 
     def new_model(self) -> TaskModel:
         """A model of this run's shape, initialised from torch's current seed."""
-        return _new_model(self.plan, self.inputs, self.num_classes, self.config)
+        return _new_model(self.plan, self.inputs, self.num_classes, self.config, self.image_shape)
 
     def encoder(self, modality: str = "a") -> Encoder:
         """The encoder of ``modality`` (``"b"``: the second one of a paired run) on raw inputs."""
@@ -61,9 +63,14 @@ class Run:
 
 
 def _new_model(
-    plan: LossPlan, inputs: dict[str, InputSpec], num_classes: int, cfg: dict[str, Any]
+    plan: LossPlan,
+    inputs: dict[str, InputSpec],
+    num_classes: int,
+    cfg: dict[str, Any],
+    image_shape: tuple[int, ...] | None,
 ) -> TaskModel:
     b = inputs.get("b")
+    method = resolve_method(plan, cfg.get("method") or {}, image_shape)
     return TaskModel.from_config(
         plan.task,
         plan.style,
@@ -71,6 +78,8 @@ def _new_model(
         None if b is None else b.features,
         num_classes,
         cfg["model"],
+        method,
+        image_shape,
     )
 
 
@@ -86,9 +95,12 @@ def load_run(directory: str | Path, *, device: str | torch.device = "cpu") -> Ru
     plan = make_plan(cfg["loss"], cfg["task"])
     inputs = {m: InputSpec.from_dict(d) for m, d in ckpt["data"]["inputs"].items()}
     num_classes = int(ckpt["data"]["num_classes"])
-    model = _new_model(plan, inputs, num_classes, cfg)
+    shape = ckpt["data"].get("image_shape")
+    image_shape = None if shape is None else tuple(int(d) for d in shape)
+    model = _new_model(plan, inputs, num_classes, cfg, image_shape)
     load_state(model, ckpt["model"], "model", f"run {str(path)!r}")
-    return Run(path, cfg, plan, model.to(device).eval(), inputs, int(ckpt["epoch"]), num_classes)
+    epoch = int(ckpt["epoch"])
+    return Run(path, cfg, plan, model.to(device).eval(), inputs, epoch, num_classes, image_shape)
 
 
 def load_encoder(
@@ -202,7 +214,7 @@ def evaluate_run(
             )
         torch.manual_seed(seed)  # the random encoder of the run, as training built it
         initial = run.new_model().to(device).eval()
-        setup = EvalSetup.build(plan.task, tdata, cfg, torch.device(device))
+        setup = EvalSetup.build(plan.task, tdata, cfg, torch.device(device), plan.nested_dims)
         metrics, baselines = evaluate_with_baselines(run.model, initial, setup)
     ev = cfg["eval"]
     return {
