@@ -1,7 +1,9 @@
 """Speed and memory of embedloss's tiled losses (CLIP, SimCLR, SigLIP) against the GEMM floor, a
 plain implementation and peers. ``python bench/bench_losses.py --required`` runs the scale and
-huge-batch issues' cases, checks their targets and writes ``docs/benchmarks.md`` (section "Speed and memory"), ``docs/benchmarks.json``
-and ``docs/benchmarks.png``. Without ``--required`` it runs quick cases (or ``--case LOSS:N:D``).
+huge-batch issues' cases and checks their targets; it prints the table and leaves the tracked docs
+alone unless ``--write`` is given (then ``docs/benchmarks.md`` section "Speed and memory",
+``docs/benchmarks.json`` and ``docs/benchmarks.png`` are rewritten). Without ``--required`` it runs
+quick cases (or ``--case LOSS:N:D``).
 All options: ``--help`` (the same as ``embedloss bench``).
 """
 
@@ -24,8 +26,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.peers_dir is None:
         args.peers_dir = str(HERE)
-    if args.required and args.worker is None:
-        args.write = True
     if args.docs == Path("docs"):
         args.docs = ROOT / "docs"
     return bench.run(args)

@@ -95,6 +95,19 @@ def test_a_nan_loss_comes_with_nan_terms(name, no_value_checks):
     assert all(torch.isnan(v) for v in out.terms.values()), out.terms
 
 
+def test_finite_inputs_whose_sum_overflows_are_accepted():
+    # The check sums first (one reduction) and only inspects entries when the sum is not
+    # finite: a large finite batch must not be mistaken for a diverged one, +inf and -inf
+    # that cancel to NaN in the sum must still be caught.
+    big = torch.full((4, 3), 3e38)
+    assert torch.isinf(big.sum())
+    assert torch.isfinite(CLIPLoss()(big, big))
+    both = torch.randn(4, 3)
+    both[0, 0], both[1, 1] = float("inf"), float("-inf")
+    with pytest.raises(ValueError, match=r"^image_embeddings contains NaN or infinite values \(2 of 12"):
+        CLIPLoss()(both, torch.randn(4, 3))
+
+
 def test_dynamic_temperature_blames_the_input_not_the_temperature():
     a = torch.randn(4, 3)
     a[2, 1] = float("inf")

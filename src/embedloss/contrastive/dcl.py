@@ -94,7 +94,7 @@ def _dcl(
     scale = options.scale_as(a.dtype)
     s_pos = _mean_positive_logit(query, keys, scale, spec.query_labels, spec.key_labels, a.shape[0])
     loss = torch.where(result.valid, result.loss + (1 - w) * s_pos, torch.zeros_like(result.loss))
-    weighted = AnchorLosses(loss, result.valid, result.correct)
+    weighted = AnchorLosses(loss, result.valid, result.top1)
     return PairedResult(options.reduce(weighted), (weighted,), a, b)
 
 

@@ -62,12 +62,19 @@ class AnchorLosses(NamedTuple):
     Attributes:
         loss: ``(N,)`` per-anchor losses; 0 where ``valid`` is false.
         valid: ``(N,)`` bool, anchors with at least one positive and a non-empty denominator.
-        correct: ``(N,)`` bool, whether the highest-scoring key of ``A(i) ∪ P(i)`` is a positive.
+        top1: the ``correct`` flags, or (dense path) a function that computes them: the
+            training path (``forward``) never asks, so it never pays for an extra pass over
+            the logits.
     """
 
     loss: Tensor
     valid: Tensor
-    correct: Tensor
+    top1: Tensor | Callable[[], Tensor]
+
+    @property
+    def correct(self) -> Tensor:
+        """``(N,)`` bool, whether the highest-scoring key of ``A(i) ∪ P(i)`` is a positive."""
+        return self.top1() if callable(self.top1) else self.top1
 
 
 @dataclass(frozen=True)
@@ -151,10 +158,13 @@ def anchor_losses_from_logits(
         den_mean = torch.where(denominator, logits, zeros).sum(dim=1) / n_den.clamp(min=1)
         loss = loss - label_smoothing * den_mean
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    with torch.no_grad():
-        scored = logits.masked_fill(~(denominator | positive), torch.finfo(logits.dtype).min)
+    detached = logits.detach()
+
+    def correct() -> Tensor:
+        scored = detached.masked_fill(~(denominator | positive), torch.finfo(logits.dtype).min)
         top = scored.argmax(dim=1, keepdim=True)  # the first maximum: ties go to the lower index
-        correct = positive.gather(1, top).squeeze(1) & valid
+        return positive.gather(1, top).squeeze(1) & valid
+
     return AnchorLosses(loss, valid, correct)
 
 
@@ -180,8 +190,11 @@ def _single_positive(logits: Tensor, spec: PairSpec) -> AnchorLosses:
         scored = logits.scatter(1, own, fill.unsqueeze(1))
     loss = F.cross_entropy(scored, target, reduction="none")  # (N,)
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    with torch.no_grad():
-        correct = (scored.argmax(dim=1) == target) & valid  # the first maximum, as the masks
+    detached = scored.detach()
+
+    def correct() -> Tensor:
+        return (detached.argmax(dim=1) == target) & valid  # the first maximum, as the masks
+
     return AnchorLosses(loss, valid, correct)
 
 

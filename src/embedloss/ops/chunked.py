@@ -99,11 +99,13 @@ __all__ = [
 ]
 
 #: ``chunk_size="auto"`` stays dense while the dense path's working set — about
-#: ``DENSE_BUFFERS`` buffers of N×M elements — is below this (512 KiB, N = M ≈ 148 in float32).
-#: Measured on a 2-core CPU (forward+backward, float32): the tiled path is already faster
-#: from N ≈ 128 (CLIP 3.0 vs 3.7 ms) and 2.5–4× faster from N = 512; the dense path is kept
-#: for tiny batches, where it does fewer Python-level operations.
-DENSE_LIMIT_BYTES = 512 * 2**10
+#: ``DENSE_BUFFERS`` buffers of N×M elements — is below this (24 MiB: N·M ≤ 2²⁰ in float32, i.e.
+#: CLIP up to N = 1024, SimCLR up to 512 pairs). Measured on a 2-core CPU, one thread,
+#: forward+backward, D = 512 (tiled / dense time): CLIP 1.35 at N = 256, 1.06 at 1024, 0.91 at
+#: 2048; SimCLR (2N rows) 1.28 at N = 256, 1.06 at 512, 0.81 at 1024. Below the crossover the
+#: dense path's few large kernels beat the tiles' per-tile work; above it the tiles win (and keep
+#: memory O(N·tile)).
+DENSE_LIMIT_BYTES = 24 * 2**20
 DENSE_BUFFERS = 6
 #: Target size of one tile buffer for ``"auto"`` (16 MiB: the tile and its coefficient buffer
 #: stay in a 32 MiB L3 cache); the row count is clamped to [``MIN_TILE_ROWS``,
@@ -114,12 +116,18 @@ MAX_TILE_ROWS = 4096
 
 
 def resolve_chunk_size(
-    chunk_size: int | str | None, n: int, m: int, dtype: torch.dtype = torch.float32
+    chunk_size: int | str | None,
+    n: int,
+    m: int,
+    dtype: torch.dtype = torch.float32,
+    dense_fraction: float = 1.0,
 ) -> int | None:
     """The tile height for ``chunk_size`` (``None``: use the dense path).
 
-    ``"auto"`` is dense while ``n·m·itemsize·DENSE_BUFFERS <= DENSE_LIMIT_BYTES`` and otherwise
-    tiles of ``TILE_BYTES / (m·itemsize)`` rows, clamped and rounded down to a multiple of 64.
+    ``"auto"`` is dense while ``n·m·itemsize·DENSE_BUFFERS <= DENSE_LIMIT_BYTES·dense_fraction``
+    (a kernel whose tiles are cheaper relative to its dense form passes a fraction below 1) and
+    otherwise tiles of ``TILE_BYTES / (m·itemsize)`` rows, clamped and rounded down to a
+    multiple of 64.
 
     Example:
         >>> resolve_chunk_size("auto", 64, 64) is None
@@ -134,7 +142,7 @@ def resolve_chunk_size(
     if chunk_size != "auto":
         return int(chunk_size)
     itemsize = 8 if dtype == torch.float64 else 4
-    if n * m * itemsize * DENSE_BUFFERS <= DENSE_LIMIT_BYTES:
+    if n * m * itemsize * DENSE_BUFFERS <= DENSE_LIMIT_BYTES * dense_fraction:
         return None
     rows = max(MIN_TILE_ROWS, min(MAX_TILE_ROWS, TILE_BYTES // (m * itemsize)))
     if rows >= 64:
