@@ -1,5 +1,6 @@
-"""Speed and memory of embedloss's tiled losses (CLIP, SimCLR, SigLIP) against the GEMM floor, a
-plain implementation and peers. ``python bench/bench_losses.py --required`` runs the scale and
+"""Speed and memory of embedloss's tiled losses (CLIP, SimCLR, SigLIP) against baselines.
+
+The baselines are the GEMM floor, a plain implementation and peers. ``python bench/bench_losses.py --required`` runs the scale and
 huge-batch issues' cases and checks their targets; it prints the table and leaves the tracked docs
 alone unless ``--write`` is given (then ``docs/benchmarks.md`` section "Speed and memory",
 ``docs/benchmarks.json`` and ``docs/benchmarks.png`` are rewritten). Without ``--required`` it runs
