@@ -46,7 +46,9 @@ def test_the_loss_is_simclr_of_the_views_plus_a_tenth_of_koleo_of_both():
     torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-12)
     # each part's own (unweighted) loss is logged (in float32), named as CombinedLoss names them
     for part, value in (("koleo", koleo), ("simclr", simclr)):
-        torch.testing.assert_close(out.terms[f"{part}/loss"].double(), value.detach(), atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            out.terms[f"{part}/loss"].double(), value.detach(), atol=1e-6, rtol=0
+        )
     assert {"simclr/accuracy", "koleo/nearest_neighbour_distance"} <= set(out.terms)
     # koleo of the two views apart is another number: the concatenation is what it sees
     apart = simclr + 0.1 * (KoLeoLoss()(z_a) + KoLeoLoss()(z_b)) / 2

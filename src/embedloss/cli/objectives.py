@@ -127,8 +127,6 @@ def combined_parts(
         loss: The ``combined`` loss.
         inputs: The positional and keyword arguments of each part, by part name.
     """
-    outputs = {
-        name: run_part(name, part, *inputs[name]) for name, part in loss.losses.items()
-    }
+    outputs = {name: run_part(name, part, *inputs[name]) for name, part in loss.losses.items()}
     total = weighted_sum({n: o.loss for n, o in outputs.items()}, loss.weights)
     return LossOutput(total, {k: v for n, o in outputs.items() for k, v in prefixed(n, o).items()})

@@ -55,9 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from embedloss.base.base_loss import LossOutput
-from embedloss.composite import CombinedLoss
 from embedloss.cli.config import CLIError
 from embedloss.cli.objectives import IBOTObjective, combined_parts, scored_pairs
+from embedloss.composite import CombinedLoss
 from embedloss.registry import create_loss, loss_info
 from embedloss.self_distillation import IBOTPatchLoss
 
