@@ -488,7 +488,7 @@ def _parts(plan: LossPlan, loss: nn.Module, a: Tensor, b: Tensor, t: StepTargets
     """``combined`` over both styles: pair parts get ``(z_a, z_b)``, single parts ``cat``."""
     assert isinstance(loss, CombinedLoss)  # the parts style is planned for combined only
     both = torch.cat([a, b])
-    inputs = {}
+    inputs: dict[str, tuple[tuple[Tensor, ...], dict[str, Tensor]]] = {}
     for name, part in loss.losses.items():
         if plan.part_styles.get(name) == "single":
             inputs[name] = ((both,), {})
