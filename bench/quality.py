@@ -3,6 +3,7 @@
     python bench/quality.py                 # all losses, the task budgets below
     python bench/quality.py --jobs 2        # two runs at a time (each on one thread)
     python bench/quality.py --losses simclr,clip --epochs 5 --no-write
+    python bench/quality.py --losses simclr,koleo   # also their combination (COMBINATIONS)
 
 Each loss runs `embedloss train`'s own code (in this process, one loss after another) on the
 embedded digits — the same epochs, batch, encoder and seed for every loss of a task
@@ -10,7 +11,8 @@ embedded digits — the same epochs, batch, encoder and seed for every loss of a
 override table) and the few settings of :data:`SETTINGS` — and the table with its metrics and
 the same-run baselines (random encoder, raw pixels) replaces the "## Quality" section of
 docs/benchmarks.md. A loss that does not beat the random encoder on its task's main metric is
-listed as a finding, not hidden, and the targets of :data:`TARGETS` are checked.
+listed as a finding, not hidden, and the targets of :data:`TARGETS` are checked. The
+combinations of :data:`COMBINATIONS` are trained beside their parts, on the same budget.
 """
 
 from __future__ import annotations
@@ -51,6 +53,24 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # 0.85 at lr 0.002, 0.87 at 0.005).
     "dino": {"lr": 0.005},
     "ibot_patch": {"lr": 0.005},
+}
+#: Combined losses trained beside the single ones (when every part is in the run): label → task
+#: and loss config. DINOv2 adds KoLeo at weight 0.1 to its invariance loss; alone it has none.
+COMBINATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "combined: simclr + 0.1 koleo": (
+        "ssl",
+        {
+            "name": "combined",
+            "losses": {"simclr": {"name": "simclr"}, "koleo": {"name": "koleo"}},
+            "weights": {"koleo": 0.1},
+        },
+    ),
+}
+#: Why a loss that does not beat the random encoder does not, written beside the finding.
+EXPLAINED = {
+    "koleo": "KoLeo only spreads the embeddings (no term relates the two views), so alone it "
+    "cannot learn the invariance the task measures; DINOv2 adds it at weight 0.1 to an "
+    "invariance loss: see the `combined: simclr + 0.1 koleo` row",
 }
 #: For ``matryoshka``: the same wrapped loss at the full size only, measured at the same prefixes
 #: (what the nesting buys at the small sizes, and costs at the full one).
@@ -97,6 +117,15 @@ def plan_losses(names: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]
         except CLIError as err:
             skipped[name] = str(err)
     return by_task, skipped
+
+
+def combinations(names: list[str]) -> list[tuple[str, str]]:
+    """The (task, label) of each combination of :data:`COMBINATIONS` whose parts all run."""
+    return [
+        (task, label)
+        for label, (task, cfg) in COMBINATIONS.items()
+        if all(sub["name"] in names for sub in cfg["losses"].values())
+    ]
 
 
 def run_overrides(name: str, task: str, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -227,6 +256,17 @@ def settings(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     lines = []
     for task, docs in results.items():
         for name in docs:
+            if name in COMBINATIONS:
+                cfg = COMBINATIONS[name][1]
+                weights = cfg.get("weights", {})
+                total = " + ".join(
+                    f"{weights.get(k, 1.0):g}·{v['name']}" for k, v in cfg["losses"].items()
+                )
+                lines.append(
+                    f"- `{name}`: `combined` loss {total}, each part with its defaults; the "
+                    "pair-style parts see the two views, the single-style ones their concatenation"
+                )
+                continue
             try:
                 plan = make_plan({"name": name}, "auto")
             except CLIError:  # not a registered loss (a test's stand-in)
@@ -293,9 +333,11 @@ def render(
         for name, doc in results[task].items():
             gain = doc["metrics"][key] - doc["baselines"]["random_encoder"][key]
             if gain <= 0:
+                why = f" {EXPLAINED[name]}." if name in EXPLAINED else ""
                 findings.append(
                     f"- `{name}` ({task}) does not beat the random encoder on {HEADERS[key]} "
                     f"({doc['metrics'][key]:.3f} vs {doc['baselines']['random_encoder'][key]:.3f})."
+                    + why
                 )
         for name, err in errors[task].items():
             findings.append(f"- `{name}` ({task}) failed to train: {err}")
@@ -356,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, dict[str, Any]]] = {t: {} for t in TASKS}
     errors: dict[str, dict[str, str]] = {t: {} for t in TASKS}
     start = time.perf_counter()
-    jobs = [(task, name) for task in TASKS for name in by_task[task]]
+    jobs = [(task, name) for task in TASKS for name in by_task[task]] + combinations(names)
+    loss_of = {label: cfg for label, (_, cfg) in COMBINATIONS.items()}
     pool = None
     if args.jobs > 1:
         import multiprocessing
@@ -364,14 +407,16 @@ def main(argv: list[str] | None = None) -> int:
 
         pool = ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"))
         futures = {
-            job: pool.submit(run_one, job[1], run_overrides(job[1], job[0], overrides))
+            job: pool.submit(
+                run_one, loss_of.get(job[1], job[1]), run_overrides(job[1], job[0], overrides)
+            )
             for job in jobs
         }
     for task, name in jobs:  # the table's order, whatever order the workers finish in
         print(f"[{task}] {name} ...", end=" ", flush=True)
         try:
             if pool is None:
-                doc = run_one(name, run_overrides(name, task, overrides))
+                doc = run_one(loss_of.get(name, name), run_overrides(name, task, overrides))
             else:
                 doc = futures[(task, name)].result()
         except Exception as err:  # a failing loss is a finding for the table, not a crash

@@ -140,3 +140,28 @@ def test_targets_settings_and_nested_sizes(quality):
         "seed": 1,
     }
     assert quality.run_overrides("clip", "paired", {"epochs": 2}) == {"epochs": 2}
+
+
+def test_combinations_run_beside_their_parts_and_koleo_is_explained(quality):
+    label = "combined: simclr + 0.1 koleo"
+    assert quality.combinations(["simclr", "koleo", "clip"]) == [("ssl", label)]
+    assert quality.combinations(["simclr", "clip"]) == []
+    cfg = quality.COMBINATIONS[label][1]
+    assert cfg["weights"] == {"koleo": 0.1}
+    assert {sub["name"] for sub in cfg["losses"].values()} == {"simclr", "koleo"}
+    results = {
+        "ssl": {"koleo": _doc(0.05), label: _doc(0.9)},
+        "paired": {},
+        "supervised": {},
+    }
+    empty = {"ssl": {}, "paired": {}, "supervised": {}}
+    section = quality.render(results, empty, {}, {}, 1.0)
+    assert f"| `{label}` | 0.900 |" in section
+    assert (
+        f"- `{label}`: `combined` loss 1·simclr + 0.1·koleo, each part with its defaults" in section
+    )
+    assert (
+        "- `koleo` (ssl) does not beat the random encoder on k-NN acc. (perturbed) (0.050 vs "
+        "0.100). KoLeo only spreads the embeddings" in section
+    )
+    assert f"see the `{label}` row." in section

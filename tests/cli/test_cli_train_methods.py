@@ -31,6 +31,12 @@ HEADERS = {
     "swav": "; 4 local crops, 256 prototypes;",
     "nnclr": "EMA teacher (momentum 0.99 → 1, cosine)",
 }
+#: simclr + 0.1·koleo: its parts see different inputs (the pair and their concatenation).
+COMBINED = {
+    "name": "combined",
+    "losses": {"simclr": {"name": "simclr"}, "koleo": {"name": "koleo"}},
+    "weights": {"koleo": 0.1},
+}
 NEW = [
     "moco",
     "negative_cosine",
@@ -129,7 +135,8 @@ def _one_step(loss, micro, steps=1):
 @pytest.mark.parametrize(
     ("loss", "steps"),
     # MoCo's first step has an empty queue (nothing to contrast): its second step is compared.
-    [("simclr", 1), ("moco", 2), ("dino", 1), ("swav", 1), ("ibot_patch", 1)],
+    [("simclr", 1), ("moco", 2), ("dino", 1), ("swav", 1), ("ibot_patch", 1), (COMBINED, 1)],
+    ids=["simclr", "moco", "dino", "swav", "ibot_patch", "simclr+koleo"],
 )
 def test_micro_batches_give_the_plain_step(loss, steps):
     # LayerNorm: every row is computed on its own, so GradCache's step is exactly the plain one

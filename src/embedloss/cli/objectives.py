@@ -1,4 +1,4 @@
-"""What the trainer composes around a registered loss: iBOT's whole objective, scored pairs.
+"""What the trainer composes around a registered loss: iBOT's objective, scored pairs, parts.
 
 * :class:`IBOTObjective`: ``ibot_patch`` alone scores the masked patches of a view that the
   teacher saw whole; nothing in it relates two augmented views, so on its own it cannot teach
@@ -8,6 +8,9 @@
   digits have none, so a batch of two augmented views with class labels is turned into pairs
   whose score comes from what makes two inputs alike: the same image (1), the same class
   (0.5), different classes (0).
+* :func:`combined_parts`: a ``combined`` loss whose parts need different inputs (a pair-style
+  loss and single-style regularisers: DINOv2 adds KoLeo at weight 0.1 to its invariance loss)
+  is called part by part, each with its own inputs, and summed with the combined's weights.
 
 Example:
     >>> a, b = torch.zeros(9, 2), torch.ones(9, 2)
@@ -17,13 +20,17 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
 from embedloss.base.base_loss import BaseLoss, LossOutput
+from embedloss.composite import CombinedLoss
+from embedloss.composite._parts import prefixed, run_part, weighted_sum
 from embedloss.self_distillation import DINOLoss, IBOTPatchLoss
 
-__all__ = ["IBOTObjective", "scored_pairs"]
+__all__ = ["IBOTObjective", "combined_parts", "scored_pairs"]
 
 
 class IBOTObjective(nn.Module):
@@ -104,3 +111,22 @@ def scored_pairs(a: Tensor, b: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, 
     same_class = (labels[partner] == labels).to(a.dtype)
     scores = torch.where(partner == idx, torch.ones_like(same_class), 0.5 * same_class)
     return a, b[partner], scores
+
+
+def combined_parts(
+    loss: CombinedLoss, inputs: Mapping[str, tuple[tuple[Tensor, ...], dict[str, Tensor]]]
+) -> LossOutput:
+    """What ``loss.compute`` returns, with each part called on its own ``(args, kwargs)``.
+
+        L = Σ_k w_k·L_k(inputs[k])
+
+    The weights are the combined loss's; the terms are named as its own: ``"<part>/loss"`` (the
+    part's unweighted loss) and ``"<part>/<term>"``.
+
+    Args:
+        loss: The ``combined`` loss.
+        inputs: The positional and keyword arguments of each part, by part name.
+    """
+    outputs = {name: run_part(name, part, *inputs[name]) for name, part in loss.losses.items()}
+    total = weighted_sum({n: o.loss for n, o in outputs.items()}, loss.weights)
+    return LossOutput(total, {k: v for n, o in outputs.items() for k, v in prefixed(n, o).items()})

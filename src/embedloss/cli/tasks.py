@@ -15,6 +15,8 @@ style          model rows → loss call                            tasks
 ``classifier`` linear classifier logits → ``loss(logits, t)``    supervised
 ``scored``     graded pairs → ``loss(e_a, e_b, scores)``         supervised (CoSENT, AnglE)
 ``single``     ``loss(cat(z_a, z_b))``                           ssl (KoLeo)
+``parts``      ``combined`` of pair and single losses: each      ssl (simclr + 0.1·koleo)
+               part its inputs above, then Σ w_k·L_k
 ``predictor``  BYOL: ``loss(h(z_a), sg(t_b))`` both ways, ``t``  ssl
                the EMA teacher's projection (SimSiam without)
 ``moco``       queries vs the EMA teacher's keys, both ways      ssl
@@ -31,6 +33,8 @@ Categories: contrastive and self_supervised → ssl (``pair``), multimodal → p
 supervised and metric_learning → supervised (``labels``), text → supervised (``scored``);
 composite losses take their sub-losses' style: ``combined``/``multitask`` need ``--config``,
 ``matryoshka`` wraps one loss (``--loss-option loss=supcon``) on the encoder's own output.
+``combined`` may add single-style regularisers to pair-style losses (the ``parts`` style); other
+mixes of styles are refused.
 
 Example:
     >>> plan = make_plan({"name": "nt_xent"}, "auto")
@@ -52,7 +56,8 @@ from torch import Tensor, nn
 
 from embedloss.base.base_loss import LossOutput
 from embedloss.cli.config import CLIError
-from embedloss.cli.objectives import IBOTObjective, scored_pairs
+from embedloss.cli.objectives import IBOTObjective, combined_parts, scored_pairs
+from embedloss.composite import CombinedLoss
 from embedloss.registry import create_loss, loss_info
 from embedloss.self_distillation import IBOTPatchLoss
 
@@ -85,7 +90,9 @@ CATEGORY_STYLE = {
 }
 COMPOSITES = ("combined", "multitask")
 #: Styles whose loss sees views of one modality (the ssl task) and nothing else.
-SSL_ONLY = ("predictor", "moco", "nnclr", "dino", "ibot", "swav", "single")
+SSL_ONLY = ("predictor", "moco", "nnclr", "dino", "ibot", "swav", "single", "parts")
+#: The sub-loss styles ``combined`` may mix (the ``parts`` style): each part gets its own inputs.
+PARTS = ("pair", "single")
 #: Styles a ``matryoshka`` loss can wrap: its prefixes cut plain embeddings.
 NESTABLE = ("pair", "labels", "single", "scored")
 
@@ -184,6 +191,7 @@ class LossPlan:
     head: str | None = None  # "none": the loss sees the encoder's output (matryoshka)
     nested_dims: tuple[int, ...] = ()  # matryoshka: prefix sizes evaluated besides the full one
     loss_lr_scale: float = 1.0
+    part_styles: Mapping[str, str] = field(default_factory=dict)  # parts: each sub-loss's style
 
 
 @dataclass(frozen=True)
@@ -292,25 +300,33 @@ def make_plan(loss_cfg: Mapping[str, Any], task: str) -> LossPlan:
         if key in params and key not in kwargs:
             kwargs[key] = copy.deepcopy(value)
     sub_style, head, nested, takes_labels = None, None, (), _accepts_labels(info.cls)
+    part_styles: dict[str, str] = {}
     if info.name == "matryoshka":
         style, default_task, takes_labels, nested = _matryoshka(info.name, kwargs)
         head = "none"
     elif info.category == "composite" or info.name in COMPOSITES:
         subs = _sub_configs(kwargs, info.name)
-        found = {_sub_name(v, k) for k, v in subs.items()} - {None}
-        pairs = {_base_style_task(str(n)) for n in found}
+        found = {k: n for k, v in subs.items() if (n := _sub_name(v, k)) is not None}
+        by_part = {k: _base_style_task(n) for k, n in found.items()}
+        pairs = set(by_part.values())
         styles = {s for s, _ in pairs}
-        if len(styles) > 1:
-            raise CLIError(
-                f"the sub-losses of {info.name!r} need different inputs ({', '.join(sorted(styles))}); "
-                "combine losses of one kind"
-            )
-        sub_style = styles.pop() if styles else "pair"
-        if sub_style not in ("pair", "labels"):
-            raise CLIError(
-                f"{info.name!r} over {sub_style}-style losses is not supported by the trainer"
-            )
-        style = "multitask" if over.style == "multitask" else sub_style
+        if info.name == "combined" and styles == set(PARTS):
+            # pair-style losses plus single-style regularisers (simclr + koleo)
+            style, part_styles = "parts", {k: s for k, (s, _) in by_part.items()}
+        else:
+            if len(styles) > 1:
+                raise CLIError(
+                    f"the sub-losses of {info.name!r} need different inputs "
+                    f"({', '.join(sorted(styles))}); the trainer combines losses of one style, "
+                    "or in 'combined' pair-style losses with single-style regularisers "
+                    "(e.g. simclr + koleo)"
+                )
+            sub_style = styles.pop() if styles else "pair"
+            if sub_style not in ("pair", "labels"):
+                raise CLIError(
+                    f"{info.name!r} over {sub_style}-style losses is not supported by the trainer"
+                )
+            style = "multitask" if over.style == "multitask" else sub_style
         tasks = {t for _, t in pairs if t is not None}
         default_task = tasks.pop() if len(tasks) == 1 else None
     else:
@@ -339,6 +355,7 @@ def make_plan(loss_cfg: Mapping[str, Any], task: str) -> LossPlan:
         head,
         nested,
         over.loss_lr_scale,
+        part_styles,
     )
 
 
@@ -467,6 +484,20 @@ def _two_view(
     return _as_output(compute(torch.cat([p_a, p_b]), torch.cat([z_b, z_a]).detach()))
 
 
+def _parts(plan: LossPlan, loss: nn.Module, a: Tensor, b: Tensor, t: StepTargets) -> LossOutput:
+    """``combined`` over both styles: pair parts get ``(z_a, z_b)``, single parts ``cat``."""
+    assert isinstance(loss, CombinedLoss)  # the parts style is planned for combined only
+    both = torch.cat([a, b])
+    inputs: dict[str, tuple[tuple[Tensor, ...], dict[str, Tensor]]] = {}
+    for name, part in loss.losses.items():
+        if plan.part_styles.get(name) == "single":
+            inputs[name] = ((both,), {})
+        else:
+            labels = _ssl_labels(plan, t, 1) if _accepts_labels(type(part)) else {}
+            inputs[name] = ((a, b), labels)
+    return combined_parts(loss, inputs)
+
+
 def compute_loss(
     plan: LossPlan,
     loss: nn.Module,
@@ -508,6 +539,8 @@ def compute_loss(
         return _as_output(compute(*scored_pairs(a, b, y)))
     if style == "single":
         return _as_output(compute(torch.cat([a, b])))
+    if style == "parts":
+        return _parts(plan, loss, a, b, t)
     if style == "multitask":
         subs = _sub_configs(plan.loss_kwargs, plan.name)
         if plan.sub_style == "labels":
