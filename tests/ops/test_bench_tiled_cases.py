@@ -90,3 +90,10 @@ def test_report_names_the_measuring_flags(tmp_path, monkeypatch):
     )
     bench.run(args)
     assert (again / "benchmarks.md").read_text() == text
+    # a re-rendered --required run still says --required (the flags travel in the JSON)
+    required = parser.parse_args(["--required", "--threads", "1", "--write", "--docs", str(again)])
+    bench.run(required)
+    assert (
+        "`python bench/bench_losses.py --required --threads 1`"
+        in (again / "benchmarks.md").read_text()
+    )

@@ -816,7 +816,8 @@ def _measure(args: argparse.Namespace) -> tuple[list[CaseResult], dict[str, Any]
         log=lambda s: print(s, file=sys.stderr, flush=True),
         clock=clock,
     )
-    flags = f" --threads {args.threads}" if args.threads else ""
+    flags = " --required" if args.required else ""
+    flags += f" --threads {args.threads}" if args.threads else ""
     flags += " --clock cpu" if clock == "cpu" else ""
     return results, {**machine_info(args.threads, args.device), "clock": clock, "flags": flags}
 
@@ -853,8 +854,7 @@ def run(args: argparse.Namespace) -> int:
     json_path = args.json if args.from_json is None else None
     if args.write:
         args.docs.mkdir(parents=True, exist_ok=True)
-        command = "python bench/bench_losses.py" + (" --required" if args.required else "")
-        command += machine.get("flags", "")
+        command = "python bench/bench_losses.py" + machine.get("flags", "")
         write_section(
             args.docs / "benchmarks.md", format_section(results, checks, machine, command)
         )
