@@ -104,7 +104,9 @@ def test_finite_inputs_whose_sum_overflows_are_accepted():
     assert torch.isfinite(CLIPLoss()(big, big))
     both = torch.randn(4, 3)
     both[0, 0], both[1, 1] = float("inf"), float("-inf")
-    with pytest.raises(ValueError, match=r"^image_embeddings contains NaN or infinite values \(2 of 12"):
+    with pytest.raises(
+        ValueError, match=r"^image_embeddings contains NaN or infinite values \(2 of 12"
+    ):
         CLIPLoss()(both, torch.randn(4, 3))
 
 
