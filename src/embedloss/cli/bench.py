@@ -700,7 +700,8 @@ def plot(results: Sequence[CaseResult], path: Path) -> None:
     for ax in (ax_t, ax_m):
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(results))])
         ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
-        ax.legend(fontsize=8)
+        if results:  # an empty run has nothing to name
+            ax.legend(fontsize=8)
     ax_t.axhline(1.0, color="k", lw=0.8)
     ax_t.set_yscale("log")
     ax_t.set_ylabel("fwd+bwd time / 3-GEMM floor (log)")
