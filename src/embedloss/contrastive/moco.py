@@ -141,13 +141,13 @@ class _Options(NamedTuple):
     symmetric: bool
     queue_positives: bool = False
 
-
-def _check_queue_positives(queue_positives: bool, labels: Tensor | None) -> bool:
-    if check_bool(queue_positives, "queue_positives") and labels is None:
-        raise ValueError(
-            "queue_positives=True counts same-label queue entries as positives and needs labels"
-        )
-    return queue_positives
+    def checked(self, labels: Tensor | None) -> _Options:
+        flags = _Options(*(check_bool(v, n) for n, v in zip(self._fields, self, strict=True)))
+        if flags.queue_positives and labels is None:
+            raise ValueError(
+                "queue_positives=True counts same-label queue entries as positives and needs labels"
+            )
+        return flags
 
 
 def _moco(
@@ -259,11 +259,7 @@ def moco_loss(
     """
     _check_inputs(query, key, queue, labels, queue_labels, query_queue, symmetric)
     options = ContrastiveOptions.create(temperature, reduction, normalize, None, gather_distributed)
-    flags = _Options(
-        check_bool(in_batch_negatives, "in_batch_negatives"),
-        check_bool(symmetric, "symmetric"),
-        _check_queue_positives(queue_positives, labels),
-    )
+    flags = _Options(in_batch_negatives, symmetric, queue_positives).checked(labels)
     return _moco(query, key, queue, query_queue, labels, queue_labels, options, flags).loss
 
 
@@ -304,10 +300,9 @@ class MoCoLoss(BaseContrastiveLoss):
         symmetric: Also score key→query against a queue of past queries; average directions.
         queue_positives: Same-label queue entries (and in-batch keys) are extra positives
             rather than excluded negatives; every call then needs labels.
-        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
         gather_distributed: Gather keys (and queries, labels) from all ranks; enqueue them all.
+        learnable_temperature, reduction, normalize: as
+            :class:`~embedloss.base.BaseContrastiveLoss` (MoCo has no ``chunk_size``).
 
     Raises:
         ValueError: For ``queue_size < 1``, τ <= 0, a batch larger than the queue, a key size
@@ -424,11 +419,10 @@ class MoCoLoss(BaseContrastiveLoss):
         if labels is not None:
             self.queue_labels[slots] = labels.to(self.queue_labels.dtype)
         self.queue_labeled[slots] = labels is not None
-        flag, end = bytes([labels is not None]), ptr + b
-        self._labeled_host[ptr : min(end, size)] = flag * (min(end, size) - ptr)
-        if end > size:  # wrapped around
-            self._labeled_host[: end - size] = flag * (end - size)
-        self._set_counter("queue_ptr", end % size)
+        flags, head = bytes([labels is not None]) * b, min(b, size - ptr)
+        self._labeled_host[ptr : ptr + head] = flags[:head]
+        self._labeled_host[: b - head] = flags[head:]  # the rows that wrapped around
+        self._set_counter("queue_ptr", (ptr + b) % size)
         self._set_counter("queue_count", min(self._counter("queue_count") + b, size))
 
     def _adopt_stored_queue(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
@@ -456,11 +450,10 @@ class MoCoLoss(BaseContrastiveLoss):
                 f"the batch ({query.shape[0]} keys) is larger than the queue "
                 f"(queue_size={self.queue_size}); raise queue_size or lower the batch size"
             )
-        positives = _check_queue_positives(self.queue_positives, labels)
+        flags = _Options(self.in_batch_negatives, self.symmetric, self.queue_positives)
+        flags = flags.checked(labels)
         bank, past_queries, bank_labels = self._filled(query.shape[1], labels)
-        flags = _Options(self.in_batch_negatives, self.symmetric, positives)
-        options = self.options()
-        batch = _moco(query, key, bank, past_queries, labels, bank_labels, options, flags)
+        batch = _moco(query, key, bank, past_queries, labels, bank_labels, self.options(), flags)
         if batch.keys.shape[0] > self.queue_size:
             raise ValueError(
                 f"the batch gathered from all ranks ({batch.keys.shape[0]} keys) is larger than "
