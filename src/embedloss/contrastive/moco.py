@@ -495,10 +495,11 @@ class MoCoLoss(BaseContrastiveLoss):
         """A small queue, and in-batch negatives so that the very first call has a gradient."""
         return {"queue_size": 64, "in_batch_negatives": True}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"temperature={self.temperature:g}, queue_size={self.queue_size}, "
-            f"in_batch_negatives={self.in_batch_negatives}, symmetric={self.symmetric}, "
-            f"queue_positives={self.queue_positives}, reduction={self.reduction!r}"
-        )
+    shown = (
+        "temperature:g",
+        "queue_size",
+        "in_batch_negatives",
+        "symmetric",
+        "queue_positives",
+        "reduction!r",
+    )

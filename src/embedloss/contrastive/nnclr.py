@@ -241,9 +241,4 @@ class NNCLRLoss(BaseContrastiveLoss):
         """A small support set."""
         return {"queue_size": 64}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"temperature={self.temperature:g}, queue_size={self.queue_size}, "
-            f"reduction={self.reduction!r}"
-        )
+    shown = ("temperature:g", "queue_size", "reduction!r")

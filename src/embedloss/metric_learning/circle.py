@@ -119,7 +119,7 @@ class CircleLoss(BasePairLoss):
 
     TERM = "anchors"
     SIMILARITY = True
-    SHOWN = ("margin", "gamma")
+    shown = ("margin!r", "gamma!r", *BasePairLoss.shown)
 
     def __init__(
         self, *, margin: float = 0.25, gamma: float = 256.0, **options: Unpack[PairKeywords]

@@ -128,7 +128,7 @@ class ContrastiveMarginLoss(BasePairLoss):
     """
 
     TERM = "pairs"
-    SHOWN = ("margin", "pos_margin")
+    shown = ("margin!r", "pos_margin!r", *BasePairLoss.shown)
 
     def __init__(
         self,

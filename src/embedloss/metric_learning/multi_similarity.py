@@ -140,7 +140,7 @@ class MultiSimilarityLoss(BasePairLoss):
     """
 
     SIMILARITY = True
-    SHOWN = _Params._fields
+    shown = (*(f"{name}!r" for name in _Params._fields), *BasePairLoss.shown)
 
     def __init__(
         self,

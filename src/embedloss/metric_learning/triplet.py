@@ -164,7 +164,7 @@ class TripletLoss(BasePairLoss):
     """
 
     TERM = "triplets"
-    SHOWN = ("margin", "mining")
+    shown = ("margin!r", "mining!r", *BasePairLoss.shown)
 
     def __init__(
         self, *, margin: float = 0.2, mining: str = "batch_hard", **options: Unpack[PairKeywords]
