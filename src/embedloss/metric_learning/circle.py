@@ -104,11 +104,8 @@ class CircleLoss(BasePairLoss):
     Args:
         margin: m >= 0 (default 0.25).
         gamma: γ > 0 (default 256).
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
-        normalize: L2-normalise the embeddings first (default True).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: Row tiles (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``distance`` (default ``"cosine"``), ``normalize``, ``reduction``,
+            ``chunk_size``, ``gather_distributed``: as :func:`circle_loss`.
 
     Example:
         >>> loss = CircleLoss(margin=0.4, gamma=80.0)

@@ -150,11 +150,8 @@ class TripletLoss(BasePairLoss):
     Args:
         margin: m >= 0 (default 0.2).
         mining: ``"batch_hard"`` (default), ``"batch_all"`` or ``"semi_hard"``.
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
-        normalize: L2-normalise the embeddings first (default True).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: Row tiles (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``distance`` (default ``"cosine"``), ``normalize``, ``reduction``,
+            ``chunk_size``, ``gather_distributed``: as :func:`triplet_loss`.
 
     Example:
         >>> loss = TripletLoss(mining="batch_all")
