@@ -392,6 +392,9 @@ class MoCoLoss(BaseContrastiveLoss):
             if f"{prefix}queue_{name}" in state_dict:
                 state_dict[f"{prefix}_memory.{name}"] = state_dict.pop(f"{prefix}queue_{name}")
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.extra_repr()})"  # the queue is state, not a part
+
     def reset_queue(self) -> None:
         """Empty the queue (entries are forgotten; the allocated storage is kept)."""
         self._memory.reset()
