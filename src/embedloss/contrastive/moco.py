@@ -360,11 +360,10 @@ class MoCoLoss(BaseContrastiveLoss):
         self._register_state_dict_hook(MoCoLoss._stored_names)
         self._register_load_state_dict_pre_hook(self._adopt_stored_names)
 
-    queue = property(lambda self: self._memory.features[0], doc="The keys ``(K, D)``.")
-    queue_labels = property(lambda self: self._memory.labels, doc="Their labels ``(K,)``.")
-    queue_labeled = property(lambda self: self._memory.labeled, doc="Enqueued with labels.")
-    queue_ptr = property(lambda self: self._memory.ptr, doc="The next slot (0-d).")
-    queue_count = property(lambda self: self._memory.count, doc="Filled slots (0-d).")
+    @property
+    def queue(self) -> Tensor:
+        """The past keys ``(K, D)`` (empty until the first batch is enqueued)."""
+        return self._memory.features[0]
 
     @property
     def query_queue(self) -> Tensor:
@@ -372,6 +371,26 @@ class MoCoLoss(BaseContrastiveLoss):
         if not self.symmetric:
             raise AttributeError("query_queue: only a symmetric MoCoLoss keeps past queries")
         return self._memory.features[1]
+
+    @property
+    def queue_labels(self) -> Tensor:
+        """The labels ``(K,)`` of the queued keys."""
+        return self._memory.labels
+
+    @property
+    def queue_labeled(self) -> Tensor:
+        """Whether each slot ``(K,)`` was enqueued with a label."""
+        return self._memory.labeled
+
+    @property
+    def queue_ptr(self) -> Tensor:
+        """The slot the next key goes to (0-d)."""
+        return self._memory.ptr
+
+    @property
+    def queue_count(self) -> Tensor:
+        """The number of filled slots (0-d)."""
+        return self._memory.count
 
     def _stored_names(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
         # Saved under MoCo's own names: queue, query_queue (when symmetric), queue_labels, ...
