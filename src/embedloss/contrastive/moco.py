@@ -17,7 +17,6 @@ from embedloss._validation import (
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
 from embedloss.base.contrastive import BaseContrastiveLoss
-from embedloss.base.queue import FeatureQueue
 from embedloss.ops.anchors import (
     AnchorLosses,
     PairSpec,
@@ -268,11 +267,10 @@ def moco_loss(
 class MoCoLoss(BaseContrastiveLoss):
     """MoCo v2 contrastive loss with a FIFO queue of past keys (He et al. 2020; Chen et al. 2020).
 
-    See :func:`moco_loss` for the formula. The queue is a
-    :class:`~embedloss.base.queue.FeatureQueue` whose buffers ``state_dict`` saves as ``queue``,
-    ``query_queue`` (when symmetric), ``queue_labels``, ``queue_labeled``, ``queue_ptr`` and
-    ``queue_count`` (attributes of the loss too), so it round-trips exactly and resuming gives
-    the same subsequent losses. Semantics:
+    See :func:`moco_loss` for the formula. The queue lives in buffers (``queue``, and
+    ``query_queue`` when symmetric, ``queue_labels``, ``queue_labeled``, ``queue_ptr``,
+    ``queue_count``), so ``state_dict`` round-trips it exactly and resuming gives the same
+    subsequent losses. Semantics:
 
     * the queue **starts empty**; only filled entries are scored (no random initialisation);
     * keys are enqueued **after** the loss is computed, and only in training mode;
@@ -326,8 +324,12 @@ class MoCoLoss(BaseContrastiveLoss):
         (True, 8)
     """
 
-    #: The queue's buffers other than its features, saved as ``queue_<name>``.
-    _STORED = ("labels", "labeled", "ptr", "count")
+    queue: Tensor
+    query_queue: Tensor
+    queue_labels: Tensor
+    queue_labeled: Tensor
+    queue_ptr: Tensor
+    queue_count: Tensor
 
     def __init__(
         self,
@@ -355,89 +357,85 @@ class MoCoLoss(BaseContrastiveLoss):
         self.in_batch_negatives = check_bool(in_batch_negatives, "in_batch_negatives")
         self.symmetric = check_bool(symmetric, "symmetric")
         self.queue_positives = check_bool(queue_positives, "queue_positives")
-        # Keys, and past queries when symmetric: two streams that share one pointer.
-        self._memory = FeatureQueue(queue_size, streams=2 if symmetric else 1)
-        self._register_state_dict_hook(MoCoLoss._stored_names)
-        self._register_load_state_dict_pre_hook(self._adopt_stored_names)
+        self.register_buffer("queue", torch.zeros(0, 0))
+        if symmetric:
+            self.register_buffer("query_queue", torch.zeros(0, 0))
+        self.register_buffer("queue_labels", torch.zeros(queue_size, dtype=torch.long))
+        self.register_buffer("queue_labeled", torch.zeros(queue_size, dtype=torch.bool))
+        self._init_counter("queue_ptr")
+        self._init_counter("queue_count")
+        # A host copy of the labelled flags (it follows from whether labels were passed), so
+        # that the step path checks the queue without reading a buffer back from the device.
+        self._labeled_host = bytearray(queue_size)
+        self._register_load_state_dict_pre_hook(self._adopt_stored_queue)
+        self.register_load_state_dict_post_hook(MoCoLoss._read_labeled_back)
 
-    @property
-    def queue(self) -> Tensor:
-        """The past keys ``(K, D)`` (empty until the first batch is enqueued)."""
-        return self._memory.features[0]
+    def _queue_names(self) -> tuple[str, ...]:
+        return ("queue", "query_queue") if self.symmetric else ("queue",)
 
-    @property
-    def query_queue(self) -> Tensor:
-        """The past queries ``(K, D)`` of symmetric MoCo."""
-        if not self.symmetric:
-            raise AttributeError("query_queue: only a symmetric MoCoLoss keeps past queries")
-        return self._memory.features[1]
-
-    @property
-    def queue_labels(self) -> Tensor:
-        """The labels ``(K,)`` of the queued keys."""
-        return self._memory.labels
-
-    @property
-    def queue_labeled(self) -> Tensor:
-        """Whether each slot ``(K,)`` was enqueued with a label."""
-        return self._memory.labeled
-
-    @property
-    def queue_ptr(self) -> Tensor:
-        """The slot the next key goes to (0-d)."""
-        return self._memory.ptr
-
-    @property
-    def queue_count(self) -> Tensor:
-        """The number of filled slots (0-d)."""
-        return self._memory.count
-
-    def _stored_names(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-        # Saved under MoCo's own names: queue, query_queue (when symmetric), queue_labels, ...
-        streams = state_dict.pop(prefix + "_memory.features")
-        state_dict[prefix + "queue"] = streams[0]
-        if self.symmetric:
-            state_dict[prefix + "query_queue"] = streams[1]
-        for name in self._STORED:
-            state_dict[f"{prefix}queue_{name}"] = state_dict.pop(f"{prefix}_memory.{name}")
-
-    def _adopt_stored_names(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-        # The reverse of _stored_names; the queue then adopts the stored shape and dtype.
-        streams = [prefix + n for n in ("queue", "query_queue")[: self._memory.streams]]
-        if all(name in state_dict for name in streams):
-            stacked = torch.stack([state_dict.pop(name) for name in streams])
-            state_dict[prefix + "_memory.features"] = stacked
-        for name in self._STORED:
-            if f"{prefix}queue_{name}" in state_dict:
-                state_dict[f"{prefix}_memory.{name}"] = state_dict.pop(f"{prefix}queue_{name}")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"  # the queue is state, not a part
-
+    @torch.no_grad()
     def reset_queue(self) -> None:
         """Empty the queue (entries are forgotten; the allocated storage is kept)."""
-        self._memory.reset()
+        for name in self._queue_names():
+            getattr(self, name).zero_()
+        self.queue_labels.zero_()
+        self.queue_labeled.zero_()
+        self._set_counter("queue_ptr", 0)
+        self._set_counter("queue_count", 0)
+        self._labeled_host = bytearray(self.queue_size)
 
     def _filled(self, dim: int, labels: Tensor | None) -> tuple[Tensor | None, ...]:
         """The scored part of the queues: ``(queue, query_queue, queue_labels)``, or Nones."""
-        memory = self._memory
-        if memory.n_filled == 0:
+        count = self._counter("queue_count")
+        if count == 0:
             return None, None, None
         if self.queue.shape[1] != dim:
             raise ValueError(
                 f"key embedding size D={dim} does not match the queue's D={self.queue.shape[1]}; "
                 "use a new MoCoLoss for a new embedding size"
             )
-        bank = memory.entries(dim)  # copies: enqueue overwrites the buffer in place
-        past_queries = memory.entries(dim, stream=1) if self.symmetric else None
+        # Clones: autograd keeps the bank for backward, and _enqueue overwrites the buffer in place.
+        bank = self.queue[:count].clone()
+        past_queries = self.query_queue[:count].clone() if self.symmetric else None
         if labels is None:
             return bank, past_queries, None
-        if not memory.fully_labeled:
+        if self._labeled_host.count(0, 0, count):
             raise ValueError(
                 "labels were given but the queue holds keys enqueued without labels; pass labels "
                 "on every call or call reset_queue()"
             )
-        return bank, past_queries, memory.entry_labels()
+        return bank, past_queries, self.queue_labels[:count]
+
+    @torch.no_grad()
+    def _enqueue(self, keys: Tensor, queries: Tensor, labels: Tensor | None) -> None:
+        b, size, ptr = keys.shape[0], self.queue_size, self._counter("queue_ptr")
+        if self.queue.numel() == 0:
+            for name in self._queue_names():
+                setattr(self, name, keys.new_zeros(size, keys.shape[1]))
+        slots = (torch.arange(b, device=self.queue_ptr.device) + ptr) % size
+        self.queue[slots] = keys.to(self.queue.dtype)
+        if self.symmetric:
+            self.query_queue[slots] = queries.to(self.query_queue.dtype)
+        if labels is not None:
+            self.queue_labels[slots] = labels.to(self.queue_labels.dtype)
+        self.queue_labeled[slots] = labels is not None
+        flags, head = bytes([labels is not None]) * b, min(b, size - ptr)
+        self._labeled_host[ptr : ptr + head] = flags[:head]
+        self._labeled_host[: b - head] = flags[head:]  # the rows that wrapped around
+        self._set_counter("queue_ptr", (ptr + b) % size)
+        self._set_counter("queue_count", min(self._counter("queue_count") + b, size))
+
+    def _adopt_stored_queue(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        # The queue is allocated lazily: adopt the stored shape and dtype before copying.
+        for name in self._queue_names():
+            stored = state_dict.get(prefix + name)
+            current = getattr(self, name)
+            if isinstance(stored, Tensor) and stored.shape != current.shape:
+                setattr(self, name, torch.empty_like(stored, device=current.device))
+
+    def _read_labeled_back(self, *_: Any) -> None:
+        # Loading is off the step path: the host copy is read back here, once.
+        self._labeled_host = bytearray(self.queue_labeled.cpu().tolist())
 
     def _batch(self, query: Tensor, key: Tensor, labels: Tensor | None) -> _Batch:
         """Score a batch against the filled queue; enqueue its keys in training mode."""
@@ -462,13 +460,12 @@ class MoCoLoss(BaseContrastiveLoss):
                 f"the queue (queue_size={self.queue_size}); raise queue_size"
             )
         if self.training:
-            streams = (batch.keys, batch.queries)[: self._memory.streams]
-            self._memory.enqueue(*streams, labels=batch.labels)
+            self._enqueue(batch.keys, batch.queries, batch.labels)
         return batch
 
     def compute(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for ``query``, ``key`` ``(n, D)`` and optional ``labels (n,)``; then enqueue."""
-        fill = self._memory.fill
+        count = self._counter("queue_count")
         batch = self._batch(query, key, labels)
         with torch.no_grad():
             q, bank = batch.q, batch.bank
@@ -483,7 +480,7 @@ class MoCoLoss(BaseContrastiveLoss):
                 accuracy=accuracy,
                 positive_similarity=(q * batch.k).sum(-1).mean(),
                 negative_similarity=negative,
-                queue_fill=fill,
+                queue_fill=count / self.queue_size,
                 temperature=1.0 / self.scale(dtype=torch.float64),
                 **extra,
             )
