@@ -300,9 +300,10 @@ class MoCoLoss(BaseContrastiveLoss):
         symmetric: Also score key→query against a queue of past queries; average directions.
         queue_positives: Same-label queue entries (and in-batch keys) are extra positives
             rather than excluded negatives; every call then needs labels.
+        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (default True).
         gather_distributed: Gather keys (and queries, labels) from all ranks; enqueue them all.
-        learnable_temperature, reduction, normalize: as
-            :class:`~embedloss.base.BaseContrastiveLoss` (MoCo has no ``chunk_size``).
 
     Raises:
         ValueError: For ``queue_size < 1``, τ <= 0, a batch larger than the queue, a key size

@@ -34,6 +34,13 @@ class BasePairLoss(BaseLoss):
     (``SIMILARITY``); ``compute`` adds the terms ``{TERM: Σ count, "anchors_without_terms":
     ...}`` (none when ``TERM`` is None), ``forward`` returns the loss. ``print(loss)`` shows a loss's
     own options (its ``shown``), then the shared ones.
+
+    Args:
+        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
+        normalize: L2-normalise the embeddings first (default True).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        chunk_size: Row tiles (``None``, an int or ``"auto"``).
+        gather_distributed: Use the embeddings of all ranks (DDP).
     """
 
     TERM: ClassVar[str | None] = None

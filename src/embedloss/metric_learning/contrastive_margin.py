@@ -114,8 +114,8 @@ class ContrastiveMarginLoss(BasePairLoss):
         margin: m, the distance negatives are pushed beyond (default 0.5).
         pos_margin: m⁺ < m, the distance positives are pulled within (default 0).
         squared: ½·hinge² (default True, the paper) or the plain hinge.
-        **options: ``distance`` (default ``"cosine"``), ``normalize``, ``reduction``,
-            ``chunk_size``, ``gather_distributed``: as :func:`contrastive_margin_loss`.
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = ContrastiveMarginLoss(distance="euclidean", margin=1.0)

@@ -127,8 +127,8 @@ class MultiSimilarityLoss(BasePairLoss):
         base: λ (default 0.5).
         mining: Apply the pair mining of Eqs. 5–6 (default True).
         epsilon: ε >= 0 of the mining (default 0.1).
-        **options: ``distance`` (default ``"cosine"``), ``normalize``, ``reduction``,
-            ``chunk_size``, ``gather_distributed``: as :func:`multi_similarity_loss`.
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = MultiSimilarityLoss()

@@ -154,8 +154,10 @@ class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
         bias: Initial logit bias (default −10).
         learnable_temperature: Learn ``logit_scale`` (default True, as in the paper).
         learnable_bias: Learn ``logit_bias`` (default True, as in the paper).
-        **options: ``reduction``, ``normalize``, ``chunk_size``, ``gather_distributed``: as
-            :func:`siglip_loss`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-image row sums, see :func:`siglip_loss`).
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Tiling: ``None`` dense, an int tiles, ``"auto"`` picks (default).
+        gather_distributed: Score local images against the texts of all ranks (DDP).
 
     Raises:
         ValueError: If τ <= 0 or the bias is not finite.
