@@ -242,14 +242,15 @@ class BaseLoss(nn.Module):
         b = (a.float() + 0.3 * torch.randn(n, d, generator=g)).to(dtype)
         return (a, b), {}
 
-    #: What ``print(loss)`` shows, in order: attribute paths, each with an optional ``!r``
-    #: or ``:<format spec>`` and an optional ``label=`` (the path's last name by default).
-    shown: ClassVar[tuple[str, ...]] = ("reduction!r",)
+    #: What ``print(loss)`` shows, in order: space-separated attribute paths, each with an
+    #: optional ``!r`` or ``:<format spec>`` and an optional ``label=`` (by default the path's
+    #: last name), as ``"temperature:g phase=current_phase!r reduction!r"``.
+    shown: ClassVar[str] = "reduction!r"
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``: ``label=value`` for every entry of :attr:`shown`."""
         parts = []
-        for entry in self.shown:
+        for entry in self.shown.split():
             label, _, path = entry.rpartition("=")
             path, _, spec = path.partition(":")
             name = path.removesuffix("!r")

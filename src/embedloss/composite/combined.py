@@ -83,4 +83,4 @@ class CombinedLoss(PartsLoss):
             "weights": {"simclr": 0.5},
         }
 
-    shown = ("weights",)
+    shown = "weights"

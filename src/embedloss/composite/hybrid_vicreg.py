@@ -296,9 +296,6 @@ class HybridVICRegLoss(BaseContrastiveLoss):
         return {"contrastive_steps": 2, "transition_steps": 4}
 
     shown = (
-        "contrastive_steps",
-        "transition_steps",
-        "temperature:.4g",
-        "adaptive_transition",
-        "phase=current_phase!r",
+        "contrastive_steps transition_steps temperature:.4g adaptive_transition "
+        "phase=current_phase!r"
     )

@@ -135,4 +135,4 @@ class MatryoshkaLoss(BaseLoss):
         """NT-Xent over the full 16 features and their first 8."""
         return {"loss": {"name": "simclr"}, "dims": (16, 8)}
 
-    shown = ("dims", "weights")
+    shown = "dims weights"

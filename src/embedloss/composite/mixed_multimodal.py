@@ -230,4 +230,4 @@ class MixedMultimodalLoss(BaseContrastiveLoss, temperature=0.07):
         labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1))
         return args, {"labels": labels}
 
-    shown = ("temperature:.4g", "weights", "reduction!r")
+    shown = "temperature:.4g weights reduction!r"

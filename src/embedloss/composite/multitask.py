@@ -232,4 +232,4 @@ class MultitaskLoss(PartsLoss):
         }
         return (inputs, targets), {}
 
-    shown = ("weighting!r", "weights", "allow_missing")
+    shown = "weighting!r weights allow_missing"

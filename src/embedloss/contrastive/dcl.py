@@ -246,4 +246,4 @@ class DCLWLoss(DCLLoss):
         super().__init__(**options)
         self.sigma = check_positive_float(sigma, "sigma")
 
-    shown = ("temperature:g", "sigma:g", "reduction!r")
+    shown = "temperature:g sigma:g reduction!r"

@@ -277,10 +277,5 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
         return self._result(z_a, z_b, labels)[0].loss
 
     shown = (
-        "base_temperature:g",
-        "min_temperature:g",
-        "max_temperature:g",
-        "schedule!r",
-        "ema_momentum",
-        "reduction!r",
+        "base_temperature:g min_temperature:g max_temperature:g schedule!r ema_momentum reduction!r"
     )

@@ -195,9 +195,4 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss, temperature
         """The hard-negative loss (see :meth:`compute`)."""
         return _hard_negative(z_a, z_b, labels, self.mining, self.options())[0].loss
 
-    shown = (
-        "temperature:g",
-        "mining.strategy!r",
-        "hard_negative_factor=mining.factor:g",
-        "reduction!r",
-    )
+    shown = "temperature:g mining.strategy!r hard_negative_factor=mining.factor:g reduction!r"

@@ -497,11 +497,4 @@ class MoCoLoss(BaseContrastiveLoss):
         """A small queue, and in-batch negatives so that the very first call has a gradient."""
         return {"queue_size": 64, "in_batch_negatives": True}
 
-    shown = (
-        "temperature:g",
-        "queue_size",
-        "in_batch_negatives",
-        "symmetric",
-        "queue_positives",
-        "reduction!r",
-    )
+    shown = "temperature:g queue_size in_batch_negatives symmetric queue_positives reduction!r"

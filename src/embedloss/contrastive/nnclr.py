@@ -239,4 +239,4 @@ class NNCLRLoss(BaseContrastiveLoss):
         """A small support set."""
         return {"queue_size": 64}
 
-    shown = ("temperature:g", "queue_size", "reduction!r")
+    shown = "temperature:g queue_size reduction!r"

@@ -94,8 +94,4 @@ class BasePairLoss(BaseLoss):
         centres = torch.randn(n, d, generator=g)[labels]
         return ((centres + 0.5 * torch.randn(n, d, generator=g)).to(dtype), labels), {}
 
-    shown: ClassVar[tuple[str, ...]] = (
-        "_options.distance!r",
-        "_options.normalize",
-        "_options.reduction!r",
-    )
+    shown: ClassVar[str] = "_options.distance!r _options.normalize _options.reduction!r"

@@ -181,4 +181,4 @@ class BaseProxyLoss(BaseLoss):
         embeddings = torch.randn(n, d, generator=g).to(dtype)
         return (embeddings, labels), {}
 
-    shown = ("num_classes", "embedding_dim", "reduction!r")
+    shown = "num_classes embedding_dim reduction!r"

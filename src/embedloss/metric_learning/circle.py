@@ -116,7 +116,7 @@ class CircleLoss(BasePairLoss):
 
     TERM = "anchors"
     SIMILARITY = True
-    shown = ("margin!r", "gamma!r", *BasePairLoss.shown)
+    shown = f"margin!r gamma!r {BasePairLoss.shown}"
 
     def __init__(
         self, *, margin: float = 0.25, gamma: float = 256.0, **options: Unpack[PairKeywords]

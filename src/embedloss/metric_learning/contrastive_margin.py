@@ -125,7 +125,7 @@ class ContrastiveMarginLoss(BasePairLoss):
     """
 
     TERM = "pairs"
-    shown = ("margin!r", "pos_margin!r", *BasePairLoss.shown)
+    shown = f"margin!r pos_margin!r {BasePairLoss.shown}"
 
     def __init__(
         self,

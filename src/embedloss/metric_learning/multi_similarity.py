@@ -137,7 +137,7 @@ class MultiSimilarityLoss(BasePairLoss):
     """
 
     SIMILARITY = True
-    shown = (*(f"{name}!r" for name in _Params._fields), *BasePairLoss.shown)
+    shown = "".join(f"{name}!r " for name in _Params._fields) + BasePairLoss.shown
 
     def __init__(
         self,

@@ -161,7 +161,7 @@ class TripletLoss(BasePairLoss):
     """
 
     TERM = "triplets"
-    shown = ("margin!r", "mining!r", *BasePairLoss.shown)
+    shown = f"margin!r mining!r {BasePairLoss.shown}"
 
     def __init__(
         self, *, margin: float = 0.2, mining: str = "batch_hard", **options: Unpack[PairKeywords]

@@ -172,4 +172,4 @@ class AlignmentUniformityLoss(BaseLoss):
         """Whether the loss uses the batch of every rank (see ``gather_distributed``)."""
         return self.options.gather_distributed
 
-    shown = ("options.alpha", "options.t", "options.weight", "reduction!r")
+    shown = "options.alpha options.t options.weight reduction!r"

@@ -329,4 +329,4 @@ class FeatureConsistencyLoss(BaseLoss):
         """The weighted feature-consistency loss (see :meth:`compute`)."""
         return self._loss(self._distances(features, reference_features, inputs))
 
-    shown = ("options.distance!r", "options.normalize", "weights", "reduction!r")
+    shown = "options.distance!r options.normalize weights reduction!r"

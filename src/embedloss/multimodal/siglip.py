@@ -241,9 +241,6 @@ class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
         ).loss
 
     shown = (
-        "temperature:.4g",
-        "bias:.4g",
-        "learnable_temperature=_learnable_temperature",
-        "learnable_bias=_learnable_bias",
-        "reduction!r",
+        "temperature:.4g bias:.4g learnable_temperature=_learnable_temperature "
+        "learnable_bias=_learnable_bias reduction!r"
     )

@@ -167,10 +167,4 @@ class CenteredTeacherLoss(BaseLoss):
         """A 16-dimensional head, as the shared tests' inputs."""
         return {"output_dim": 16}
 
-    shown = (
-        "output_dim",
-        "teacher_temperature",
-        "student_temperature",
-        "center_momentum",
-        "reduction!r",
-    )
+    shown = "output_dim teacher_temperature student_temperature center_momentum reduction!r"

@@ -136,4 +136,4 @@ class KoLeoLoss(BaseLoss):
         g = torch.Generator().manual_seed(seed)
         return (torch.randn(n, d, generator=g).to(dtype),), {}
 
-    shown = ("eps", "reduction!r")
+    shown = "eps reduction!r"

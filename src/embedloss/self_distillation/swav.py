@@ -232,4 +232,4 @@ class SwAVLoss(BaseLoss):
         crops = [(base + 0.5 * torch.randn(n, d, generator=g)).tanh().to(dtype) for _ in range(4)]
         return (crops[:2], crops[2:]), {}
 
-    shown = ("temperature", "sinkhorn_iterations", "epsilon", "reduction!r")
+    shown = "temperature sinkhorn_iterations epsilon reduction!r"

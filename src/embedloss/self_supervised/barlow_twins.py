@@ -128,4 +128,4 @@ class BarlowTwinsLoss(BaseLoss):
         """The Barlow Twins loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
         return self._loss(z_a, z_b)[0]
 
-    shown = ("lambda_coeff", "eps")
+    shown = "lambda_coeff eps"

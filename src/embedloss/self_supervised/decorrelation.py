@@ -160,4 +160,4 @@ class DecorrelationLoss(BaseLoss):
         """The decorrelation loss of ``z_a`` (and ``z_b``), see :meth:`compute`."""
         return self.weight * self._penalty(z_a, z_b)[0]
 
-    shown = ("weight", "use_correlation", "eps", "normalize")
+    shown = "weight use_correlation eps normalize"

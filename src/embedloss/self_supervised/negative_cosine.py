@@ -177,4 +177,4 @@ class NegativeCosineLoss(BaseLoss):
         """The negative cosine loss (see :meth:`compute`)."""
         return self._loss(p_a, z_b, p_b, z_a)[0]
 
-    shown = ("symmetric", "reduction!r")
+    shown = "symmetric reduction!r"

@@ -199,10 +199,4 @@ class VICRegLoss(BaseLoss):
         """Whether the loss uses the batch of every rank (see ``gather_distributed``)."""
         return self.options.gather_distributed
 
-    shown = (
-        "options.sim_coeff",
-        "options.var_coeff",
-        "options.cov_coeff",
-        "options.eps",
-        "warmup_steps",
-    )
+    shown = "options.sim_coeff options.var_coeff options.cov_coeff options.eps warmup_steps"

@@ -106,4 +106,4 @@ class CrossEntropyLoss(BaseSupervisedLoss):
         logits = torch.randn(n, d, generator=g).to(dtype)
         return (logits, torch.randint(0, d, (n,), generator=g)), {}
 
-    shown = ("label_smoothing", "ignore_index", "reduction!r")
+    shown = "label_smoothing ignore_index reduction!r"

@@ -101,4 +101,4 @@ class CoSENTLoss(BaseScoredPairLoss):
     def _terms(self, cosine: Tensor) -> dict[str, Tensor]:
         return detached_terms(cosine=cosine.mean())
 
-    shown = ("scale",)
+    shown = "scale"
