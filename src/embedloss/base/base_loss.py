@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import is_dataclass
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -241,6 +242,19 @@ class BaseLoss(nn.Module):
         b = (a.float() + 0.3 * torch.randn(n, d, generator=g)).to(dtype)
         return (a, b), {}
 
+    #: What ``print(loss)`` shows, in order: space-separated attribute paths, each with an
+    #: optional ``!r`` or ``:<format spec>`` and an optional ``label=`` (by default the path's
+    #: last name), as ``"temperature:g phase=current_phase!r reduction!r"``.
+    shown: ClassVar[str] = "reduction!r"
+
     def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"reduction={self.reduction!r}"
+        """Shown by ``print(loss)``: ``label=value`` for every entry of :attr:`shown`."""
+        parts = []
+        for entry in self.shown.split():
+            label, _, path = entry.rpartition("=")
+            path, _, spec = path.partition(":")
+            name = path.removesuffix("!r")
+            value = operator.attrgetter(name)(self)
+            text = format(value, spec) if name == path else repr(value)
+            parts.append(f"{label or name.rsplit('.')[-1]}={text}")
+        return ", ".join(parts)

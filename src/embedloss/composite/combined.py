@@ -83,6 +83,4 @@ class CombinedLoss(PartsLoss):
             "weights": {"simclr": 0.5},
         }
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"weights={self.weights}"
+    shown = "weights"

@@ -295,10 +295,7 @@ class HybridVICRegLoss(BaseContrastiveLoss):
         """A short schedule that is in its transition phase after ``update_step(3)``."""
         return {"contrastive_steps": 2, "transition_steps": 4}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"contrastive_steps={self.contrastive_steps}, transition_steps="
-            f"{self.transition_steps}, temperature={self.temperature:.4g}, "
-            f"adaptive_transition={self.adaptive_transition}, phase={self.current_phase!r}"
-        )
+    shown = (
+        "contrastive_steps transition_steps temperature:.4g adaptive_transition "
+        "phase=current_phase!r"
+    )

@@ -135,6 +135,4 @@ class MatryoshkaLoss(BaseLoss):
         """NT-Xent over the full 16 features and their first 8."""
         return {"loss": {"name": "simclr"}, "dims": (16, 8)}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"dims={self.dims}, weights={self.weights}"
+    shown = "dims weights"

@@ -230,6 +230,4 @@ class MixedMultimodalLoss(BaseContrastiveLoss, temperature=0.07):
         labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1))
         return args, {"labels": labels}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"temperature={self.temperature:.4g}, weights={self.weights}, reduction={self.reduction!r}"
+    shown = "temperature:.4g weights reduction!r"

@@ -232,6 +232,4 @@ class MultitaskLoss(PartsLoss):
         }
         return (inputs, targets), {}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"weighting={self.weighting!r}, weights={self.weights}, allow_missing={self.allow_missing}"
+    shown = "weighting!r weights allow_missing"

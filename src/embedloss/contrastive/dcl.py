@@ -246,8 +246,4 @@ class DCLWLoss(DCLLoss):
         super().__init__(**options)
         self.sigma = check_positive_float(sigma, "sigma")
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"temperature={self.temperature:g}, sigma={self.sigma:g}, reduction={self.reduction!r}"
-        )
+    shown = "temperature:g sigma:g reduction!r"

@@ -276,10 +276,6 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
         """The dynamic-temperature loss (see :meth:`compute`)."""
         return self._result(z_a, z_b, labels)[0].loss
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"base_temperature={self.base_temperature:g}, min_temperature={self.min_temperature:g}, "
-            f"max_temperature={self.max_temperature:g}, schedule={self.schedule!r}, "
-            f"ema_momentum={self.ema_momentum}, reduction={self.reduction!r}"
-        )
+    shown = (
+        "base_temperature:g min_temperature:g max_temperature:g schedule!r ema_momentum reduction!r"
+    )

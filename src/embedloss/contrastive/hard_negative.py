@@ -195,9 +195,4 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss, temperature
         """The hard-negative loss (see :meth:`compute`)."""
         return _hard_negative(z_a, z_b, labels, self.mining, self.options())[0].loss
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"temperature={self.temperature:g}, strategy={self.mining.strategy!r}, "
-            f"hard_negative_factor={self.mining.factor:g}, reduction={self.reduction!r}"
-        )
+    shown = "temperature:g mining.strategy!r hard_negative_factor=mining.factor:g reduction!r"

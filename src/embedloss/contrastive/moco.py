@@ -141,13 +141,13 @@ class _Options(NamedTuple):
     symmetric: bool
     queue_positives: bool = False
 
-
-def _check_queue_positives(queue_positives: bool, labels: Tensor | None) -> bool:
-    if check_bool(queue_positives, "queue_positives") and labels is None:
-        raise ValueError(
-            "queue_positives=True counts same-label queue entries as positives and needs labels"
-        )
-    return queue_positives
+    def checked(self, labels: Tensor | None) -> _Options:
+        flags = _Options(*(check_bool(v, n) for n, v in zip(self._fields, self, strict=True)))
+        if flags.queue_positives and labels is None:
+            raise ValueError(
+                "queue_positives=True counts same-label queue entries as positives and needs labels"
+            )
+        return flags
 
 
 def _moco(
@@ -259,11 +259,7 @@ def moco_loss(
     """
     _check_inputs(query, key, queue, labels, queue_labels, query_queue, symmetric)
     options = ContrastiveOptions.create(temperature, reduction, normalize, None, gather_distributed)
-    flags = _Options(
-        check_bool(in_batch_negatives, "in_batch_negatives"),
-        check_bool(symmetric, "symmetric"),
-        _check_queue_positives(queue_positives, labels),
-    )
+    flags = _Options(in_batch_negatives, symmetric, queue_positives).checked(labels)
     return _moco(query, key, queue, query_queue, labels, queue_labels, options, flags).loss
 
 
@@ -456,11 +452,10 @@ class MoCoLoss(BaseContrastiveLoss):
                 f"the batch ({query.shape[0]} keys) is larger than the queue "
                 f"(queue_size={self.queue_size}); raise queue_size or lower the batch size"
             )
-        positives = _check_queue_positives(self.queue_positives, labels)
+        flags = _Options(self.in_batch_negatives, self.symmetric, self.queue_positives)
+        flags = flags.checked(labels)
         bank, past_queries, bank_labels = self._filled(query.shape[1], labels)
-        flags = _Options(self.in_batch_negatives, self.symmetric, positives)
-        options = self.options()
-        batch = _moco(query, key, bank, past_queries, labels, bank_labels, options, flags)
+        batch = _moco(query, key, bank, past_queries, labels, bank_labels, self.options(), flags)
         if batch.keys.shape[0] > self.queue_size:
             raise ValueError(
                 f"the batch gathered from all ranks ({batch.keys.shape[0]} keys) is larger than "
@@ -502,10 +497,4 @@ class MoCoLoss(BaseContrastiveLoss):
         """A small queue, and in-batch negatives so that the very first call has a gradient."""
         return {"queue_size": 64, "in_batch_negatives": True}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"temperature={self.temperature:g}, queue_size={self.queue_size}, "
-            f"in_batch_negatives={self.in_batch_negatives}, symmetric={self.symmetric}, "
-            f"queue_positives={self.queue_positives}, reduction={self.reduction!r}"
-        )
+    shown = "temperature:g queue_size in_batch_negatives symmetric queue_positives reduction!r"

@@ -154,11 +154,9 @@ class NNCLRLoss(BaseContrastiveLoss):
     Args:
         temperature: τ > 0 (default 0.1, NNCLR).
         queue_size: Rows of the support set (default 98304, NNCLR).
-        learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
         gather_distributed: Use the keys of all ranks; enqueue the views of all ranks.
+        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``: as
+            :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Raises:
         ValueError: For τ <= 0, ``queue_size < 1``, a batch larger than the queue, an
@@ -241,9 +239,4 @@ class NNCLRLoss(BaseContrastiveLoss):
         """A small support set."""
         return {"queue_size": 64}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"temperature={self.temperature:g}, queue_size={self.queue_size}, "
-            f"reduction={self.reduction!r}"
-        )
+    shown = "temperature:g queue_size reduction!r"

@@ -32,13 +32,19 @@ class BasePairLoss(BaseLoss):
     :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`). A loss gives its row loss
     (:meth:`_row_loss`, built from its own options) and whether it scores similarities
     (``SIMILARITY``); ``compute`` adds the terms ``{TERM: Σ count, "anchors_without_terms":
-    ...}`` (none when ``TERM`` is None), ``forward`` returns the loss. ``print(loss)`` shows the
-    options named in ``SHOWN``, then the shared ones.
+    ...}`` (none when ``TERM`` is None), ``forward`` returns the loss. ``print(loss)`` shows a loss's
+    own options (its ``shown``), then the shared ones.
+
+    Args:
+        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
+        normalize: L2-normalise the embeddings first (default True).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        chunk_size: Row tiles (``None``, an int or ``"auto"``).
+        gather_distributed: Use the embeddings of all ranks (DDP).
     """
 
     TERM: ClassVar[str | None] = None
     SIMILARITY: ClassVar[bool] = False
-    SHOWN: ClassVar[tuple[str, ...]] = ()
 
     @keyword_options(PairOptions.create, PairKeywords)
     def __init__(self, **keywords: Unpack[PairKeywords]) -> None:
@@ -88,8 +94,4 @@ class BasePairLoss(BaseLoss):
         centres = torch.randn(n, d, generator=g)[labels]
         return ((centres + 0.5 * torch.randn(n, d, generator=g)).to(dtype), labels), {}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        o = self._options
-        own = "".join(f"{name}={getattr(self, name)!r}, " for name in self.SHOWN)
-        return f"{own}distance={o.distance!r}, normalize={o.normalize}, reduction={o.reduction!r}"
+    shown: ClassVar[str] = "_options.distance!r _options.normalize _options.reduction!r"

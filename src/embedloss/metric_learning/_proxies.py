@@ -181,9 +181,4 @@ class BaseProxyLoss(BaseLoss):
         embeddings = torch.randn(n, d, generator=g).to(dtype)
         return (embeddings, labels), {}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"num_classes={self.num_classes}, embedding_dim={self.embedding_dim}, "
-            f"reduction={self.reduction!r}"
-        )
+    shown = "num_classes embedding_dim reduction!r"

@@ -104,11 +104,8 @@ class CircleLoss(BasePairLoss):
     Args:
         margin: m >= 0 (default 0.25).
         gamma: γ > 0 (default 256).
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
-        normalize: L2-normalise the embeddings first (default True).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: Row tiles (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = CircleLoss(margin=0.4, gamma=80.0)
@@ -119,7 +116,7 @@ class CircleLoss(BasePairLoss):
 
     TERM = "anchors"
     SIMILARITY = True
-    SHOWN = ("margin", "gamma")
+    shown = f"margin!r gamma!r {BasePairLoss.shown}"
 
     def __init__(
         self, *, margin: float = 0.25, gamma: float = 256.0, **options: Unpack[PairKeywords]

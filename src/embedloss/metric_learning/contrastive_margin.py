@@ -114,11 +114,8 @@ class ContrastiveMarginLoss(BasePairLoss):
         margin: m, the distance negatives are pushed beyond (default 0.5).
         pos_margin: m⁺ < m, the distance positives are pulled within (default 0).
         squared: ½·hinge² (default True, the paper) or the plain hinge.
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
-        normalize: L2-normalise the embeddings first (default True).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: Row tiles (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = ContrastiveMarginLoss(distance="euclidean", margin=1.0)
@@ -128,7 +125,7 @@ class ContrastiveMarginLoss(BasePairLoss):
     """
 
     TERM = "pairs"
-    SHOWN = ("margin", "pos_margin")
+    shown = f"margin!r pos_margin!r {BasePairLoss.shown}"
 
     def __init__(
         self,

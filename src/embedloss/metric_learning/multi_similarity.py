@@ -127,11 +127,8 @@ class MultiSimilarityLoss(BasePairLoss):
         base: λ (default 0.5).
         mining: Apply the pair mining of Eqs. 5–6 (default True).
         epsilon: ε >= 0 of the mining (default 0.1).
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
-        normalize: L2-normalise the embeddings first (default True).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: Row tiles (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = MultiSimilarityLoss()
@@ -140,7 +137,7 @@ class MultiSimilarityLoss(BasePairLoss):
     """
 
     SIMILARITY = True
-    SHOWN = _Params._fields
+    shown = "".join(f"{name}!r " for name in _Params._fields) + BasePairLoss.shown
 
     def __init__(
         self,

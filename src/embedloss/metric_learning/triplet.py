@@ -150,11 +150,8 @@ class TripletLoss(BasePairLoss):
     Args:
         margin: m >= 0 (default 0.2).
         mining: ``"batch_hard"`` (default), ``"batch_all"`` or ``"semi_hard"``.
-        distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
-        normalize: L2-normalise the embeddings first (default True).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        chunk_size: Row tiles (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (DDP).
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = TripletLoss(mining="batch_all")
@@ -164,7 +161,7 @@ class TripletLoss(BasePairLoss):
     """
 
     TERM = "triplets"
-    SHOWN = ("margin", "mining")
+    shown = f"margin!r mining!r {BasePairLoss.shown}"
 
     def __init__(
         self, *, margin: float = 0.2, mining: str = "batch_hard", **options: Unpack[PairKeywords]

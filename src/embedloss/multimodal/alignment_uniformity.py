@@ -172,7 +172,4 @@ class AlignmentUniformityLoss(BaseLoss):
         """Whether the loss uses the batch of every rank (see ``gather_distributed``)."""
         return self.options.gather_distributed
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        o = self.options
-        return f"alpha={o.alpha}, t={o.t}, weight={o.weight}, reduction={self.reduction!r}"
+    shown = "options.alpha options.t options.weight reduction!r"

@@ -329,10 +329,4 @@ class FeatureConsistencyLoss(BaseLoss):
         """The weighted feature-consistency loss (see :meth:`compute`)."""
         return self._loss(self._distances(features, reference_features, inputs))
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        o = self.options
-        return (
-            f"distance={o.distance!r}, normalize={o.normalize}, weights={self.weights}, "
-            f"reduction={self.reduction!r}"
-        )
+    shown = "options.distance!r options.normalize weights reduction!r"

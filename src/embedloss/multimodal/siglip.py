@@ -240,10 +240,7 @@ class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
             image_embeddings, text_embeddings, labels, logit_scale, logit_bias, negative_only
         ).loss
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"temperature={self.temperature:.4g}, bias={self.bias:.4g}, "
-            f"learnable_temperature={self._learnable_temperature}, "
-            f"learnable_bias={self._learnable_bias}, reduction={self.reduction!r}"
-        )
+    shown = (
+        "temperature:.4g bias:.4g learnable_temperature=_learnable_temperature "
+        "learnable_bias=_learnable_bias reduction!r"
+    )

@@ -167,10 +167,4 @@ class CenteredTeacherLoss(BaseLoss):
         """A 16-dimensional head, as the shared tests' inputs."""
         return {"output_dim": 16}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"output_dim={self.output_dim}, teacher_temperature={self.teacher_temperature}, "
-            f"student_temperature={self.student_temperature}, "
-            f"center_momentum={self.center_momentum}, reduction={self.reduction!r}"
-        )
+    shown = "output_dim teacher_temperature student_temperature center_momentum reduction!r"

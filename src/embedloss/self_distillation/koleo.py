@@ -136,6 +136,4 @@ class KoLeoLoss(BaseLoss):
         g = torch.Generator().manual_seed(seed)
         return (torch.randn(n, d, generator=g).to(dtype),), {}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"eps={self.eps}, reduction={self.reduction!r}"
+    shown = "eps reduction!r"

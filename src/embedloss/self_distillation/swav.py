@@ -232,9 +232,4 @@ class SwAVLoss(BaseLoss):
         crops = [(base + 0.5 * torch.randn(n, d, generator=g)).tanh().to(dtype) for _ in range(4)]
         return (crops[:2], crops[2:]), {}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"temperature={self.temperature}, sinkhorn_iterations={self.sinkhorn_iterations}, "
-            f"epsilon={self.epsilon}, reduction={self.reduction!r}"
-        )
+    shown = "temperature sinkhorn_iterations epsilon reduction!r"

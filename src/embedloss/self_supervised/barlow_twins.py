@@ -128,6 +128,4 @@ class BarlowTwinsLoss(BaseLoss):
         """The Barlow Twins loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
         return self._loss(z_a, z_b)[0]
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"lambda_coeff={self.lambda_coeff}, eps={self.eps}"
+    shown = "lambda_coeff eps"

@@ -160,9 +160,4 @@ class DecorrelationLoss(BaseLoss):
         """The decorrelation loss of ``z_a`` (and ``z_b``), see :meth:`compute`."""
         return self.weight * self._penalty(z_a, z_b)[0]
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"weight={self.weight}, use_correlation={self.use_correlation}, eps={self.eps}, "
-            f"normalize={self.normalize}"
-        )
+    shown = "weight use_correlation eps normalize"

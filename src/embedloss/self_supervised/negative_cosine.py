@@ -177,6 +177,4 @@ class NegativeCosineLoss(BaseLoss):
         """The negative cosine loss (see :meth:`compute`)."""
         return self._loss(p_a, z_b, p_b, z_a)[0]
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"symmetric={self.symmetric}, reduction={self.reduction!r}"
+    shown = "symmetric reduction!r"

@@ -199,10 +199,4 @@ class VICRegLoss(BaseLoss):
         """Whether the loss uses the batch of every rank (see ``gather_distributed``)."""
         return self.options.gather_distributed
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        o = self.options
-        return (
-            f"sim_coeff={o.sim_coeff}, var_coeff={o.var_coeff}, cov_coeff={o.cov_coeff}, "
-            f"eps={o.eps}, warmup_steps={self.warmup_steps}"
-        )
+    shown = "options.sim_coeff options.var_coeff options.cov_coeff options.eps warmup_steps"

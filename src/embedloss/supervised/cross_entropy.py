@@ -106,9 +106,4 @@ class CrossEntropyLoss(BaseSupervisedLoss):
         logits = torch.randn(n, d, generator=g).to(dtype)
         return (logits, torch.randint(0, d, (n,), generator=g)), {}
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return (
-            f"label_smoothing={self.label_smoothing}, ignore_index={self.ignore_index}, "
-            f"reduction={self.reduction!r}"
-        )
+    shown = "label_smoothing ignore_index reduction!r"

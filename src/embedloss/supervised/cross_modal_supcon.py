@@ -14,11 +14,11 @@ from embedloss._validation import (
     check_same_shape,
 )
 from embedloss.base.base_loss import LossOutput, detached_terms
-from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses, mean_accuracy, reduce_anchor_losses
 from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
 from embedloss.ops.supcon import check_supervision, cross_contrast, multi_view_contrast
 from embedloss.registry import register_loss
+from embedloss.supervised.supcon import SupConOptionsLoss
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -160,7 +160,7 @@ def cross_modal_supcon_loss(
 
 
 @register_loss("cross_modal_supcon")
-class CrossModalSupConLoss(BaseContrastiveLoss):
+class CrossModalSupConLoss(SupConOptionsLoss):
     """Supervised contrastive loss within and across two paired modalities (Khosla et al. 2020).
 
     See :func:`cross_modal_supcon_loss`. Terms: ``loss_intra_image``, ``loss_intra_text`` (with
@@ -181,16 +181,7 @@ class CrossModalSupConLoss(BaseContrastiveLoss):
         ['accuracy', 'anchors_without_positives', 'loss_cross_modal']
     """
 
-    def __init__(
-        self,
-        *,
-        base_temperature: float | None = None,
-        contrast_mode: str = "all",
-        **options: Unpack[ContrastiveArgs],
-    ) -> None:
-        super().__init__(**options)
-        self.contrast_mode = check_choice(contrast_mode, "contrast_mode", CROSS_MODAL_MODES)
-        self.base_temperature = check_optional_positive(base_temperature, "base_temperature")
+    MODES = CROSS_MODAL_MODES
 
     def _result(
         self, image: Tensor, text: Tensor, labels: Tensor | None, mask: Tensor | None

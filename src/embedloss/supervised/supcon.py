@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -115,8 +115,25 @@ def supcon_loss(
     return _supcon(embeddings, labels, mask, options, contrast_mode, base).loss
 
 
+class SupConOptionsLoss(BaseContrastiveLoss):
+    """Base of the SupCon losses: ``base_temperature`` and a ``contrast_mode`` of ``MODES``."""
+
+    MODES: ClassVar[tuple[str, ...]] = CONTRAST_MODES
+
+    def __init__(
+        self,
+        *,
+        base_temperature: float | None = None,
+        contrast_mode: str = "all",
+        **options: Unpack[ContrastiveArgs],
+    ) -> None:
+        super().__init__(**options)
+        self.contrast_mode = check_choice(contrast_mode, "contrast_mode", self.MODES)
+        self.base_temperature = check_optional_positive(base_temperature, "base_temperature")
+
+
 @register_loss("supcon", aliases=("supervised_contrastive",))
-class SupConLoss(BaseContrastiveLoss):
+class SupConLoss(SupConOptionsLoss):
     """Supervised contrastive loss, SupCon's L_out (Khosla et al. 2020, Eq. 2).
 
     See :func:`supcon_loss` for the formula and the forms of supervision. Terms: ``accuracy``
@@ -137,17 +154,6 @@ class SupConLoss(BaseContrastiveLoss):
         >>> out.loss.shape, float(out.terms["anchors_without_positives"])
         (torch.Size([]), 0.0)
     """
-
-    def __init__(
-        self,
-        *,
-        base_temperature: float | None = None,
-        contrast_mode: str = "all",
-        **options: Unpack[ContrastiveArgs],
-    ) -> None:
-        super().__init__(**options)
-        self.contrast_mode = check_choice(contrast_mode, "contrast_mode", CONTRAST_MODES)
-        self.base_temperature = check_optional_positive(base_temperature, "base_temperature")
 
     def compute(
         self, embeddings: Tensor, labels: Tensor | None = None, mask: Tensor | None = None

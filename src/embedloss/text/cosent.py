@@ -101,6 +101,4 @@ class CoSENTLoss(BaseScoredPairLoss):
     def _terms(self, cosine: Tensor) -> dict[str, Tensor]:
         return detached_terms(cosine=cosine.mean())
 
-    def extra_repr(self) -> str:
-        """Shown by ``print(loss)``."""
-        return f"scale={self.scale}"
+    shown = "scale"
