@@ -10,6 +10,7 @@ gradient on each rank's slice equals world_size × the single-process gradient o
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -104,6 +105,10 @@ def process_group(
     dist.init_process_group("gloo", rank=rank, world_size=world, **timeout)
     try:
         yield
+        # Every rank done (and its DDP reducers freed) before any tears gloo down: a rank that
+        # leaves while a peer's collective is still in flight can abort the peer in C++.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

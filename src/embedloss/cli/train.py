@@ -34,6 +34,7 @@ each copy augmented differently (:func:`embedloss.cli.views.epoch_order`); ssl l
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import sys
@@ -623,5 +624,9 @@ def run_training(
                 flush=True,
             )
         if w.distributed:
+            # DDP's reducer holds the process group and its threads: free it (and let every
+            # rank finish) before the group is destroyed, not at interpreter exit.
+            del sess
+            gc.collect()
             dist.barrier()
     return doc
