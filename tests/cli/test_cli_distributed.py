@@ -58,24 +58,39 @@ def _single(cfg, out, env):
     )
 
 
-def test_torchrun_two_processes_match_one_process(tmp_path, free_port_fixture, env):
+def _ddp_and_single(cfg_text, tmp_path, port, env):
+    """Run ``cfg_text`` under torchrun (2 ranks) and in one process, side by side.
+
+    Returns rank 0's stdout and both runs' output folders (``ddp``, ``single``).
+    """
     cfg = tmp_path / "cfg.yaml"
-    # LayerNorm instead of BatchNorm: per-rank batch statistics are then the only thing DDP
-    # could change, and it does not, so the two runs must agree to float rounding.
-    cfg.write_text(
-        "loss: {name: simclr, learnable_temperature: true}\n"
-        "epochs: 1\nbatch_size: 64\nmodel: {norm: layer}\n"
-    )
+    cfg.write_text(cfg_text)
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    ddp = _torchrun(cfg, ddp_out, free_port_fixture, env)
+    ddp = _torchrun(cfg, ddp_out, port, env)
     single = _single(cfg, single_out, env)
     out, err = ddp.communicate(timeout=240)
     assert ddp.returncode == 0, err
     assert single.returncode == 0, single.stderr
+    return out, ddp_out, single_out
+
+
+def _metrics(folder):
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path, free_port_fixture, env):
+    # LayerNorm instead of BatchNorm: per-rank batch statistics are then the only thing DDP
+    # could change, and it does not, so the two runs must agree to float rounding.
+    out, ddp_out, single_out = _ddp_and_single(
+        "loss: {name: simclr, learnable_temperature: true}\n"
+        "epochs: 1\nbatch_size: 64\nmodel: {norm: layer}\n",
+        tmp_path,
+        free_port_fixture,
+        env,
+    )
     # rank 0 alone evaluates, prints and writes
     assert out.count("embedloss train:") == 1 and "on 2 processes (DDP)" in out
-    d = json.loads((ddp_out / "metrics.json").read_text())
-    s = json.loads((single_out / "metrics.json").read_text())
+    d, s = _metrics(ddp_out), _metrics(single_out)
     assert d["world_size"] == 2 and s["world_size"] == 1
     assert d["baselines"] == s["baselines"]
     dh, sh = d["history"][0], s["history"][0]
@@ -90,20 +105,15 @@ def test_torchrun_two_processes_match_one_process(tmp_path, free_port_fixture, e
 def test_torchrun_micro_batches_with_a_teacher_match_one_process(tmp_path, free_port_fixture, env):
     # GradCache under DDP (gradients averaged by hand), an EMA teacher, DINO's centre
     # all-reduced over the ranks, local crops drawn per global position: one process's run.
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text(
+    out, ddp_out, single_out = _ddp_and_single(
         "loss: {name: dino}\nepochs: 1\nbatch_size: 64\nmicro_batch_size: 24\n"
-        "model: {norm: layer, hidden_dim: 64}\n"
+        "model: {norm: layer, hidden_dim: 64}\n",
+        tmp_path,
+        free_port_fixture,
+        env,
     )
-    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    ddp = _torchrun(cfg, ddp_out, free_port_fixture, env)
-    single = _single(cfg, single_out, env)
-    out, err = ddp.communicate(timeout=240)
-    assert ddp.returncode == 0, err
-    assert single.returncode == 0, single.stderr
     assert "through GradCache, 24 encoder inputs at a time" in out
-    d = json.loads((ddp_out / "metrics.json").read_text())
-    s = json.loads((single_out / "metrics.json").read_text())
+    d, s = _metrics(ddp_out), _metrics(single_out)
     dh, sh = d["history"][0], s["history"][0]
     assert dh["loss"] == pytest.approx(sh["loss"], rel=1e-4)
     for key in ("kl", "teacher_entropy", "center_norm"):
