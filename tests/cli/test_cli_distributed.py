@@ -78,16 +78,20 @@ def _metrics(folder):
     return json.loads((folder / "metrics.json").read_text())
 
 
+# LayerNorm instead of BatchNorm: per-rank batch statistics are then the only thing DDP could
+# change, and it does not, so the two runs must agree to float rounding.
+SIMCLR = (
+    "loss: {name: simclr, learnable_temperature: true}\n"
+    "epochs: 1\nbatch_size: 64\nmodel: {norm: layer}\n"
+)
+DINO_MICRO = (
+    "loss: {name: dino}\nepochs: 1\nbatch_size: 64\nmicro_batch_size: 24\n"
+    "model: {norm: layer, hidden_dim: 64}\n"
+)
+
+
 def test_torchrun_two_processes_match_one_process(tmp_path, free_port_fixture, env):
-    # LayerNorm instead of BatchNorm: per-rank batch statistics are then the only thing DDP
-    # could change, and it does not, so the two runs must agree to float rounding.
-    out, ddp_out, single_out = _ddp_and_single(
-        "loss: {name: simclr, learnable_temperature: true}\n"
-        "epochs: 1\nbatch_size: 64\nmodel: {norm: layer}\n",
-        tmp_path,
-        free_port_fixture,
-        env,
-    )
+    out, ddp_out, single_out = _ddp_and_single(SIMCLR, tmp_path, free_port_fixture, env)
     # rank 0 alone evaluates, prints and writes
     assert out.count("embedloss train:") == 1 and "on 2 processes (DDP)" in out
     d, s = _metrics(ddp_out), _metrics(single_out)
@@ -105,13 +109,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, free_port_fixture, e
 def test_torchrun_micro_batches_with_a_teacher_match_one_process(tmp_path, free_port_fixture, env):
     # GradCache under DDP (gradients averaged by hand), an EMA teacher, DINO's centre
     # all-reduced over the ranks, local crops drawn per global position: one process's run.
-    out, ddp_out, single_out = _ddp_and_single(
-        "loss: {name: dino}\nepochs: 1\nbatch_size: 64\nmicro_batch_size: 24\n"
-        "model: {norm: layer, hidden_dim: 64}\n",
-        tmp_path,
-        free_port_fixture,
-        env,
-    )
+    out, ddp_out, single_out = _ddp_and_single(DINO_MICRO, tmp_path, free_port_fixture, env)
     assert "through GradCache, 24 encoder inputs at a time" in out
     d, s = _metrics(ddp_out), _metrics(single_out)
     dh, sh = d["history"][0], s["history"][0]
