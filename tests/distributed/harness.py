@@ -114,17 +114,47 @@ def process_group(
 
 
 def _worker(
-    rank: int, world: int, port: int, cases: list[Case], sizes: list[int], out_dir: str
+    rank: int, world: int, port: int, sizes: list[int], out_dir: str, cases: list[Case]
 ) -> None:
     with process_group(rank, world, port):
         results = {case.id: run_case(case, sizes, rank) for case in cases}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def run_distributed(cases: list[Case], sizes: list[int], out_dir: str) -> list[dict[str, Any]]:
-    """Spawn ``len(sizes)`` gloo processes running every case; return each rank's results."""
+def spawn_ranks(
+    worker: Callable[..., None], sizes: list[int], out_dir: str, *extra: Any
+) -> list[dict[str, Any]]:
+    """Run ``worker(rank, world, port, sizes, out_dir, *extra)`` on ``len(sizes)`` gloo
+    processes; return what each rank saved as ``out_dir/rank{r}.pt``."""
     world = len(sizes)
-    mp.spawn(_worker, args=(world, free_port(), cases, sizes, out_dir), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, free_port(), sizes, out_dir, *extra), nprocs=world, join=True)
     return [
         torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)
     ]
+
+
+def run_distributed(cases: list[Case], sizes: list[int], out_dir: str) -> list[dict[str, Any]]:
+    """Spawn ``len(sizes)`` gloo processes running every case; return each rank's results."""
+    return spawn_ranks(_worker, sizes, out_dir, cases)
+
+
+def assert_matches_single(
+    key: str, single: dict[str, Any], ranks: list[dict[str, Any]], sizes: list[int]
+) -> None:
+    """The contract, per step: the mean over ranks of the losses is the single-process loss
+    and each rank's input gradient is world × its slice of the single-process gradient (an
+    input without a gradient in one process — a stop-gradient, a teacher — has none on any
+    rank)."""
+    world = len(sizes)
+    for step, expected in enumerate(single["losses"]):
+        got = torch.stack([r[key]["losses"][step] for r in ranks]).mean()
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+        for i, full_grad in enumerate(single["grads"][step]):
+            for rank, r in enumerate(ranks):
+                local = r[key]["grads"][step][i]
+                if full_grad is None:
+                    assert local is None, (key, step, i, rank)
+                    continue
+                torch.testing.assert_close(
+                    local, world * _split(full_grad, sizes, rank), rtol=1e-9, atol=1e-10
+                )

@@ -18,14 +18,13 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
 
 import embedloss
 from embedloss import GradCache
-from tests.distributed.harness import _split, free_port, process_group
+from tests.distributed.harness import _split, process_group, spawn_ranks
 from tests.test_gradcache import conv, mlp
 
 MICRO = 2
@@ -107,10 +106,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], out_dir: str) ->
 def outcome(request, tmp_path_factory):
     sizes = request.param
     out_dir = str(tmp_path_factory.mktemp("gradcache"))
-    world = len(sizes)
-    mp.spawn(_worker, args=(world, free_port(), sizes, out_dir), nprocs=world, join=True)
-    ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
-    return sizes, ranks
+    return sizes, spawn_ranks(_worker, sizes, out_dir)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -18,10 +18,15 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from embedloss import create_loss, create_loss_from_config
-from tests.distributed.harness import _split, free_port, pair, process_group
+from tests.distributed.harness import (
+    _split,
+    assert_matches_single,
+    pair,
+    process_group,
+    spawn_ranks,
+)
 
 Build = Callable[[int, torch.Generator], tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]]
 
@@ -128,28 +133,15 @@ def test_case_ids_are_unique_and_cover_the_new_families():
 def outcome(request, tmp_path_factory):
     sizes = request.param
     out_dir = str(tmp_path_factory.mktemp("dist_ml"))
-    mp.spawn(_worker, args=(len(sizes), free_port(), sizes, out_dir), nprocs=len(sizes), join=True)
-    ranks = [
-        torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
-        for r in range(len(sizes))
-    ]
-    return sizes, ranks
+    return sizes, spawn_ranks(_worker, sizes, out_dir)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_matches_single_process(case, outcome):
     sizes, ranks = outcome
-    world = len(sizes)
     single = run_case(case, sizes, rank=None)
-    for step, expected in enumerate(single["losses"]):
-        got = torch.stack([r[case.id]["losses"][step] for r in ranks]).mean()
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-        for i, full_grad in enumerate(single["grads"][step]):
-            for rank, r in enumerate(ranks):
-                local = r[case.id]["grads"][step][i]
-                torch.testing.assert_close(
-                    local, world * _split(full_grad, sizes, rank), rtol=1e-9, atol=1e-10
-                )
+    assert_matches_single(case.id, single, ranks, sizes)
+    for step in range(case.steps):  # the proxies: ordinary parameters, averaged by DDP
         for i, param_grad in enumerate(single["params"][step]):
             averaged = torch.stack([r[case.id]["params"][step][i] for r in ranks]).mean(0)
             torch.testing.assert_close(averaged, param_grad, rtol=1e-9, atol=1e-10)

@@ -15,11 +15,17 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from embedloss import create_loss
 from embedloss.ops.sinkhorn import sinkhorn_knopp
-from tests.distributed.harness import Case, _split, free_port, pair, process_group
+from tests.distributed.harness import (
+    Case,
+    _split,
+    assert_matches_single,
+    pair,
+    process_group,
+    spawn_ranks,
+)
 
 
 def _multi_crop(n: int, g: torch.Generator, k: int = 5):
@@ -116,12 +122,7 @@ def _worker(rank: int, world: int, port: int, sizes: list[int], out_dir: str) ->
 def outcome(request, tmp_path_factory):
     sizes = request.param
     out_dir = str(tmp_path_factory.mktemp("distill"))
-    mp.spawn(_worker, args=(len(sizes), free_port(), sizes, out_dir), nprocs=len(sizes), join=True)
-    ranks = [
-        torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False)
-        for r in range(len(sizes))
-    ]
-    return sizes, ranks
+    return sizes, spawn_ranks(_worker, sizes, out_dir)
 
 
 def test_case_ids_are_unique():
@@ -131,20 +132,9 @@ def test_case_ids_are_unique():
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_losses_gradients_and_state_match_single_process(case, outcome):
     sizes, ranks = outcome
-    world = len(sizes)
     single = _run(case, sizes, rank=None)
-    for step, expected in enumerate(single["losses"]):
-        got = torch.stack([r[case.id]["losses"][step] for r in ranks]).mean()
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-        for i, full_grad in enumerate(single["grads"][step]):
-            for rank, r in enumerate(ranks):
-                local = r[case.id]["grads"][step][i]
-                if full_grad is None:  # the teacher: no gradient
-                    assert local is None
-                    continue
-                torch.testing.assert_close(
-                    local, world * _split(full_grad, sizes, rank), rtol=1e-9, atol=1e-10
-                )
+    assert_matches_single(case.id, single, ranks, sizes)  # the teacher's inputs: no gradient
+    for step in range(case.steps):
         for r in ranks:  # the centre / support set of every rank is the single-process one
             state = r[case.id]["states"][step]
             assert state.keys() == single["states"][step].keys()

@@ -12,10 +12,9 @@ import inspect
 from dataclasses import replace
 
 import pytest
-import torch
 
 from embedloss.registry import loss_info
-from tests.distributed.harness import _split, run_case, run_distributed
+from tests.distributed.harness import assert_matches_single, run_case, run_distributed
 from tests.distributed.test_distributed_losses import CASES
 
 SIZES = [3, 5]
@@ -38,14 +37,4 @@ def ranks(tmp_path_factory):
 @pytest.mark.parametrize("case", TILED, ids=[c.id for c in TILED])
 def test_tiled_distributed_matches_dense_single_process(case, ranks):
     dense = replace(case, kwargs={**case.kwargs, "chunk_size": None})
-    single = run_case(dense, SIZES, rank=None)
-    world = len(SIZES)
-    for step, expected in enumerate(single["losses"]):
-        got = torch.stack([r[case.id]["losses"][step] for r in ranks]).mean()
-        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-        for i, full_grad in enumerate(single["grads"][step]):
-            for rank, r in enumerate(ranks):
-                local = r[case.id]["grads"][step][i]
-                torch.testing.assert_close(
-                    local, world * _split(full_grad, SIZES, rank), rtol=1e-9, atol=1e-10
-                )
+    assert_matches_single(case.id, run_case(dense, SIZES, rank=None), ranks, SIZES)
