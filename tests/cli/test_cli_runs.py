@@ -370,6 +370,11 @@ def test_retrieval_metrics_slot_into_train_and_eval(monkeypatch, tmp_path, capsy
 
 
 def test_eval_and_embed_errors(finished, tmp_path, capsys):
+    def embed(data, out, *extra):
+        return main(
+            ["embed", "--run", str(finished), "--data", str(data), "--out", str(out), *extra]
+        )
+
     unlabelled = tmp_path / "u.npz"
     np.savez(unlabelled, x=np.zeros((40, 8, 8)))
     assert main(["eval", "--run", str(finished), "--data", str(unlabelled)]) == 2
@@ -379,61 +384,17 @@ def test_eval_and_embed_errors(finished, tmp_path, capsys):
     )
     wrong = tmp_path / "w.npz"
     np.savez(wrong, x=np.zeros((40, 7)), y=np.arange(40) % 2)
-    assert (
-        main(
-            [
-                "embed",
-                "--run",
-                str(finished),
-                "--data",
-                str(wrong),
-                "--out",
-                str(tmp_path / "z.npy"),
-            ]
-        )
-        == 2
-    )
+    assert embed(wrong, tmp_path / "z.npy") == 2
     assert "has samples of shape (7,); the run's encoder takes (8, 8) (64 values)" in _error(capsys)
     assert main(["eval", "--run", str(finished), "--data", str(wrong)]) == 2
     assert "has 7 values per sample" in _error(capsys)
     good = tmp_path / "g.npz"
     np.savez(good, x=np.zeros((5, 64)))
-    assert (
-        main(
-            [
-                "embed",
-                "--run",
-                str(finished),
-                "--data",
-                str(good),
-                "--out",
-                str(tmp_path / "no" / "z.npy"),
-            ]
-        )
-        == 2
-    )
+    assert embed(good, tmp_path / "no" / "z.npy") == 2
     assert "cannot write --out" in _error(capsys)
-    assert (
-        main(
-            [
-                "embed",
-                "--run",
-                str(finished),
-                "--data",
-                str(good),
-                "--out",
-                "z.npy",
-                "--modality",
-                "b",
-            ]
-        )
-        == 2
-    )
+    assert embed(good, "z.npy", "--modality", "b") == 2
     assert "the run has no modality 'b': it has a" in _error(capsys)
-    assert (
-        main(["embed", "--run", str(finished), "--data", str(good), "--out", "z", "--key", "q"])
-        == 2
-    )
+    assert embed(good, "z", "--key", "q") == 2
     assert "has no array 'q' (found: x); pass --key NAME" in _error(capsys)
 
 
