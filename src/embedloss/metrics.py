@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 from torch import Tensor
@@ -25,8 +26,17 @@ from embedloss._validation import (
     compute_dtype,
 )
 from embedloss.ops.anchors import reduce_anchor_losses
+from embedloss.ops.distances import (
+    check_distance,
+    pair_similarity,
+    prepare_for_distance,
+    prepared_pair,
+)
 from embedloss.ops.similarity import positive_mask_from_labels, prepare_embeddings
 from embedloss.ops.statistics import alignment_per_anchor, log_uniformity
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["accuracy", "alignment", "effective_rank", "recall_at_k", "uniformity"]
 
@@ -284,15 +294,6 @@ def effective_rank(embeddings: Tensor, *, center: bool = False) -> float:
 
 
 # ------------------------------------------------------------------------- retrieval metrics
-# Imported here, with the section they serve, so that this section stays self-contained.
-from typing import Any  # noqa: E402
-
-from embedloss.ops.distances import (  # noqa: E402
-    check_distance,
-    pair_similarity,
-    prepare_for_distance,
-    prepared_pair,
-)
 
 
 def _retrieval_inputs(
@@ -399,24 +400,35 @@ def retrieval_metrics(
     return {"precision_at_1": p1, "r_precision": rp, "map_at_r": mapr}
 
 
-def precision_at_1(embeddings: Tensor, labels: Tensor, **kwargs: Any) -> float:
+class RetrievalOptions(TypedDict, total=False):
+    """The keyword options of :func:`retrieval_metrics`, shared by the single-metric functions."""
+
+    reference: Tensor | None
+    reference_labels: Tensor | None
+    distance: str
+    chunk_size: int
+
+
+def precision_at_1(
+    embeddings: Tensor, labels: Tensor, **options: Unpack[RetrievalOptions]
+) -> float:
     """Precision@1 of :func:`retrieval_metrics` (same arguments).
 
     Example:
         >>> precision_at_1(torch.eye(2).repeat(2, 1), torch.tensor([0, 1, 0, 1]))
         1.0
     """
-    return retrieval_metrics(embeddings, labels, **kwargs)["precision_at_1"]
+    return retrieval_metrics(embeddings, labels, **options)["precision_at_1"]
 
 
-def r_precision(embeddings: Tensor, labels: Tensor, **kwargs: Any) -> float:
+def r_precision(embeddings: Tensor, labels: Tensor, **options: Unpack[RetrievalOptions]) -> float:
     """R-precision of :func:`retrieval_metrics` (same arguments)."""
-    return retrieval_metrics(embeddings, labels, **kwargs)["r_precision"]
+    return retrieval_metrics(embeddings, labels, **options)["r_precision"]
 
 
-def map_at_r(embeddings: Tensor, labels: Tensor, **kwargs: Any) -> float:
+def map_at_r(embeddings: Tensor, labels: Tensor, **options: Unpack[RetrievalOptions]) -> float:
     """MAP@R of :func:`retrieval_metrics` (same arguments)."""
-    return retrieval_metrics(embeddings, labels, **kwargs)["map_at_r"]
+    return retrieval_metrics(embeddings, labels, **options)["map_at_r"]
 
 
 __all__ += ["map_at_r", "precision_at_1", "r_precision", "retrieval_metrics"]
