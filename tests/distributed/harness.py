@@ -72,10 +72,11 @@ def _split(x: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
 
 
 def run_case(case: Case, sizes: list[int], rank: int | None) -> dict[str, Any]:
-    """Loss value(s) and input gradients; ``rank=None`` is the single-process reference."""
+    """Loss value(s), input gradients and the loss's state after each step; ``rank=None`` is
+    the single-process reference."""
     g = torch.Generator().manual_seed(1234)
     total = sum(sizes)
-    results: dict[str, Any] = {"losses": [], "grads": []}
+    results: dict[str, Any] = {"losses": [], "grads": [], "states": []}
     torch.manual_seed(0)
     distributed = rank is not None
     loss = create_loss(case.name, **case.kwargs, gather_distributed=distributed)
@@ -91,6 +92,7 @@ def run_case(case: Case, sizes: list[int], rank: int | None) -> dict[str, Any]:
         out.backward()
         results["losses"].append(out.detach())
         results["grads"].append([t.grad for t in leaves if t.is_floating_point()])
+        results["states"].append({k: v.clone() for k, v in loss.state_dict().items()})
     return results
 
 

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from typing import Any
 
 import pytest
 import torch
 
-from embedloss import create_loss
 from embedloss.ops.sinkhorn import sinkhorn_knopp
 from tests.distributed.harness import (
     Case,
@@ -24,6 +22,7 @@ from tests.distributed.harness import (
     assert_matches_single,
     pair,
     process_group,
+    run_case,
     spawn_ranks,
 )
 
@@ -77,28 +76,6 @@ CASES = [
 ]
 
 
-def _run(case: Case, sizes: list[int], rank: int | None) -> dict[str, Any]:
-    """As the harness's run_case, plus the loss's state after each step."""
-    g = torch.Generator().manual_seed(1234)
-    distributed = rank is not None
-    torch.manual_seed(0)
-    loss = create_loss(case.name, **case.kwargs, gather_distributed=distributed).train()
-    out: dict[str, Any] = {"losses": [], "grads": [], "states": []}
-    for _ in range(case.steps):
-        assert case.build is not None
-        tensors, named = case.build(sum(sizes), g)
-        if rank is not None:
-            tensors = tuple(_split(t, sizes, rank) for t in tensors)
-            named = {k: _split(v, sizes, rank) for k, v in named.items()}
-        leaves = tuple(t.clone().requires_grad_(t.is_floating_point()) for t in tensors)
-        value = loss(*leaves, **named)
-        value.backward()
-        out["losses"].append(value.detach())
-        out["grads"].append([t.grad for t in leaves if t.is_floating_point()])
-        out["states"].append({k: v.clone() for k, v in loss.state_dict().items()})
-    return out
-
-
 def _codes(sizes: list[int], rank: int | None) -> torch.Tensor:
     scores = (
         torch.randn(sum(sizes), 6, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -111,7 +88,7 @@ def _codes(sizes: list[int], rank: int | None) -> torch.Tensor:
 
 def _worker(rank: int, world: int, port: int, sizes: list[int], out_dir: str) -> None:
     with process_group(rank, world, port, timeout_s=60):
-        results = {case.id: _run(case, sizes, rank) for case in CASES}
+        results = {case.id: run_case(case, sizes, rank) for case in CASES}
         results["sinkhorn"] = _codes(sizes, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -132,7 +109,7 @@ def test_case_ids_are_unique():
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_losses_gradients_and_state_match_single_process(case, outcome):
     sizes, ranks = outcome
-    single = _run(case, sizes, rank=None)
+    single = run_case(case, sizes, rank=None)
     assert_matches_single(case.id, single, ranks, sizes)  # the teacher's inputs: no gradient
     for step in range(case.steps):
         for r in ranks:  # the centre / support set of every rank is the single-process one
@@ -146,7 +123,7 @@ def test_stateful_cases_have_state():
     stateful = {"dino": "center", "ibot_patch": "center", "nnclr": "queue.features"}
     for case in CASES:
         if case.name in stateful:
-            state = _run(case, [4], rank=None)["states"][-1]
+            state = run_case(case, [4], rank=None)["states"][-1]
             assert state[stateful[case.name]].abs().sum() > 0, case.id
 
 
