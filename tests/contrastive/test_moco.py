@@ -340,10 +340,15 @@ def test_bfloat16_and_tiny_temperature_are_finite():
     assert loss_fn.queue.dtype == torch.float32
 
 
-def test_learnable_temperature_gets_gradient():
-    loss_fn = MoCoLoss(queue_size=8, learnable_temperature=True, in_batch_negatives=True)
-    loss_fn(torch.randn(4, 8), torch.randn(4, 8)).backward()
-    assert loss_fn.logit_scale.grad is not None and torch.isfinite(loss_fn.logit_scale.grad)
+def test_learnable_temperature_gets_the_gradient_of_the_formula():
+    loss_fn = MoCoLoss(queue_size=8, learnable_temperature=True, in_batch_negatives=True).double()
+    q, k = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    loss_fn(q, k).backward()
+    # logit_scale = log(1/τ): dL/d logit_scale = dL/dτ · dτ/d logit_scale = −τ · dL/dτ
+    tau = torch.exp(-loss_fn.logit_scale.detach()).requires_grad_(True)
+    moco_loss(q, k, temperature=tau, in_batch_negatives=True).backward()
+    assert tau.grad is not None and tau.grad.abs() > 1e-3  # the check can fail
+    torch.testing.assert_close(loss_fn.logit_scale.grad, -tau.detach() * tau.grad)
 
 
 def test_bad_inputs():
