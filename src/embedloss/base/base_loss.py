@@ -49,7 +49,7 @@ def detached_terms(**values: Tensor | float) -> dict[str, Tensor]:
 
 
 #: ``nn.Module``'s own attributes (registries, hooks): not settings of a loss.
-_MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
+_MODULE_INTERNALS = (frozenset(nn.Module().__dict__) - {"training"}) | {"loss_only"}
 
 
 def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,6 +79,26 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
 
     guarded.__guarded__ = True  # type: ignore[attr-defined]
     return guarded
+
+
+def _loss_only(compute: Callable[..., LossOutput]) -> Callable[..., Tensor]:
+    """A ``forward`` for a class that defines only ``compute``: its loss, without the terms.
+
+    The terms are skipped, not built and dropped: while this runs, :meth:`BaseLoss.output`
+    returns no terms (``compute`` is called unguarded; the guard wraps this ``forward``).
+    """
+
+    def forward(self: BaseLoss, *args: Any, **kwargs: Any) -> Tensor:
+        object.__setattr__(self, "loss_only", True)
+        try:
+            return compute(self, *args, **kwargs).loss
+        finally:
+            object.__setattr__(self, "loss_only", False)
+
+    signature = inspect.signature(compute)
+    forward.__signature__ = signature.replace(return_annotation=Tensor)  # type: ignore[attr-defined]
+    forward.__doc__ = "The loss of :meth:`compute` alone (its logging terms are not built)."
+    return forward
 
 
 def _merge_base_options(cls: type, init: Callable[..., None]) -> None:
@@ -113,8 +133,8 @@ def _poisoned_terms(output: LossOutput) -> LossOutput:
 class BaseLoss(nn.Module):
     """Root of every embedloss loss.
 
-    Subclasses implement :meth:`compute` (loss plus terms) and a typed :meth:`forward` that
-    returns ``self.compute(...).loss``. Schedules are driven by the explicit hooks
+    Subclasses implement :meth:`compute` (loss plus terms, built by :meth:`output`); their
+    :meth:`forward` is generated from it: the same signature, the loss alone, no terms built. Schedules are driven by the explicit hooks
     :meth:`update_step` and :meth:`update_epoch`, which do nothing here.
 
     Args:
@@ -125,6 +145,8 @@ class BaseLoss(nn.Module):
     """
 
     _counters: dict[str, int]
+    #: True while :meth:`forward` runs :meth:`compute` for its loss alone: terms are skipped.
+    loss_only: bool = False
 
     def __init__(self, *, reduction: str = "mean") -> None:
         super().__init__()
@@ -135,7 +157,9 @@ class BaseLoss(nn.Module):
     def __init_subclass__(cls, **defaults: Any) -> None:
         """Set up a subclass: its call guard, its constructor's signature and defaults.
 
-        ``compute`` and ``forward`` defined by the subclass are wrapped (:func:`_guarded`): with
+        A subclass that defines ``compute`` and no ``forward`` gets one from it (same signature,
+        the loss alone, the terms not built). ``compute`` and ``forward`` are then wrapped
+        (:func:`_guarded`): with
         ``gather_distributed`` and a process group, every rank first agrees on the loss's
         options and its inputs' structure (one small collective; a disagreement, or an error on
         one rank, is the same ``ValueError`` on every rank, never a hang); ``compute``'s terms
@@ -151,6 +175,10 @@ class BaseLoss(nn.Module):
             TypeError: If a default names no constructor argument.
         """
         super().__init_subclass__()
+        if "compute" in cls.__dict__ and "forward" not in cls.__dict__:
+            compute = cls.__dict__["compute"]
+            raw = compute.__wrapped__ if hasattr(compute, "__guarded__") else compute
+            cls.forward = _loss_only(raw)  # type: ignore[method-assign]
         for name in ("compute", "forward"):
             method = cls.__dict__.get(name)
             if method is not None and not hasattr(method, "__guarded__"):
@@ -212,6 +240,17 @@ class BaseLoss(nn.Module):
 
     def _counter(self, name: str) -> int:
         return self._counters[name]
+
+    def output(self, loss: Tensor, terms: Callable[[], Mapping[str, Tensor | float]]) -> LossOutput:
+        """``compute``'s result: ``loss`` and the terms ``terms()`` returns, detached.
+
+        ``terms`` is called without grad, and not at all when :meth:`forward` wants the loss
+        alone (:attr:`loss_only`): a loss's logging work never runs on the training path.
+        """
+        if self.loss_only:
+            return LossOutput(loss, {})
+        with torch.no_grad():
+            return LossOutput(loss, detached_terms(**terms()))
 
     def compute(self, *args: Any, **kwargs: Any) -> LossOutput:
         """Return the loss and its named terms; implemented by every concrete loss."""

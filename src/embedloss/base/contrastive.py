@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_chunk_size, check_labels
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.base.mixins import NormalizationMixin, TemperatureScalingMixin
 from embedloss.ops.anchors import ChunkSize, NegativeLogWeights, PairSpec, direction_terms
 from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, info_nce, nt_xent
@@ -101,8 +101,8 @@ class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss)
         inputs as scored); two-way results add ``loss_<name>`` per direction and
         ``negative_similarity``; ``extra`` terms are added (replacing a term of the same name).
         """
-        with torch.no_grad():
-            tau = 1.0 / options.scale_as(torch.float64)
+
+        def terms() -> dict[str, Tensor | float]:
             if names is None:
                 values = {
                     "accuracy": result.anchors[0].correct.float().mean(),
@@ -113,8 +113,9 @@ class BaseContrastiveLoss(TemperatureScalingMixin, NormalizationMixin, BaseLoss)
                     **direction_terms(result.anchors[0], result.anchors[-1], names),
                     **pair_similarity_terms(result.a, result.b),
                 }
-            terms = detached_terms(**{**values, "temperature": tau, **extra})
-        return LossOutput(result.loss, terms)
+            return {**values, "temperature": 1.0 / options.scale_as(torch.float64), **extra}
+
+        return self.output(result.loss, terms)
 
     def compute_similarity(self, a: Tensor, b: Tensor, logit_scale: Tensor | None = None) -> Tensor:
         """Logits ``(N, M)``: normalised (if enabled) ``a @ b.T`` divided by τ."""

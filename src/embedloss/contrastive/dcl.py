@@ -219,10 +219,6 @@ class DCLLoss(BaseContrastiveLoss):
         cosine = result._replace(a=l2_normalize(result.a), b=l2_normalize(result.b))
         return self.paired_output(cosine, options)
 
-    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
-        return _dcl(z_a, z_b, labels, self.options(), self.sigma).loss
-
 
 @register_loss("dclw")
 class DCLWLoss(DCLLoss):

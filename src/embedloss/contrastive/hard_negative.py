@@ -191,8 +191,4 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss, temperature
             result, options, ("a_to_b", "b_to_a"), hard_negative_fraction=hard
         )
 
-    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The hard-negative loss (see :meth:`compute`)."""
-        return _hard_negative(z_a, z_b, labels, self.mining, self.options())[0].loss
-
     shown = "temperature:g mining.strategy!r hard_negative_factor=mining.factor:g reduction!r"

@@ -176,13 +176,3 @@ class InfoNCELoss(BaseContrastiveLoss):
         options = self.options()
         result = _info_nce(query, positive_key, negative_keys, labels, options)
         return self.paired_output(result, options)
-
-    def forward(
-        self,
-        query: Tensor,
-        positive_key: Tensor,
-        negative_keys: Tensor | None = None,
-        labels: Tensor | None = None,
-    ) -> Tensor:
-        """The InfoNCE loss (see :meth:`compute`)."""
-        return _info_nce(query, positive_key, negative_keys, labels, self.options()).loss

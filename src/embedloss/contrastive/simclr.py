@@ -91,7 +91,3 @@ class SimCLRLoss(BaseContrastiveLoss, temperature=0.5):
         """Loss and terms for views ``z_a``, ``z_b`` ``(N, D)`` and optional ``labels (N,)``."""
         options = self.options()
         return self.paired_output(nt_xent(z_a, z_b, labels, options), options)
-
-    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The NT-Xent loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
-        return self.nt_xent_loss(z_a, z_b, labels)

@@ -103,14 +103,3 @@ class CLIPLoss(BaseContrastiveLoss, temperature=0.07):
         options = self.options(logit_scale)
         result = paired_symmetric(image_embeddings, text_embeddings, labels, options, NAMES)
         return self.paired_output(result, options, ("image_to_text", "text_to_image"))
-
-    def forward(
-        self,
-        image_embeddings: Tensor,
-        text_embeddings: Tensor,
-        labels: Tensor | None = None,
-        logit_scale: Tensor | None = None,
-    ) -> Tensor:
-        """The CLIP loss (see :meth:`compute`)."""
-        options = self.options(logit_scale)
-        return paired_symmetric(image_embeddings, text_embeddings, labels, options, NAMES).loss
