@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -218,15 +219,9 @@ class HardNegativeMiningMixin:
 
     mining: HardNegativeMining
 
-    def _init_hard_negative_mining(
-        self,
-        strategy: str = "semi_hard",
-        factor: float = 2.0,
-        percentile: float = 0.9,
-        margin: float = 0.2,
-        beta: float = 1.0,
-    ) -> None:
-        self.mining = HardNegativeMining.create(strategy, factor, percentile, margin, beta)
+    def _init_hard_negative_mining(self, *args: Any, **kwargs: Any) -> None:
+        """Store the validated options (arguments as :class:`HardNegativeMining`'s fields)."""
+        self.mining = HardNegativeMining.create(*args, **kwargs)
 
     def negative_log_weights(self, similarity: Tensor, positive: Tensor) -> Tensor:
         """Log-weights ``(N, M)`` for ``similarity (N, M)`` and a boolean ``positive`` mask.

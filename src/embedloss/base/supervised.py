@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, TypedDict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -17,7 +19,19 @@ from embedloss._validation import (
 )
 from embedloss.base.base_loss import BaseLoss
 
-__all__ = ["BaseSupervisedLoss", "weighted_cross_entropy", "weighted_reduction"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["BaseSupervisedLoss", "CrossEntropyArgs", "weighted_cross_entropy", "weighted_reduction"]
+
+
+class CrossEntropyArgs(TypedDict, total=False):
+    """The keyword options of :func:`weighted_cross_entropy` other than ``reduction``."""
+
+    class_weights: Tensor | None
+    sample_weight: Tensor | None
+    label_smoothing: float
+    ignore_index: int
 
 
 def _check_targets(targets: Tensor, n: int, c: int, ignore_index: int) -> None:
@@ -138,22 +152,7 @@ class BaseSupervisedLoss(BaseLoss):
         return one_hot * (1.0 - eps) + eps / num_classes
 
     def weighted_cross_entropy(
-        self,
-        logits: Tensor,
-        targets: Tensor,
-        *,
-        class_weights: Tensor | None = None,
-        sample_weight: Tensor | None = None,
-        label_smoothing: float = 0.0,
-        ignore_index: int = -100,
+        self, logits: Tensor, targets: Tensor, **options: Unpack[CrossEntropyArgs]
     ) -> Tensor:
         """:func:`weighted_cross_entropy` reduced with this loss's ``reduction``."""
-        return weighted_cross_entropy(
-            logits,
-            targets,
-            class_weights=class_weights,
-            sample_weight=sample_weight,
-            label_smoothing=label_smoothing,
-            ignore_index=ignore_index,
-            reduction=self.reduction,
-        )
+        return weighted_cross_entropy(logits, targets, reduction=self.reduction, **options)

@@ -22,6 +22,7 @@ from embedloss.ops.tiles import (
     LN2,
     LOG2E,
     NEG_INF,
+    Grads,
     Weights,
     first_order_only,
     logits_tile,
@@ -33,8 +34,6 @@ from embedloss.ops.tiles import (
 )
 
 __all__ = ["RowPlan", "RowSoftmax"]
-
-Grads = tuple[Tensor | None, Tensor | None, Tensor]
 Masks = tuple[Tensor, Tensor, Tensor, Tensor]  # positive, denominator, |P(i)|, |A(i)|
 
 

@@ -21,6 +21,7 @@ from embedloss.ops.tiles import (
     LN2,
     LOG2E,
     NEG_INF,
+    Grads,
     Weights,
     first_order_only,
     like_tile,
@@ -30,8 +31,6 @@ from embedloss.ops.tiles import (
 )
 
 __all__ = ["SymPlan", "SymmetricSoftmax"]
-
-Grads = tuple[Tensor | None, Tensor | None, Tensor]
 
 
 @dataclass

@@ -8,7 +8,7 @@ weights. Positives get 0 (the core ignores them anyway).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,21 +30,15 @@ class HardNegativeMining(NamedTuple):
     beta: float = 1.0
 
     @classmethod
-    def create(
-        cls,
-        strategy: str = "semi_hard",
-        factor: float = 2.0,
-        percentile: float = 0.9,
-        margin: float = 0.2,
-        beta: float = 1.0,
-    ) -> HardNegativeMining:
-        """Validated options; each error names the argument."""
+    def create(cls, *args: Any, **kwargs: Any) -> HardNegativeMining:
+        """Validated options (arguments as the fields'); each error names the argument."""
+        raw = cls(*args, **kwargs)
         return cls(
-            check_choice(strategy, "strategy", HARD_NEGATIVE_STRATEGIES),
-            check_float(factor, "hard_negative_factor", low=1.0),
-            check_float(percentile, "percentile", low=0.0, high=1.0),
-            check_positive_float(margin, "margin", allow_zero=True),
-            check_positive_float(beta, "beta", allow_zero=True),
+            check_choice(raw.strategy, "strategy", HARD_NEGATIVE_STRATEGIES),
+            check_float(raw.factor, "hard_negative_factor", low=1.0),
+            check_float(raw.percentile, "percentile", low=0.0, high=1.0),
+            check_positive_float(raw.margin, "margin", allow_zero=True),
+            check_positive_float(raw.beta, "beta", allow_zero=True),
         )
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "Grads",
     "Weights",
     "as_scale",
     "compute_dtype",
@@ -34,6 +35,8 @@ LN2 = 0.6931471805599453
 WeightFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 #: Negative log-weights of a tiled kernel: an ``(N, M)`` constant, a per-tile function, or None.
 Weights = Tensor | WeightFn | None
+#: The input gradients of a tiled backward: ``(∂query, ∂keys, ∂scale)``.
+Grads = tuple[Tensor | None, Tensor | None, Tensor]
 
 
 def tile_bounds(n: int, chunk: int) -> Iterator[tuple[int, int]]:
