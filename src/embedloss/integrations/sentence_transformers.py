@@ -40,6 +40,7 @@ accumulation, loss scaling), to the parameters when the trainer back-propagates 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple, cast
@@ -51,13 +52,11 @@ from embedloss import BaseLoss, GradCache, LossOutput, create_loss
 from embedloss._validation import check_choice, check_int, describe
 from embedloss.integrations.transformers import EmbedlossCallback
 
-try:
-    import sentence_transformers  # noqa: F401  (the trainer this module serves)
-except ImportError as err:  # pragma: no cover - exercised in a subprocess by the tests
+if importlib.util.find_spec("sentence_transformers") is None:  # pragma: no cover - subprocess test
     raise ImportError(
         "embedloss.integrations.sentence_transformers needs sentence-transformers: "
         "pip install 'embedloss[integrations]'"
-    ) from err
+    )
 
 __all__ = ["INPUTS", "ST_LOSSES", "EmbedlossLoss", "Equivalent"]
 
