@@ -96,7 +96,7 @@ def _loss_only(compute: Callable[..., LossOutput]) -> Callable[..., Tensor]:
             object.__setattr__(self, "loss_only", False)
 
     signature = inspect.signature(compute)
-    forward.__signature__ = signature.replace(return_annotation=Tensor)  # type: ignore[attr-defined]
+    forward.__signature__ = signature.replace(return_annotation="Tensor")  # type: ignore[attr-defined]
     forward.__doc__ = "The loss of :meth:`compute` alone (its logging terms are not built)."
     return forward
 
