@@ -18,6 +18,7 @@ __all__ = [
     "build_parts",
     "check_weights",
     "prefixed",
+    "prefixed_terms",
     "run_part",
     "weighted_sum",
 ]
@@ -154,6 +155,15 @@ def prefixed(name: str, output: LossOutput, **extra: Tensor | float) -> dict[str
     return {
         f"{name}{SEP}{k}": v for k, v in {"loss": loss.mean(), **output.terms, **extras}.items()
     }
+
+
+def prefixed_terms(
+    outputs: Mapping[str, LossOutput],
+    extras: Mapping[str, Mapping[str, Tensor | float]] | None = None,
+) -> dict[str, Tensor]:
+    """Every part's :func:`prefixed` terms (with its ``extras``, if any) in one dict."""
+    extra = extras or {}
+    return {k: v for n, o in outputs.items() for k, v in prefixed(n, o, **extra.get(n, {})).items()}
 
 
 class PartsLoss(BaseLoss):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float, check_int
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
@@ -254,14 +254,15 @@ class HybridVICRegLoss(BaseContrastiveLoss):
         self._set_counter("step", step)
 
     # ----------------------------------------------------------------------------- the loss
-    def _loss(
-        self, z_a: Tensor, z_b: Tensor, labels: Tensor | None, every_part: bool
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss at the current step and its parts; records the batch's alignment gap."""
-        _, alpha, warm = self._schedule()
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for paired ``(N, D)`` embeddings (``labels``: contrastive positives).
+
+        Records the batch's alignment gap (in training mode) whether or not terms are wanted.
+        """
+        phase, alpha, warm = self._schedule()
         contrastive = self.options()
         options = (contrastive, self.vicreg_options)
-        loss, parts = _hybrid(z_a, z_b, labels, alpha, options, warm, every_part)
+        loss, parts = _hybrid(z_a, z_b, labels, alpha, options, warm, not self.loss_only)
         with torch.no_grad():
             sims = pair_similarity_terms(*contrastive.prepare(z_a, z_b))  # unit vectors
             gap = sims["positive_similarity"] - sims["negative_similarity"]
@@ -271,24 +272,17 @@ class HybridVICRegLoss(BaseContrastiveLoss):
         if self.training:
             self.alignment_gap.copy_(gap)
             self.gap_recorded.fill_(True)
-        return loss, {**parts, "alignment_gap": gap}
-
-    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
-        """Loss and terms for paired ``(N, D)`` embeddings (``labels``: contrastive positives)."""
-        phase, alpha, warm = self._schedule()
-        loss, parts = self._loss(z_a, z_b, labels, every_part=True)
-        terms = detached_terms(
-            **parts,
-            transition_progress=alpha,
-            warmup_factor=warm,
-            phase=phase,
-            temperature=1.0 / self.scale(dtype=torch.float64),
+        return self.output(
+            loss,
+            lambda: {
+                **parts,
+                "alignment_gap": gap,
+                "transition_progress": alpha,
+                "warmup_factor": warm,
+                "phase": phase,
+                "temperature": 1.0 / self.scale(dtype=torch.float64),
+            },
         )
-        return LossOutput(loss, terms)
-
-    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The hybrid loss at the current step (see :meth:`compute`)."""
-        return self._loss(z_a, z_b, labels, every_part=False)[0]
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

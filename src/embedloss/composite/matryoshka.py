@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from embedloss._validation import check_int
 from embedloss.base.base_loss import BaseLoss, LossOutput
-from embedloss.composite._parts import build_parts, prefixed, run_part, weighted_sum
+from embedloss.composite._parts import build_parts, prefixed_terms, run_part, weighted_sum
 from embedloss.registry import register_loss
 
 __all__ = ["MatryoshkaLoss"]
@@ -111,16 +111,10 @@ class MatryoshkaLoss(BaseLoss):
         outputs = {}
         for d in self.dims:
             cut = tuple(_prefix(a, d) for a in args), {k: _prefix(v, d) for k, v in kwargs.items()}
-            outputs[f"dim_{d}"] = run_part(f"dim_{d}", self.loss, *cut)
+            outputs[f"dim_{d}"] = run_part(f"dim_{d}", self.loss, *cut, not self.loss_only)
         factors = dict(zip(outputs, self.weights, strict=True))
         loss = weighted_sum({n: out.loss for n, out in outputs.items()}, factors)
-        return LossOutput(
-            loss, {k: v for n, o in outputs.items() for k, v in prefixed(n, o).items()}
-        )
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The weighted sum over the prefix sizes (see :meth:`compute`)."""
-        return self.compute(*args, **kwargs).loss
+        return self.output(loss, lambda: prefixed_terms(outputs))
 
     def update_step(self, step: int, total_steps: int | None = None) -> None:
         """Forward the step hook to the wrapped loss."""

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_labels, check_pair
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses, mean_accuracy
 from embedloss.ops.info_nce import (
@@ -200,26 +200,15 @@ class MixedMultimodalLoss(BaseContrastiveLoss, temperature=0.07):
         result = _mixed(
             image_embeddings, text_embeddings, labels, pair_labels, options, self.weights
         )
-        terms = detached_terms(
-            **{f"loss_{name}": value for name, value in result.parts.items()},
-            supcon_active=float("supcon" in result.parts),
-            accuracy=mean_accuracy(*result.clip),
-            temperature=1.0 / options.scale_as(torch.float64),
+        return self.output(
+            result.loss,
+            lambda: {
+                **{f"loss_{name}": value for name, value in result.parts.items()},
+                "supcon_active": float("supcon" in result.parts),
+                "accuracy": mean_accuracy(*result.clip),
+                "temperature": 1.0 / options.scale_as(torch.float64),
+            },
         )
-        return LossOutput(result.loss, terms)
-
-    def forward(
-        self,
-        image_embeddings: Tensor,
-        text_embeddings: Tensor,
-        labels: Tensor | None = None,
-        pair_labels: Tensor | None = None,
-    ) -> Tensor:
-        """The mixed loss (see :meth:`compute`)."""
-        options = self.options()
-        return _mixed(
-            image_embeddings, text_embeddings, labels, pair_labels, options, self.weights
-        ).loss
 
     @classmethod
     def example_inputs(

@@ -20,7 +20,7 @@ from embedloss._validation import (
     compute_dtype,
     describe,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.registry import register_loss
@@ -162,15 +162,12 @@ class FeatureConsistencyLoss(BaseLoss):
     Terms: ``consistency`` (single tensor), or ``consistency_<m>`` per modality (unweighted).
 
     Args:
-        distance: ``"cosine"`` (default), ``"l2"``, ``"l1"`` or ``"smooth_l1"``.
-        normalize: L2-normalise features first (default True).
+        distance, normalize, smooth_l1_beta: As :func:`feature_consistency_loss`.
         reference_models: A module, or a mapping modality → module, or None.
         weights: Mapping modality → weight >= 0 (default 1 for every modality).
         copy_reference_models: Freeze deep copies (default) instead of the given modules.
         detach_reference: Stop gradients through explicit ``reference_features`` (default True).
-        smooth_l1_beta: β > 0 of ``"smooth_l1"`` (default 1).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per sample; every modality needs the
-            same N).
+        reduction: As :func:`feature_consistency_loss`; ``"none"`` needs one N in every modality.
 
     Raises:
         ValueError: For an unknown distance or reduction, a negative weight.
@@ -287,8 +284,19 @@ class FeatureConsistencyLoss(BaseLoss):
             out[modality] = _distances(f, ref, self.options, names)
         return out
 
-    def _loss(self, distances: dict[str, Tensor]) -> Tensor:
-        """``Σ_m weights[m]·reduce(d_m)``."""
+    def compute(
+        self,
+        features: Tensor | Mapping[str, Tensor],
+        reference_features: Tensor | Mapping[str, Tensor] | None = None,
+        *,
+        inputs: Any = None,
+    ) -> LossOutput:
+        """``Σ_m weights[m]·reduce(d_m)`` and terms; ``features``' form sets the others' form.
+
+        With a tensor, ``reference_features`` is a tensor and ``inputs`` is passed as-is to the
+        single reference model; with a mapping, both are mappings keyed by modality.
+        """
+        distances = self._distances(features, reference_features, inputs)
         losses = [
             self.weights.get(m, 1.0) * reduce_samples(d, self.reduction)
             for m, d in distances.items()
@@ -298,35 +306,10 @@ class FeatureConsistencyLoss(BaseLoss):
                 "reduction='none' needs the same batch size N in every modality, got "
                 + ", ".join(f"{m}: {d.shape[0]}" for m, d in distances.items())
             )
-        return torch.stack(losses).sum(dim=0)
-
-    def compute(
-        self,
-        features: Tensor | Mapping[str, Tensor],
-        reference_features: Tensor | Mapping[str, Tensor] | None = None,
-        *,
-        inputs: Any = None,
-    ) -> LossOutput:
-        """Loss and terms; ``features``' form (tensor or mapping) sets the form of the others.
-
-        With a tensor, ``reference_features`` is a tensor and ``inputs`` is passed as-is to the
-        single reference model; with a mapping, both are mappings keyed by modality.
-        """
-        distances = self._distances(features, reference_features, inputs)
-        single = not isinstance(features, Mapping)
-        terms = {
-            "consistency" if single else f"consistency_{m}": d.mean() for m, d in distances.items()
-        }
-        return LossOutput(self._loss(distances), detached_terms(**terms))
-
-    def forward(
-        self,
-        features: Tensor | Mapping[str, Tensor],
-        reference_features: Tensor | Mapping[str, Tensor] | None = None,
-        *,
-        inputs: Any = None,
-    ) -> Tensor:
-        """The weighted feature-consistency loss (see :meth:`compute`)."""
-        return self._loss(self._distances(features, reference_features, inputs))
+        key = "consistency_{}" if isinstance(features, Mapping) else "consistency"
+        return self.output(
+            torch.stack(losses).sum(dim=0),
+            lambda: {key.format(m): d.mean() for m, d in distances.items()},
+        )
 
     shown = "options.distance!r options.normalize weights reduction!r"

@@ -13,7 +13,7 @@ from embedloss._validation import (
     check_optional_positive,
     check_same_shape,
 )
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.ops.anchors import AnchorLosses, mean_accuracy, reduce_anchor_losses
 from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
 from embedloss.ops.supcon import check_supervision, cross_contrast, multi_view_contrast
@@ -183,13 +183,6 @@ class CrossModalSupConLoss(SupConOptionsLoss):
 
     MODES = CROSS_MODAL_MODES
 
-    def _result(
-        self, image: Tensor, text: Tensor, labels: Tensor | None, mask: Tensor | None
-    ) -> _Result:
-        options = self.options()
-        mode, base = self.contrast_mode, self.base_temperature
-        return _cross_modal_supcon(image, text, labels, mask, options, mode, base)
-
     def compute(
         self,
         image_embeddings: Tensor,
@@ -198,32 +191,29 @@ class CrossModalSupConLoss(SupConOptionsLoss):
         mask: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings and ``labels`` or ``mask``."""
-        loss, parts, factor = self._result(image_embeddings, text_embeddings, labels, mask)
-        computed = [p for p in parts if p is not None]
-        values: dict[str, Tensor | float] = {
-            "anchors_without_positives": sum(int(p.valid.numel()) for p in computed)
-            - sum(p.valid.sum() for p in computed),
-            "temperature": 1.0 / self.scale(dtype=torch.float64),
-        }
-        if parts.intra_image is not None and parts.intra_text is not None:
-            values["loss_intra_image"] = reduce_anchor_losses(parts.intra_image, "mean") * factor
-            values["loss_intra_text"] = reduce_anchor_losses(parts.intra_text, "mean") * factor
-        if parts.image_to_text is not None and parts.text_to_image is not None:
-            i2t, t2i = parts.image_to_text, parts.text_to_image
-            cross = reduce_anchor_losses(i2t, "mean") + reduce_anchor_losses(t2i, "mean")
-            values["loss_cross_modal"] = cross * factor / 2
-            values["accuracy"] = mean_accuracy(i2t, t2i)
-        return LossOutput(loss, detached_terms(**values))
+        mode, base = self.contrast_mode, self.base_temperature
+        loss, parts, factor = _cross_modal_supcon(
+            image_embeddings, text_embeddings, labels, mask, self.options(), mode, base
+        )
 
-    def forward(
-        self,
-        image_embeddings: Tensor,
-        text_embeddings: Tensor,
-        labels: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        """The cross-modal SupCon loss (see :meth:`compute`)."""
-        return self._result(image_embeddings, text_embeddings, labels, mask).loss
+        def terms() -> dict[str, Tensor | float]:
+            computed = [p for p in parts if p is not None]
+            values: dict[str, Tensor | float] = {
+                "anchors_without_positives": sum(int(p.valid.numel()) for p in computed)
+                - sum(p.valid.sum() for p in computed),
+                "temperature": 1.0 / self.scale(dtype=torch.float64),
+            }
+            img, txt, i2t, t2i = parts
+            if img is not None and txt is not None:
+                values["loss_intra_image"] = reduce_anchor_losses(img, "mean") * factor
+                values["loss_intra_text"] = reduce_anchor_losses(txt, "mean") * factor
+            if i2t is not None and t2i is not None:
+                cross = reduce_anchor_losses(i2t, "mean") + reduce_anchor_losses(t2i, "mean")
+                values["loss_cross_modal"] = cross * factor / 2
+                values["accuracy"] = mean_accuracy(i2t, t2i)
+            return values
+
+        return self.output(loss, terms)
 
     @classmethod
     def example_inputs(

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_choice, check_embeddings, check_optional_positive
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses
 from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
@@ -162,23 +162,16 @@ class SupConLoss(SupConOptionsLoss):
         options = self.options()
         mode, base = self.contrast_mode, self.base_temperature
         loss, result = _supcon(embeddings, labels, mask, options, mode, base)
-        with torch.no_grad():
-            valid = result.valid.sum()
-            terms = detached_terms(
-                accuracy=result.correct.sum() / valid.clamp(min=1),
-                anchors_without_positives=result.valid.numel() - valid,
-                temperature=1.0 / options.scale_as(torch.float64),
-            )
-        return LossOutput(loss, terms)
 
-    def forward(
-        self, embeddings: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
-    ) -> Tensor:
-        """The SupCon loss (see :meth:`compute`)."""
-        options = self.options()
-        return _supcon(
-            embeddings, labels, mask, options, self.contrast_mode, self.base_temperature
-        ).loss
+        def terms() -> dict[str, Tensor | float]:
+            valid = result.valid.sum()
+            return {
+                "accuracy": result.correct.sum() / valid.clamp(min=1),
+                "anchors_without_positives": result.valid.numel() - valid,
+                "temperature": 1.0 / options.scale_as(torch.float64),
+            }
+
+        return self.output(loss, terms)
 
     @classmethod
     def example_inputs(
