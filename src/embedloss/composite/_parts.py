@@ -91,17 +91,6 @@ def check_weights(weights: Any, names: list[str], argument: str = "weights") -> 
     return out
 
 
-def _scalar_terms(values: Mapping[str, Any]) -> dict[str, Tensor]:
-    keep = {
-        k: v
-        for k, v in values.items()
-        if k != "loss"
-        and ((isinstance(v, Tensor) and v.numel() == 1) or isinstance(v, (int, float)))
-        and not isinstance(v, bool)
-    }
-    return detached_terms(**keep)
-
-
 def run_part(
     name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], terms: bool = True
 ) -> LossOutput:
@@ -122,7 +111,15 @@ def run_part(
     if isinstance(result, Tensor):
         return LossOutput(result, {})
     if isinstance(result, Mapping) and isinstance(result.get("loss"), Tensor):
-        return LossOutput(result["loss"], _scalar_terms(result) if terms else {})
+        scalars = {
+            k: v
+            for k, v in result.items()
+            if terms
+            and k != "loss"
+            and ((isinstance(v, Tensor) and v.numel() == 1) or isinstance(v, (int, float)))
+            and not isinstance(v, bool)
+        }
+        return LossOutput(result["loss"], detached_terms(**scalars))
     raise TypeError(
         f"loss {name!r} returned {type(result).__name__}; expected a Tensor, a LossOutput "
         "or a mapping with a 'loss' tensor"

@@ -103,13 +103,11 @@ def hybrid_vicreg_loss(
         True
     """
     alpha = check_float(progress, "progress", low=0.0, high=1.0)
-    options = (
-        ContrastiveOptions.create(
-            temperature, chunk_size=chunk_size, gather_distributed=gather_distributed
-        ),
-        VICRegOptions(sim_coeff, var_coeff, cov_coeff, eps, gather_distributed),
+    contrastive = ContrastiveOptions.create(
+        temperature, chunk_size=chunk_size, gather_distributed=gather_distributed
     )
-    return _hybrid(z_a, z_b, labels, alpha, options)[0]
+    vicreg_options = VICRegOptions(sim_coeff, var_coeff, cov_coeff, eps, gather_distributed)
+    return _hybrid(z_a, z_b, labels, alpha, (contrastive, vicreg_options))[0]
 
 
 @register_loss("hybrid_vicreg", category="self_supervised")
@@ -143,16 +141,11 @@ class HybridVICRegLoss(BaseContrastiveLoss):
     Args:
         contrastive_steps: Steps of pure contrastive training (default 300).
         transition_steps: Length of the linear blend (default 100; 0 switches at once).
-        temperature: τ > 0 of the contrastive part (default 0.07).
         adaptive_transition: Start the transition early on a large alignment gap (default True).
         min_alignment_gap: Gap threshold of the adaptive transition (default 0.3).
-        sim_coeff: VICReg λ >= 0 (default 25).
-        var_coeff: VICReg μ >= 0 (default 25).
-        cov_coeff: VICReg ν >= 0 (default 1).
-        eps: VICReg ε > 0 (default 1e-4).
         warmup_steps: VICReg warm-up of μ and ν, from the transition start (default 0).
-        chunk_size: Tiling of the contrastive core.
-        gather_distributed: Use the batch of all ranks (DDP).
+        temperature, sim_coeff, var_coeff, cov_coeff, eps, chunk_size, gather_distributed: As
+            :func:`hybrid_vicreg_loss`.
 
     Raises:
         ValueError: For negative step counts or coefficients, τ <= 0 or ``eps <= 0``.
@@ -211,7 +204,6 @@ class HybridVICRegLoss(BaseContrastiveLoss):
     var_coeff = property(lambda self: self.vicreg_options.var_coeff, doc="VICReg's μ.")
     cov_coeff = property(lambda self: self.vicreg_options.cov_coeff, doc="VICReg's ν.")
 
-    # ----------------------------------------------------------------- schedule (from buffers)
     def _schedule(self) -> tuple[int, float, float]:
         """``(phase index, α, VICReg warm-up factor)`` at the current step."""
         since = self._counter("step") - self._counter("transition_start")
@@ -253,7 +245,6 @@ class HybridVICRegLoss(BaseContrastiveLoss):
         self.gap_recorded.fill_(False)
         self._set_counter("step", step)
 
-    # ----------------------------------------------------------------------------- the loss
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings (``labels``: contrastive positives).
 

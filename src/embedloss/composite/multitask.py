@@ -200,14 +200,8 @@ class MultitaskLoss(PartsLoss):
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``inputs`` and ``targets`` mappings for :meth:`example_kwargs`'s two tasks."""
         g = torch.Generator().manual_seed(seed)
-        inputs = {
-            "cls": torch.randn(n, d, generator=g).to(dtype),
-            "reg": torch.randn(n, d, generator=g).to(dtype),
-        }
-        targets = {
-            "cls": torch.randint(0, d, (n,), generator=g),
-            "reg": torch.randn(n, d, generator=g).to(dtype),
-        }
-        return (inputs, targets), {}
+        x_cls, x_reg = (torch.randn(n, d, generator=g).to(dtype) for _ in range(2))
+        y_cls, y_reg = torch.randint(0, d, (n,), generator=g), torch.randn(n, d, generator=g)
+        return ({"cls": x_cls, "reg": x_reg}, {"cls": y_cls, "reg": y_reg.to(dtype)}), {}
 
     shown = "weighting!r weights allow_missing"

@@ -221,10 +221,8 @@ class FeatureConsistencyLoss(BaseLoss):
         self.reference_models.eval()
         return self
 
-    def _modalities(
-        self, features: Any, reference_features: Any, inputs: Any
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
-        """Features, explicit references and model inputs keyed by modality, checked."""
+    def _distances(self, features: Any, reference_features: Any, inputs: Any) -> dict[str, Tensor]:
+        """Per-sample distances ``(N,)`` of every modality given, its inputs checked."""
         single = not isinstance(features, Mapping)
         if reference_features is not None and single == isinstance(reference_features, Mapping):
             raise TypeError(
@@ -264,11 +262,6 @@ class FeatureConsistencyLoss(BaseLoss):
                     f"{_label('inputs', modality)} is needed to run "
                     f"{_label('reference_models', modality)}"
                 )
-        return feats, refs, ins
-
-    def _distances(self, features: Any, reference_features: Any, inputs: Any) -> dict[str, Tensor]:
-        """Per-sample distances ``(N,)`` of every modality given (one pure call each)."""
-        feats, refs, ins = self._modalities(features, reference_features, inputs)
         out = {}
         for modality, f in feats.items():
             ref = refs.get(modality)

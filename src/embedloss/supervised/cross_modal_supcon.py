@@ -50,12 +50,6 @@ class CrossModalSupConParts(NamedTuple):
     text_to_image: AnchorLosses | None
 
 
-class _Result(NamedTuple):
-    loss: Tensor
-    parts: CrossModalSupConParts
-    factor: Tensor | float  # τ/τ_base (1 without a base temperature)
-
-
 def _cross_modal_supcon(
     image_embeddings: Tensor,
     text_embeddings: Tensor,
@@ -64,8 +58,8 @@ def _cross_modal_supcon(
     options: ContrastiveOptions,
     contrast_mode: str,
     base_temperature: float | None,
-) -> _Result:
-    """The parts (per anchor), their weighted and reduced sum, and the ``τ/τ_base`` factor."""
+) -> tuple[Tensor, CrossModalSupConParts, Tensor | float]:
+    """The parts' weighted and reduced sum, the parts (per anchor), and the ``τ/τ_base`` factor."""
     check_embeddings(image_embeddings, "image_embeddings")
     check_embeddings(text_embeddings, "text_embeddings")
     check_same_shape(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
@@ -97,7 +91,7 @@ def _cross_modal_supcon(
         if part is not None
     ]
     factor = 1.0 if base_temperature is None else 1.0 / (scale * base_temperature)
-    return _Result(sum(weighted[1:], weighted[0]) * factor, parts, factor)
+    return sum(weighted[1:], weighted[0]) * factor, parts, factor
 
 
 @contrastive_keywords()
@@ -156,7 +150,7 @@ def cross_modal_supcon_loss(
     base = check_optional_positive(base_temperature, "base_temperature")
     return _cross_modal_supcon(
         image_embeddings, text_embeddings, labels, mask, options, contrast_mode, base
-    ).loss
+    )[0]
 
 
 @register_loss("cross_modal_supcon")
@@ -168,9 +162,7 @@ class CrossModalSupConLoss(SupConOptionsLoss):
     with ``"all"``/``"cross"``), ``anchors_without_positives``, ``temperature``.
 
     Args:
-        temperature: τ > 0 (default 0.1).
-        base_temperature: τ_base of the ``τ/τ_base`` factor, or None (default) for 1.
-        contrast_mode: ``"all"`` (default), ``"cross"`` or ``"intra"``.
+        temperature, base_temperature, contrast_mode: As :func:`cross_modal_supcon_loss`.
         **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
             ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 

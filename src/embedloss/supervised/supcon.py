@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -23,11 +23,6 @@ __all__ = ["SupConLoss", "supcon_loss"]
 CONTRAST_MODES = ("all", "one")
 
 
-class _SupCon(NamedTuple):
-    loss: Tensor
-    anchors: AnchorLosses
-
-
 def _supcon(
     embeddings: Tensor,
     labels: Tensor | None,
@@ -35,8 +30,8 @@ def _supcon(
     options: ContrastiveOptions,
     contrast_mode: str,
     base_temperature: float | None,
-) -> _SupCon:
-    """Checked, prepared, scaled by ``τ/τ_base`` and reduced SupCon."""
+) -> tuple[Tensor, AnchorLosses]:
+    """Checked, prepared, scaled by ``τ/τ_base`` and reduced SupCon, and its anchors."""
     check_embeddings(embeddings, "embeddings", ndim=(2, 3))
     check_choice(contrast_mode, "contrast_mode", CONTRAST_MODES)
     (x,) = options.prepare(embeddings)
@@ -53,7 +48,7 @@ def _supcon(
     )
     if base_temperature is not None:  # the official code's τ/τ_base factor
         result = result._replace(loss=result.loss / (scale * base_temperature))
-    return _SupCon(options.reduce(result), result)
+    return options.reduce(result), result
 
 
 @contrastive_keywords()
@@ -112,7 +107,7 @@ def supcon_loss(
     """
     options = ContrastiveOptions.create(**keywords)
     base = check_optional_positive(base_temperature, "base_temperature")
-    return _supcon(embeddings, labels, mask, options, contrast_mode, base).loss
+    return _supcon(embeddings, labels, mask, options, contrast_mode, base)[0]
 
 
 class SupConOptionsLoss(BaseContrastiveLoss):
