@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ __all__ = [
     "SEP",
     "PartsLoss",
     "build_parts",
+    "call_hooks",
     "check_weights",
     "prefixed",
     "prefixed_terms",
@@ -163,6 +164,14 @@ def prefixed_terms(
     return {k: v for n, o in outputs.items() for k, v in prefixed(n, o, **extra.get(n, {})).items()}
 
 
+def call_hooks(modules: Iterable[nn.Module], method: str, *args: Any) -> None:
+    """Call ``module.<method>(*args)`` (a schedule hook) on every module that has it."""
+    for module in modules:
+        hook = getattr(module, method, None)
+        if callable(hook):
+            hook(*args)
+
+
 class PartsLoss(BaseLoss):
     """Base of the losses made of named parts: holds them and forwards the schedule hooks.
 
@@ -175,16 +184,10 @@ class PartsLoss(BaseLoss):
         self.losses = build_parts(losses)
         self.weights = check_weights(weights, list(self.losses.keys()))
 
-    def _hook(self, method: str, *args: Any) -> None:
-        for module in self.losses.values():
-            hook = getattr(module, method, None)
-            if callable(hook):
-                hook(*args)
-
     def update_step(self, step: int, total_steps: int | None = None) -> None:
         """Forward the step hook to every part that has it."""
-        self._hook("update_step", step, total_steps)
+        call_hooks(self.losses.values(), "update_step", step, total_steps)
 
     def update_epoch(self, epoch: int) -> None:
         """Forward the epoch hook to every part that has it."""
-        self._hook("update_epoch", epoch)
+        call_hooks(self.losses.values(), "update_epoch", epoch)

@@ -129,8 +129,8 @@ class HybridVICRegLoss(BaseContrastiveLoss):
     O(N·D) — in a buffer (averaged over ranks with ``gather_distributed``). The next
     :meth:`update_step` moves ``s₀`` to that step if the gap exceeds ``min_alignment_gap``.
 
-    All state (step, transition start, recorded gap) lives in buffers: a ``state_dict``
-    round-trip resumes the schedule exactly. ``current_phase`` is derived from it.
+    All state (step, transition start, recorded gap) lives in buffers, ``current_phase``
+    included (derived): a ``state_dict`` round-trip resumes the schedule exactly.
 
     Terms: ``contrastive`` and ``vicreg`` (the two losses), ``invariance``, ``variance``,
     ``covariance`` (VICReg's unweighted terms), ``transition_progress`` (α), ``warmup_factor``,

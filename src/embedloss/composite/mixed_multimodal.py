@@ -11,6 +11,7 @@ from torch import Tensor
 from embedloss._validation import check_float, check_labels, check_pair
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
+from embedloss.composite._parts import weighted_sum
 from embedloss.ops.anchors import AnchorLosses, mean_accuracy
 from embedloss.ops.info_nce import (
     ContrastiveKeywords,
@@ -60,19 +61,17 @@ def _mixed(
     parts = {"clip": clip.loss, "nt_xent": _per_pair(nt.loss, options.reduction)}
     if labels is not None:
         views = torch.stack([img, txt], dim=1)  # (N, 2, D): anchors [images; texts]
-        scale = options.scale_as(img.dtype)
         supcon = multi_view_contrast(
             views,
             labels,
             None,
-            scale,
+            options.scale_as(img.dtype),
             chunk_size=options.chunk_size,
             gather_distributed=options.gather_distributed,
             reduced=options.reduced,
         )
         parts["supcon"] = _per_pair(options.reduce(supcon), options.reduction)
-    values = [weights[name] * value for name, value in parts.items()]
-    return sum(values[1:], values[0]), parts, clip.anchors
+    return weighted_sum(parts, weights), parts, clip.anchors
 
 
 @contrastive_keywords(temperature=0.07)

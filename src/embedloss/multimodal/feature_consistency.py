@@ -150,14 +150,13 @@ class FeatureConsistencyLoss(BaseLoss):
     For several modalities the loss is ``Σ_m weights[m]·L_m`` (weight 1 where not given); an
     explicit ``reference_features[m]`` takes precedence over ``reference_models[m]``.
 
-    Reference models are frozen: their parameters have ``requires_grad=False``, they stay in
-    eval mode after ``loss.train()``, and they never receive a gradient. They are submodules,
-    so ``loss.to()`` moves them and ``state_dict()`` saves them (``reference_models.<m>.*``),
-    and they **do** appear in ``loss.parameters()``: optimisers skip them because their gradient
-    is always ``None`` (or filter with ``p.requires_grad``). With ``copy_reference_models=True``
-    (default) the loss freezes a deep copy — a snapshot of the models at construction — and the
-    modules passed in are left untouched (still trainable); with ``False`` the given modules
-    themselves are frozen in place (use when they already are a separate copy).
+    Reference models are frozen (``requires_grad=False``, kept in eval mode by ``loss.train()``,
+    never given a gradient). As submodules they follow ``loss.to()``, ``state_dict()`` saves
+    them (``reference_models.<m>.*``) and they **do** appear in ``loss.parameters()``
+    (optimisers skip them, their gradient being always ``None``; or filter on
+    ``p.requires_grad``). ``copy_reference_models=True`` (default) freezes a deep copy, a
+    snapshot at construction, leaving the given modules trainable; ``False`` freezes the given
+    modules in place (when they already are a separate copy).
 
     Terms: ``consistency`` (single tensor), or ``consistency_<m>`` per modality (unweighted).
 

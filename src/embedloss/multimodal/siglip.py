@@ -49,13 +49,11 @@ def _siglip(
     options: ContrastiveOptions,
     negative_only: bool = False,
 ) -> PairedResult:
-    """Per-image row sums ``L_i = −Σ_j log σ(z_ij·ℓ_ij)`` ``(n,)``, reduced.
+    """Per-image row sums ``L_i = −Σ_j log σ(z_ij·ℓ_ij)`` ``(n,)`` of ``sigmoid_pairs``, reduced.
 
-    With ``gather_distributed`` the texts of every rank are gathered (with gradient) and each
-    rank's images are scored against all of them, so the rows of all ranks together cover every
-    image–text pair of the global batch exactly once. ``correct`` marks images whose top-scoring
-    text is a positive; every anchor is ``valid``. The rows come from
-    :func:`~embedloss.ops.sigmoid.sigmoid_pairs` (tiled for large batches, dense for tiny ones).
+    With ``gather_distributed`` each rank's images are scored against the texts of every rank
+    (gathered with gradient): the rows of all ranks cover each pair of the global batch once.
+    ``correct`` marks images whose top-scoring text is a positive; every anchor is ``valid``.
     """
     check_pair(image_embeddings, text_embeddings, *NAMES, labels)
     if check_bool(negative_only, "negative_only") and labels is not None:
@@ -143,15 +141,13 @@ class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
 
     See :func:`siglip_loss` for the formula (Zhai et al. 2023, Eq. 1). The temperature is stored
     as ``logit_scale = log(1/τ)`` (the paper's ``t'``; default ``log 10``), clamped at 100, and
-    the bias as ``logit_bias``; each is an ``nn.Parameter`` when learnable, else a buffer.
-    Large batches are scored in row tiles (``chunk_size``, exact, O((N + M)·D) memory); the
+    the bias as ``logit_bias``; each is an ``nn.Parameter`` when learnable, else a buffer. The
     ``negative_only`` argument of :meth:`compute` / :meth:`forward` makes every pair a negative
     (a block of another rank's texts). Terms: ``accuracy`` (an image's top-scoring text is a positive),
     ``positive_similarity``, ``negative_similarity``, ``temperature``, ``bias``.
 
     Args:
-        temperature: Initial τ > 0 (default 0.1).
-        bias: Initial logit bias (default −10).
+        temperature, bias: Initial τ > 0 (default 0.1) and logit bias (default −10).
         learnable_temperature: Learn ``logit_scale`` (default True, as in the paper).
         learnable_bias: Learn ``logit_bias`` (default True, as in the paper).
         **options: ``reduction``, ``normalize``, ``chunk_size`` (default ``"auto"``) and

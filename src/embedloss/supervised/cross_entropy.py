@@ -76,10 +76,7 @@ class CrossEntropyLoss(BaseSupervisedLoss):
     def compute(
         self, logits: Tensor, targets: Tensor, sample_weight: Tensor | None = None
     ) -> LossOutput:
-        """Loss and terms for ``logits (N, C)``, ``targets (N,)`` and optional ``sample_weight (N,)``.
-
-        The loss is :meth:`weighted_cross_entropy` with this loss's options.
-        """
+        """Loss and terms for ``logits (N, C)``, ``targets (N,)`` and optional ``sample_weight (N,)``."""
         loss = self.weighted_cross_entropy(
             logits,
             targets,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -26,28 +26,13 @@ if TYPE_CHECKING:
 __all__ = ["CrossModalSupConLoss", "cross_modal_supcon_loss"]
 
 CROSS_MODAL_MODES = ("all", "cross", "intra")
-#: Weights of ``(intra_image, intra_text, image_to_text, text_to_image)`` per contrast mode.
+#: The parts, and their weights per contrast mode (a part weighted 0 is not computed).
+PARTS = ("intra_image", "intra_text", "image_to_text", "text_to_image")
 PART_WEIGHTS = {
     "all": (1 / 3, 1 / 3, 1 / 6, 1 / 6),
     "intra": (0.5, 0.5, 0.0, 0.0),
     "cross": (0.0, 0.0, 0.5, 0.5),
 }
-
-
-class CrossModalSupConParts(NamedTuple):
-    """Per-anchor results of each part; a part the ``contrast_mode`` leaves out is None.
-
-    Attributes:
-        intra_image: SupCon among the images, ``(N,)``.
-        intra_text: SupCon among the texts, ``(N,)``.
-        image_to_text: image anchors against text keys, ``(N,)``.
-        text_to_image: text anchors against image keys, ``(N,)``.
-    """
-
-    intra_image: AnchorLosses | None
-    intra_text: AnchorLosses | None
-    image_to_text: AnchorLosses | None
-    text_to_image: AnchorLosses | None
 
 
 def _cross_modal_supcon(
@@ -58,8 +43,12 @@ def _cross_modal_supcon(
     options: ContrastiveOptions,
     contrast_mode: str,
     base_temperature: float | None,
-) -> tuple[Tensor, CrossModalSupConParts, Tensor | float]:
-    """The parts' weighted and reduced sum, the parts (per anchor), and the ``τ/τ_base`` factor."""
+) -> tuple[Tensor, dict[str, AnchorLosses], Tensor | float]:
+    """The weighted, reduced sum, the parts' per-anchor results by name and ``τ/τ_base``.
+
+    The parts of ``contrast_mode`` are computed: images among images, texts among texts,
+    images against texts and the reverse.
+    """
     check_embeddings(image_embeddings, "image_embeddings")
     check_embeddings(text_embeddings, "text_embeddings")
     check_same_shape(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
@@ -72,24 +61,21 @@ def _cross_modal_supcon(
         raise ValueError("an explicit mask cannot be combined with gather_distributed; pass labels")
     img, txt = options.prepare(image_embeddings, text_embeddings)
     scale = options.scale_as(img.dtype)
-    intra_image = intra_text = image_to_text = text_to_image = None
+    parts: dict[str, AnchorLosses] = {}
     if contrast_mode in ("all", "intra"):
-        intra_image, intra_text = (
-            multi_view_contrast(
+        for name, x in (("intra_image", img), ("intra_text", txt)):
+            parts[name] = multi_view_contrast(
                 x, labels, mask, scale, chunk_size=chunk, gather_distributed=gather, reduced=reduced
             )
-            for x in (img, txt)
-        )
     if contrast_mode in ("all", "cross"):
         mask_t = None if mask is None else mask.T
-        image_to_text = cross_contrast(img, txt, scale, labels, mask, gather, chunk, reduced)
-        text_to_image = cross_contrast(txt, img, scale, labels, mask_t, gather, chunk, reduced)
-    parts = CrossModalSupConParts(intra_image, intra_text, image_to_text, text_to_image)
-    weighted = [
-        weight * options.reduce(part)
-        for part, weight in zip(parts, PART_WEIGHTS[contrast_mode], strict=True)
-        if part is not None
-    ]
+        for name, q, k, m in (
+            ("image_to_text", img, txt, mask),
+            ("text_to_image", txt, img, mask_t),
+        ):
+            parts[name] = cross_contrast(q, k, scale, labels, m, gather, chunk, reduced)
+    weights = dict(zip(PARTS, PART_WEIGHTS[contrast_mode], strict=True))
+    weighted = [weights[name] * options.reduce(part) for name, part in parts.items()]
     factor = 1.0 if base_temperature is None else 1.0 / (scale * base_temperature)
     return sum(weighted[1:], weighted[0]) * factor, parts, factor
 
@@ -189,17 +175,17 @@ class CrossModalSupConLoss(SupConOptionsLoss):
         )
 
         def terms() -> dict[str, Tensor | float]:
-            computed = [p for p in parts if p is not None]
+            valid = [p.valid for p in parts.values()]
             values: dict[str, Tensor | float] = {
-                "anchors_without_positives": sum(int(p.valid.numel()) for p in computed)
-                - sum(p.valid.sum() for p in computed),
+                "anchors_without_positives": sum(int(v.numel()) for v in valid)
+                - sum(v.sum() for v in valid),
                 "temperature": 1.0 / self.scale(dtype=torch.float64),
             }
-            img, txt, i2t, t2i = parts
-            if img is not None and txt is not None:
-                values["loss_intra_image"] = reduce_anchor_losses(img, "mean") * factor
-                values["loss_intra_text"] = reduce_anchor_losses(txt, "mean") * factor
-            if i2t is not None and t2i is not None:
+            for name in ("intra_image", "intra_text"):
+                if name in parts:
+                    values[f"loss_{name}"] = reduce_anchor_losses(parts[name], "mean") * factor
+            if "image_to_text" in parts:
+                i2t, t2i = parts["image_to_text"], parts["text_to_image"]
                 cross = reduce_anchor_losses(i2t, "mean") + reduce_anchor_losses(t2i, "mean")
                 values["loss_cross_modal"] = cross * factor / 2
                 values["accuracy"] = mean_accuracy(i2t, t2i)

@@ -136,10 +136,8 @@ class SupConLoss(SupConOptionsLoss):
     anchors were excluded), ``temperature``.
 
     Args:
-        temperature: τ > 0 (default 0.1, as pytorch-metric-learning).
-        base_temperature: τ_base of the official code's ``τ/τ_base`` factor (it uses 0.07 with
-            τ = 0.07); None (default) for a factor of 1.
-        contrast_mode: ``"all"`` (default) or ``"one"`` (first view as anchors).
+        temperature, base_temperature, contrast_mode: As :func:`supcon_loss` (defaults 0.1, as
+            pytorch-metric-learning, None and ``"all"``; the official code uses τ = τ_base = 0.07).
         **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
             ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
