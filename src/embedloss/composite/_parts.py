@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -16,8 +16,10 @@ __all__ = [
     "SEP",
     "PartsLoss",
     "build_parts",
+    "call_hooks",
     "check_weights",
     "prefixed",
+    "prefixed_terms",
     "run_part",
     "weighted_sum",
 ]
@@ -90,17 +92,6 @@ def check_weights(weights: Any, names: list[str], argument: str = "weights") -> 
     return out
 
 
-def _scalar_terms(values: Mapping[str, Any]) -> dict[str, Tensor]:
-    keep = {
-        k: v
-        for k, v in values.items()
-        if k != "loss"
-        and ((isinstance(v, Tensor) and v.numel() == 1) or isinstance(v, (int, float)))
-        and not isinstance(v, bool)
-    }
-    return detached_terms(**keep)
-
-
 def run_part(
     name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], terms: bool = True
 ) -> LossOutput:
@@ -121,7 +112,15 @@ def run_part(
     if isinstance(result, Tensor):
         return LossOutput(result, {})
     if isinstance(result, Mapping) and isinstance(result.get("loss"), Tensor):
-        return LossOutput(result["loss"], _scalar_terms(result) if terms else {})
+        scalars = {
+            k: v
+            for k, v in result.items()
+            if terms
+            and k != "loss"
+            and ((isinstance(v, Tensor) and v.numel() == 1) or isinstance(v, (int, float)))
+            and not isinstance(v, bool)
+        }
+        return LossOutput(result["loss"], detached_terms(**scalars))
     raise TypeError(
         f"loss {name!r} returned {type(result).__name__}; expected a Tensor, a LossOutput "
         "or a mapping with a 'loss' tensor"
@@ -156,6 +155,23 @@ def prefixed(name: str, output: LossOutput, **extra: Tensor | float) -> dict[str
     }
 
 
+def prefixed_terms(
+    outputs: Mapping[str, LossOutput],
+    extras: Mapping[str, Mapping[str, Tensor | float]] | None = None,
+) -> dict[str, Tensor]:
+    """Every part's :func:`prefixed` terms (with its ``extras``, if any) in one dict."""
+    extra = extras or {}
+    return {k: v for n, o in outputs.items() for k, v in prefixed(n, o, **extra.get(n, {})).items()}
+
+
+def call_hooks(modules: Iterable[nn.Module], method: str, *args: Any) -> None:
+    """Call ``module.<method>(*args)`` (a schedule hook) on every module that has it."""
+    for module in modules:
+        hook = getattr(module, method, None)
+        if callable(hook):
+            hook(*args)
+
+
 class PartsLoss(BaseLoss):
     """Base of the losses made of named parts: holds them and forwards the schedule hooks.
 
@@ -168,16 +184,10 @@ class PartsLoss(BaseLoss):
         self.losses = build_parts(losses)
         self.weights = check_weights(weights, list(self.losses.keys()))
 
-    def _hook(self, method: str, *args: Any) -> None:
-        for module in self.losses.values():
-            hook = getattr(module, method, None)
-            if callable(hook):
-                hook(*args)
-
     def update_step(self, step: int, total_steps: int | None = None) -> None:
         """Forward the step hook to every part that has it."""
-        self._hook("update_step", step, total_steps)
+        call_hooks(self.losses.values(), "update_step", step, total_steps)
 
     def update_epoch(self, epoch: int) -> None:
         """Forward the epoch hook to every part that has it."""
-        self._hook("update_epoch", epoch)
+        call_hooks(self.losses.values(), "update_epoch", epoch)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from embedloss.base.base_loss import LossOutput
-from embedloss.composite._parts import PartsLoss, prefixed, run_part, weighted_sum
+from embedloss.composite._parts import PartsLoss, prefixed_terms, run_part, weighted_sum
 from embedloss.registry import register_loss
 
 __all__ = ["CombinedLoss"]
@@ -64,16 +64,10 @@ class CombinedLoss(PartsLoss):
 
     def compute(self, *args: Any, **kwargs: Any) -> LossOutput:
         """Call every part with ``(*args, **kwargs)``; the weighted sum and the prefixed terms."""
-        outputs = {name: run_part(name, part, args, kwargs) for name, part in self.losses.items()}
+        terms = not self.loss_only
+        outputs = {n: run_part(n, p, args, kwargs, terms) for n, p in self.losses.items()}
         loss = weighted_sum({n: o.loss for n, o in outputs.items()}, self.weights)
-        return LossOutput(
-            loss, {k: v for n, o in outputs.items() for k, v in prefixed(n, o).items()}
-        )
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The weighted sum of the parts' losses (see :meth:`compute`)."""
-        losses = {n: run_part(n, p, args, kwargs, terms=False).loss for n, p in self.losses.items()}
-        return weighted_sum(losses, self.weights)
+        return self.output(loss, lambda: prefixed_terms(outputs))
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float, check_int
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.ops.anchors import ChunkSize
 from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
@@ -103,13 +103,11 @@ def hybrid_vicreg_loss(
         True
     """
     alpha = check_float(progress, "progress", low=0.0, high=1.0)
-    options = (
-        ContrastiveOptions.create(
-            temperature, chunk_size=chunk_size, gather_distributed=gather_distributed
-        ),
-        VICRegOptions(sim_coeff, var_coeff, cov_coeff, eps, gather_distributed),
+    contrastive = ContrastiveOptions.create(
+        temperature, chunk_size=chunk_size, gather_distributed=gather_distributed
     )
-    return _hybrid(z_a, z_b, labels, alpha, options)[0]
+    vicreg_options = VICRegOptions(sim_coeff, var_coeff, cov_coeff, eps, gather_distributed)
+    return _hybrid(z_a, z_b, labels, alpha, (contrastive, vicreg_options))[0]
 
 
 @register_loss("hybrid_vicreg", category="self_supervised")
@@ -131,8 +129,8 @@ class HybridVICRegLoss(BaseContrastiveLoss):
     O(N·D) — in a buffer (averaged over ranks with ``gather_distributed``). The next
     :meth:`update_step` moves ``s₀`` to that step if the gap exceeds ``min_alignment_gap``.
 
-    All state (step, transition start, recorded gap) lives in buffers: a ``state_dict``
-    round-trip resumes the schedule exactly. ``current_phase`` is derived from it.
+    All state (step, transition start, recorded gap) lives in buffers, ``current_phase``
+    included (derived): a ``state_dict`` round-trip resumes the schedule exactly.
 
     Terms: ``contrastive`` and ``vicreg`` (the two losses), ``invariance``, ``variance``,
     ``covariance`` (VICReg's unweighted terms), ``transition_progress`` (α), ``warmup_factor``,
@@ -143,16 +141,11 @@ class HybridVICRegLoss(BaseContrastiveLoss):
     Args:
         contrastive_steps: Steps of pure contrastive training (default 300).
         transition_steps: Length of the linear blend (default 100; 0 switches at once).
-        temperature: τ > 0 of the contrastive part (default 0.07).
         adaptive_transition: Start the transition early on a large alignment gap (default True).
         min_alignment_gap: Gap threshold of the adaptive transition (default 0.3).
-        sim_coeff: VICReg λ >= 0 (default 25).
-        var_coeff: VICReg μ >= 0 (default 25).
-        cov_coeff: VICReg ν >= 0 (default 1).
-        eps: VICReg ε > 0 (default 1e-4).
         warmup_steps: VICReg warm-up of μ and ν, from the transition start (default 0).
-        chunk_size: Tiling of the contrastive core.
-        gather_distributed: Use the batch of all ranks (DDP).
+        temperature, sim_coeff, var_coeff, cov_coeff, eps, chunk_size, gather_distributed: As
+            :func:`hybrid_vicreg_loss`.
 
     Raises:
         ValueError: For negative step counts or coefficients, τ <= 0 or ``eps <= 0``.
@@ -211,7 +204,6 @@ class HybridVICRegLoss(BaseContrastiveLoss):
     var_coeff = property(lambda self: self.vicreg_options.var_coeff, doc="VICReg's μ.")
     cov_coeff = property(lambda self: self.vicreg_options.cov_coeff, doc="VICReg's ν.")
 
-    # ----------------------------------------------------------------- schedule (from buffers)
     def _schedule(self) -> tuple[int, float, float]:
         """``(phase index, α, VICReg warm-up factor)`` at the current step."""
         since = self._counter("step") - self._counter("transition_start")
@@ -253,15 +245,15 @@ class HybridVICRegLoss(BaseContrastiveLoss):
         self.gap_recorded.fill_(False)
         self._set_counter("step", step)
 
-    # ----------------------------------------------------------------------------- the loss
-    def _loss(
-        self, z_a: Tensor, z_b: Tensor, labels: Tensor | None, every_part: bool
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The loss at the current step and its parts; records the batch's alignment gap."""
-        _, alpha, warm = self._schedule()
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for paired ``(N, D)`` embeddings (``labels``: contrastive positives).
+
+        Records the batch's alignment gap (in training mode) whether or not terms are wanted.
+        """
+        phase, alpha, warm = self._schedule()
         contrastive = self.options()
         options = (contrastive, self.vicreg_options)
-        loss, parts = _hybrid(z_a, z_b, labels, alpha, options, warm, every_part)
+        loss, parts = _hybrid(z_a, z_b, labels, alpha, options, warm, not self.loss_only)
         with torch.no_grad():
             sims = pair_similarity_terms(*contrastive.prepare(z_a, z_b))  # unit vectors
             gap = sims["positive_similarity"] - sims["negative_similarity"]
@@ -271,24 +263,17 @@ class HybridVICRegLoss(BaseContrastiveLoss):
         if self.training:
             self.alignment_gap.copy_(gap)
             self.gap_recorded.fill_(True)
-        return loss, {**parts, "alignment_gap": gap}
-
-    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
-        """Loss and terms for paired ``(N, D)`` embeddings (``labels``: contrastive positives)."""
-        phase, alpha, warm = self._schedule()
-        loss, parts = self._loss(z_a, z_b, labels, every_part=True)
-        terms = detached_terms(
-            **parts,
-            transition_progress=alpha,
-            warmup_factor=warm,
-            phase=phase,
-            temperature=1.0 / self.scale(dtype=torch.float64),
+        return self.output(
+            loss,
+            lambda: {
+                **parts,
+                "alignment_gap": gap,
+                "transition_progress": alpha,
+                "warmup_factor": warm,
+                "phase": phase,
+                "temperature": 1.0 / self.scale(dtype=torch.float64),
+            },
         )
-        return LossOutput(loss, terms)
-
-    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The hybrid loss at the current step (see :meth:`compute`)."""
-        return self._loss(z_a, z_b, labels, every_part=False)[0]
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -10,7 +10,13 @@ from torch import Tensor, nn
 
 from embedloss._validation import check_int
 from embedloss.base.base_loss import BaseLoss, LossOutput
-from embedloss.composite._parts import build_parts, prefixed, run_part, weighted_sum
+from embedloss.composite._parts import (
+    build_parts,
+    call_hooks,
+    prefixed_terms,
+    run_part,
+    weighted_sum,
+)
 from embedloss.registry import register_loss
 
 __all__ = ["MatryoshkaLoss"]
@@ -48,12 +54,6 @@ def _prefix(x: Any, d: int) -> Any:
             f"(shape {tuple(x.shape)})"
         )
     return x[..., :d]
-
-
-def _forward_hook(module: nn.Module, name: str, *args: Any) -> None:
-    hook = getattr(module, name, None)
-    if callable(hook):
-        hook(*args)
 
 
 @register_loss("matryoshka", category="composite")
@@ -111,24 +111,18 @@ class MatryoshkaLoss(BaseLoss):
         outputs = {}
         for d in self.dims:
             cut = tuple(_prefix(a, d) for a in args), {k: _prefix(v, d) for k, v in kwargs.items()}
-            outputs[f"dim_{d}"] = run_part(f"dim_{d}", self.loss, *cut)
+            outputs[f"dim_{d}"] = run_part(f"dim_{d}", self.loss, *cut, not self.loss_only)
         factors = dict(zip(outputs, self.weights, strict=True))
         loss = weighted_sum({n: out.loss for n, out in outputs.items()}, factors)
-        return LossOutput(
-            loss, {k: v for n, o in outputs.items() for k, v in prefixed(n, o).items()}
-        )
-
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        """The weighted sum over the prefix sizes (see :meth:`compute`)."""
-        return self.compute(*args, **kwargs).loss
+        return self.output(loss, lambda: prefixed_terms(outputs))
 
     def update_step(self, step: int, total_steps: int | None = None) -> None:
         """Forward the step hook to the wrapped loss."""
-        _forward_hook(self.loss, "update_step", step, total_steps)
+        call_hooks([self.loss], "update_step", step, total_steps)
 
     def update_epoch(self, epoch: int) -> None:
         """Forward the epoch hook to the wrapped loss."""
-        _forward_hook(self.loss, "update_epoch", epoch)
+        call_hooks([self.loss], "update_epoch", epoch)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_labels, check_pair
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
+from embedloss.composite._parts import weighted_sum
 from embedloss.ops.anchors import AnchorLosses, mean_accuracy
 from embedloss.ops.info_nce import (
     ContrastiveKeywords,
@@ -30,12 +31,6 @@ __all__ = ["MixedMultimodalLoss", "mixed_multimodal_loss"]
 NAMES = ("image_embeddings", "text_embeddings")
 
 
-class _Mixed(NamedTuple):
-    loss: Tensor
-    parts: dict[str, Tensor]  # reduced "clip", "nt_xent"[, "supcon"]
-    clip: tuple[AnchorLosses, ...]  # CLIP's two directions
-
-
 def _per_pair(reduced: Tensor, reduction: str) -> Tensor:
     # NT-Xent and SupCon score 2N anchors [images; texts]; a pair's value is the mean of its
     # two anchors, so "none" is (N,) and "sum" adds pairs (as clip adds averaged directions).
@@ -51,8 +46,8 @@ def _mixed(
     pair_labels: Tensor | None,
     options: ContrastiveOptions,
     weights: dict[str, float],
-) -> _Mixed:
-    """The reduced parts and their weighted sum; ``"supcon"`` only with ``labels``."""
+) -> tuple[Tensor, dict[str, Tensor], tuple[AnchorLosses, ...]]:
+    """The weighted sum, the reduced parts (``"supcon"`` only with ``labels``), CLIP's anchors."""
     check_pair(image_embeddings, text_embeddings, *NAMES)
     n = image_embeddings.shape[0]
     if labels is not None:
@@ -66,19 +61,17 @@ def _mixed(
     parts = {"clip": clip.loss, "nt_xent": _per_pair(nt.loss, options.reduction)}
     if labels is not None:
         views = torch.stack([img, txt], dim=1)  # (N, 2, D): anchors [images; texts]
-        scale = options.scale_as(img.dtype)
         supcon = multi_view_contrast(
             views,
             labels,
             None,
-            scale,
+            options.scale_as(img.dtype),
             chunk_size=options.chunk_size,
             gather_distributed=options.gather_distributed,
             reduced=options.reduced,
         )
         parts["supcon"] = _per_pair(options.reduce(supcon), options.reduction)
-    values = [weights[name] * value for name, value in parts.items()]
-    return _Mixed(sum(values[1:], values[0]), parts, clip.anchors)
+    return weighted_sum(parts, weights), parts, clip.anchors
 
 
 @contrastive_keywords(temperature=0.07)
@@ -139,7 +132,7 @@ def mixed_multimodal_loss(
     """
     weights = _check_weights(clip_weight, nt_xent_weight, supcon_weight)
     options = ContrastiveOptions.create(**keywords)
-    return _mixed(image_embeddings, text_embeddings, labels, pair_labels, options, weights).loss
+    return _mixed(image_embeddings, text_embeddings, labels, pair_labels, options, weights)[0]
 
 
 def _check_weights(clip: float, nt_xent: float, supcon: float) -> dict[str, float]:
@@ -160,10 +153,8 @@ class MixedMultimodalLoss(BaseContrastiveLoss, temperature=0.07):
     ``accuracy`` (CLIP's top-1, both directions), ``temperature``.
 
     Args:
-        temperature: τ > 0 shared by the parts (default 0.07).
-        clip_weight: Weight of the CLIP part (default 0.4).
-        nt_xent_weight: Weight of the NT-Xent part (default 0.3).
-        supcon_weight: Weight of the SupCon part, used only with labels (default 0.3).
+        temperature, clip_weight, nt_xent_weight, supcon_weight: As
+            :func:`mixed_multimodal_loss`.
         **options: ``learnable_temperature``, ``reduction`` (``"none"``: ``(N,)`` per pair),
             ``normalize``, ``chunk_size``, ``gather_distributed``: as
             :class:`~embedloss.base.BaseContrastiveLoss`.
@@ -197,29 +188,18 @@ class MixedMultimodalLoss(BaseContrastiveLoss, temperature=0.07):
     ) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings, optional ``labels`` and ``pair_labels``."""
         options = self.options()
-        result = _mixed(
+        loss, parts, clip = _mixed(
             image_embeddings, text_embeddings, labels, pair_labels, options, self.weights
         )
-        terms = detached_terms(
-            **{f"loss_{name}": value for name, value in result.parts.items()},
-            supcon_active=float("supcon" in result.parts),
-            accuracy=mean_accuracy(*result.clip),
-            temperature=1.0 / options.scale_as(torch.float64),
+        return self.output(
+            loss,
+            lambda: {
+                **{f"loss_{name}": value for name, value in parts.items()},
+                "supcon_active": float("supcon" in parts),
+                "accuracy": mean_accuracy(*clip),
+                "temperature": 1.0 / options.scale_as(torch.float64),
+            },
         )
-        return LossOutput(result.loss, terms)
-
-    def forward(
-        self,
-        image_embeddings: Tensor,
-        text_embeddings: Tensor,
-        labels: Tensor | None = None,
-        pair_labels: Tensor | None = None,
-    ) -> Tensor:
-        """The mixed loss (see :meth:`compute`)."""
-        options = self.options()
-        return _mixed(
-            image_embeddings, text_embeddings, labels, pair_labels, options, self.weights
-        ).loss
 
     @classmethod
     def example_inputs(

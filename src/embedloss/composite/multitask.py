@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from embedloss._validation import check_choice, check_flags, check_positive_float
 from embedloss.base.base_loss import LossOutput
-from embedloss.composite._parts import PartsLoss, prefixed, run_part, weighted_sum
+from embedloss.composite._parts import PartsLoss, prefixed_terms, run_part, weighted_sum
 from embedloss.registry import register_loss
 
 __all__ = ["MultitaskLoss"]
@@ -131,60 +131,38 @@ class MultitaskLoss(PartsLoss):
             raise ValueError(f"no task of {self.tasks} is present in both inputs and targets")
         return present
 
-    def _task_outputs(
-        self, inputs: Mapping[str, Any], targets: Mapping[str, Any], terms: bool
-    ) -> dict[str, LossOutput]:
+    def compute(self, inputs: Mapping[str, Any], targets: Mapping[str, Any]) -> LossOutput:
+        """Per-task losses of ``loss_t(inputs[t], targets[t])`` combined (see the class docstring)."""
         outputs = {}
         for task in self._present_tasks(inputs, targets):
             args, kwargs = _call_arguments(inputs[task])
             if targets[task] is not None:
                 more_args, more_kwargs = _call_arguments(targets[task])
                 args, kwargs = (*args, *more_args), {**kwargs, **more_kwargs}
-            outputs[task] = run_part(task, self.losses[task], args, kwargs, terms)
-        return outputs
-
-    def _combine(
-        self, task_losses: dict[str, Tensor]
-    ) -> tuple[Tensor, dict[str, Tensor | float], dict[str, Tensor]]:
-        """The combined loss, each task's factor on its loss and its log-variance (if learned)."""
-        factors: dict[str, Tensor | float] = {}
-        log_variances: dict[str, Tensor] = {}
+            outputs[task] = run_part(task, self.losses[task], args, kwargs, not self.loss_only)
+        task_losses = {t: o.loss for t, o in outputs.items()}
+        # Each task's factor on its loss (in its terms as "weight") and learned log-variance.
+        extras: dict[str, dict[str, Tensor | float]] = {}
         for task, value in task_losses.items():
             i, weight = self.tasks.index(task), self.weights[task]
             if self.weighting == "dynamic":
-                factors[task] = weight * self.dynamic_weights[i].to(value.dtype)
+                extras[task] = {"weight": weight * self.dynamic_weights[i].to(value.dtype)}
             elif self.weighting == "uncertainty":
-                log_variances[task] = self.log_variances[i].to(value.dtype)
-                factors[task] = weight * torch.exp(-log_variances[task])
+                s = self.log_variances[i].to(value.dtype)
+                extras[task] = {"weight": weight * torch.exp(-s), "log_variance": s}
             else:
-                factors[task] = weight
-        loss = weighted_sum(task_losses, factors)
-        for task, s in log_variances.items():
-            loss = loss + self.weights[task] * s  # the uncertainty regulariser
+                extras[task] = {"weight": weight}
+        loss = weighted_sum(task_losses, {t: extra["weight"] for t, extra in extras.items()})
+        if self.weighting == "uncertainty":
+            for task, extra in extras.items():
+                loss = loss + self.weights[task] * extra["log_variance"]  # the regulariser
         if self.weighting == "dynamic" and self.training:
             with torch.no_grad():  # device-side running sums: nothing is read on the host
                 for task, value in task_losses.items():
                     i = self.tasks.index(task)
                     self.epoch_loss_sum[i] += value.detach().double().mean()
                     self.epoch_loss_count[i] += 1
-        return loss, factors, log_variances
-
-    def compute(self, inputs: Mapping[str, Any], targets: Mapping[str, Any]) -> LossOutput:
-        """Per-task losses of ``loss_t(inputs[t], targets[t])`` combined (see the class docstring)."""
-        outputs = self._task_outputs(inputs, targets, terms=True)
-        loss, factors, log_variances = self._combine({t: o.loss for t, o in outputs.items()})
-        terms: dict[str, Tensor] = {}
-        for task, output in outputs.items():
-            extra = {"weight": factors[task]}
-            if task in log_variances:
-                extra["log_variance"] = log_variances[task]
-            terms.update(prefixed(task, output, **extra))
-        return LossOutput(loss, terms)
-
-    def forward(self, inputs: Mapping[str, Any], targets: Mapping[str, Any]) -> Tensor:
-        """The combined multitask loss (see :meth:`compute`)."""
-        outputs = self._task_outputs(inputs, targets, terms=False)
-        return self._combine({t: o.loss for t, o in outputs.items()})[0]
+        return self.output(loss, lambda: prefixed_terms(outputs, extras))
 
     @torch.no_grad()
     def update_epoch(self, epoch: int) -> None:
@@ -222,14 +200,8 @@ class MultitaskLoss(PartsLoss):
     ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """``inputs`` and ``targets`` mappings for :meth:`example_kwargs`'s two tasks."""
         g = torch.Generator().manual_seed(seed)
-        inputs = {
-            "cls": torch.randn(n, d, generator=g).to(dtype),
-            "reg": torch.randn(n, d, generator=g).to(dtype),
-        }
-        targets = {
-            "cls": torch.randint(0, d, (n,), generator=g),
-            "reg": torch.randn(n, d, generator=g).to(dtype),
-        }
-        return (inputs, targets), {}
+        x_cls, x_reg = (torch.randn(n, d, generator=g).to(dtype) for _ in range(2))
+        y_cls, y_reg = torch.randint(0, d, (n,), generator=g), torch.randn(n, d, generator=g)
+        return ({"cls": x_cls, "reg": x_reg}, {"cls": y_cls, "reg": y_reg.to(dtype)}), {}
 
     shown = "weighting!r weights allow_missing"

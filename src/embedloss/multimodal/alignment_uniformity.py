@@ -13,7 +13,7 @@ from embedloss._validation import (
     check_positive_float,
     compute_dtype,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.similarity import prepare_embeddings
@@ -127,12 +127,8 @@ class AlignmentUniformityLoss(BaseLoss):
     pairs), ``uniformity`` (mean of the two views).
 
     Args:
-        alpha: α > 0 of the alignment (default 2).
-        t: t > 0 of the uniformity (default 2).
-        weight: λ >= 0 of the uniformity (default 1).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (see :func:`alignment_uniformity_loss`).
-        normalize: L2-normalise inputs (default True).
-        gather_distributed: Uniformity over the embeddings of all ranks (DDP).
+        alpha, t, weight, reduction, normalize, gather_distributed: As
+            :func:`alignment_uniformity_loss`.
 
     Raises:
         ValueError: If α <= 0, t <= 0 or weight < 0.
@@ -161,11 +157,7 @@ class AlignmentUniformityLoss(BaseLoss):
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings and optional ``labels (N,)``."""
         loss, align, uniform = _alignment_uniformity(z_a, z_b, labels, self.options, self.reduction)
-        return LossOutput(loss, detached_terms(alignment=align.mean(), uniformity=uniform))
-
-    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The alignment–uniformity loss (see :meth:`compute`)."""
-        return _alignment_uniformity(z_a, z_b, labels, self.options, self.reduction)[0]
+        return self.output(loss, lambda: {"alignment": align.mean(), "uniformity": uniform})
 
     @property
     def gather_distributed(self) -> bool:

@@ -76,8 +76,7 @@ class CLIPLoss(BaseContrastiveLoss, temperature=0.07):
     ``negative_similarity``, ``temperature``.
 
     Args:
-        temperature: τ > 0 (default 0.07); the initial value when learnable.
-        label_smoothing: ε in [0, 1] (default 0).
+        temperature, label_smoothing: As :func:`clip_loss` (τ: the initial value if learnable).
         **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
             ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 

@@ -20,7 +20,7 @@ from embedloss._validation import (
     compute_dtype,
     describe,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.registry import register_loss
@@ -150,27 +150,23 @@ class FeatureConsistencyLoss(BaseLoss):
     For several modalities the loss is ``Σ_m weights[m]·L_m`` (weight 1 where not given); an
     explicit ``reference_features[m]`` takes precedence over ``reference_models[m]``.
 
-    Reference models are frozen: their parameters have ``requires_grad=False``, they stay in
-    eval mode after ``loss.train()``, and they never receive a gradient. They are submodules,
-    so ``loss.to()`` moves them and ``state_dict()`` saves them (``reference_models.<m>.*``),
-    and they **do** appear in ``loss.parameters()``: optimisers skip them because their gradient
-    is always ``None`` (or filter with ``p.requires_grad``). With ``copy_reference_models=True``
-    (default) the loss freezes a deep copy — a snapshot of the models at construction — and the
-    modules passed in are left untouched (still trainable); with ``False`` the given modules
-    themselves are frozen in place (use when they already are a separate copy).
+    Reference models are frozen (``requires_grad=False``, kept in eval mode by ``loss.train()``,
+    never given a gradient). As submodules they follow ``loss.to()``, ``state_dict()`` saves
+    them (``reference_models.<m>.*``) and they **do** appear in ``loss.parameters()``
+    (optimisers skip them, their gradient being always ``None``; or filter on
+    ``p.requires_grad``). ``copy_reference_models=True`` (default) freezes a deep copy, a
+    snapshot at construction, leaving the given modules trainable; ``False`` freezes the given
+    modules in place (when they already are a separate copy).
 
     Terms: ``consistency`` (single tensor), or ``consistency_<m>`` per modality (unweighted).
 
     Args:
-        distance: ``"cosine"`` (default), ``"l2"``, ``"l1"`` or ``"smooth_l1"``.
-        normalize: L2-normalise features first (default True).
+        distance, normalize, smooth_l1_beta: As :func:`feature_consistency_loss`.
         reference_models: A module, or a mapping modality → module, or None.
         weights: Mapping modality → weight >= 0 (default 1 for every modality).
         copy_reference_models: Freeze deep copies (default) instead of the given modules.
         detach_reference: Stop gradients through explicit ``reference_features`` (default True).
-        smooth_l1_beta: β > 0 of ``"smooth_l1"`` (default 1).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per sample; every modality needs the
-            same N).
+        reduction: As :func:`feature_consistency_loss`; ``"none"`` needs one N in every modality.
 
     Raises:
         ValueError: For an unknown distance or reduction, a negative weight.
@@ -224,10 +220,8 @@ class FeatureConsistencyLoss(BaseLoss):
         self.reference_models.eval()
         return self
 
-    def _modalities(
-        self, features: Any, reference_features: Any, inputs: Any
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
-        """Features, explicit references and model inputs keyed by modality, checked."""
+    def _distances(self, features: Any, reference_features: Any, inputs: Any) -> dict[str, Tensor]:
+        """Per-sample distances ``(N,)`` of every modality given, its inputs checked."""
         single = not isinstance(features, Mapping)
         if reference_features is not None and single == isinstance(reference_features, Mapping):
             raise TypeError(
@@ -267,11 +261,6 @@ class FeatureConsistencyLoss(BaseLoss):
                     f"{_label('inputs', modality)} is needed to run "
                     f"{_label('reference_models', modality)}"
                 )
-        return feats, refs, ins
-
-    def _distances(self, features: Any, reference_features: Any, inputs: Any) -> dict[str, Tensor]:
-        """Per-sample distances ``(N,)`` of every modality given (one pure call each)."""
-        feats, refs, ins = self._modalities(features, reference_features, inputs)
         out = {}
         for modality, f in feats.items():
             ref = refs.get(modality)
@@ -287,8 +276,19 @@ class FeatureConsistencyLoss(BaseLoss):
             out[modality] = _distances(f, ref, self.options, names)
         return out
 
-    def _loss(self, distances: dict[str, Tensor]) -> Tensor:
-        """``Σ_m weights[m]·reduce(d_m)``."""
+    def compute(
+        self,
+        features: Tensor | Mapping[str, Tensor],
+        reference_features: Tensor | Mapping[str, Tensor] | None = None,
+        *,
+        inputs: Any = None,
+    ) -> LossOutput:
+        """``Σ_m weights[m]·reduce(d_m)`` and terms; ``features``' form sets the others' form.
+
+        With a tensor, ``reference_features`` is a tensor and ``inputs`` is passed as-is to the
+        single reference model; with a mapping, both are mappings keyed by modality.
+        """
+        distances = self._distances(features, reference_features, inputs)
         losses = [
             self.weights.get(m, 1.0) * reduce_samples(d, self.reduction)
             for m, d in distances.items()
@@ -298,35 +298,10 @@ class FeatureConsistencyLoss(BaseLoss):
                 "reduction='none' needs the same batch size N in every modality, got "
                 + ", ".join(f"{m}: {d.shape[0]}" for m, d in distances.items())
             )
-        return torch.stack(losses).sum(dim=0)
-
-    def compute(
-        self,
-        features: Tensor | Mapping[str, Tensor],
-        reference_features: Tensor | Mapping[str, Tensor] | None = None,
-        *,
-        inputs: Any = None,
-    ) -> LossOutput:
-        """Loss and terms; ``features``' form (tensor or mapping) sets the form of the others.
-
-        With a tensor, ``reference_features`` is a tensor and ``inputs`` is passed as-is to the
-        single reference model; with a mapping, both are mappings keyed by modality.
-        """
-        distances = self._distances(features, reference_features, inputs)
-        single = not isinstance(features, Mapping)
-        terms = {
-            "consistency" if single else f"consistency_{m}": d.mean() for m, d in distances.items()
-        }
-        return LossOutput(self._loss(distances), detached_terms(**terms))
-
-    def forward(
-        self,
-        features: Tensor | Mapping[str, Tensor],
-        reference_features: Tensor | Mapping[str, Tensor] | None = None,
-        *,
-        inputs: Any = None,
-    ) -> Tensor:
-        """The weighted feature-consistency loss (see :meth:`compute`)."""
-        return self._loss(self._distances(features, reference_features, inputs))
+        key = "consistency_{}" if isinstance(features, Mapping) else "consistency"
+        return self.output(
+            torch.stack(losses).sum(dim=0),
+            lambda: {key.format(m): d.mean() for m, d in distances.items()},
+        )
 
     shown = "options.distance!r options.normalize weights reduction!r"

@@ -49,13 +49,11 @@ def _siglip(
     options: ContrastiveOptions,
     negative_only: bool = False,
 ) -> PairedResult:
-    """Per-image row sums ``L_i = −Σ_j log σ(z_ij·ℓ_ij)`` ``(n,)``, reduced.
+    """Per-image row sums ``L_i = −Σ_j log σ(z_ij·ℓ_ij)`` ``(n,)`` of ``sigmoid_pairs``, reduced.
 
-    With ``gather_distributed`` the texts of every rank are gathered (with gradient) and each
-    rank's images are scored against all of them, so the rows of all ranks together cover every
-    image–text pair of the global batch exactly once. ``correct`` marks images whose top-scoring
-    text is a positive; every anchor is ``valid``. The rows come from
-    :func:`~embedloss.ops.sigmoid.sigmoid_pairs` (tiled for large batches, dense for tiny ones).
+    With ``gather_distributed`` each rank's images are scored against the texts of every rank
+    (gathered with gradient): the rows of all ranks cover each pair of the global batch once.
+    ``correct`` marks images whose top-scoring text is a positive; every anchor is ``valid``.
     """
     check_pair(image_embeddings, text_embeddings, *NAMES, labels)
     if check_bool(negative_only, "negative_only") and labels is not None:
@@ -143,21 +141,17 @@ class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
 
     See :func:`siglip_loss` for the formula (Zhai et al. 2023, Eq. 1). The temperature is stored
     as ``logit_scale = log(1/τ)`` (the paper's ``t'``; default ``log 10``), clamped at 100, and
-    the bias as ``logit_bias``; each is an ``nn.Parameter`` when learnable, else a buffer.
-    Large batches are scored in row tiles (``chunk_size``, exact, O((N + M)·D) memory); the
+    the bias as ``logit_bias``; each is an ``nn.Parameter`` when learnable, else a buffer. The
     ``negative_only`` argument of :meth:`compute` / :meth:`forward` makes every pair a negative
     (a block of another rank's texts). Terms: ``accuracy`` (an image's top-scoring text is a positive),
     ``positive_similarity``, ``negative_similarity``, ``temperature``, ``bias``.
 
     Args:
-        temperature: Initial τ > 0 (default 0.1).
-        bias: Initial logit bias (default −10).
+        temperature, bias: Initial τ > 0 (default 0.1) and logit bias (default −10).
         learnable_temperature: Learn ``logit_scale`` (default True, as in the paper).
         learnable_bias: Learn ``logit_bias`` (default True, as in the paper).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-image row sums, see :func:`siglip_loss`).
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Tiling: ``None`` dense, an int tiles, ``"auto"`` picks (default).
-        gather_distributed: Score local images against the texts of all ranks (DDP).
+        **options: ``reduction``, ``normalize``, ``chunk_size`` (default ``"auto"``) and
+            ``gather_distributed``: as :func:`siglip_loss`.
 
     Raises:
         ValueError: If τ <= 0 or the bias is not finite.
@@ -189,21 +183,6 @@ class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
         """The current logit bias ``b``."""
         return float(self.logit_bias.detach())
 
-    def _result(
-        self,
-        image: Tensor,
-        text: Tensor,
-        labels: Tensor | None,
-        logit_scale: Tensor | None,
-        logit_bias: Tensor | None,
-        negative_only: bool,
-    ) -> PairedResult:
-        bias = self.logit_bias if logit_bias is None else check_tensor(logit_bias, "logit_bias")
-        if bias.numel() != 1:
-            raise ValueError(f"logit_bias must be a scalar tensor, got shape {tuple(bias.shape)}")
-        options = self.options(logit_scale)
-        return _siglip(image, text, labels, bias.reshape(()), options, negative_only)
-
     def compute(
         self,
         image_embeddings: Tensor,
@@ -218,27 +197,18 @@ class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
 
         ``negative_only`` makes every pair a negative (see :func:`siglip_loss`).
         """
-        result = self._result(
-            image_embeddings, text_embeddings, labels, logit_scale, logit_bias, negative_only
-        )
-        bias = self.logit_bias if logit_bias is None else logit_bias
-        extra = {"bias": bias.reshape(()), **pair_similarity_terms(result.a, result.b)}
-        return self.paired_output(result, self.options(logit_scale), None, **extra)
+        bias = self.logit_bias if logit_bias is None else check_tensor(logit_bias, "logit_bias")
+        if bias.numel() != 1:
+            raise ValueError(f"logit_bias must be a scalar tensor, got shape {tuple(bias.shape)}")
+        options = self.options(logit_scale)
+        bias = bias.reshape(())
+        result = _siglip(image_embeddings, text_embeddings, labels, bias, options, negative_only)
 
-    def forward(
-        self,
-        image_embeddings: Tensor,
-        text_embeddings: Tensor,
-        labels: Tensor | None = None,
-        logit_scale: Tensor | None = None,
-        logit_bias: Tensor | None = None,
-        *,
-        negative_only: bool = False,
-    ) -> Tensor:
-        """The SigLIP loss (see :meth:`compute`)."""
-        return self._result(
-            image_embeddings, text_embeddings, labels, logit_scale, logit_bias, negative_only
-        ).loss
+        def terms() -> dict[str, Tensor | float]:
+            paired = self.paired_output(result, options).terms
+            return {**paired, "bias": bias, **pair_similarity_terms(result.a, result.b)}
+
+        return self.output(result.loss, terms)
 
     shown = (
         "temperature:.4g bias:.4g learnable_temperature=_learnable_temperature "

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_int, describe
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.supervised import BaseSupervisedLoss, weighted_cross_entropy
 from embedloss.registry import register_loss
 
@@ -77,18 +77,7 @@ class CrossEntropyLoss(BaseSupervisedLoss):
         self, logits: Tensor, targets: Tensor, sample_weight: Tensor | None = None
     ) -> LossOutput:
         """Loss and terms for ``logits (N, C)``, ``targets (N,)`` and optional ``sample_weight (N,)``."""
-        loss = self.forward(logits, targets, sample_weight)
-        with torch.no_grad():
-            keep = targets != self.ignore_index
-            hits = (logits.argmax(dim=1) == targets) & keep
-            accuracy = hits.sum() / keep.sum().clamp(min=1)
-        return LossOutput(loss, detached_terms(accuracy=accuracy))
-
-    def forward(
-        self, logits: Tensor, targets: Tensor, sample_weight: Tensor | None = None
-    ) -> Tensor:
-        """The cross-entropy loss: :meth:`weighted_cross_entropy` with this loss's options."""
-        return self.weighted_cross_entropy(
+        loss = self.weighted_cross_entropy(
             logits,
             targets,
             class_weights=self.class_weights,
@@ -96,6 +85,13 @@ class CrossEntropyLoss(BaseSupervisedLoss):
             label_smoothing=self.label_smoothing,
             ignore_index=self.ignore_index,
         )
+
+        def terms() -> dict[str, Tensor | float]:
+            keep = targets != self.ignore_index
+            hits = (logits.argmax(dim=1) == targets) & keep
+            return {"accuracy": hits.sum() / keep.sum().clamp(min=1)}
+
+        return self.output(loss, terms)
 
     @classmethod
     def example_inputs(

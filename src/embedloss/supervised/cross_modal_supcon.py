@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -13,7 +13,7 @@ from embedloss._validation import (
     check_optional_positive,
     check_same_shape,
 )
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.ops.anchors import AnchorLosses, mean_accuracy, reduce_anchor_losses
 from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
 from embedloss.ops.supcon import check_supervision, cross_contrast, multi_view_contrast
@@ -26,34 +26,13 @@ if TYPE_CHECKING:
 __all__ = ["CrossModalSupConLoss", "cross_modal_supcon_loss"]
 
 CROSS_MODAL_MODES = ("all", "cross", "intra")
-#: Weights of ``(intra_image, intra_text, image_to_text, text_to_image)`` per contrast mode.
+#: The parts, and their weights per contrast mode (a part weighted 0 is not computed).
+PARTS = ("intra_image", "intra_text", "image_to_text", "text_to_image")
 PART_WEIGHTS = {
     "all": (1 / 3, 1 / 3, 1 / 6, 1 / 6),
     "intra": (0.5, 0.5, 0.0, 0.0),
     "cross": (0.0, 0.0, 0.5, 0.5),
 }
-
-
-class CrossModalSupConParts(NamedTuple):
-    """Per-anchor results of each part; a part the ``contrast_mode`` leaves out is None.
-
-    Attributes:
-        intra_image: SupCon among the images, ``(N,)``.
-        intra_text: SupCon among the texts, ``(N,)``.
-        image_to_text: image anchors against text keys, ``(N,)``.
-        text_to_image: text anchors against image keys, ``(N,)``.
-    """
-
-    intra_image: AnchorLosses | None
-    intra_text: AnchorLosses | None
-    image_to_text: AnchorLosses | None
-    text_to_image: AnchorLosses | None
-
-
-class _Result(NamedTuple):
-    loss: Tensor
-    parts: CrossModalSupConParts
-    factor: Tensor | float  # τ/τ_base (1 without a base temperature)
 
 
 def _cross_modal_supcon(
@@ -64,8 +43,12 @@ def _cross_modal_supcon(
     options: ContrastiveOptions,
     contrast_mode: str,
     base_temperature: float | None,
-) -> _Result:
-    """The parts (per anchor), their weighted and reduced sum, and the ``τ/τ_base`` factor."""
+) -> tuple[Tensor, dict[str, AnchorLosses], Tensor | float]:
+    """The weighted, reduced sum, the parts' per-anchor results by name and ``τ/τ_base``.
+
+    The parts of ``contrast_mode`` are computed: images among images, texts among texts,
+    images against texts and the reverse.
+    """
     check_embeddings(image_embeddings, "image_embeddings")
     check_embeddings(text_embeddings, "text_embeddings")
     check_same_shape(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
@@ -78,26 +61,23 @@ def _cross_modal_supcon(
         raise ValueError("an explicit mask cannot be combined with gather_distributed; pass labels")
     img, txt = options.prepare(image_embeddings, text_embeddings)
     scale = options.scale_as(img.dtype)
-    intra_image = intra_text = image_to_text = text_to_image = None
+    parts: dict[str, AnchorLosses] = {}
     if contrast_mode in ("all", "intra"):
-        intra_image, intra_text = (
-            multi_view_contrast(
+        for name, x in (("intra_image", img), ("intra_text", txt)):
+            parts[name] = multi_view_contrast(
                 x, labels, mask, scale, chunk_size=chunk, gather_distributed=gather, reduced=reduced
             )
-            for x in (img, txt)
-        )
     if contrast_mode in ("all", "cross"):
         mask_t = None if mask is None else mask.T
-        image_to_text = cross_contrast(img, txt, scale, labels, mask, gather, chunk, reduced)
-        text_to_image = cross_contrast(txt, img, scale, labels, mask_t, gather, chunk, reduced)
-    parts = CrossModalSupConParts(intra_image, intra_text, image_to_text, text_to_image)
-    weighted = [
-        weight * options.reduce(part)
-        for part, weight in zip(parts, PART_WEIGHTS[contrast_mode], strict=True)
-        if part is not None
-    ]
+        for name, q, k, m in (
+            ("image_to_text", img, txt, mask),
+            ("text_to_image", txt, img, mask_t),
+        ):
+            parts[name] = cross_contrast(q, k, scale, labels, m, gather, chunk, reduced)
+    weights = dict(zip(PARTS, PART_WEIGHTS[contrast_mode], strict=True))
+    weighted = [weights[name] * options.reduce(part) for name, part in parts.items()]
     factor = 1.0 if base_temperature is None else 1.0 / (scale * base_temperature)
-    return _Result(sum(weighted[1:], weighted[0]) * factor, parts, factor)
+    return sum(weighted[1:], weighted[0]) * factor, parts, factor
 
 
 @contrastive_keywords()
@@ -156,7 +136,7 @@ def cross_modal_supcon_loss(
     base = check_optional_positive(base_temperature, "base_temperature")
     return _cross_modal_supcon(
         image_embeddings, text_embeddings, labels, mask, options, contrast_mode, base
-    ).loss
+    )[0]
 
 
 @register_loss("cross_modal_supcon")
@@ -168,9 +148,7 @@ class CrossModalSupConLoss(SupConOptionsLoss):
     with ``"all"``/``"cross"``), ``anchors_without_positives``, ``temperature``.
 
     Args:
-        temperature: τ > 0 (default 0.1).
-        base_temperature: τ_base of the ``τ/τ_base`` factor, or None (default) for 1.
-        contrast_mode: ``"all"`` (default), ``"cross"`` or ``"intra"``.
+        temperature, base_temperature, contrast_mode: As :func:`cross_modal_supcon_loss`.
         **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
             ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
@@ -183,13 +161,6 @@ class CrossModalSupConLoss(SupConOptionsLoss):
 
     MODES = CROSS_MODAL_MODES
 
-    def _result(
-        self, image: Tensor, text: Tensor, labels: Tensor | None, mask: Tensor | None
-    ) -> _Result:
-        options = self.options()
-        mode, base = self.contrast_mode, self.base_temperature
-        return _cross_modal_supcon(image, text, labels, mask, options, mode, base)
-
     def compute(
         self,
         image_embeddings: Tensor,
@@ -198,32 +169,29 @@ class CrossModalSupConLoss(SupConOptionsLoss):
         mask: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms for paired ``(N, D)`` embeddings and ``labels`` or ``mask``."""
-        loss, parts, factor = self._result(image_embeddings, text_embeddings, labels, mask)
-        computed = [p for p in parts if p is not None]
-        values: dict[str, Tensor | float] = {
-            "anchors_without_positives": sum(int(p.valid.numel()) for p in computed)
-            - sum(p.valid.sum() for p in computed),
-            "temperature": 1.0 / self.scale(dtype=torch.float64),
-        }
-        if parts.intra_image is not None and parts.intra_text is not None:
-            values["loss_intra_image"] = reduce_anchor_losses(parts.intra_image, "mean") * factor
-            values["loss_intra_text"] = reduce_anchor_losses(parts.intra_text, "mean") * factor
-        if parts.image_to_text is not None and parts.text_to_image is not None:
-            i2t, t2i = parts.image_to_text, parts.text_to_image
-            cross = reduce_anchor_losses(i2t, "mean") + reduce_anchor_losses(t2i, "mean")
-            values["loss_cross_modal"] = cross * factor / 2
-            values["accuracy"] = mean_accuracy(i2t, t2i)
-        return LossOutput(loss, detached_terms(**values))
+        mode, base = self.contrast_mode, self.base_temperature
+        loss, parts, factor = _cross_modal_supcon(
+            image_embeddings, text_embeddings, labels, mask, self.options(), mode, base
+        )
 
-    def forward(
-        self,
-        image_embeddings: Tensor,
-        text_embeddings: Tensor,
-        labels: Tensor | None = None,
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        """The cross-modal SupCon loss (see :meth:`compute`)."""
-        return self._result(image_embeddings, text_embeddings, labels, mask).loss
+        def terms() -> dict[str, Tensor | float]:
+            valid = [p.valid for p in parts.values()]
+            values: dict[str, Tensor | float] = {
+                "anchors_without_positives": sum(int(v.numel()) for v in valid)
+                - sum(v.sum() for v in valid),
+                "temperature": 1.0 / self.scale(dtype=torch.float64),
+            }
+            for name in ("intra_image", "intra_text"):
+                if name in parts:
+                    values[f"loss_{name}"] = reduce_anchor_losses(parts[name], "mean") * factor
+            if "image_to_text" in parts:
+                i2t, t2i = parts["image_to_text"], parts["text_to_image"]
+                cross = reduce_anchor_losses(i2t, "mean") + reduce_anchor_losses(t2i, "mean")
+                values["loss_cross_modal"] = cross * factor / 2
+                values["accuracy"] = mean_accuracy(i2t, t2i)
+            return values
+
+        return self.output(loss, terms)
 
     @classmethod
     def example_inputs(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from embedloss._validation import (
@@ -12,7 +11,7 @@ from embedloss._validation import (
     check_sample_weight,
     compute_dtype,
 )
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.supervised import BaseSupervisedLoss, weighted_reduction
 from embedloss.registry import register_loss
 
@@ -89,10 +88,4 @@ class MSELoss(BaseSupervisedLoss):
     ) -> LossOutput:
         """Loss and terms for ``input``, ``target`` ``(N, *)`` and optional ``sample_weight (N,)``."""
         loss, per_sample = _mse(input, target, sample_weight, self.reduction)
-        with torch.no_grad():
-            rmse = per_sample.mean().sqrt()
-        return LossOutput(loss, detached_terms(rmse=rmse))
-
-    def forward(self, input: Tensor, target: Tensor, sample_weight: Tensor | None = None) -> Tensor:
-        """The MSE loss (see :meth:`compute`)."""
-        return _mse(input, target, sample_weight, self.reduction)[0]
+        return self.output(loss, lambda: {"rmse": per_sample.mean().sqrt()})

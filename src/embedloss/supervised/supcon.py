@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_choice, check_embeddings, check_optional_positive
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses
 from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
@@ -23,11 +23,6 @@ __all__ = ["SupConLoss", "supcon_loss"]
 CONTRAST_MODES = ("all", "one")
 
 
-class _SupCon(NamedTuple):
-    loss: Tensor
-    anchors: AnchorLosses
-
-
 def _supcon(
     embeddings: Tensor,
     labels: Tensor | None,
@@ -35,8 +30,8 @@ def _supcon(
     options: ContrastiveOptions,
     contrast_mode: str,
     base_temperature: float | None,
-) -> _SupCon:
-    """Checked, prepared, scaled by ``τ/τ_base`` and reduced SupCon."""
+) -> tuple[Tensor, AnchorLosses]:
+    """Checked, prepared, scaled by ``τ/τ_base`` and reduced SupCon, and its anchors."""
     check_embeddings(embeddings, "embeddings", ndim=(2, 3))
     check_choice(contrast_mode, "contrast_mode", CONTRAST_MODES)
     (x,) = options.prepare(embeddings)
@@ -53,7 +48,7 @@ def _supcon(
     )
     if base_temperature is not None:  # the official code's τ/τ_base factor
         result = result._replace(loss=result.loss / (scale * base_temperature))
-    return _SupCon(options.reduce(result), result)
+    return options.reduce(result), result
 
 
 @contrastive_keywords()
@@ -112,7 +107,7 @@ def supcon_loss(
     """
     options = ContrastiveOptions.create(**keywords)
     base = check_optional_positive(base_temperature, "base_temperature")
-    return _supcon(embeddings, labels, mask, options, contrast_mode, base).loss
+    return _supcon(embeddings, labels, mask, options, contrast_mode, base)[0]
 
 
 class SupConOptionsLoss(BaseContrastiveLoss):
@@ -141,10 +136,8 @@ class SupConLoss(SupConOptionsLoss):
     anchors were excluded), ``temperature``.
 
     Args:
-        temperature: τ > 0 (default 0.1, as pytorch-metric-learning).
-        base_temperature: τ_base of the official code's ``τ/τ_base`` factor (it uses 0.07 with
-            τ = 0.07); None (default) for a factor of 1.
-        contrast_mode: ``"all"`` (default) or ``"one"`` (first view as anchors).
+        temperature, base_temperature, contrast_mode: As :func:`supcon_loss` (defaults 0.1, as
+            pytorch-metric-learning, None and ``"all"``; the official code uses τ = τ_base = 0.07).
         **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
             ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
@@ -162,23 +155,16 @@ class SupConLoss(SupConOptionsLoss):
         options = self.options()
         mode, base = self.contrast_mode, self.base_temperature
         loss, result = _supcon(embeddings, labels, mask, options, mode, base)
-        with torch.no_grad():
-            valid = result.valid.sum()
-            terms = detached_terms(
-                accuracy=result.correct.sum() / valid.clamp(min=1),
-                anchors_without_positives=result.valid.numel() - valid,
-                temperature=1.0 / options.scale_as(torch.float64),
-            )
-        return LossOutput(loss, terms)
 
-    def forward(
-        self, embeddings: Tensor, labels: Tensor | None = None, mask: Tensor | None = None
-    ) -> Tensor:
-        """The SupCon loss (see :meth:`compute`)."""
-        options = self.options()
-        return _supcon(
-            embeddings, labels, mask, options, self.contrast_mode, self.base_temperature
-        ).loss
+        def terms() -> dict[str, Tensor | float]:
+            valid = result.valid.sum()
+            return {
+                "accuracy": result.correct.sum() / valid.clamp(min=1),
+                "anchors_without_positives": result.valid.numel() - valid,
+                "temperature": 1.0 / options.scale_as(torch.float64),
+            }
+
+        return self.output(loss, terms)
 
     @classmethod
     def example_inputs(
