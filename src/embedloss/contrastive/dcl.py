@@ -215,9 +215,9 @@ class DCLLoss(BaseContrastiveLoss):
         """Loss and terms for views ``z_a``, ``z_b`` ``(N, D)`` and optional ``labels (N,)``."""
         options = self.options()
         result = _dcl(z_a, z_b, labels, options, self.sigma)
-        # positive_similarity is the cosine whatever `normalize` says.
-        cosine = result._replace(a=l2_normalize(result.a), b=l2_normalize(result.b))
-        return self.paired_output(cosine, options)
+        if not self.loss_only:  # positive_similarity is the cosine whatever `normalize` says
+            result = result._replace(a=l2_normalize(result.a), b=l2_normalize(result.b))
+        return self.paired_output(result, options)
 
 
 @register_loss("dclw")
@@ -227,10 +227,8 @@ class DCLWLoss(DCLLoss):
     See :func:`dclw_loss` for the formula; terms as :class:`DCLLoss`.
 
     Args:
-        temperature: τ > 0 (default 0.1).
         sigma: σ > 0 of the von Mises–Fisher weighting (default 0.5).
-        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
+        temperature, **options: as :class:`DCLLoss`.
 
     Example:
         >>> loss = DCLWLoss(sigma=0.5)

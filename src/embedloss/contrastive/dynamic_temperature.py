@@ -15,10 +15,10 @@ from embedloss._validation import (
     check_pair,
     check_positive_float,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.base.mixins import NormalizationMixin
 from embedloss.ops.anchors import ChunkSize, direction_terms
-from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, paired_symmetric
+from embedloss.ops.info_nce import ContrastiveOptions, paired_symmetric
 from embedloss.ops.schedules import cosine_schedule
 from embedloss.ops.similarity import SimilarityGap, similarity_gap
 from embedloss.registry import register_loss
@@ -139,15 +139,12 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
     ``negative_similarity`` (mean cosines), ``loss_a_to_b``, ``loss_b_to_a``, ``accuracy``.
 
     Args:
-        base_temperature: τ₀ > 0 of the gap rule (default 0.07).
         min_temperature: Lower clamp / end of the cosine schedule (default 0.04).
         max_temperature: Upper clamp / start of the cosine schedule (default 0.2).
         schedule: ``"gap"`` (default) or ``"cosine"``.
         ema_momentum: ``m`` in [0, 1) to smooth the gap-driven τ, or None (default, no EMA).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (the same τ on every rank).
+        base_temperature, reduction, normalize, chunk_size, gather_distributed: as
+            :func:`dynamic_temperature_loss`.
 
     Raises:
         ValueError: For temperatures <= 0, min > max, an unknown schedule, ``ema_momentum``
@@ -228,10 +225,8 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
         self.scheduled_temperature.fill_(tau)
 
     @torch.no_grad()
-    def _current_temperature(self, gap: Tensor) -> Tensor:
-        """τ of this batch (float64, on the buffers' device); updates the EMA in training."""
-        if self.schedule == "cosine":
-            return self.scheduled_temperature.clone()
+    def _gap_temperature(self, gap: Tensor) -> Tensor:
+        """The gap-driven τ of this batch (float64, on the buffers' device); updates the EMA."""
         rule = (self.base_temperature, self.min_temperature, self.max_temperature)
         tau = cast(Tensor, gap_temperature(gap.to(self.ema_temperature), *rule))
         if self.ema_momentum is None:
@@ -245,36 +240,40 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
             self.ema_initialized.fill_(True)
         return torch.where(self.ema_initialized, self.ema_temperature, tau)
 
-    def _result(
-        self, z_a: Tensor, z_b: Tensor, labels: Tensor | None
-    ) -> tuple[PairedResult, Tensor, SimilarityGap]:
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for paired ``(n, D)`` embeddings and optional ``labels (n,)``."""
         check_pair(z_a, z_b, "z_a", "z_b", labels)
-        stats = similarity_gap(z_a, z_b, labels, gather_distributed=self.gather_distributed)
-        tau = self._current_temperature(stats.gap)
+        gather = self.gather_distributed
+
+        def gap() -> SimilarityGap:
+            return similarity_gap(z_a, z_b, labels, gather_distributed=gather)
+
+        # The cosine schedule needs no gap: only the terms compute it then.
+        stats = None if self.schedule == "cosine" else gap()
+        if stats is None:
+            tau = self.scheduled_temperature.clone()
+        else:
+            tau = self._gap_temperature(stats.gap)
         options = ContrastiveOptions(
             tau,
             reduction=self.reduction,
             normalize=self._normalize,
             chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
+            gather_distributed=gather,
         )
-        return paired_symmetric(z_a, z_b, labels, options), tau, stats
+        result = paired_symmetric(z_a, z_b, labels, options)
 
-    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
-        """Loss and terms for paired ``(n, D)`` embeddings and optional ``labels (n,)``."""
-        result, tau, stats = self._result(z_a, z_b, labels)
-        terms = detached_terms(
-            temperature=tau,
-            similarity_gap=stats.gap,
-            positive_similarity=stats.positive,
-            negative_similarity=stats.negative,
-            **direction_terms(result.anchors[0], result.anchors[-1], ("a_to_b", "b_to_a")),
-        )
-        return LossOutput(result.loss, terms)
+        def terms() -> dict[str, Tensor | float]:
+            gaps = gap() if stats is None else stats
+            return {
+                "temperature": tau,
+                "similarity_gap": gaps.gap,
+                "positive_similarity": gaps.positive,
+                "negative_similarity": gaps.negative,
+                **direction_terms(result.anchors[0], result.anchors[-1], ("a_to_b", "b_to_a")),
+            }
 
-    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The dynamic-temperature loss (see :meth:`compute`)."""
-        return self._result(z_a, z_b, labels)[0].loss
+        return self.output(result.loss, terms)
 
     shown = (
         "base_temperature:g min_temperature:g max_temperature:g schedule!r ema_momentum reduction!r"
