@@ -225,10 +225,15 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
         self.scheduled_temperature.fill_(tau)
 
     @torch.no_grad()
-    def _gap_temperature(self, gap: Tensor) -> Tensor:
-        """The gap-driven τ of this batch (float64, on the buffers' device); updates the EMA."""
+    def _current_temperature(self, stats: SimilarityGap | None) -> Tensor:
+        """τ of this batch (float64, on the buffers' device); updates the EMA in training.
+
+        The scheduled τ without ``stats`` (cosine schedule), else the gap rule's.
+        """
+        if stats is None:
+            return self.scheduled_temperature.clone()
         rule = (self.base_temperature, self.min_temperature, self.max_temperature)
-        tau = cast(Tensor, gap_temperature(gap.to(self.ema_temperature), *rule))
+        tau = cast(Tensor, gap_temperature(stats.gap.to(self.ema_temperature), *rule))
         if self.ema_momentum is None:
             return tau
         if self.training:
@@ -248,12 +253,8 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
         def gap() -> SimilarityGap:
             return similarity_gap(z_a, z_b, labels, gather_distributed=gather)
 
-        # The cosine schedule needs no gap: only the terms compute it then.
-        stats = None if self.schedule == "cosine" else gap()
-        if stats is None:
-            tau = self.scheduled_temperature.clone()
-        else:
-            tau = self._gap_temperature(stats.gap)
+        stats = None if self.schedule == "cosine" else gap()  # else only the terms need it
+        tau = self._current_temperature(stats)
         options = ContrastiveOptions(
             tau,
             reduction=self.reduction,
