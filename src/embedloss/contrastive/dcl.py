@@ -222,8 +222,10 @@ class DCLWLoss(DCLLoss):
     See :func:`dclw_loss` for the formula; terms as :class:`DCLLoss`.
 
     Args:
+        temperature: τ > 0 (default 0.1).
         sigma: σ > 0 of the von Mises–Fisher weighting (default 0.5).
-        temperature, **options: as :class:`DCLLoss`.
+        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = DCLWLoss(sigma=0.5)

@@ -139,12 +139,15 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
     ``negative_similarity`` (mean cosines), ``loss_a_to_b``, ``loss_b_to_a``, ``accuracy``.
 
     Args:
+        base_temperature: τ₀ > 0 of the gap rule (default 0.07).
         min_temperature: Lower clamp / end of the cosine schedule (default 0.04).
         max_temperature: Upper clamp / start of the cosine schedule (default 0.2).
         schedule: ``"gap"`` (default) or ``"cosine"``.
         ema_momentum: ``m`` in [0, 1) to smooth the gap-driven τ, or None (default, no EMA).
-        base_temperature, reduction, normalize, chunk_size, gather_distributed: as
-            :func:`dynamic_temperature_loss`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        normalize: L2-normalise inputs (default True).
+        chunk_size: Core tiling (``None``, an int or ``"auto"``).
+        gather_distributed: Use the embeddings of all ranks (the same τ on every rank).
 
     Raises:
         ValueError: For temperatures <= 0, min > max, an unknown schedule, ``ema_momentum``

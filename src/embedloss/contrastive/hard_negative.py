@@ -154,8 +154,12 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss, temperature
     ``hard_negative_fraction`` (share of negatives up-weighted), ``temperature``.
 
     Args:
-        temperature, strategy, hard_negative_factor, percentile, margin, beta: as
-            :func:`hard_negative_loss`.
+        temperature: τ > 0 (default 0.07).
+        strategy: ``"none"``, ``"hard"``, ``"semi_hard"`` (default) or ``"beta"``.
+        hard_negative_factor: Weight >= 1 of mined negatives (default 2.0).
+        percentile: Row quantile of the ``"hard"`` strategy (default 0.9).
+        margin: Window of the ``"semi_hard"`` strategy (default 0.2).
+        beta: Concentration of the ``"beta"`` strategy (default 1.0).
         **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
             ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 

@@ -152,8 +152,9 @@ class NNCLRLoss(BaseContrastiveLoss):
     labels and a fully labelled queue, ``nn_accuracy`` (the neighbour has the view's label).
 
     Args:
+        temperature: τ > 0 (default 0.1, NNCLR).
         queue_size: Rows of the support set (default 98304, NNCLR).
-        temperature, gather_distributed: as :func:`nnclr_loss` (every rank's views are enqueued).
+        gather_distributed: Use the keys of all ranks; enqueue the views of all ranks.
         **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``: as
             :class:`~embedloss.base.BaseContrastiveLoss`.
 
