@@ -10,7 +10,7 @@ from torch import Tensor
 from embedloss._validation import check_positive_float
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
-from embedloss.ops.anchors import AnchorLosses
+from embedloss.ops.anchors import AnchorLosses, PairSpec
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.info_nce import (
     ContrastiveKeywords,
@@ -50,20 +50,15 @@ def von_mises_fisher_weights(
 
 
 def _mean_positive_logit(
-    query: Tensor,
-    keys: Tensor,
-    scale: Tensor | float,
-    query_labels: Tensor | None,
-    key_labels: Tensor | None,
-    n: int,
+    query: Tensor, keys: Tensor, scale: Tensor | float, spec: PairSpec
 ) -> Tensor:
-    """``mean_{p∈P(i)} q_i·k_p·scale`` per anchor, in O(N·D) (no (2n, 2N) matrix)."""
-    if query_labels is None or key_labels is None:
-        partner = torch.cat([query[n:], query[:n]])  # each anchor's other view
+    """``mean_{p∈P(i)} q_i·k_p·scale`` per anchor ``[a; b]``, in O(N·D) (no (2n, 2N) matrix)."""
+    m = query.shape[0]
+    if spec.query_labels is None or spec.key_labels is None:
+        partner = torch.cat([query[m // 2 :], query[: m // 2]])  # each anchor's other view
         return (query * partner).sum(-1) * scale
     # Positives of anchor i: every key of its label except itself (it is a key too).
-    m = query.shape[0]
-    codes = label_codes(torch.cat([query_labels, key_labels]))
+    codes = label_codes(torch.cat([spec.query_labels, spec.key_labels]))
     q_codes, k_codes = codes[:m], codes[m:]
     sums = keys.new_zeros(codes.shape[0], keys.shape[1]).index_add(0, k_codes, keys)  # by code
     counts = torch.zeros_like(codes).index_add_(0, k_codes, torch.ones_like(k_codes))[q_codes] - 1
@@ -92,7 +87,7 @@ def _dcl(
     w = torch.cat([weights, weights]).to(a.dtype)  # (2n,): both views of pair i share w_i
     query, keys, spec = two_view_layout(a, b, labels, options.gather_distributed)
     scale = options.scale_as(a.dtype)
-    s_pos = _mean_positive_logit(query, keys, scale, spec.query_labels, spec.key_labels, a.shape[0])
+    s_pos = _mean_positive_logit(query, keys, scale, spec)
     loss = torch.where(result.valid, result.loss + (1 - w) * s_pos, torch.zeros_like(result.loss))
     weighted = AnchorLosses(loss, result.valid, result.top1)
     return PairedResult(options.reduce(weighted), (weighted,), a, b)
@@ -215,9 +210,9 @@ class DCLLoss(BaseContrastiveLoss):
         """Loss and terms for views ``z_a``, ``z_b`` ``(N, D)`` and optional ``labels (N,)``."""
         options = self.options()
         result = _dcl(z_a, z_b, labels, options, self.sigma)
-        # positive_similarity is the cosine whatever `normalize` says.
-        cosine = result._replace(a=l2_normalize(result.a), b=l2_normalize(result.b))
-        return self.paired_output(cosine, options)
+        if not self.loss_only:  # positive_similarity is the cosine whatever `normalize` says
+            result = result._replace(a=l2_normalize(result.a), b=l2_normalize(result.b))
+        return self.paired_output(result, options)
 
 
 @register_loss("dclw")

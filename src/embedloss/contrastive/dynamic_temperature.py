@@ -15,10 +15,10 @@ from embedloss._validation import (
     check_pair,
     check_positive_float,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.base.mixins import NormalizationMixin
 from embedloss.ops.anchors import ChunkSize, direction_terms
-from embedloss.ops.info_nce import ContrastiveOptions, PairedResult, paired_symmetric
+from embedloss.ops.info_nce import ContrastiveOptions, paired_symmetric
 from embedloss.ops.schedules import cosine_schedule
 from embedloss.ops.similarity import SimilarityGap, similarity_gap
 from embedloss.registry import register_loss
@@ -228,12 +228,15 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
         self.scheduled_temperature.fill_(tau)
 
     @torch.no_grad()
-    def _current_temperature(self, gap: Tensor) -> Tensor:
-        """τ of this batch (float64, on the buffers' device); updates the EMA in training."""
-        if self.schedule == "cosine":
+    def _current_temperature(self, stats: SimilarityGap | None) -> Tensor:
+        """τ of this batch (float64, on the buffers' device); updates the EMA in training.
+
+        The scheduled τ without ``stats`` (cosine schedule), else the gap rule's.
+        """
+        if stats is None:
             return self.scheduled_temperature.clone()
         rule = (self.base_temperature, self.min_temperature, self.max_temperature)
-        tau = cast(Tensor, gap_temperature(gap.to(self.ema_temperature), *rule))
+        tau = cast(Tensor, gap_temperature(stats.gap.to(self.ema_temperature), *rule))
         if self.ema_momentum is None:
             return tau
         if self.training:
@@ -245,36 +248,36 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
             self.ema_initialized.fill_(True)
         return torch.where(self.ema_initialized, self.ema_temperature, tau)
 
-    def _result(
-        self, z_a: Tensor, z_b: Tensor, labels: Tensor | None
-    ) -> tuple[PairedResult, Tensor, SimilarityGap]:
+    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for paired ``(n, D)`` embeddings and optional ``labels (n,)``."""
         check_pair(z_a, z_b, "z_a", "z_b", labels)
-        stats = similarity_gap(z_a, z_b, labels, gather_distributed=self.gather_distributed)
-        tau = self._current_temperature(stats.gap)
+        gather = self.gather_distributed
+
+        def gap() -> SimilarityGap:
+            return similarity_gap(z_a, z_b, labels, gather_distributed=gather)
+
+        stats = None if self.schedule == "cosine" else gap()  # else only the terms need it
+        tau = self._current_temperature(stats)
         options = ContrastiveOptions(
             tau,
             reduction=self.reduction,
             normalize=self._normalize,
             chunk_size=self.chunk_size,
-            gather_distributed=self.gather_distributed,
+            gather_distributed=gather,
         )
-        return paired_symmetric(z_a, z_b, labels, options), tau, stats
+        result = paired_symmetric(z_a, z_b, labels, options)
 
-    def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
-        """Loss and terms for paired ``(n, D)`` embeddings and optional ``labels (n,)``."""
-        result, tau, stats = self._result(z_a, z_b, labels)
-        terms = detached_terms(
-            temperature=tau,
-            similarity_gap=stats.gap,
-            positive_similarity=stats.positive,
-            negative_similarity=stats.negative,
-            **direction_terms(result.anchors[0], result.anchors[-1], ("a_to_b", "b_to_a")),
-        )
-        return LossOutput(result.loss, terms)
+        def terms() -> dict[str, Tensor | float]:
+            gaps = gap() if stats is None else stats
+            return {
+                "temperature": tau,
+                "similarity_gap": gaps.gap,
+                "positive_similarity": gaps.positive,
+                "negative_similarity": gaps.negative,
+                **direction_terms(result.anchors[0], result.anchors[-1], ("a_to_b", "b_to_a")),
+            }
 
-    def forward(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The dynamic-temperature loss (see :meth:`compute`)."""
-        return self._result(z_a, z_b, labels)[0].loss
+        return self.output(result.loss, terms)
 
     shown = (
         "base_temperature:g min_temperature:g max_temperature:g schedule!r ema_momentum reduction!r"

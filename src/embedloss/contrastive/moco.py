@@ -15,7 +15,7 @@ from embedloss._validation import (
     check_tensor,
     describe,
 )
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.ops.anchors import (
     AnchorLosses,
@@ -24,7 +24,7 @@ from embedloss.ops.anchors import (
     direction_terms,
     pair_masks,
 )
-from embedloss.ops.distributed import gather_with_grad
+from embedloss.ops.distributed import Gathered, gather_with_grad
 from embedloss.ops.info_nce import ContrastiveOptions
 from embedloss.registry import register_loss
 
@@ -33,71 +33,13 @@ __all__ = ["MoCoLoss", "moco_loss"]
 
 class _Batch(NamedTuple):
     loss: Tensor  # reduced (directions averaged when symmetric)
-    query_to_key: AnchorLosses
-    key_to_query: AnchorLosses | None
+    directions: tuple[AnchorLosses, ...]  # query→key, and key→query when symmetric
     q: Tensor  # (n, D) prepared queries
     k: Tensor  # (n, D) prepared keys
     bank: Tensor  # (K, D) prepared queue entries scored
     keys: Tensor  # (N, D) prepared keys of every rank, in rank order: what the queue receives
     queries: Tensor  # (N, D) prepared queries of every rank (the query queue of symmetric MoCo)
     labels: Tensor | None  # (N,) labels of every rank
-
-
-def _direction(
-    anchor: Tensor,
-    positive: Tensor,
-    others: Tensor | None,
-    offset: int,
-    bank: Tensor,
-    scale: Tensor | float,
-    anchor_labels: Tensor | None,
-    other_labels: Tensor | None,
-    bank_labels: Tensor | None,
-    queue_positives: bool = False,
-) -> AnchorLosses:
-    """Anchors ``(n, D)`` against ``[own positive | other in-batch embeddings | bank]``.
-
-    MoCo's layout (Algorithm 1: ``logits = cat([l_pos, l_neg])``): column 0 holds each anchor's
-    own positive, so keys differ per anchor and the dense kernel of the core is used. ``others``
-    ``(M, D)`` are the in-batch embeddings of every rank (the anchor's own row, at ``offset + i``,
-    is removed); with labels, same-label columns other than column 0 leave the denominator, or,
-    with ``queue_positives``, join column 0 as positives (and stay in the denominator).
-    """
-    n = anchor.shape[0]
-    negatives = bank if others is None else torch.cat([others, bank])  # (M + K, D)
-    l_pos = (anchor * positive).sum(-1, keepdim=True)  # (n, 1)
-    logits = torch.cat([l_pos, anchor @ negatives.T], dim=1) * scale  # (n, 1 + M + K)
-    rows = torch.arange(n, device=anchor.device)
-    cols = torch.arange(logits.shape[1], device=anchor.device)
-    self_index = None if others is None else rows + 1 + offset
-    spec = PairSpec(positive_index=torch.zeros_like(rows), self_index=self_index)
-    if anchor_labels is not None:
-        # Column 0 is every row's positive, so its label never masks it: any value will do
-        # (a placeholder, since a rank of a distributed batch may hold no anchor to copy).
-        placeholder = anchor_labels.new_zeros(1)
-        parts = [placeholder, *([] if other_labels is None else [other_labels])]
-        if bank_labels is not None:
-            parts.append(bank_labels)
-        spec = PairSpec(
-            positive_index=spec.positive_index,
-            query_labels=anchor_labels,
-            key_labels=torch.cat(parts),
-            labels_mark="positives" if queue_positives else "false_negatives",
-            self_index=self_index,
-        )
-    positive_mask, denominator = pair_masks(spec, rows, cols)
-    if queue_positives:  # same-label columns are positives; column 0 is every row's own key
-        positive_mask = positive_mask | (cols == 0)
-    return anchor_losses_from_logits(logits, positive_mask, denominator)
-
-
-def _check_queue(queue: Tensor, name: str, dim: int) -> None:
-    check_tensor(queue, name)
-    if queue.dim() != 2 or not queue.is_floating_point() or queue.shape[1] != dim:
-        raise ValueError(
-            f"{name} must be a floating-point (K, D={dim}) tensor of past embeddings, "
-            f"got {describe(queue)}"
-        )
 
 
 def _check_inputs(
@@ -114,15 +56,22 @@ def _check_inputs(
         if queue_labels is not None or query_queue is not None:
             raise ValueError("queue_labels and query_queue need a queue")
         return
-    _check_queue(queue, "queue", query.shape[1])
-    if query_queue is not None:
-        _check_queue(query_queue, "query_queue", query.shape[1])
-        if query_queue.shape != queue.shape:
+    dim = query.shape[1]
+    for name, past in (("queue", queue), ("query_queue", query_queue)):
+        if past is None:
+            continue
+        check_tensor(past, name)
+        if past.dim() != 2 or not past.is_floating_point() or past.shape[1] != dim:
             raise ValueError(
-                f"query_queue must have the queue's shape {tuple(queue.shape)}, "
-                f"got {tuple(query_queue.shape)}"
+                f"{name} must be a floating-point (K, D={dim}) tensor of past embeddings, "
+                f"got {describe(past)}"
             )
-    elif symmetric:
+    if query_queue is not None and query_queue.shape != queue.shape:
+        raise ValueError(
+            f"query_queue must have the queue's shape {tuple(queue.shape)}, "
+            f"got {tuple(query_queue.shape)}"
+        )
+    if symmetric and query_queue is None:
         raise ValueError(
             "symmetric=True scores key→query against past queries: pass query_queue (K, D)"
         )
@@ -171,24 +120,49 @@ def _moco(
         k.new_zeros((0, k.shape[1])) if x is None else options.prepare(x.to(q.dtype))[0]
         for x in (queue, query_queue)
     )
-    in_batch = flags.in_batch_negatives
-    other_labels = all_labels if in_batch else None
-    others = gk.tensor if in_batch else None
-    as_positives = flags.queue_positives
-    forward = _direction(
-        q, k, others, gk.offset, bank, scale, labels, other_labels, queue_labels, as_positives
-    )
-    backward = None
-    loss = options.reduce(forward)
-    if flags.symmetric:
-        others = gq.tensor if in_batch else None
-        backward = _direction(
-            k, q, others, gq.offset, past, scale, labels, other_labels, queue_labels, as_positives
+
+    def direction(
+        anchor: Tensor, positive: Tensor, batch: Gathered, queued: Tensor
+    ) -> AnchorLosses:
+        """Anchors ``(n, D)`` against ``[own positive | other in-batch embeddings | queued]``.
+
+        MoCo's layout (Algorithm 1: ``logits = cat([l_pos, l_neg])``): column 0 holds each
+        anchor's own positive, so keys differ per anchor and the dense kernel of the core is
+        used. With in-batch negatives, ``batch`` holds the embeddings of every rank (the
+        anchor's own row, at ``offset + i``, is removed); with labels, same-label columns other
+        than column 0 leave the denominator, or, with ``queue_positives``, join column 0 as
+        positives (and stay in the denominator).
+        """
+        others = batch.tensor if flags.in_batch_negatives else None
+        negatives = queued if others is None else torch.cat([others, queued])  # (M + K, D)
+        l_pos = (anchor * positive).sum(-1, keepdim=True)  # (n, 1)
+        logits = torch.cat([l_pos, anchor @ negatives.T], dim=1) * scale  # (n, 1 + M + K)
+        rows = torch.arange(anchor.shape[0], device=anchor.device)
+        cols = torch.arange(logits.shape[1], device=anchor.device)
+        key_labels = None
+        if labels is not None:
+            # Column 0 is every row's positive, so its label never masks it: any value will do
+            # (a placeholder, since a rank of a distributed batch may hold no anchor to copy).
+            parts = (labels.new_zeros(1), None if others is None else all_labels, queue_labels)
+            key_labels = torch.cat([part for part in parts if part is not None])
+        spec = PairSpec(
+            positive_index=torch.zeros_like(rows),
+            query_labels=labels,
+            key_labels=key_labels,
+            labels_mark="positives" if flags.queue_positives else "false_negatives",
+            self_index=None if others is None else rows + 1 + batch.offset,
         )
-        loss = (loss + options.reduce(backward)) / 2
-    return _Batch(
-        loss, forward, backward, q, k, bank, gk.tensor.detach(), gq.tensor.detach(), all_labels
-    )
+        positive_mask, denominator = pair_masks(spec, rows, cols)
+        if flags.queue_positives:  # column 0 is every row's own key
+            positive_mask = positive_mask | (cols == 0)
+        return anchor_losses_from_logits(logits, positive_mask, denominator)
+
+    directions: tuple[AnchorLosses, ...] = (direction(q, k, gk, bank),)
+    loss = options.reduce(directions[0])
+    if flags.symmetric:
+        directions += (direction(k, q, gq, past),)
+        loss = (loss + options.reduce(directions[1])) / 2
+    return _Batch(loss, directions, q, k, bank, gk.tensor.detach(), gq.tensor.detach(), all_labels)
 
 
 def moco_loss(
@@ -269,23 +243,18 @@ class MoCoLoss(BaseContrastiveLoss):
 
     See :func:`moco_loss` for the formula. The queue lives in buffers (``queue``, and
     ``query_queue`` when symmetric, ``queue_labels``, ``queue_labeled``, ``queue_ptr``,
-    ``queue_count``), so ``state_dict`` round-trips it exactly and resuming gives the same
-    subsequent losses. Semantics:
+    ``queue_count``), so ``state_dict`` round-trips it exactly. Semantics:
 
     * the queue **starts empty**; only filled entries are scored (no random initialisation);
-    * keys are enqueued **after** the loss is computed, and only in training mode;
-    * FIFO: the most recent ``queue_size`` keys are kept (a batch may wrap around the end);
-    * with ``gather_distributed`` the keys of every rank are enqueued, in rank order, so every
-      rank holds the same queue;
-    * with ``labels`` the queue stores them and same-label entries are masked as false
-      negatives, or, with ``queue_positives=True``, count as extra positives (a labelled
-      cross-batch memory, as pytorch-metric-learning's ``CrossBatchMemory``). Entries
-      enqueued without labels cannot be compared: passing labels while such entries are in
-      the queue raises (call :meth:`reset_queue`).
+    * keys are enqueued **after** the loss, FIFO (a batch may wrap around), in training only;
+    * with ``gather_distributed`` the keys of every rank are enqueued, in rank order;
+    * with ``labels`` the queue stores them; same-label entries are masked as false negatives,
+      or, with ``queue_positives=True``, are extra positives (as pytorch-metric-learning's
+      ``CrossBatchMemory``). Passing labels while entries enqueued without them are queued
+      raises (call :meth:`reset_queue`).
 
-    The queue tensor is allocated on the first call, with the keys' embedding size, device and
-    compute dtype (float32, or float64 for float64 inputs). No temperature warm-up (the legacy
-    ``MemoryQueueContrastiveLoss`` eased τ from 1.3·τ while the queue filled; this loss does not).
+    The queue is allocated on the first call, with the keys' size, device and compute dtype.
+    No temperature warm-up (the legacy ``MemoryQueueContrastiveLoss`` eased τ from 1.3·τ).
     For the EMA key encoder see :class:`~embedloss.contrastive.MomentumEncoder`.
 
     Terms: ``accuracy`` (the key outscores every negative), ``positive_similarity`` (mean cosine
@@ -301,8 +270,6 @@ class MoCoLoss(BaseContrastiveLoss):
         queue_positives: Same-label queue entries (and in-batch keys) are extra positives
             rather than excluded negatives; every call then needs labels.
         learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
         gather_distributed: Gather keys (and queries, labels) from all ranks; enqueue them all.
 
     Raises:
@@ -358,9 +325,8 @@ class MoCoLoss(BaseContrastiveLoss):
         self.in_batch_negatives = check_bool(in_batch_negatives, "in_batch_negatives")
         self.symmetric = check_bool(symmetric, "symmetric")
         self.queue_positives = check_bool(queue_positives, "queue_positives")
-        self.register_buffer("queue", torch.zeros(0, 0))
-        if symmetric:
-            self.register_buffer("query_queue", torch.zeros(0, 0))
+        for name in self._queue_names():
+            self.register_buffer(name, torch.zeros(0, 0))
         self.register_buffer("queue_labels", torch.zeros(queue_size, dtype=torch.long))
         self.register_buffer("queue_labeled", torch.zeros(queue_size, dtype=torch.bool))
         self._init_counter("queue_ptr")
@@ -377,10 +343,8 @@ class MoCoLoss(BaseContrastiveLoss):
     @torch.no_grad()
     def reset_queue(self) -> None:
         """Empty the queue (entries are forgotten; the allocated storage is kept)."""
-        for name in self._queue_names():
+        for name in (*self._queue_names(), "queue_labels", "queue_labeled"):
             getattr(self, name).zero_()
-        self.queue_labels.zero_()
-        self.queue_labeled.zero_()
         self._set_counter("queue_ptr", 0)
         self._set_counter("queue_count", 0)
         self._labeled_host = bytearray(self.queue_size)
@@ -395,17 +359,15 @@ class MoCoLoss(BaseContrastiveLoss):
                 f"key embedding size D={dim} does not match the queue's D={self.queue.shape[1]}; "
                 "use a new MoCoLoss for a new embedding size"
             )
-        # Clones: autograd keeps the bank for backward, and _enqueue overwrites the buffer in place.
-        bank = self.queue[:count].clone()
-        past_queries = self.query_queue[:count].clone() if self.symmetric else None
-        if labels is None:
-            return bank, past_queries, None
-        if self._labeled_host.count(0, 0, count):
+        if labels is not None and self._labeled_host.count(0, 0, count):
             raise ValueError(
                 "labels were given but the queue holds keys enqueued without labels; pass labels "
                 "on every call or call reset_queue()"
             )
-        return bank, past_queries, self.queue_labels[:count]
+        # Clones: autograd keeps the bank for backward, and _enqueue overwrites the buffer in place.
+        past_queries = self.query_queue[:count].clone() if self.symmetric else None
+        bank_labels = None if labels is None else self.queue_labels[:count]
+        return self.queue[:count].clone(), past_queries, bank_labels
 
     @torch.no_grad()
     def _enqueue(self, keys: Tensor, queries: Tensor, labels: Tensor | None) -> None:
@@ -439,8 +401,12 @@ class MoCoLoss(BaseContrastiveLoss):
         # Loading is off the step path: the host copy is read back here, once.
         self._labeled_host = bytearray(self.queue_labeled.cpu().tolist())
 
-    def _batch(self, query: Tensor, key: Tensor, labels: Tensor | None) -> _Batch:
-        """Score a batch against the filled queue; enqueue its keys in training mode."""
+    def compute(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> LossOutput:
+        """Loss and terms for ``query``, ``key`` ``(n, D)`` and optional ``labels (n,)``.
+
+        Scores the batch against the filled queue, then (in training mode) enqueues its keys.
+        """
+        fill = self._counter("queue_count") / self.queue_size  # before this batch is enqueued
         check_pair(query, key, "query", "key", labels)
         if query.device != self.queue_ptr.device:
             raise ValueError(
@@ -463,34 +429,23 @@ class MoCoLoss(BaseContrastiveLoss):
             )
         if self.training:
             self._enqueue(batch.keys, batch.queries, batch.labels)
-        return batch
 
-    def compute(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> LossOutput:
-        """Loss and terms for ``query``, ``key`` ``(n, D)`` and optional ``labels (n,)``; then enqueue."""
-        count = self._counter("queue_count")
-        batch = self._batch(query, key, labels)
-        with torch.no_grad():
-            q, bank = batch.q, batch.bank
-            negative = (q.sum(0) @ bank.sum(0)) / max(q.shape[0] * bank.shape[0], 1)  # no (n, K)
-            accuracy = batch.query_to_key.correct.float().mean()
-            extra: dict[str, Tensor] = {}
-            if batch.key_to_query is not None:
-                names = ("query_to_key", "key_to_query")
-                extra = direction_terms(batch.query_to_key, batch.key_to_query, names)
-                accuracy = extra.pop("accuracy")
-            terms = detached_terms(
-                accuracy=accuracy,
-                positive_similarity=(q * batch.k).sum(-1).mean(),
-                negative_similarity=negative,
-                queue_fill=count / self.queue_size,
-                temperature=1.0 / self.scale(dtype=torch.float64),
-                **extra,
-            )
-        return LossOutput(batch.loss, terms)
+        def terms() -> dict[str, Tensor | float]:
+            q, bank, first, last = batch.q, batch.bank, batch.directions[0], batch.directions[-1]
+            values = {"accuracy": first.correct.float().mean()}
+            if flags.symmetric:
+                values = direction_terms(first, last, ("query_to_key", "key_to_query"))
+            return {
+                "accuracy": values.pop("accuracy"),
+                "positive_similarity": (q * batch.k).sum(-1).mean(),
+                # mean cosine of every query and queue entry, without the (n, K) matrix
+                "negative_similarity": (q.sum(0) @ bank.sum(0)) / max(q.size(0) * bank.size(0), 1),
+                "queue_fill": fill,
+                "temperature": 1.0 / self.scale(dtype=torch.float64),
+                **values,
+            }
 
-    def forward(self, query: Tensor, key: Tensor, labels: Tensor | None = None) -> Tensor:
-        """The MoCo loss (see :meth:`compute`); enqueues the keys in training mode."""
-        return self._batch(query, key, labels).loss
+        return self.output(batch.loss, terms)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

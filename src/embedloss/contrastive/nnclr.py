@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_embeddings, check_int, check_pair, check_same_shape
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.base.queue import FeatureQueue
 from embedloss.ops.info_nce import (
@@ -175,23 +175,6 @@ class NNCLRLoss(BaseContrastiveLoss):
         self.queue_size = check_int(queue_size, "queue_size", low=1)
         self.queue = FeatureQueue(queue_size)
 
-    def _batch(
-        self,
-        z_a: Tensor,
-        z_b: Tensor,
-        p_a: Tensor | None,
-        p_b: Tensor | None,
-        labels: Tensor | None,
-    ) -> _NNCLR:
-        check_pair(z_a, z_b, "z_a", "z_b", labels)
-        self.queue.check_batch(z_a, "z_a")
-        support = self.queue.entries(z_a.shape[1])
-        result = _nnclr(z_a, z_b, p_a, p_b, support, labels, self.options())
-        if self.training:
-            gather = self.gather_distributed
-            self.queue.enqueue(result.keys, labels=labels, gather_distributed=gather)
-        return result
-
     def compute(
         self,
         z_a: Tensor,
@@ -202,37 +185,35 @@ class NNCLRLoss(BaseContrastiveLoss):
         labels: Tensor | None = None,
     ) -> LossOutput:
         """Loss and terms for views ``(N, D)`` (and predictions); then enqueue ``z_a``."""
-        fill, queue = self.queue.fill, self.queue
-        stored = queue.entry_labels() if labels is not None and queue.fully_labeled else None
-        stored = None if stored is None else stored.clone()  # this batch's enqueue overwrites it
-        result = self._batch(z_a, z_b, p_a, p_b, labels)
-        with torch.no_grad():
+        queue, fill = self.queue, self.queue.fill
+        check_pair(z_a, z_b, "z_a", "z_b", labels)
+        queue.check_batch(z_a, "z_a")
+        stored = None
+        if not self.loss_only and labels is not None and queue.fully_labeled:
+            stored = queue.entry_labels()
+            stored = (
+                None if stored is None else stored.clone()
+            )  # this batch's enqueue overwrites it
+        support = queue.entries(z_a.shape[1])
+        result = _nnclr(z_a, z_b, p_a, p_b, support, labels, self.options())
+        if self.training:
+            queue.enqueue(result.keys, labels=labels, gather_distributed=self.gather_distributed)
+
+        def terms() -> dict[str, Tensor | float]:
             first, second = (d.anchors[0].correct.float().mean() for d in result.directions)
             near = result.neighbours
-            extra: dict[str, Tensor] = {}
+            values: dict[str, Tensor | float] = {
+                "accuracy": (first + second) / 2,
+                "nn_similarity": torch.cat([n.similarity for n in near]).mean(),
+                "queue_fill": fill,
+                "temperature": 1.0 / self.scale(dtype=torch.float64),
+            }
             if stored is not None and labels is not None:  # a filled queue: both views' rows
                 found = torch.cat([stored[n.position] for n in near])  # (2n,)
-                extra["nn_accuracy"] = (found == labels.repeat(2)).float().mean()
-            terms = detached_terms(
-                accuracy=(first + second) / 2,
-                nn_similarity=torch.cat([n.similarity for n in near]).mean(),
-                queue_fill=fill,
-                temperature=1.0 / self.scale(dtype=torch.float64),
-                **extra,
-            )
-        return LossOutput(result.loss, terms)
+                values["nn_accuracy"] = (found == labels.repeat(2)).float().mean()
+            return values
 
-    def forward(
-        self,
-        z_a: Tensor,
-        z_b: Tensor,
-        p_a: Tensor | None = None,
-        p_b: Tensor | None = None,
-        *,
-        labels: Tensor | None = None,
-    ) -> Tensor:
-        """The NNCLR loss (see :meth:`compute`); enqueues ``z_a`` in training mode."""
-        return self._batch(z_a, z_b, p_a, p_b, labels).loss
+        return self.output(result.loss, terms)
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:
