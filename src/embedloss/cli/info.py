@@ -56,17 +56,18 @@ def docstring_sections(doc: str) -> tuple[str, dict[str, list[str]]]:
 
 def _arg_descriptions(lines: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
-    name = None
+    group: list[str] = []
     for line in textwrap.dedent("\n".join(lines)).splitlines():
         if line.startswith("**"):  # "**options: as the base class": described there
-            name = None
+            group = []
             continue
-        match = re.match(r"^(\w+)(?:\s*\(.*?\))?:\s*(.*)$", line)
+        match = re.match(r"^(\w+(?:, \w+)*)(?:\s*\(.*?\))?:\s*(.*)$", line)
         if match:
-            name = match.group(1)
-            out[name] = match.group(2).strip()
-        elif name is not None and line.strip():
-            out[name] += " " + line.strip()
+            group = match.group(1).split(", ")  # "a, b: As :func:`f`" describes both
+            out.update(dict.fromkeys(group, match.group(2).strip()))
+        elif line.strip():
+            for name in group:
+                out[name] += " " + line.strip()
     return out
 
 
@@ -145,6 +146,11 @@ def format_info(name: str, full: bool = False) -> str:
     for klass in reversed(info.cls.__mro__):  # a base class documents the options it gives
         own_doc = inspect.cleandoc(klass.__dict__.get("__doc__") or "")
         descriptions.update(_arg_descriptions(docstring_sections(own_doc)[1].get("Args", [])))
+    # "alpha, t: As :func:`x_loss`." — the class defers to its function's Args.
+    shared = _arg_descriptions(f_sections.get("Args", []))
+    for key, text in descriptions.items():
+        if text.lower().startswith("as :func:") and key in shared:
+            descriptions[key] = shared[key]
     lines = [
         f"{info.name}: {info.summary}",
         "",
