@@ -180,10 +180,6 @@ class DINOLoss(CenteredTeacherLoss):
         """Loss and terms for the student's and the teacher's views; then update the centre."""
         return self._output(_dino, student_outputs, teacher_outputs)
 
-    def forward(self, student_outputs: Views, teacher_outputs: Views) -> Tensor:
-        """The DINO loss (see :meth:`compute`); updates the centre in training mode."""
-        return self._run(_dino, student_outputs, teacher_outputs).loss
-
     @classmethod
     def example_inputs(
         cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0

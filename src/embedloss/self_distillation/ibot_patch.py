@@ -155,10 +155,6 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         """Loss and terms for ``(N, P, K)`` patch outputs and the ``(N, P)`` mask."""
         return self._output(_ibot, student_patches, teacher_patches, mask)
 
-    def forward(self, student_patches: Tensor, teacher_patches: Tensor, mask: Tensor) -> Tensor:
-        """The iBOT patch loss (see :meth:`compute`); updates the centre in training mode."""
-        return self._run(_ibot, student_patches, teacher_patches, mask).loss
-
     @classmethod
     def example_inputs(
         cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0

@@ -15,7 +15,7 @@ from embedloss._validation import (
     check_reduction,
     compute_dtype,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distillation import Views, cross_view_entropy, stack_views
 from embedloss.ops.sinkhorn import sinkhorn_knopp
@@ -204,23 +204,14 @@ class SwAVLoss(BaseLoss):
         """Loss and terms for the crops' prototype scores (and optional queue scores)."""
         high, low = high_resolution_outputs, low_resolution_outputs
         loss, codes = _swav(high, low, queue_outputs, self._options)
-        with torch.no_grad():
-            terms = detached_terms(
-                code_entropy=torch.special.entr(codes).sum(-1).mean(),
-                cluster_entropy=torch.special.entr(codes.mean(dim=1)).sum(-1).mean(),
-                temperature=self.temperature,
-            )
-        return LossOutput(loss, terms)
-
-    def forward(
-        self,
-        high_resolution_outputs: Views,
-        low_resolution_outputs: Views = (),
-        queue_outputs: Views | None = None,
-    ) -> Tensor:
-        """The SwAV loss (see :meth:`compute`)."""
-        high, low = high_resolution_outputs, low_resolution_outputs
-        return _swav(high, low, queue_outputs, self._options)[0]
+        return self.output(
+            loss,
+            lambda: {
+                "code_entropy": torch.special.entr(codes).sum(-1).mean(),
+                "cluster_entropy": torch.special.entr(codes.mean(dim=1)).sum(-1).mean(),
+                "temperature": self.temperature,
+            },
+        )
 
     @classmethod
     def example_inputs(

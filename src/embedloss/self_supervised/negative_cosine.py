@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_flags, check_pair, check_same_shape, compute_dtype
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.ops.statistics import variance
@@ -152,29 +152,17 @@ class NegativeCosineLoss(BaseLoss):
         p_b = (z_b.float() + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
         return (p_a, z_b, p_b, z_a), {}
 
-    def _loss(
-        self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None
-    ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        per_sample, targets = _negative_cosine(p_a, z_b, p_b, z_a, self.symmetric)
-        loss = reduce_samples(per_sample, self.reduction, distributed=self.gather_distributed)
-        return loss, per_sample, targets
-
     def compute(
         self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
     ) -> LossOutput:
         """Loss and terms; ``p_b`` and ``z_a`` are required exactly when ``symmetric``."""
-        loss, per_sample, targets = self._loss(p_a, z_b, p_b, z_a)
-        with torch.no_grad():
-            stds = [variance(t, correction=0).sqrt().mean() for t in targets]
-            terms = detached_terms(
-                cosine_similarity=-per_sample.mean(), target_std=sum(stds) / len(stds)
-            )
-        return LossOutput(loss, terms)
+        per_sample, targets = _negative_cosine(p_a, z_b, p_b, z_a, self.symmetric)
+        loss = reduce_samples(per_sample, self.reduction, distributed=self.gather_distributed)
 
-    def forward(
-        self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
-    ) -> Tensor:
-        """The negative cosine loss (see :meth:`compute`)."""
-        return self._loss(p_a, z_b, p_b, z_a)[0]
+        def terms() -> dict[str, Tensor | float]:
+            stds = [variance(t, correction=0).sqrt().mean() for t in targets]
+            return {"cosine_similarity": -per_sample.mean(), "target_std": sum(stds) / len(stds)}
+
+        return self.output(loss, terms)
 
     shown = "symmetric reduction!r"
