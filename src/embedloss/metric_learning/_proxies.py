@@ -17,7 +17,7 @@ from embedloss._validation import (
     compute_dtype,
     on_host,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import l2_normalize
 
@@ -117,7 +117,7 @@ class BaseProxyLoss(BaseLoss):
     N(0, :meth:`_init_std`²), drawn from the global RNG, or with ``seed`` from a seeded generator
     (the same centres on every DDP rank without a broadcast). A loss implements :meth:`_call`
     (its one pure call: the loss and what the terms need); ``compute`` adds :meth:`_terms`
-    (``accuracy``, ``target_cosine`` by default), ``forward`` returns the loss only.
+    (``accuracy``, ``target_cosine`` by default).
     """
 
     weight: nn.Parameter
@@ -152,19 +152,14 @@ class BaseProxyLoss(BaseLoss):
     def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Any]:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
 
-    @torch.no_grad()
-    def _terms(self, cc: Any) -> dict[str, Tensor]:
+    def _terms(self, cc: Any) -> dict[str, Tensor | float]:
         accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()  # nearest centre's
-        return detached_terms(accuracy=accuracy, target_cosine=target_cosine(cc).mean())
+        return {"accuracy": accuracy, "target_cosine": target_cosine(cc).mean()}
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
         loss, extra = self._call(embeddings, labels)
-        return LossOutput(loss, self._terms(extra))
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The loss of ``embeddings (N, D)`` and ``labels (N,)`` (see :meth:`compute`)."""
-        return self._call(embeddings, labels)[0]
+        return self.output(loss, lambda: self._terms(extra))
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

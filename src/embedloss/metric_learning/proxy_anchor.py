@@ -15,7 +15,6 @@ from embedloss._validation import (
     check_positive_float,
     check_reduction,
 )
-from embedloss.base.base_loss import detached_terms
 from embedloss.metric_learning._proxies import (
     BaseProxyLoss,
     ProxyArgs,
@@ -162,5 +161,5 @@ class ProxyAnchorLoss(BaseProxyLoss):
             embeddings, labels, self.weight, self.alpha, self.delta, self.options()
         )
 
-    def _terms(self, extra: Any) -> dict[str, Tensor]:
-        return detached_terms(proxies_with_positives=extra.sum())
+    def _terms(self, extra: Any) -> dict[str, Tensor | float]:
+        return {"proxies_with_positives": extra.sum()}
