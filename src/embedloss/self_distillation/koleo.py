@@ -97,9 +97,7 @@ class KoLeoLoss(BaseLoss):
     when two embeddings coincide).
 
     Args:
-        eps: ε > 0 in the normalisation and the logarithm (default 1e-8).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        gather_distributed: Search neighbours in the batch of every rank; reduce over ranks.
+        eps, reduction, gather_distributed: As :func:`koleo_loss`.
 
     Raises:
         ValueError: For ``eps <= 0``.

@@ -80,8 +80,8 @@ class CoSENTLoss(BaseScoredPairLoss):
     ``reduction``). Terms: ``cosine`` (mean cosine of the pairs).
 
     Args:
-        scale: λ > 0 (default 20, sentence-transformers' default).
-        gather_distributed: Rank the pairs of every rank together (DDP).
+        scale, gather_distributed: As :func:`cosent_loss` (λ's default 20 is
+            sentence-transformers').
 
     Example:
         >>> loss = CoSENTLoss()
