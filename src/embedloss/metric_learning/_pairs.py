@@ -9,12 +9,7 @@ from torch import Tensor
 
 from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.keywords import keyword_options
-from embedloss.ops.pair_losses import (
-    PairKeywords,
-    PairOptions,
-    RowLoss,
-    labelled_pair_loss,
-)
+from embedloss.ops.pair_losses import PairKeywords, PairOptions, RowLoss, labelled_pair_loss
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -26,13 +21,11 @@ class BasePairLoss(BaseLoss):
     """Base of the losses over pairs of labelled embeddings (:mod:`embedloss.ops.pair_losses`).
 
     Takes the options of :meth:`PairOptions.create <embedloss.ops.pair_losses.PairOptions.create>`
-    (a subclass names only its own and passes these on as ``**options: Unpack[PairKeywords]``)
-    and hands them to the pure call as one
-    :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`). A loss gives its row loss
-    (:meth:`_row_loss`, built from its own options) and whether it scores similarities
-    (``SIMILARITY``); ``compute`` adds the terms ``{TERM: Σ count, "anchors_without_terms":
-    ...}`` (none when ``TERM`` is None). ``print(loss)`` shows a loss's
-    own options (its ``shown``), then the shared ones.
+    (a subclass names only its own and passes these on as ``**options: Unpack[PairKeywords]``),
+    kept as one :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`). A loss gives
+    its row loss (:meth:`_row_loss`) and whether it scores similarities (``SIMILARITY``);
+    ``compute`` adds the terms ``{TERM: Σ count, "anchors_without_terms": ...}`` (none when
+    ``TERM`` is None). ``print(loss)`` shows a loss's own options, then the shared ones.
 
     Args:
         distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.

@@ -15,12 +15,7 @@ from embedloss._validation import (
     check_positive_float,
     check_reduction,
 )
-from embedloss.metric_learning._proxies import (
-    BaseProxyLoss,
-    ProxyArgs,
-    ProxyOptions,
-    class_cosines,
-)
+from embedloss.metric_learning._proxies import BaseProxyLoss, ProxyArgs, ProxyOptions, class_cosines
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.pair_losses import masked_log1p_sum_exp
 from embedloss.registry import register_loss

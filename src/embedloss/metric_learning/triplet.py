@@ -12,12 +12,7 @@ from embedloss._validation import check_choice, check_positive_float
 from embedloss.metric_learning._pairs import BasePairLoss
 from embedloss.ops.keywords import keyword_options
 from embedloss.ops.miners import hardest_pairs, semi_hard_negatives
-from embedloss.ops.pair_losses import (
-    PairKeywords,
-    PairOptions,
-    RowLoss,
-    labelled_pair_loss,
-)
+from embedloss.ops.pair_losses import PairKeywords, PairOptions, RowLoss, labelled_pair_loss
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:

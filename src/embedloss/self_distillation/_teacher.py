@@ -96,11 +96,10 @@ class TeacherArgs(TypedDict, total=False):
 class CenteredTeacherLoss(BaseLoss):
     """Options and state shared by DINO and iBOT (see :class:`~embedloss.DINOLoss`).
 
-    Its constructor, iBOT's, checks ``output_dim`` (K, sizing the centre), τ_t, τ_s > 0, the
-    centre's momentum m in [0, 1], ``reduction`` and ``gather_distributed``; DINO adds its own
-    options and passes these on as ``**options: Unpack[TeacherArgs]``. The centre is a float64
-    buffer ``center`` ``(output_dim,)`` (an EMA keeps its precision), updated after the loss in
-    training mode only. ``compute`` is :meth:`_output` of the core.
+    Its constructor (iBOT's; DINO passes these on as ``**options: Unpack[TeacherArgs]``) checks
+    ``output_dim`` (K), τ_t, τ_s > 0, the momentum m in [0, 1], ``reduction`` and
+    ``gather_distributed``. The centre is a float64 buffer ``center`` ``(output_dim,)`` (an EMA
+    keeps its precision), updated after the loss in training mode only (:meth:`_output`).
     """
 
     center: Tensor

@@ -151,10 +151,9 @@ class SwAVLoss(BaseLoss):
     the model, and a queue of past features (``queue_outputs``, their scores against the
     current prototypes) to the training loop, as in the official code.
 
-    **Whole-batch codes** (see :mod:`embedloss.self_distillation`): balanced over the batch a
-    call sees (all ranks with ``gather_distributed``, as the official ``distributed_sinkhorn``);
-    under gradient accumulation each micro-batch gets its own, weaker, equipartition (a queue
-    enlarges it); under ``GradCache`` they are the codes of the full batch.
+    **Whole-batch codes** (:mod:`embedloss.self_distillation`): balanced over the batch a call
+    sees (all ranks with ``gather_distributed``, as the official ``distributed_sinkhorn``; under
+    gradient accumulation a weaker equipartition per micro-batch, which a queue enlarges).
 
     Terms: ``code_entropy`` (mean entropy of a sample's code: low when assignments are
     confident), ``cluster_entropy`` (entropy of the batch's mean code: ``log K`` when the
