@@ -115,9 +115,7 @@ class BaseProxyLoss(BaseLoss):
     A subclass names its own options and passes these on as ``**options: Unpack[ProxyArgs]``
     (ArcFace also its ``k`` sub-centres, positionally). The centres start from
     N(0, :meth:`_init_std`²), drawn from the global RNG, or with ``seed`` from a seeded generator
-    (the same centres on every DDP rank without a broadcast). A loss implements :meth:`_call`
-    (its one pure call: the loss and what the terms need); ``compute`` adds :meth:`_terms`
-    (``accuracy``, ``target_cosine`` by default).
+    (the same centres on every DDP rank without a broadcast). A loss implements ``compute``.
     """
 
     weight: nn.Parameter
@@ -149,18 +147,6 @@ class BaseProxyLoss(BaseLoss):
         """This loss's layout and reduction."""
         return ProxyOptions(self.sub_centers, self.reduction, self.gather_distributed)
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Any]:
-        raise NotImplementedError  # pragma: no cover - every subclass defines it
-
-    def _terms(self, cc: Any) -> dict[str, Tensor | float]:
-        accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()  # nearest centre's
-        return {"accuracy": accuracy, "target_cosine": target_cosine(cc).mean()}
-
-    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        loss, extra = self._call(embeddings, labels)
-        return self.output(loss, lambda: self._terms(extra))
-
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:
         """Four classes of 16-dimensional embeddings, seeded centres (the conformance inputs)."""
@@ -177,3 +163,26 @@ class BaseProxyLoss(BaseLoss):
         return (embeddings, labels), {}
 
     shown = "num_classes embedding_dim reduction!r"
+
+
+class MarginLoss(BaseProxyLoss):
+    """ArcFace's and CosFace's base: :func:`margin_softmax` with the target logit :meth:`_target`.
+
+    Terms: ``accuracy`` (the nearest centre is the label's, without margin), ``target_cosine``.
+    """
+
+    scale: float
+
+    def _target(self, cos: Tensor) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
+        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
+        options, target = self.options(), self._target
+        loss, cc = margin_softmax(embeddings, labels, self.weight, self.scale, target, options)
+
+        def terms() -> dict[str, Tensor | float]:
+            accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()
+            return {"accuracy": accuracy, "target_cosine": target_cosine(cc).mean()}
+
+        return self.output(loss, terms)

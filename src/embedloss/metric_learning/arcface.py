@@ -10,13 +10,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_int, check_positive_float
-from embedloss.metric_learning._proxies import (
-    BaseProxyLoss,
-    ClassCosines,
-    ProxyArgs,
-    ProxyOptions,
-    margin_softmax,
-)
+from embedloss.metric_learning._proxies import MarginLoss, ProxyArgs, ProxyOptions, margin_softmax
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -102,7 +96,7 @@ def arcface_loss(
 
 
 @register_loss("arcface", aliases=("sub_center_arcface",))
-class ArcFaceLoss(BaseProxyLoss):
+class ArcFaceLoss(MarginLoss):
     """ArcFace: additive angular margin softmax over learnable class centres (Deng et al. 2019).
 
     See :func:`arcface_loss` for the formula. The centres are the parameter ``weight`` of shape
@@ -137,6 +131,5 @@ class ArcFaceLoss(BaseProxyLoss):
         super().__init__(sub_centers, **options)
         self.scale, self.margin = _check(scale, margin)
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, ClassCosines]:
-        target = partial(_angular_margin, margin=self.margin)
-        return margin_softmax(embeddings, labels, self.weight, self.scale, target, self.options())
+    def _target(self, cos: Tensor) -> Tensor:
+        return _angular_margin(cos, self.margin)

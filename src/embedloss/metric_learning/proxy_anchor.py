@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from embedloss._validation import (
     check_positive_float,
     check_reduction,
 )
+from embedloss.base.base_loss import LossOutput
 from embedloss.metric_learning._proxies import BaseProxyLoss, ProxyArgs, ProxyOptions, class_cosines
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.pair_losses import masked_log1p_sum_exp
@@ -148,10 +149,10 @@ class ProxyAnchorLoss(BaseProxyLoss):
     def _init_std(self) -> float:
         return math.sqrt(2.0 / self.num_classes)  # Kaiming-normal, fan_out = C
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> _ProxyAnchor:
-        return _proxy_anchor(
-            embeddings, labels, self.weight, self.alpha, self.delta, self.options()
+    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
+        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
+        options = self.options()
+        result = _proxy_anchor(embeddings, labels, self.weight, self.alpha, self.delta, options)
+        return self.output(
+            result.loss, lambda: {"proxies_with_positives": result.with_positives.sum()}
         )
-
-    def _terms(self, extra: Any) -> dict[str, Tensor | float]:
-        return {"proxies_with_positives": extra.sum()}

@@ -170,9 +170,7 @@ class DINOLoss(CenteredTeacherLoss):
         start = self.warmup_teacher_temperature
         if start is None or epoch >= warmup:
             return self.teacher_temperature
-        if warmup == 1:
-            return start
-        return start + (self.teacher_temperature - start) * epoch / (warmup - 1)
+        return start + (self.teacher_temperature - start) * epoch / max(warmup - 1, 1)
 
     def compute(self, student_outputs: Views, teacher_outputs: Views) -> LossOutput:
         """Loss and terms for the student's and the teacher's views; then update the centre."""
