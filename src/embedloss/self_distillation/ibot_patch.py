@@ -34,14 +34,18 @@ if TYPE_CHECKING:
 __all__ = ["IBOTPatchLoss", "ibot_patch_loss"]
 
 
-def _check_inputs(student: Tensor, teacher: Tensor, mask: Tensor, dim: int | None) -> None:
-    # Only the masked patches are scored: the values of the others are not checked.
+def _ibot(student: Tensor, teacher: Tensor, mask: Tensor, options: TeacherOptions) -> TeacherResult:
+    """Checked, reduced iBOT patch loss and the masked teacher rows its centre follows.
+
+    Only the masked patches are scored: the values of the others are not checked.
+    """
+    center, temperatures = options.center, options.temperatures
     check_embeddings(student, "student_patches", ndim=3, shape="(N, P, K)", finite=False)
     check_embeddings(teacher, "teacher_patches", ndim=3, shape="(N, P, K)", finite=False)
     check_same_shape(student, teacher, "student_patches", "teacher_patches")
-    if dim is not None and student.shape[-1] != dim:
+    if center is not None and student.shape[-1] != center.shape[-1]:
         raise ValueError(
-            f"student_patches must have K={dim} outputs per patch (output_dim), "
+            f"student_patches must have K={center.shape[-1]} outputs per patch (output_dim), "
             f"got {student.shape[-1]}"
         )
     check_tensor(mask, "mask")
@@ -53,12 +57,6 @@ def _check_inputs(student: Tensor, teacher: Tensor, mask: Tensor, dim: int | Non
     for x, name in ((student, "student_patches"), (teacher, "teacher_patches")):
         if on_host(x):
             check_finite(torch.where(mask.unsqueeze(-1), x, 0.0), f"{name} (masked patches)")
-
-
-def _ibot(student: Tensor, teacher: Tensor, mask: Tensor, options: TeacherOptions) -> TeacherResult:
-    """Checked, reduced iBOT patch loss and the masked teacher rows its centre follows."""
-    center, temperatures = options.center, options.temperatures
-    _check_inputs(student, teacher, mask, None if center is None else center.shape[-1])
     dtype = compute_dtype(student, teacher)
     masked = mask.unsqueeze(-1)  # (N, P, 1)
     log_p = teacher_log_probs(teacher, center, temperatures[0], dtype)  # (N, P, K), no grad

@@ -17,8 +17,13 @@ from embedloss.registry import register_loss
 __all__ = ["NegativeCosineLoss", "negative_cosine_loss"]
 
 
-def _check_form(p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None) -> None:
-    """The one-way ``(p_a, z_b)`` or the symmetric form (``symmetric=None``: either)."""
+def _negative_cosine(
+    p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None
+) -> tuple[Tensor, list[Tensor]]:
+    """Checked per-sample losses ``(N,)`` and the unit targets ``ẑ`` of each direction.
+
+    The form is the one-way ``(p_a, z_b)`` or the symmetric one (``symmetric=None``: either).
+    """
     if symmetric and (p_b is None or z_a is None):
         raise ValueError(
             "NegativeCosineLoss(symmetric=True) takes (p_a, z_b, p_b, z_a); p_b and z_a are missing"
@@ -34,22 +39,14 @@ def _check_form(p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None) 
             f"got p_b={'None' if p_b is None else 'a tensor'} and "
             f"z_a={'None' if z_a is None else 'a tensor'}"
         )
-
-
-def _negative_cosine(
-    p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None
-) -> tuple[Tensor, list[Tensor]]:
-    """Checked per-sample losses ``(N,)`` and the unit targets ``ẑ`` of each direction."""
-    _check_form(p_b, z_a, symmetric)
-    pairs = [("p_a", p_a, "z_b", z_b)]
+    check_pair(p_a, z_b, "p_a", "z_b")
+    pairs = [(p_a, z_b)]
     if p_b is not None and z_a is not None:
-        pairs.append(("p_b", p_b, "z_a", z_a))
-    for name_p, p, name_z, z in pairs:
-        check_pair(p, z, name_p, name_z)
-    if p_b is not None:
+        check_pair(p_b, z_a, "p_b", "z_a")
         check_same_shape(p_a, p_b, "p_a", "p_b")
+        pairs.append((p_b, z_a))
     cosines, targets = [], []
-    for _, p, _, z in pairs:
+    for p, z in pairs:
         dtype = compute_dtype(p, z)
         targets.append(prepare_embeddings(z.detach(), normalize=True, dtype=dtype))  # stop-grad
         p_hat = prepare_embeddings(p, normalize=True, dtype=dtype)
