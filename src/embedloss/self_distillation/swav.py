@@ -44,8 +44,8 @@ class _Options(NamedTuple):
         )
 
 
-def _crops(high: Views, low: Views, queue: Views | None) -> tuple[Tensor, int, Tensor | None]:
-    """``(views (V, n, K), V_h, queue (V_h, M, K) or None)``, checked, in one compute dtype."""
+def _swav(high: Views, low: Views, queue: Views | None, o: _Options) -> tuple[Tensor, Tensor]:
+    """Checked, reduced SwAV loss and the codes ``(V_h, n, K)`` (no gradient)."""
     h = stack_views(high, "high_resolution_outputs")  # (V_h, n, K)
     k, v_h = h.shape[-1], h.shape[0]
     lo = stack_views(low, "low_resolution_outputs", dim=k, allow_empty=True)
@@ -55,23 +55,15 @@ def _crops(high: Views, low: Views, queue: Views | None) -> tuple[Tensor, int, T
             f"high_resolution_outputs, got {lo.shape[1]} and {h.shape[1]}"
         )
     dtype = compute_dtype(h, lo)
-    views = torch.cat([h.to(dtype), lo.to(dtype)]) if lo.shape[0] > 0 else h
+    views = torch.cat([h.to(dtype), lo.to(dtype)]) if lo.shape[0] > 0 else h  # (V, n, K)
     if views.shape[0] < 2:
         raise ValueError("SwAV needs at least two crops (high- and low-resolution together)")
-    if queue is None:
-        return views, v_h, None
-    q = stack_views(queue, "queue_outputs", dim=k)  # (V_h, M, K)
-    if q.shape[0] != v_h:
+    q = None if queue is None else stack_views(queue, "queue_outputs", dim=k)  # (V_h, M, K)
+    if q is not None and q.shape[0] != v_h:
         raise ValueError(
             f"queue_outputs must hold one (M, K) queue per high-resolution crop ({v_h}), "
             f"got {q.shape[0]}"
         )
-    return views, v_h, q
-
-
-def _swav(high: Views, low: Views, queue: Views | None, o: _Options) -> tuple[Tensor, Tensor]:
-    """Checked, reduced SwAV loss and the codes ``(V_h, n, K)`` (no gradient)."""
-    views, v_h, q = _crops(high, low, queue)
     (v, n, _), codes = views.shape, []
     for i in range(v_h):  # crop i's codes, from its scores and its queue's (if given)
         scores = views[i] if q is None else torch.cat([views[i], q[i].to(views.dtype)])

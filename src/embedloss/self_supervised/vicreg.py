@@ -132,9 +132,8 @@ class VICRegLoss(BaseLoss):
     See :func:`vicreg_loss` for the formula. With ``warmup_steps > 0`` the variance and
     covariance weights are scaled by ``f = min(step / warmup_steps, 1)``, where ``step`` is the
     last value given to :meth:`update_step` (kept in a buffer, so checkpoints resume exactly):
-    the weights grow linearly and reach their full values at ``step = warmup_steps``.
-
-    Terms: ``invariance``, ``variance``, ``covariance`` (unweighted), ``warmup_factor``.
+    the weights grow linearly and reach their full values at ``step = warmup_steps``. Terms:
+    ``invariance``, ``variance``, ``covariance`` (unweighted), ``warmup_factor``.
 
     Args:
         sim_coeff, var_coeff, cov_coeff, eps, gather_distributed: As :func:`vicreg_loss`.
