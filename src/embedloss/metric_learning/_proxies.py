@@ -166,10 +166,7 @@ class BaseProxyLoss(BaseLoss):
 
 
 class MarginLoss(BaseProxyLoss):
-    """ArcFace's and CosFace's base: :func:`margin_softmax` with the target logit :meth:`_target`.
-
-    Terms: ``accuracy`` (the nearest centre is the label's, without margin), ``target_cosine``.
-    """
+    """ArcFace's and CosFace's base: :func:`margin_softmax` with the target logit :meth:`_target`."""
 
     scale: float
 

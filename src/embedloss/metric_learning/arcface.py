@@ -100,10 +100,10 @@ class ArcFaceLoss(MarginLoss):
     """ArcFace: additive angular margin softmax over learnable class centres (Deng et al. 2019).
 
     See :func:`arcface_loss` for the formula. The centres are the parameter ``weight`` of shape
-    ``(num_classes·sub_centers, embedding_dim)``, laid out as ``nn.Linear``'s weight and
-    initialised from N(0, 0.01²) as the official code: pass ``loss.parameters()`` to the
-    optimiser. Under DDP they are ordinary parameters. Terms: ``accuracy`` (the nearest centre
-    is the label's, without margin) and ``target_cosine`` (mean ``cos θ_y``).
+    ``(num_classes·sub_centers, embedding_dim)`` (as ``nn.Linear``), initialised from N(0, 0.01²)
+    as the official code: pass ``loss.parameters()`` to the optimiser (under DDP, ordinary
+    parameters). Terms: ``accuracy`` (the nearest centre is the label's, without margin) and
+    ``target_cosine`` (mean ``cos θ_y``).
 
     Args:
         num_classes: C >= 1.

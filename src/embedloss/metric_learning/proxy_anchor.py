@@ -78,9 +78,8 @@ def proxy_anchor_loss(
 ) -> Tensor:
     r"""Proxy Anchor loss (Kim et al. 2020, Eq. 4): each proxy is an anchor over the batch.
 
-    With proxies ``p ∈ P`` (the rows of ``weight``), ``P⁺`` the proxies with a positive sample
-    in the batch, ``X_p⁺`` the samples of class ``p``, ``X_p⁻`` the others, and the cosine
-    ``s(x, p)``:
+    With proxies ``p ∈ P`` (the rows of ``weight``), ``P⁺`` the proxies with a positive sample in
+    the batch, ``X_p⁺`` the samples of class ``p``, ``X_p⁻`` the others, and the cosine ``s(x, p)``:
 
         L = (1/|P⁺|)·Σ_{p∈P⁺} log(1 + Σ_{x∈X_p⁺} e^{−α(s(x,p) − δ)})
           + (1/|P|)·Σ_{p∈P} log(1 + Σ_{x∈X_p⁻} e^{α(s(x,p) + δ)})
@@ -121,11 +120,11 @@ def proxy_anchor_loss(
 class ProxyAnchorLoss(BaseProxyLoss):
     """Proxy Anchor loss: proxies as anchors over the batch (Kim et al. 2020, Eq. 4).
 
-    See :func:`proxy_anchor_loss` for the formula. The proxies are the parameter ``weight`` of
-    shape ``(num_classes, embedding_dim)`` (as ``nn.Linear``), initialised from N(0, 2/C)
-    (Kaiming-normal with ``mode="fan_out"``, as the official code); pass ``loss.parameters()``
-    to the optimiser (the paper uses a 100× larger learning rate for them). Under DDP they are
-    ordinary parameters. Terms: ``proxies_with_positives``.
+    See :func:`proxy_anchor_loss` for the formula. The proxies are the parameter ``weight``
+    ``(num_classes, embedding_dim)`` (as ``nn.Linear``), initialised from N(0, 2/C) (Kaiming-normal,
+    ``mode="fan_out"``, as the official code); pass ``loss.parameters()`` to the optimiser (the
+    paper's learning rate for them is 100× larger; under DDP, ordinary parameters). Terms:
+    ``proxies_with_positives``.
 
     Args:
         num_classes: C >= 1.

@@ -107,13 +107,12 @@ class DINOLoss(CenteredTeacherLoss):
 
         c ← m·c + (1 − m)·mean of the teacher outputs of the batch (all views)
 
-    with the sums all-reduced across ranks under ``gather_distributed``, as the official code
-    (the same centre on every rank, uneven batches included; without it the centres drift
-    apart). τ_t warms up as the official ``np.linspace``: ``τ_t(e) = τ_w + (τ_t − τ_w)·e /
-    (warmup_epochs − 1)`` for ``e < warmup_epochs``, then τ_t; the epoch (:meth:`update_epoch`)
-    is the ``epoch`` buffer, so checkpoints resume exactly. Accumulating k micro-batches moves
-    the centre k times per step (:mod:`embedloss.self_distillation`; ``m**(1/k)`` keeps its
-    time constant).
+    with the sums all-reduced across ranks under ``gather_distributed``, as the official code (the
+    same centre on every rank, uneven batches included; without it the centres drift apart). τ_t
+    warms up as the official ``np.linspace``: ``τ_t(e) = τ_w + (τ_t − τ_w)·e / (warmup_epochs − 1)``
+    for ``e < warmup_epochs``, then τ_t; the epoch (:meth:`update_epoch`) is the ``epoch`` buffer,
+    so checkpoints resume exactly. Accumulating k micro-batches moves the centre k times per step
+    (:mod:`embedloss.self_distillation`; ``m**(1/k)`` keeps its time constant).
 
     Terms (collapse monitors): ``teacher_entropy`` (of the centred teacher: near 0 when one
     output dominates, near ``log K`` when uniform), ``kl`` (the loss minus that entropy: the

@@ -121,12 +121,11 @@ class IBOTPatchLoss(CenteredTeacherLoss):
     """iBOT's masked-patch self-distillation loss with its own centre (Zhou et al. 2022; DINOv2).
 
     See :func:`ibot_patch_loss` for the formula. The centre (a float64 buffer ``center``
-    ``(output_dim,)``, separate from DINO's) follows the teacher outputs of the masked patches,
-    as :class:`DINOLoss`'s follows its views: ``c ← m·c + (1 − m)·mean over the masked patches``
-    after the loss, in training mode only (all ranks with ``gather_distributed``: the exact
-    global mean, where DINOv2 averages the ranks' means); nothing masked leaves it unchanged.
-    Terms: ``teacher_entropy`` (over masked patches), ``kl``, ``center_norm``,
-    ``teacher_temperature``.
+    ``(output_dim,)``, separate from DINO's) follows the teacher outputs of the masked patches, as
+    :class:`DINOLoss`'s follows its views: ``c ← m·c + (1 − m)·mean over the masked patches`` after
+    the loss, in training mode only (all ranks with ``gather_distributed``: the exact global mean,
+    where DINOv2 averages the ranks' means); nothing masked leaves it unchanged. Terms:
+    ``teacher_entropy`` (over masked patches), ``kl``, ``center_norm``, ``teacher_temperature``.
 
     Args:
         output_dim: K, the number of outputs of the iBOT head (sizes the centre).

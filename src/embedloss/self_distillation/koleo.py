@@ -90,10 +90,9 @@ def koleo_loss(
 class KoLeoLoss(BaseLoss):
     """KoLeo entropy regulariser: spread embeddings apart (Sablayrolles et al. 2019; DINOv2).
 
-    See :func:`koleo_loss` for the formula. DINOv2 adds it, weighted by 0.1, to the DINO loss
-    of the student's class tokens (each global crop separately). Terms:
-    ``nearest_neighbour_distance`` (mean ρ_i), ``min_distance`` (the smallest ρ_i: 0 when two
-    embeddings coincide).
+    See :func:`koleo_loss` for the formula. DINOv2 adds it, weighted by 0.1, to the DINO loss of the
+    student's class tokens (each global crop separately). Terms: ``nearest_neighbour_distance``
+    (mean ρ_i), ``min_distance`` (the smallest ρ_i: 0 when two embeddings coincide).
 
     Args:
         eps, reduction, gather_distributed: As :func:`koleo_loss`.

@@ -104,11 +104,10 @@ def negative_cosine_loss(
 class NegativeCosineLoss(BaseLoss):
     """BYOL/SimSiam negative cosine similarity to a stop-gradient target (Chen & He 2021, Eq. 2).
 
-    See :func:`negative_cosine_loss`. With ``symmetric=True`` :meth:`forward` takes
-    ``(p_a, z_b, p_b, z_a)`` and averages both directions; otherwise ``(p_a, z_b)``.
-    Terms: ``cosine_similarity`` (mean over samples and directions) and ``target_std``, the mean
-    over dimensions of the batch standard deviation of the L2-normalised targets (SimSiam
-    monitors it: it falls to 0 under collapse and is about ``1/sqrt(D)`` otherwise).
+    See :func:`negative_cosine_loss`. With ``symmetric=True`` it takes ``(p_a, z_b, p_b, z_a)``
+    and averages both directions; otherwise ``(p_a, z_b)``. Terms: ``cosine_similarity`` (mean
+    over samples and directions), ``target_std`` (mean over dimensions of the batch std of the
+    unit targets: SimSiam's monitor, 0 under collapse, about ``1/sqrt(D)`` otherwise).
 
     Args:
         symmetric: Require and use both directions (default False).

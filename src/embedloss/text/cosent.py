@@ -40,10 +40,9 @@ def cosent_loss(
 
         L = log(1 + Σ_{(i, j): s_i > s_j} exp(λ·(cos_j − cos_i)))
 
-    over every ordered pair of pairs with different scores (sentence-transformers'
-    ``CoSENTLoss``). Computed in O(N log N) time and O(N) memory
-    (:func:`~embedloss.ops.ranking.ranking_loss`). A value of the whole batch: there is no
-    per-sample ``reduction``.
+    over every ordered pair of pairs with different scores (sentence-transformers' ``CoSENTLoss``).
+    Computed in O(N log N) time and O(N) memory (:func:`~embedloss.ops.ranking.ranking_loss`). A
+    value of the whole batch: there is no per-sample ``reduction``.
 
     Args:
         embeddings_a: ``(N, D)`` first sentences.
