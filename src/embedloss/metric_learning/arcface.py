@@ -108,7 +108,11 @@ class ArcFaceLoss(MarginLoss):
     Args:
         num_classes: C >= 1.
         embedding_dim: D >= 1.
-        scale, margin, sub_centers, reduction, gather_distributed: As :func:`arcface_loss`.
+        scale: s > 0 (default 64).
+        margin: m in ``[0, π/2]`` radians (default 0.5).
+        sub_centers: k >= 1 centres per class (default 1; sub-center ArcFace for k > 1).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        gather_distributed: Average over the samples of every rank (DDP).
         seed: Seed of the centres' initialisation (default None: the global RNG).
 
     Example:

@@ -102,8 +102,10 @@ class CircleLoss(BasePairLoss):
     negative: what the mean divides by) and ``anchors_without_terms``.
 
     Args:
-        margin, gamma, **options (``distance``, ``normalize``, ``reduction``, ``chunk_size``,
-            ``gather_distributed``): As :func:`circle_loss`.
+        margin: m >= 0 (default 0.25).
+        gamma: γ > 0 (default 256).
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = CircleLoss(margin=0.4, gamma=80.0)

@@ -101,8 +101,11 @@ class ContrastiveMarginLoss(BasePairLoss):
     divides by) and ``anchors_without_terms``.
 
     Args:
-        margin, pos_margin, squared, **options (``distance``, ``normalize``, ``reduction``,
-            ``chunk_size``, ``gather_distributed``): As :func:`contrastive_margin_loss`.
+        margin: m, the distance negatives are pushed beyond (default 0.5).
+        pos_margin: m⁺ < m, the distance positives are pulled within (default 0).
+        squared: ½·hinge² (default True, the paper) or the plain hinge.
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = ContrastiveMarginLoss(distance="euclidean", margin=1.0)

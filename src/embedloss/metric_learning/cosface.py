@@ -74,7 +74,10 @@ class CosFaceLoss(MarginLoss):
     Args:
         num_classes: C >= 1.
         embedding_dim: D >= 1.
-        scale, margin, reduction, gather_distributed: As :func:`cosface_loss`.
+        scale: s > 0 (default 64).
+        margin: m >= 0 (default 0.35).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        gather_distributed: Average over the samples of every rank (DDP).
         seed: Seed of the centres' initialisation (default None: the global RNG).
 
     Example:

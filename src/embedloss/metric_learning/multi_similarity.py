@@ -122,9 +122,13 @@ class MultiSimilarityLoss(BasePairLoss):
     See :func:`multi_similarity_loss` for the formula. No terms: every anchor counts.
 
     Args:
-        alpha, beta, base, mining, epsilon, **options (``distance``, ``normalize``,
-            ``reduction``, ``chunk_size``, ``gather_distributed``): As
-            :func:`multi_similarity_loss`.
+        alpha: α > 0 (default 2).
+        beta: β > 0 (default 50).
+        base: λ (default 0.5).
+        mining: Apply the pair mining of Eqs. 5–6 (default True).
+        epsilon: ε >= 0 of the mining (default 0.1).
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = MultiSimilarityLoss()

@@ -129,7 +129,10 @@ class ProxyAnchorLoss(BaseProxyLoss):
     Args:
         num_classes: C >= 1.
         embedding_dim: D >= 1.
-        alpha, delta, reduction, gather_distributed: As :func:`proxy_anchor_loss`.
+        alpha: α > 0 (default 32).
+        delta: δ (default 0.1).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per proxy, ``(C,)``).
+        gather_distributed: Sum over the samples of every rank (DDP).
         seed: Seed of the proxies' initialisation (default None: the global RNG).
 
     Example:

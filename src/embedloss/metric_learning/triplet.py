@@ -143,8 +143,10 @@ class TripletLoss(BasePairLoss):
     ``anchors_without_terms``.
 
     Args:
-        margin, mining, **options (``distance``, ``normalize``, ``reduction``, ``chunk_size``,
-            ``gather_distributed``): As :func:`triplet_loss`.
+        margin: m >= 0 (default 0.2).
+        mining: ``"batch_hard"`` (default), ``"batch_all"`` or ``"semi_hard"``.
+        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
+            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = TripletLoss(mining="batch_all")

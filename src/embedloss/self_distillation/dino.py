@@ -121,12 +121,13 @@ class DINOLoss(CenteredTeacherLoss):
 
     Args:
         output_dim: K, the number of outputs of the DINO head (sizes the centre).
+        teacher_temperature: τ_t > 0 after the warm-up (default 0.04).
+        student_temperature: τ_s > 0 (default 0.1).
         center_momentum: m in [0, 1] of the centre's EMA (default 0.9).
         warmup_teacher_temperature: τ_w > 0 at epoch 0, or None for no warm-up (default).
         warmup_epochs: Epochs of linear warm-up of τ_t (default 0).
-        teacher_temperature, student_temperature, reduction, gather_distributed: As
-            :func:`dino_loss` (τ_t: after the warm-up); ``gather_distributed`` also all-reduces
-            the centre's sums.
+        reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"``.
+        gather_distributed: All-reduce the centre's sums; reduce the loss over every rank.
 
     Raises:
         ValueError: For τ <= 0, a momentum outside [0, 1], ``output_dim < 1``,

@@ -129,9 +129,11 @@ class IBOTPatchLoss(CenteredTeacherLoss):
 
     Args:
         output_dim: K, the number of outputs of the iBOT head (sizes the centre).
+        teacher_temperature: τ_t > 0 (default 0.04).
+        student_temperature: τ_s > 0 (default 0.1).
         center_momentum: m in [0, 1] of the centre's EMA (default 0.9).
-        teacher_temperature, student_temperature, reduction, gather_distributed: As
-            :func:`ibot_patch_loss`; ``gather_distributed`` also all-reduces the centre's sums.
+        reduction: ``"mean"`` over images, ``"sum"`` or ``"none"``.
+        gather_distributed: All-reduce the centre's sums; reduce the loss over every rank.
 
     Raises:
         ValueError: For τ <= 0, a momentum outside [0, 1], ``output_dim < 1`` or patch outputs

@@ -93,7 +93,9 @@ class BarlowTwinsLoss(BaseLoss):
     class returned a tuple). Terms: ``on_diagonal`` and ``off_diagonal`` (unweighted sums).
 
     Args:
-        lambda_coeff, eps, gather_distributed: As :func:`barlow_twins_loss`.
+        lambda_coeff: λ >= 0 (default 5e-3).
+        eps: ε > 0 added to the per-dimension variance (default 1e-5).
+        gather_distributed: Use the statistics of the batch of all ranks (DDP).
 
     Raises:
         ValueError: If ``lambda_coeff < 0`` or ``eps <= 0``.

@@ -111,7 +111,8 @@ class NegativeCosineLoss(BaseLoss):
 
     Args:
         symmetric: Require and use both directions (default False).
-        reduction, gather_distributed: As :func:`negative_cosine_loss`.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        gather_distributed: Count the samples of all ranks in the mean (DDP, uneven batches).
 
     Raises:
         ValueError: In :meth:`forward`, when the inputs do not match ``symmetric``.

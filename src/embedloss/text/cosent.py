@@ -79,8 +79,8 @@ class CoSENTLoss(BaseScoredPairLoss):
     ``reduction``). Terms: ``cosine`` (mean cosine of the pairs).
 
     Args:
-        scale, gather_distributed: As :func:`cosent_loss` (λ's default 20 is
-            sentence-transformers').
+        scale: λ > 0 (default 20, sentence-transformers' default).
+        gather_distributed: Rank the pairs of every rank together (DDP).
 
     Example:
         >>> loss = CoSENTLoss()
