@@ -116,6 +116,13 @@ class BaseProxyLoss(BaseLoss):
     (ArcFace also its ``k`` sub-centres, positionally). The centres start from
     N(0, :meth:`_init_std`²), drawn from the global RNG, or with ``seed`` from a seeded generator
     (the same centres on every DDP rank without a broadcast). A loss implements ``compute``.
+
+    Args:
+        num_classes: C >= 1.
+        embedding_dim: D >= 1.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (as the loss's function).
+        gather_distributed: Reduce over the samples of every rank (DDP).
+        seed: Seed of the centres' initialisation (default None: the global RNG).
     """
 
     weight: nn.Parameter

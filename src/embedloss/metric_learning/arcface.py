@@ -106,14 +106,9 @@ class ArcFaceLoss(MarginLoss):
     ``target_cosine`` (mean ``cos θ_y``).
 
     Args:
-        num_classes: C >= 1.
-        embedding_dim: D >= 1.
         scale: s > 0 (default 64).
         margin: m in ``[0, π/2]`` radians (default 0.5).
         sub_centers: k >= 1 centres per class (default 1; sub-center ArcFace for k > 1).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        gather_distributed: Average over the samples of every rank (DDP).
-        seed: Seed of the centres' initialisation (default None: the global RNG).
 
     Example:
         >>> loss = ArcFaceLoss(num_classes=10, embedding_dim=16, sub_centers=3)

@@ -104,8 +104,7 @@ class ContrastiveMarginLoss(BasePairLoss):
         margin: m, the distance negatives are pushed beyond (default 0.5).
         pos_margin: m⁺ < m, the distance positives are pulled within (default 0).
         squared: ½·hinge² (default True, the paper) or the plain hinge.
-        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
+        **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = ContrastiveMarginLoss(distance="euclidean", margin=1.0)

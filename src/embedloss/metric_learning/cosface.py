@@ -72,13 +72,8 @@ class CosFaceLoss(MarginLoss):
     ``loss.parameters()`` to the optimiser. Terms: ``accuracy`` and ``target_cosine``.
 
     Args:
-        num_classes: C >= 1.
-        embedding_dim: D >= 1.
         scale: s > 0 (default 64).
         margin: m >= 0 (default 0.35).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        gather_distributed: Average over the samples of every rank (DDP).
-        seed: Seed of the centres' initialisation (default None: the global RNG).
 
     Example:
         >>> loss = CosFaceLoss(num_classes=10, embedding_dim=16)

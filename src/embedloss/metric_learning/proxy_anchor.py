@@ -127,13 +127,8 @@ class ProxyAnchorLoss(BaseProxyLoss):
     ``proxies_with_positives``.
 
     Args:
-        num_classes: C >= 1.
-        embedding_dim: D >= 1.
         alpha: α > 0 (default 32).
         delta: δ (default 0.1).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per proxy, ``(C,)``).
-        gather_distributed: Sum over the samples of every rank (DDP).
-        seed: Seed of the proxies' initialisation (default None: the global RNG).
 
     Example:
         >>> loss = ProxyAnchorLoss(num_classes=4, embedding_dim=16)

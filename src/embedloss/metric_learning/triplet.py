@@ -145,8 +145,7 @@ class TripletLoss(BasePairLoss):
     Args:
         margin: m >= 0 (default 0.2).
         mining: ``"batch_hard"`` (default), ``"batch_all"`` or ``"semi_hard"``.
-        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
+        **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = TripletLoss(mining="batch_all")

@@ -100,6 +100,14 @@ class CenteredTeacherLoss(BaseLoss):
     ``output_dim`` (K), τ_t, τ_s > 0, the momentum m in [0, 1], ``reduction`` and
     ``gather_distributed``. The centre is a float64 buffer ``center`` ``(output_dim,)`` (an EMA
     keeps its precision), updated after the loss in training mode only (:meth:`_output`).
+
+    Args:
+        output_dim: K, the number of outputs of the head (sizes the centre).
+        teacher_temperature: τ_t > 0 (default 0.04).
+        student_temperature: τ_s > 0 (default 0.1).
+        center_momentum: m in [0, 1] of the centre's EMA (default 0.9).
+        reduction: ``"mean"`` over samples (iBOT: images), ``"sum"`` or ``"none"``.
+        gather_distributed: All-reduce the centre's sums; reduce the loss over every rank.
     """
 
     center: Tensor

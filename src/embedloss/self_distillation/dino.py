@@ -120,14 +120,11 @@ class DINOLoss(CenteredTeacherLoss):
     with), ``teacher_temperature``.
 
     Args:
-        output_dim: K, the number of outputs of the DINO head (sizes the centre).
         teacher_temperature: τ_t > 0 after the warm-up (default 0.04).
-        student_temperature: τ_s > 0 (default 0.1).
-        center_momentum: m in [0, 1] of the centre's EMA (default 0.9).
         warmup_teacher_temperature: τ_w > 0 at epoch 0, or None for no warm-up (default).
         warmup_epochs: Epochs of linear warm-up of τ_t (default 0).
-        reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"``.
-        gather_distributed: All-reduce the centre's sums; reduce the loss over every rank.
+        **options: ``output_dim`` and the rest, as
+            :class:`~embedloss.self_distillation._teacher.CenteredTeacherLoss`.
 
     Raises:
         ValueError: For τ <= 0, a momentum outside [0, 1], ``output_dim < 1``,

@@ -127,13 +127,7 @@ class IBOTPatchLoss(CenteredTeacherLoss):
     where DINOv2 averages the ranks' means); nothing masked leaves it unchanged. Terms:
     ``teacher_entropy`` (over masked patches), ``kl``, ``center_norm``, ``teacher_temperature``.
 
-    Args:
-        output_dim: K, the number of outputs of the iBOT head (sizes the centre).
-        teacher_temperature: τ_t > 0 (default 0.04).
-        student_temperature: τ_s > 0 (default 0.1).
-        center_momentum: m in [0, 1] of the centre's EMA (default 0.9).
-        reduction: ``"mean"`` over images, ``"sum"`` or ``"none"``.
-        gather_distributed: All-reduce the centre's sums; reduce the loss over every rank.
+    Its arguments are :class:`~embedloss.self_distillation._teacher.CenteredTeacherLoss`'s.
 
     Raises:
         ValueError: For τ <= 0, a momentum outside [0, 1], ``output_dim < 1`` or patch outputs
