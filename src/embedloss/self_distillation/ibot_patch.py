@@ -127,7 +127,9 @@ class IBOTPatchLoss(CenteredTeacherLoss):
     where DINOv2 averages the ranks' means); nothing masked leaves it unchanged. Terms:
     ``teacher_entropy`` (over masked patches), ``kl``, ``center_norm``, ``teacher_temperature``.
 
-    Its arguments are :class:`~embedloss.self_distillation._teacher.CenteredTeacherLoss`'s.
+    Args:
+        output_dim: K, the number of outputs of the iBOT head; the other arguments are those of
+            :class:`~embedloss.self_distillation._teacher.CenteredTeacherLoss`.
 
     Raises:
         ValueError: For τ <= 0, a momentum outside [0, 1], ``output_dim < 1`` or patch outputs
