@@ -7,15 +7,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor
 
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.keywords import keyword_options
-from embedloss.ops.pair_losses import (
-    PairKeywords,
-    PairOptions,
-    PairResult,
-    RowLoss,
-    labelled_pair_loss,
-)
+from embedloss.ops.pair_losses import PairKeywords, PairOptions, RowLoss, labelled_pair_loss
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -27,13 +21,11 @@ class BasePairLoss(BaseLoss):
     """Base of the losses over pairs of labelled embeddings (:mod:`embedloss.ops.pair_losses`).
 
     Takes the options of :meth:`PairOptions.create <embedloss.ops.pair_losses.PairOptions.create>`
-    (a subclass names only its own and passes these on as ``**options: Unpack[PairKeywords]``)
-    and hands them to the pure call as one
-    :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`). A loss gives its row loss
-    (:meth:`_row_loss`, built from its own options) and whether it scores similarities
-    (``SIMILARITY``); ``compute`` adds the terms ``{TERM: Σ count, "anchors_without_terms":
-    ...}`` (none when ``TERM`` is None), ``forward`` returns the loss. ``print(loss)`` shows a loss's
-    own options (its ``shown``), then the shared ones.
+    (a subclass names only its own and passes these on as ``**options: Unpack[PairKeywords]``),
+    kept as one :class:`~embedloss.ops.pair_losses.PairOptions` (:meth:`options`). A loss gives
+    its row loss (:meth:`_row_loss`) and whether it scores similarities (``SIMILARITY``);
+    ``compute`` adds the terms ``{TERM: Σ count, "anchors_without_terms": ...}`` (none when
+    ``TERM`` is None). ``print(loss)`` shows a loss's own options, then the shared ones.
 
     Args:
         distance: ``"cosine"`` (default), ``"dot"``, ``"euclidean"``, ``"squared_euclidean"``.
@@ -64,25 +56,17 @@ class BasePairLoss(BaseLoss):
     def _row_loss(self) -> RowLoss:
         raise NotImplementedError  # pragma: no cover - every subclass defines it
 
-    def _result(self, embeddings: Tensor, labels: Tensor) -> PairResult:
-        options, rows = self._options, self._row_loss()
-        return labelled_pair_loss(embeddings, labels, options, rows, similarity=self.SIMILARITY)
-
     def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        result = self._result(embeddings, labels)
-        if self.TERM is None:
-            return LossOutput(result.loss, {})
-        with torch.no_grad():
-            terms = detached_terms(
-                **{self.TERM: result.counts.sum()},
-                anchors_without_terms=(result.counts == 0).sum(),
-            )
-        return LossOutput(result.loss, terms)
+        options, rows, term = self._options, self._row_loss(), self.TERM
+        result = labelled_pair_loss(embeddings, labels, options, rows, similarity=self.SIMILARITY)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The loss of ``embeddings (N, D)`` and ``labels (N,)`` (see :meth:`compute`)."""
-        return self._result(embeddings, labels).loss
+        def terms() -> dict[str, Tensor | float]:
+            if term is None:
+                return {}
+            return {term: result.counts.sum(), "anchors_without_terms": (result.counts == 0).sum()}
+
+        return self.output(result.loss, terms)
 
     @classmethod
     def example_inputs(

@@ -17,7 +17,7 @@ from embedloss._validation import (
     compute_dtype,
     on_host,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import l2_normalize
 
@@ -115,9 +115,14 @@ class BaseProxyLoss(BaseLoss):
     A subclass names its own options and passes these on as ``**options: Unpack[ProxyArgs]``
     (ArcFace also its ``k`` sub-centres, positionally). The centres start from
     N(0, :meth:`_init_std`²), drawn from the global RNG, or with ``seed`` from a seeded generator
-    (the same centres on every DDP rank without a broadcast). A loss implements :meth:`_call`
-    (its one pure call: the loss and what the terms need); ``compute`` adds :meth:`_terms`
-    (``accuracy``, ``target_cosine`` by default), ``forward`` returns the loss only.
+    (the same centres on every DDP rank without a broadcast). A loss implements ``compute``.
+
+    Args:
+        num_classes: C >= 1.
+        embedding_dim: D >= 1.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (as the loss's function).
+        gather_distributed: Reduce over the samples of every rank (DDP).
+        seed: Seed of the centres' initialisation (default None: the global RNG).
     """
 
     weight: nn.Parameter
@@ -149,23 +154,6 @@ class BaseProxyLoss(BaseLoss):
         """This loss's layout and reduction."""
         return ProxyOptions(self.sub_centers, self.reduction, self.gather_distributed)
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Any]:
-        raise NotImplementedError  # pragma: no cover - every subclass defines it
-
-    @torch.no_grad()
-    def _terms(self, cc: Any) -> dict[str, Tensor]:
-        accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()  # nearest centre's
-        return detached_terms(accuracy=accuracy, target_cosine=target_cosine(cc).mean())
-
-    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
-        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        loss, extra = self._call(embeddings, labels)
-        return LossOutput(loss, self._terms(extra))
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """The loss of ``embeddings (N, D)`` and ``labels (N,)`` (see :meth:`compute`)."""
-        return self._call(embeddings, labels)[0]
-
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:
         """Four classes of 16-dimensional embeddings, seeded centres (the conformance inputs)."""
@@ -182,3 +170,23 @@ class BaseProxyLoss(BaseLoss):
         return (embeddings, labels), {}
 
     shown = "num_classes embedding_dim reduction!r"
+
+
+class MarginLoss(BaseProxyLoss):
+    """ArcFace's and CosFace's base: :func:`margin_softmax` with the target logit :meth:`_target`."""
+
+    scale: float
+
+    def _target(self, cos: Tensor) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - every subclass defines it
+
+    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
+        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
+        options, target = self.options(), self._target
+        loss, cc = margin_softmax(embeddings, labels, self.weight, self.scale, target, options)
+
+        def terms() -> dict[str, Tensor | float]:
+            accuracy = (cc.cosine.argmax(dim=1) == cc.labels).float().mean()
+            return {"accuracy": accuracy, "target_cosine": target_cosine(cc).mean()}
+
+        return self.output(loss, terms)

@@ -10,13 +10,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_int, check_positive_float
-from embedloss.metric_learning._proxies import (
-    BaseProxyLoss,
-    ClassCosines,
-    ProxyArgs,
-    ProxyOptions,
-    margin_softmax,
-)
+from embedloss.metric_learning._proxies import MarginLoss, ProxyArgs, ProxyOptions, margin_softmax
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -102,24 +96,19 @@ def arcface_loss(
 
 
 @register_loss("arcface", aliases=("sub_center_arcface",))
-class ArcFaceLoss(BaseProxyLoss):
+class ArcFaceLoss(MarginLoss):
     """ArcFace: additive angular margin softmax over learnable class centres (Deng et al. 2019).
 
     See :func:`arcface_loss` for the formula. The centres are the parameter ``weight`` of shape
-    ``(num_classes·sub_centers, embedding_dim)``, laid out as ``nn.Linear``'s weight and
-    initialised from N(0, 0.01²) as the official code: pass ``loss.parameters()`` to the
-    optimiser. Under DDP they are ordinary parameters. Terms: ``accuracy`` (the nearest centre
-    is the label's, without margin) and ``target_cosine`` (mean ``cos θ_y``).
+    ``(num_classes·sub_centers, embedding_dim)`` (as ``nn.Linear``), initialised from N(0, 0.01²)
+    as the official code: pass ``loss.parameters()`` to the optimiser (under DDP, ordinary
+    parameters). Terms: ``accuracy`` (the nearest centre is the label's, without margin) and
+    ``target_cosine`` (mean ``cos θ_y``).
 
     Args:
-        num_classes: C >= 1.
-        embedding_dim: D >= 1.
         scale: s > 0 (default 64).
         margin: m in ``[0, π/2]`` radians (default 0.5).
         sub_centers: k >= 1 centres per class (default 1; sub-center ArcFace for k > 1).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        gather_distributed: Average over the samples of every rank (DDP).
-        seed: Seed of the centres' initialisation (default None: the global RNG).
 
     Example:
         >>> loss = ArcFaceLoss(num_classes=10, embedding_dim=16, sub_centers=3)
@@ -141,6 +130,5 @@ class ArcFaceLoss(BaseProxyLoss):
         super().__init__(sub_centers, **options)
         self.scale, self.margin = _check(scale, margin)
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, ClassCosines]:
-        target = partial(_angular_margin, margin=self.margin)
-        return margin_softmax(embeddings, labels, self.weight, self.scale, target, self.options())
+    def _target(self, cos: Tensor) -> Tensor:
+        return _angular_margin(cos, self.margin)

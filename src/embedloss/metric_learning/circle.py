@@ -104,8 +104,7 @@ class CircleLoss(BasePairLoss):
     Args:
         margin: m >= 0 (default 0.25).
         gamma: γ > 0 (default 256).
-        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
+        **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = CircleLoss(margin=0.4, gamma=80.0)

@@ -11,12 +11,7 @@ from torch import Tensor
 from embedloss._validation import check_bool, check_float
 from embedloss.metric_learning._pairs import BasePairLoss
 from embedloss.ops.keywords import keyword_options
-from embedloss.ops.pair_losses import (
-    PairKeywords,
-    PairOptions,
-    RowLoss,
-    labelled_pair_loss,
-)
+from embedloss.ops.pair_losses import PairKeywords, PairOptions, RowLoss, labelled_pair_loss
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -26,12 +21,7 @@ __all__ = ["ContrastiveMarginLoss", "contrastive_margin_loss"]
 
 
 def contrastive_rows(
-    d: Tensor,
-    positive: Tensor,
-    negative: Tensor,
-    margin: float,
-    pos_margin: float,
-    squared: bool,
+    d: Tensor, positive: Tensor, negative: Tensor, margin: float, pos_margin: float, squared: bool
 ) -> tuple[Tensor, Tensor]:
     """Per anchor ``Σ_p h(d_ap − m⁺) + Σ_n h(m − d_an)`` and its number of pairs."""
     pulled = (d - pos_margin).clamp(min=0)
@@ -114,8 +104,7 @@ class ContrastiveMarginLoss(BasePairLoss):
         margin: m, the distance negatives are pushed beyond (default 0.5).
         pos_margin: m⁺ < m, the distance positives are pulled within (default 0).
         squared: ½·hinge² (default True, the paper) or the plain hinge.
-        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
+        **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = ContrastiveMarginLoss(distance="euclidean", margin=1.0)

@@ -7,13 +7,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor
 
 from embedloss._validation import check_float, check_positive_float
-from embedloss.metric_learning._proxies import (
-    BaseProxyLoss,
-    ClassCosines,
-    ProxyArgs,
-    ProxyOptions,
-    margin_softmax,
-)
+from embedloss.metric_learning._proxies import MarginLoss, ProxyArgs, ProxyOptions, margin_softmax
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -70,7 +64,7 @@ def cosface_loss(
 
 
 @register_loss("cosface", aliases=("large_margin_cosine",))
-class CosFaceLoss(BaseProxyLoss):
+class CosFaceLoss(MarginLoss):
     """CosFace: large margin cosine softmax over learnable class centres (Wang et al. 2018).
 
     See :func:`cosface_loss` for the formula. The centres are the parameter ``weight`` of shape
@@ -78,13 +72,8 @@ class CosFaceLoss(BaseProxyLoss):
     ``loss.parameters()`` to the optimiser. Terms: ``accuracy`` and ``target_cosine``.
 
     Args:
-        num_classes: C >= 1.
-        embedding_dim: D >= 1.
         scale: s > 0 (default 64).
         margin: m >= 0 (default 0.35).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        gather_distributed: Average over the samples of every rank (DDP).
-        seed: Seed of the centres' initialisation (default None: the global RNG).
 
     Example:
         >>> loss = CosFaceLoss(num_classes=10, embedding_dim=16)
@@ -98,8 +87,5 @@ class CosFaceLoss(BaseProxyLoss):
         super().__init__(**options)
         self.scale, self.margin = _check(scale, margin)
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, ClassCosines]:
-        options, margin = self.options(), self.margin
-        return margin_softmax(
-            embeddings, labels, self.weight, self.scale, lambda c: c - margin, options
-        )
+    def _target(self, cos: Tensor) -> Tensor:
+        return cos - self.margin

@@ -127,8 +127,7 @@ class MultiSimilarityLoss(BasePairLoss):
         base: λ (default 0.5).
         mining: Apply the pair mining of Eqs. 5–6 (default True).
         epsilon: ε >= 0 of the mining (default 0.1).
-        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
+        **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = MultiSimilarityLoss()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -15,13 +15,8 @@ from embedloss._validation import (
     check_positive_float,
     check_reduction,
 )
-from embedloss.base.base_loss import detached_terms
-from embedloss.metric_learning._proxies import (
-    BaseProxyLoss,
-    ProxyArgs,
-    ProxyOptions,
-    class_cosines,
-)
+from embedloss.base.base_loss import LossOutput
+from embedloss.metric_learning._proxies import BaseProxyLoss, ProxyArgs, ProxyOptions, class_cosines
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.pair_losses import masked_log1p_sum_exp
 from embedloss.registry import register_loss
@@ -83,9 +78,8 @@ def proxy_anchor_loss(
 ) -> Tensor:
     r"""Proxy Anchor loss (Kim et al. 2020, Eq. 4): each proxy is an anchor over the batch.
 
-    With proxies ``p ∈ P`` (the rows of ``weight``), ``P⁺`` the proxies with a positive sample
-    in the batch, ``X_p⁺`` the samples of class ``p``, ``X_p⁻`` the others, and the cosine
-    ``s(x, p)``:
+    With proxies ``p ∈ P`` (the rows of ``weight``), ``P⁺`` the proxies with a positive sample in
+    the batch, ``X_p⁺`` the samples of class ``p``, ``X_p⁻`` the others, and the cosine ``s(x, p)``:
 
         L = (1/|P⁺|)·Σ_{p∈P⁺} log(1 + Σ_{x∈X_p⁺} e^{−α(s(x,p) − δ)})
           + (1/|P|)·Σ_{p∈P} log(1 + Σ_{x∈X_p⁻} e^{α(s(x,p) + δ)})
@@ -126,20 +120,15 @@ def proxy_anchor_loss(
 class ProxyAnchorLoss(BaseProxyLoss):
     """Proxy Anchor loss: proxies as anchors over the batch (Kim et al. 2020, Eq. 4).
 
-    See :func:`proxy_anchor_loss` for the formula. The proxies are the parameter ``weight`` of
-    shape ``(num_classes, embedding_dim)`` (as ``nn.Linear``), initialised from N(0, 2/C)
-    (Kaiming-normal with ``mode="fan_out"``, as the official code); pass ``loss.parameters()``
-    to the optimiser (the paper uses a 100× larger learning rate for them). Under DDP they are
-    ordinary parameters. Terms: ``proxies_with_positives``.
+    See :func:`proxy_anchor_loss` for the formula. The proxies are the parameter ``weight``
+    ``(num_classes, embedding_dim)`` (as ``nn.Linear``), initialised from N(0, 2/C) (Kaiming-normal,
+    ``mode="fan_out"``, as the official code); pass ``loss.parameters()`` to the optimiser (the
+    paper's learning rate for them is 100× larger; under DDP, ordinary parameters). Terms:
+    ``proxies_with_positives``.
 
     Args:
-        num_classes: C >= 1.
-        embedding_dim: D >= 1.
         alpha: α > 0 (default 32).
         delta: δ (default 0.1).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per proxy, ``(C,)``).
-        gather_distributed: Sum over the samples of every rank (DDP).
-        seed: Seed of the proxies' initialisation (default None: the global RNG).
 
     Example:
         >>> loss = ProxyAnchorLoss(num_classes=4, embedding_dim=16)
@@ -157,10 +146,10 @@ class ProxyAnchorLoss(BaseProxyLoss):
     def _init_std(self) -> float:
         return math.sqrt(2.0 / self.num_classes)  # Kaiming-normal, fan_out = C
 
-    def _call(self, embeddings: Tensor, labels: Tensor) -> _ProxyAnchor:
-        return _proxy_anchor(
-            embeddings, labels, self.weight, self.alpha, self.delta, self.options()
+    def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
+        """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
+        options = self.options()
+        result = _proxy_anchor(embeddings, labels, self.weight, self.alpha, self.delta, options)
+        return self.output(
+            result.loss, lambda: {"proxies_with_positives": result.with_positives.sum()}
         )
-
-    def _terms(self, extra: Any) -> dict[str, Tensor]:
-        return detached_terms(proxies_with_positives=extra.sum())

@@ -12,12 +12,7 @@ from embedloss._validation import check_choice, check_positive_float
 from embedloss.metric_learning._pairs import BasePairLoss
 from embedloss.ops.keywords import keyword_options
 from embedloss.ops.miners import hardest_pairs, semi_hard_negatives
-from embedloss.ops.pair_losses import (
-    PairKeywords,
-    PairOptions,
-    RowLoss,
-    labelled_pair_loss,
-)
+from embedloss.ops.pair_losses import PairKeywords, PairOptions, RowLoss, labelled_pair_loss
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -150,8 +145,7 @@ class TripletLoss(BasePairLoss):
     Args:
         margin: m >= 0 (default 0.2).
         mining: ``"batch_hard"`` (default), ``"batch_all"`` or ``"semi_hard"``.
-        **options: ``distance``, ``normalize``, ``reduction``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
+        **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:
         >>> loss = TripletLoss(mining="batch_all")

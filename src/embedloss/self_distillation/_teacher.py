@@ -16,7 +16,7 @@ from embedloss._validation import (
     check_reduction,
     check_tensor,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.distillation import entropy, update_center_
 
 if TYPE_CHECKING:
@@ -96,11 +96,18 @@ class TeacherArgs(TypedDict, total=False):
 class CenteredTeacherLoss(BaseLoss):
     """Options and state shared by DINO and iBOT (see :class:`~embedloss.DINOLoss`).
 
-    Its constructor, iBOT's, checks ``output_dim`` (K, sizing the centre), τ_t, τ_s > 0, the
-    centre's momentum m in [0, 1], ``reduction`` and ``gather_distributed``; DINO adds its own
-    options and passes these on as ``**options: Unpack[TeacherArgs]``. The centre is a float64
-    buffer ``center`` ``(output_dim,)`` (an EMA keeps its precision), updated after the loss in
-    training mode only. ``compute``/``forward`` are :meth:`_output`/:meth:`_run` of the core.
+    Its constructor (iBOT's; DINO passes these on as ``**options: Unpack[TeacherArgs]``) checks
+    ``output_dim`` (K), τ_t, τ_s > 0, the momentum m in [0, 1], ``reduction`` and
+    ``gather_distributed``. The centre is a float64 buffer ``center`` ``(output_dim,)`` (an EMA
+    keeps its precision), updated after the loss in training mode only (:meth:`_output`).
+
+    Args:
+        output_dim: K, the number of outputs of the head (sizes the centre).
+        teacher_temperature: τ_t > 0 (default 0.04).
+        student_temperature: τ_s > 0 (default 0.1).
+        center_momentum: m in [0, 1] of the centre's EMA (default 0.9).
+        reduction: ``"mean"`` over samples (iBOT: images), ``"sum"`` or ``"none"``.
+        gather_distributed: All-reduce the centre's sums; reduce the loss over every rank.
     """
 
     center: Tensor
@@ -128,25 +135,19 @@ class CenteredTeacherLoss(BaseLoss):
         """τ_t of this call (a host value: no device read)."""
         return self.teacher_temperature
 
-    def _run(self, core: Callable[..., TeacherResult], *inputs: Any) -> TeacherResult:
-        """The core's result for this batch; then, in training mode, the centre's EMA step."""
+    def _output(self, core: Callable[..., TeacherResult], *inputs: Any) -> LossOutput:
+        """The core's loss and terms; then, in training mode, the centre's EMA step.
+
+        Terms: ``teacher_entropy``, ``kl``, ``center_norm`` (of the centre this batch is scored
+        with: the terms are built before the update), τ_t. ``kl`` is the mean cross-entropy
+        minus the mean teacher entropy, weighted as the loss weights the teacher rows (per
+        sample over its views, or over its masked patches).
+        """
         temperatures = (self.current_teacher_temperature, self.student_temperature)
         options = TeacherOptions(self.center, temperatures, self.reduction, self.gather_distributed)
         result = core(*inputs, options)
-        if self.training:  # all ranks' teacher rows when distributed
-            total, count = result.center_total, result.center_count
-            update_center_(self.center, total, count, self.center_momentum, options.distributed)
-        return result
 
-    def _output(self, core: Callable[..., TeacherResult], *inputs: Any) -> LossOutput:
-        """:meth:`_run` and its terms (``teacher_entropy``, ``kl``, ``center_norm``, τ_t).
-
-        ``kl`` is the mean cross-entropy minus the mean teacher entropy, weighted as the loss
-        weights the teacher rows (per sample over its views, or over its masked patches).
-        """
-        center_norm = self.center.norm()  # the centre this batch is scored with
-        result = self._run(core, *inputs)
-        with torch.no_grad():
+        def terms() -> dict[str, Tensor | float]:
             h = entropy(result.teacher_log_probs)
             h_mean = h_sample = h.mean()
             if result.mask is not None:  # (N, P) masked patches: weighted as the loss is
@@ -154,13 +155,18 @@ class CenteredTeacherLoss(BaseLoss):
                 w = result.mask.to(h.dtype)
                 h_mean = masked.sum() / w.sum().clamp(min=1)
                 h_sample = (masked.sum(-1) / w.sum(-1).clamp(min=1)).mean()
-            terms = detached_terms(
-                teacher_entropy=h_mean,
-                kl=result.per_sample.mean() - h_sample,
-                center_norm=center_norm,
-                teacher_temperature=self.current_teacher_temperature,
-            )
-        return LossOutput(result.loss, terms)
+            return {
+                "teacher_entropy": h_mean,
+                "kl": result.per_sample.mean() - h_sample,
+                "center_norm": self.center.norm(),
+                "teacher_temperature": temperatures[0],
+            }
+
+        output = self.output(result.loss, terms)
+        if self.training:  # all ranks' teacher rows when distributed
+            total, count = result.center_total, result.center_count
+            update_center_(self.center, total, count, self.center_momentum, options.distributed)
+        return output
 
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:

@@ -107,14 +107,12 @@ class DINOLoss(CenteredTeacherLoss):
 
         c ← m·c + (1 − m)·mean of the teacher outputs of the batch (all views)
 
-    with the sums all-reduced across ranks under ``gather_distributed``, as the official code
-    (every rank holds the same centre, uneven batches included; without it the ranks' centres
-    drift apart). τ_t warms up as in the official code (``np.linspace``): ``τ_t(e) = τ_w + (τ_t
-    − τ_w)·e/(warmup_epochs − 1)`` for ``e < warmup_epochs``, then τ_t; the epoch, set by
-    :meth:`update_epoch`, is the ``epoch`` buffer, so checkpoints resume exactly. The centre
-    follows each call's batch (see :mod:`embedloss.self_distillation`): gradient accumulation
-    over k micro-batches moves it k times per step (``center_momentum = m**(1/k)`` keeps its
-    time constant), ``GradCache`` once, from the full batch.
+    with the sums all-reduced across ranks under ``gather_distributed``, as the official code (the
+    same centre on every rank, uneven batches included; without it the centres drift apart). τ_t
+    warms up as the official ``np.linspace``: ``τ_t(e) = τ_w + (τ_t − τ_w)·e / (warmup_epochs − 1)``
+    for ``e < warmup_epochs``, then τ_t; the epoch (:meth:`update_epoch`) is the ``epoch`` buffer,
+    so checkpoints resume exactly. Accumulating k micro-batches moves the centre k times per step
+    (:mod:`embedloss.self_distillation`; ``m**(1/k)`` keeps its time constant).
 
     Terms (collapse monitors): ``teacher_entropy`` (of the centred teacher: near 0 when one
     output dominates, near ``log K`` when uniform), ``kl`` (the loss minus that entropy: the
@@ -122,14 +120,11 @@ class DINOLoss(CenteredTeacherLoss):
     with), ``teacher_temperature``.
 
     Args:
-        output_dim: K, the number of outputs of the DINO head (sizes the centre).
         teacher_temperature: τ_t > 0 after the warm-up (default 0.04).
-        student_temperature: τ_s > 0 (default 0.1).
-        center_momentum: m in [0, 1] of the centre's EMA (default 0.9).
         warmup_teacher_temperature: τ_w > 0 at epoch 0, or None for no warm-up (default).
         warmup_epochs: Epochs of linear warm-up of τ_t (default 0).
-        reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"``.
-        gather_distributed: All-reduce the centre's sums; reduce the loss over every rank.
+        **options: ``output_dim`` and the rest, as
+            :class:`~embedloss.self_distillation._teacher.CenteredTeacherLoss`.
 
     Raises:
         ValueError: For τ <= 0, a momentum outside [0, 1], ``output_dim < 1``,
@@ -172,17 +167,11 @@ class DINOLoss(CenteredTeacherLoss):
         start = self.warmup_teacher_temperature
         if start is None or epoch >= warmup:
             return self.teacher_temperature
-        if warmup == 1:
-            return start
-        return start + (self.teacher_temperature - start) * epoch / (warmup - 1)
+        return start + (self.teacher_temperature - start) * epoch / max(warmup - 1, 1)
 
     def compute(self, student_outputs: Views, teacher_outputs: Views) -> LossOutput:
         """Loss and terms for the student's and the teacher's views; then update the centre."""
         return self._output(_dino, student_outputs, teacher_outputs)
-
-    def forward(self, student_outputs: Views, teacher_outputs: Views) -> Tensor:
-        """The DINO loss (see :meth:`compute`); updates the centre in training mode."""
-        return self._run(_dino, student_outputs, teacher_outputs).loss
 
     @classmethod
     def example_inputs(

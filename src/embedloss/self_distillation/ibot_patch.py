@@ -34,14 +34,18 @@ if TYPE_CHECKING:
 __all__ = ["IBOTPatchLoss", "ibot_patch_loss"]
 
 
-def _check_inputs(student: Tensor, teacher: Tensor, mask: Tensor, dim: int | None) -> None:
-    # Only the masked patches are scored: the values of the others are not checked.
+def _ibot(student: Tensor, teacher: Tensor, mask: Tensor, options: TeacherOptions) -> TeacherResult:
+    """Checked, reduced iBOT patch loss and the masked teacher rows its centre follows.
+
+    Only the masked patches are scored: the values of the others are not checked.
+    """
+    center, temperatures = options.center, options.temperatures
     check_embeddings(student, "student_patches", ndim=3, shape="(N, P, K)", finite=False)
     check_embeddings(teacher, "teacher_patches", ndim=3, shape="(N, P, K)", finite=False)
     check_same_shape(student, teacher, "student_patches", "teacher_patches")
-    if dim is not None and student.shape[-1] != dim:
+    if center is not None and student.shape[-1] != center.shape[-1]:
         raise ValueError(
-            f"student_patches must have K={dim} outputs per patch (output_dim), "
+            f"student_patches must have K={center.shape[-1]} outputs per patch (output_dim), "
             f"got {student.shape[-1]}"
         )
     check_tensor(mask, "mask")
@@ -53,12 +57,6 @@ def _check_inputs(student: Tensor, teacher: Tensor, mask: Tensor, dim: int | Non
     for x, name in ((student, "student_patches"), (teacher, "teacher_patches")):
         if on_host(x):
             check_finite(torch.where(mask.unsqueeze(-1), x, 0.0), f"{name} (masked patches)")
-
-
-def _ibot(student: Tensor, teacher: Tensor, mask: Tensor, options: TeacherOptions) -> TeacherResult:
-    """Checked, reduced iBOT patch loss and the masked teacher rows its centre follows."""
-    center, temperatures = options.center, options.temperatures
-    _check_inputs(student, teacher, mask, None if center is None else center.shape[-1])
     dtype = compute_dtype(student, teacher)
     masked = mask.unsqueeze(-1)  # (N, P, 1)
     log_p = teacher_log_probs(teacher, center, temperatures[0], dtype)  # (N, P, K), no grad
@@ -123,20 +121,15 @@ class IBOTPatchLoss(CenteredTeacherLoss):
     """iBOT's masked-patch self-distillation loss with its own centre (Zhou et al. 2022; DINOv2).
 
     See :func:`ibot_patch_loss` for the formula. The centre (a float64 buffer ``center``
-    ``(output_dim,)``, separate from DINO's) follows the teacher outputs of the masked patches,
-    as :class:`DINOLoss`'s follows its views: ``c ← m·c + (1 − m)·mean over the masked patches``
-    after the loss, in training mode only (all ranks with ``gather_distributed``: the exact
-    global mean, where DINOv2 averages the ranks' means); nothing masked leaves it unchanged.
-    Terms: ``teacher_entropy`` (over masked patches), ``kl``, ``center_norm``,
-    ``teacher_temperature``.
+    ``(output_dim,)``, separate from DINO's) follows the teacher outputs of the masked patches, as
+    :class:`DINOLoss`'s follows its views: ``c ← m·c + (1 − m)·mean over the masked patches`` after
+    the loss, in training mode only (all ranks with ``gather_distributed``: the exact global mean,
+    where DINOv2 averages the ranks' means); nothing masked leaves it unchanged. Terms:
+    ``teacher_entropy`` (over masked patches), ``kl``, ``center_norm``, ``teacher_temperature``.
 
     Args:
-        output_dim: K, the number of outputs of the iBOT head (sizes the centre).
-        teacher_temperature: τ_t > 0 (default 0.04).
-        student_temperature: τ_s > 0 (default 0.1).
-        center_momentum: m in [0, 1] of the centre's EMA (default 0.9).
-        reduction: ``"mean"`` over images, ``"sum"`` or ``"none"``.
-        gather_distributed: All-reduce the centre's sums; reduce the loss over every rank.
+        output_dim: K, the number of outputs of the iBOT head; the other arguments are those of
+            :class:`~embedloss.self_distillation._teacher.CenteredTeacherLoss`.
 
     Raises:
         ValueError: For τ <= 0, a momentum outside [0, 1], ``output_dim < 1`` or patch outputs
@@ -154,10 +147,6 @@ class IBOTPatchLoss(CenteredTeacherLoss):
     def compute(self, student_patches: Tensor, teacher_patches: Tensor, mask: Tensor) -> LossOutput:
         """Loss and terms for ``(N, P, K)`` patch outputs and the ``(N, P)`` mask."""
         return self._output(_ibot, student_patches, teacher_patches, mask)
-
-    def forward(self, student_patches: Tensor, teacher_patches: Tensor, mask: Tensor) -> Tensor:
-        """The iBOT patch loss (see :meth:`compute`); updates the centre in training mode."""
-        return self._run(_ibot, student_patches, teacher_patches, mask).loss
 
     @classmethod
     def example_inputs(

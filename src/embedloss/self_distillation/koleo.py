@@ -14,7 +14,7 @@ from embedloss._validation import (
     check_reduction,
     compute_dtype,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.neighbours import nearest_neighbour_index
@@ -90,11 +90,9 @@ def koleo_loss(
 class KoLeoLoss(BaseLoss):
     """KoLeo entropy regulariser: spread embeddings apart (Sablayrolles et al. 2019; DINOv2).
 
-    See :func:`koleo_loss` for the formula. DINOv2 adds it, weighted by 0.1, to the DINO loss
-    of the student's class tokens (each global crop separately).
-
-    Terms: ``nearest_neighbour_distance`` (mean ρ_i), ``min_distance`` (the smallest ρ_i: 0
-    when two embeddings coincide).
+    See :func:`koleo_loss` for the formula. DINOv2 adds it, weighted by 0.1, to the DINO loss of the
+    student's class tokens (each global crop separately). Terms: ``nearest_neighbour_distance``
+    (mean ρ_i), ``min_distance`` (the smallest ρ_i: 0 when two embeddings coincide).
 
     Args:
         eps: ε > 0 in the normalisation and the logarithm (default 1e-8).
@@ -121,12 +119,9 @@ class KoLeoLoss(BaseLoss):
     def compute(self, embeddings: Tensor) -> LossOutput:
         """Loss and terms for ``(N, D)`` embeddings."""
         loss, rho = _koleo(embeddings, self.eps, self.reduction, self.gather_distributed)
-        terms = detached_terms(nearest_neighbour_distance=rho.mean(), min_distance=rho.min())
-        return LossOutput(loss, terms)
-
-    def forward(self, embeddings: Tensor) -> Tensor:
-        """The KoLeo loss of ``(N, D)`` embeddings (see :meth:`compute`)."""
-        return _koleo(embeddings, self.eps, self.reduction, self.gather_distributed)[0]
+        return self.output(
+            loss, lambda: {"nearest_neighbour_distance": rho.mean(), "min_distance": rho.min()}
+        )
 
     @classmethod
     def example_inputs(

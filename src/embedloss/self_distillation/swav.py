@@ -15,7 +15,7 @@ from embedloss._validation import (
     check_reduction,
     compute_dtype,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distillation import Views, cross_view_entropy, stack_views
 from embedloss.ops.sinkhorn import sinkhorn_knopp
@@ -44,8 +44,8 @@ class _Options(NamedTuple):
         )
 
 
-def _crops(high: Views, low: Views, queue: Views | None) -> tuple[Tensor, int, Tensor | None]:
-    """``(views (V, n, K), V_h, queue (V_h, M, K) or None)``, checked, in one compute dtype."""
+def _swav(high: Views, low: Views, queue: Views | None, o: _Options) -> tuple[Tensor, Tensor]:
+    """Checked, reduced SwAV loss and the codes ``(V_h, n, K)`` (no gradient)."""
     h = stack_views(high, "high_resolution_outputs")  # (V_h, n, K)
     k, v_h = h.shape[-1], h.shape[0]
     lo = stack_views(low, "low_resolution_outputs", dim=k, allow_empty=True)
@@ -55,23 +55,15 @@ def _crops(high: Views, low: Views, queue: Views | None) -> tuple[Tensor, int, T
             f"high_resolution_outputs, got {lo.shape[1]} and {h.shape[1]}"
         )
     dtype = compute_dtype(h, lo)
-    views = torch.cat([h.to(dtype), lo.to(dtype)]) if lo.shape[0] > 0 else h
+    views = torch.cat([h.to(dtype), lo.to(dtype)]) if lo.shape[0] > 0 else h  # (V, n, K)
     if views.shape[0] < 2:
         raise ValueError("SwAV needs at least two crops (high- and low-resolution together)")
-    if queue is None:
-        return views, v_h, None
-    q = stack_views(queue, "queue_outputs", dim=k)  # (V_h, M, K)
-    if q.shape[0] != v_h:
+    q = None if queue is None else stack_views(queue, "queue_outputs", dim=k)  # (V_h, M, K)
+    if q is not None and q.shape[0] != v_h:
         raise ValueError(
             f"queue_outputs must hold one (M, K) queue per high-resolution crop ({v_h}), "
             f"got {q.shape[0]}"
         )
-    return views, v_h, q
-
-
-def _swav(high: Views, low: Views, queue: Views | None, o: _Options) -> tuple[Tensor, Tensor]:
-    """Checked, reduced SwAV loss and the codes ``(V_h, n, K)`` (no gradient)."""
-    views, v_h, q = _crops(high, low, queue)
     (v, n, _), codes = views.shape, []
     for i in range(v_h):  # crop i's codes, from its scores and its queue's (if given)
         scores = views[i] if q is None else torch.cat([views[i], q[i].to(views.dtype)])
@@ -151,10 +143,9 @@ class SwAVLoss(BaseLoss):
     the model, and a queue of past features (``queue_outputs``, their scores against the
     current prototypes) to the training loop, as in the official code.
 
-    **Whole-batch codes** (see :mod:`embedloss.self_distillation`): balanced over the batch a
-    call sees (all ranks with ``gather_distributed``, as the official ``distributed_sinkhorn``);
-    under gradient accumulation each micro-batch gets its own, weaker, equipartition (a queue
-    enlarges it); under ``GradCache`` they are the codes of the full batch.
+    **Whole-batch codes** (:mod:`embedloss.self_distillation`): balanced over the batch a call
+    sees (all ranks with ``gather_distributed``, as the official ``distributed_sinkhorn``; under
+    gradient accumulation a weaker equipartition per micro-batch, which a queue enlarges).
 
     Terms: ``code_entropy`` (mean entropy of a sample's code: low when assignments are
     confident), ``cluster_entropy`` (entropy of the batch's mean code: ``log K`` when the
@@ -204,23 +195,14 @@ class SwAVLoss(BaseLoss):
         """Loss and terms for the crops' prototype scores (and optional queue scores)."""
         high, low = high_resolution_outputs, low_resolution_outputs
         loss, codes = _swav(high, low, queue_outputs, self._options)
-        with torch.no_grad():
-            terms = detached_terms(
-                code_entropy=torch.special.entr(codes).sum(-1).mean(),
-                cluster_entropy=torch.special.entr(codes.mean(dim=1)).sum(-1).mean(),
-                temperature=self.temperature,
-            )
-        return LossOutput(loss, terms)
-
-    def forward(
-        self,
-        high_resolution_outputs: Views,
-        low_resolution_outputs: Views = (),
-        queue_outputs: Views | None = None,
-    ) -> Tensor:
-        """The SwAV loss (see :meth:`compute`)."""
-        high, low = high_resolution_outputs, low_resolution_outputs
-        return _swav(high, low, queue_outputs, self._options)[0]
+        return self.output(
+            loss,
+            lambda: {
+                "code_entropy": torch.special.entr(codes).sum(-1).mean(),
+                "cluster_entropy": torch.special.entr(codes.mean(dim=1)).sum(-1).mean(),
+                "temperature": self.temperature,
+            },
+        )
 
     @classmethod
     def example_inputs(

@@ -7,7 +7,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_coefficients, check_positive_float
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.statistics import cross_correlation, off_diagonal, prepare_views
 from embedloss.registry import register_loss
 
@@ -116,16 +116,10 @@ class BarlowTwinsLoss(BaseLoss):
         self.eps = check_positive_float(eps, "eps")
         self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
 
-    def _loss(self, z_a: Tensor, z_b: Tensor) -> tuple[Tensor, BarlowTwinsTerms]:
-        return _barlow_twins(z_a, z_b, self.lambda_coeff, self.eps, self.gather_distributed)
-
     def compute(self, z_a: Tensor, z_b: Tensor) -> LossOutput:
         """Loss and terms for two ``(N, D)`` views."""
-        loss, terms = self._loss(z_a, z_b)
-        return LossOutput(loss, detached_terms(**terms._asdict()))
-
-    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
-        """The Barlow Twins loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
-        return self._loss(z_a, z_b)[0]
+        options = (self.lambda_coeff, self.eps, self.gather_distributed)
+        loss, terms = _barlow_twins(z_a, z_b, *options)
+        return self.output(loss, terms._asdict)
 
     shown = "lambda_coeff eps"

@@ -12,7 +12,7 @@ from embedloss._validation import (
     check_positive_float,
     compute_dtype,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.ops.statistics import check_enough_samples, covariance, off_diagonal
 from embedloss.registry import register_loss
@@ -139,25 +139,20 @@ class DecorrelationLoss(BaseLoss):
         )
         self.eps = check_positive_float(eps, "eps")
 
-    def _penalty(self, z_a: Tensor, z_b: Tensor | None) -> tuple[Tensor, list[Tensor]]:
-        options = (self.use_correlation, self.eps, self.normalize, self.gather_distributed)
-        return _decorrelation({"z_a": z_a, "z_b": z_b}, *options)
-
     def compute(self, z_a: Tensor, z_b: Tensor | None = None) -> LossOutput:
         """Loss and terms for features ``z_a`` ``(N, D)`` and optionally ``z_b`` ``(M, D')``."""
-        penalty, variances = self._penalty(z_a, z_b)
-        with torch.no_grad():
-            var = torch.cat([v.float() for v in variances])  # (ΣD,)
-            terms = detached_terms(
-                decorrelation=penalty,
-                low_variance_fraction=(var < self.low_variance_threshold).float().mean(),
-                min_variance=var.min(),
-                mean_variance=var.mean(),
-            )
-        return LossOutput(self.weight * penalty, terms)
+        options = (self.use_correlation, self.eps, self.normalize, self.gather_distributed)
+        penalty, variances = _decorrelation({"z_a": z_a, "z_b": z_b}, *options)
 
-    def forward(self, z_a: Tensor, z_b: Tensor | None = None) -> Tensor:
-        """The decorrelation loss of ``z_a`` (and ``z_b``), see :meth:`compute`."""
-        return self.weight * self._penalty(z_a, z_b)[0]
+        def terms() -> dict[str, Tensor | float]:
+            var = torch.cat([v.float() for v in variances])  # (ΣD,)
+            return {
+                "decorrelation": penalty,
+                "low_variance_fraction": (var < self.low_variance_threshold).float().mean(),
+                "min_variance": var.min(),
+                "mean_variance": var.mean(),
+            }
+
+        return self.output(self.weight * penalty, terms)
 
     shown = "weight use_correlation eps normalize"

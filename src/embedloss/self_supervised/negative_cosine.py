@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_flags, check_pair, check_same_shape, compute_dtype
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.ops.statistics import variance
@@ -17,8 +17,13 @@ from embedloss.registry import register_loss
 __all__ = ["NegativeCosineLoss", "negative_cosine_loss"]
 
 
-def _check_form(p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None) -> None:
-    """The one-way ``(p_a, z_b)`` or the symmetric form (``symmetric=None``: either)."""
+def _negative_cosine(
+    p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None
+) -> tuple[Tensor, list[Tensor]]:
+    """Checked per-sample losses ``(N,)`` and the unit targets ``ẑ`` of each direction.
+
+    The form is the one-way ``(p_a, z_b)`` or the symmetric one (``symmetric=None``: either).
+    """
     if symmetric and (p_b is None or z_a is None):
         raise ValueError(
             "NegativeCosineLoss(symmetric=True) takes (p_a, z_b, p_b, z_a); p_b and z_a are missing"
@@ -34,22 +39,14 @@ def _check_form(p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None) 
             f"got p_b={'None' if p_b is None else 'a tensor'} and "
             f"z_a={'None' if z_a is None else 'a tensor'}"
         )
-
-
-def _negative_cosine(
-    p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None, symmetric: bool | None
-) -> tuple[Tensor, list[Tensor]]:
-    """Checked per-sample losses ``(N,)`` and the unit targets ``ẑ`` of each direction."""
-    _check_form(p_b, z_a, symmetric)
-    pairs = [("p_a", p_a, "z_b", z_b)]
+    check_pair(p_a, z_b, "p_a", "z_b")
+    pairs = [(p_a, z_b)]
     if p_b is not None and z_a is not None:
-        pairs.append(("p_b", p_b, "z_a", z_a))
-    for name_p, p, name_z, z in pairs:
-        check_pair(p, z, name_p, name_z)
-    if p_b is not None:
+        check_pair(p_b, z_a, "p_b", "z_a")
         check_same_shape(p_a, p_b, "p_a", "p_b")
+        pairs.append((p_b, z_a))
     cosines, targets = [], []
-    for _, p, _, z in pairs:
+    for p, z in pairs:
         dtype = compute_dtype(p, z)
         targets.append(prepare_embeddings(z.detach(), normalize=True, dtype=dtype))  # stop-grad
         p_hat = prepare_embeddings(p, normalize=True, dtype=dtype)
@@ -107,11 +104,10 @@ def negative_cosine_loss(
 class NegativeCosineLoss(BaseLoss):
     """BYOL/SimSiam negative cosine similarity to a stop-gradient target (Chen & He 2021, Eq. 2).
 
-    See :func:`negative_cosine_loss`. With ``symmetric=True`` :meth:`forward` takes
-    ``(p_a, z_b, p_b, z_a)`` and averages both directions; otherwise ``(p_a, z_b)``.
-    Terms: ``cosine_similarity`` (mean over samples and directions) and ``target_std``, the mean
-    over dimensions of the batch standard deviation of the L2-normalised targets (SimSiam
-    monitors it: it falls to 0 under collapse and is about ``1/sqrt(D)`` otherwise).
+    See :func:`negative_cosine_loss`. With ``symmetric=True`` it takes ``(p_a, z_b, p_b, z_a)``
+    and averages both directions; otherwise ``(p_a, z_b)``. Terms: ``cosine_similarity`` (mean
+    over samples and directions), ``target_std`` (mean over dimensions of the batch std of the
+    unit targets: SimSiam's monitor, 0 under collapse, about ``1/sqrt(D)`` otherwise).
 
     Args:
         symmetric: Require and use both directions (default False).
@@ -152,29 +148,17 @@ class NegativeCosineLoss(BaseLoss):
         p_b = (z_b.float() + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
         return (p_a, z_b, p_b, z_a), {}
 
-    def _loss(
-        self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None, z_a: Tensor | None
-    ) -> tuple[Tensor, Tensor, list[Tensor]]:
-        per_sample, targets = _negative_cosine(p_a, z_b, p_b, z_a, self.symmetric)
-        loss = reduce_samples(per_sample, self.reduction, distributed=self.gather_distributed)
-        return loss, per_sample, targets
-
     def compute(
         self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
     ) -> LossOutput:
         """Loss and terms; ``p_b`` and ``z_a`` are required exactly when ``symmetric``."""
-        loss, per_sample, targets = self._loss(p_a, z_b, p_b, z_a)
-        with torch.no_grad():
-            stds = [variance(t, correction=0).sqrt().mean() for t in targets]
-            terms = detached_terms(
-                cosine_similarity=-per_sample.mean(), target_std=sum(stds) / len(stds)
-            )
-        return LossOutput(loss, terms)
+        per_sample, targets = _negative_cosine(p_a, z_b, p_b, z_a, self.symmetric)
+        loss = reduce_samples(per_sample, self.reduction, distributed=self.gather_distributed)
 
-    def forward(
-        self, p_a: Tensor, z_b: Tensor, p_b: Tensor | None = None, z_a: Tensor | None = None
-    ) -> Tensor:
-        """The negative cosine loss (see :meth:`compute`)."""
-        return self._loss(p_a, z_b, p_b, z_a)[0]
+        def terms() -> dict[str, Tensor | float]:
+            stds = [variance(t, correction=0).sqrt().mean() for t in targets]
+            return {"cosine_similarity": -per_sample.mean(), "target_std": sum(stds) / len(stds)}
+
+        return self.output(loss, terms)
 
     shown = "symmetric reduction!r"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_coefficients, check_int, check_positive_float
-from embedloss.base.base_loss import BaseLoss, LossOutput, detached_terms
+from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.statistics import batch_count, batch_sum, covariance, off_diagonal, prepare_views
 from embedloss.registry import register_loss
 
@@ -132,9 +132,8 @@ class VICRegLoss(BaseLoss):
     See :func:`vicreg_loss` for the formula. With ``warmup_steps > 0`` the variance and
     covariance weights are scaled by ``f = min(step / warmup_steps, 1)``, where ``step`` is the
     last value given to :meth:`update_step` (kept in a buffer, so checkpoints resume exactly):
-    the weights grow linearly and reach their full values at ``step = warmup_steps``.
-
-    Terms: ``invariance``, ``variance``, ``covariance`` (unweighted), ``warmup_factor``.
+    the weights grow linearly and reach their full values at ``step = warmup_steps``. Terms:
+    ``invariance``, ``variance``, ``covariance`` (unweighted), ``warmup_factor``.
 
     Args:
         sim_coeff: λ >= 0 (default 25).
@@ -188,11 +187,7 @@ class VICRegLoss(BaseLoss):
         """Loss and terms for two ``(N, D)`` views."""
         factor = self.warmup_factor
         loss, terms = vicreg(z_a, z_b, self.options, factor)
-        return LossOutput(loss, detached_terms(**terms._asdict(), warmup_factor=factor))
-
-    def forward(self, z_a: Tensor, z_b: Tensor) -> Tensor:
-        """The VICReg loss of views ``z_a``, ``z_b`` (see :meth:`compute`)."""
-        return vicreg(z_a, z_b, self.options, self.warmup_factor)[0]
+        return self.output(loss, lambda: {**terms._asdict(), "warmup_factor": factor})
 
     @property
     def gather_distributed(self) -> bool:

@@ -1,4 +1,4 @@
-"""What the scored-pair losses share: input checks, example inputs, ``compute`` and ``forward``."""
+"""What the scored-pair losses share: input checks and example inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_pair, check_tensor
-from embedloss.base.base_loss import BaseLoss, LossOutput
+from embedloss.base.base_loss import BaseLoss
 
 __all__ = ["BaseScoredPairLoss", "check_scored_pairs"]
 
@@ -27,24 +27,9 @@ def check_scored_pairs(embeddings_a: Tensor, embeddings_b: Tensor, scores: Tenso
 class BaseScoredPairLoss(BaseLoss):
     """Base of the losses over scored sentence pairs: a value of the whole batch (no reduction).
 
-    A loss implements :meth:`_call` (its one pure call: the loss and what its terms need) and
-    :meth:`_terms`; ``compute`` returns both, ``forward`` the loss only.
+    A loss implements ``compute(embeddings_a, embeddings_b, scores)``: pairs
+    ``(embeddings_a[i], embeddings_b[i])`` ``(N, D)`` and their ``scores (N,)``.
     """
-
-    def _call(self, a: Tensor, b: Tensor, scores: Tensor) -> tuple[Tensor, Any]:
-        raise NotImplementedError  # pragma: no cover - every subclass defines it
-
-    def _terms(self, extra: Any) -> dict[str, Tensor]:
-        raise NotImplementedError  # pragma: no cover - every subclass defines it
-
-    def compute(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> LossOutput:
-        """Loss and terms for pairs ``(embeddings_a[i], embeddings_b[i])`` and ``scores (N,)``."""
-        loss, extra = self._call(embeddings_a, embeddings_b, scores)
-        return LossOutput(loss, self._terms(extra))
-
-    def forward(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> Tensor:
-        """The loss of the scored pairs (see :meth:`compute`)."""
-        return self._call(embeddings_a, embeddings_b, scores)[0]
 
     @classmethod
     def example_inputs(

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_float, check_positive_float, compute_dtype
-from embedloss.base.base_loss import LossOutput, detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.ops.anchors import PairSpec, reduce_anchor_losses
 from embedloss.ops.info_nce import info_nce
 from embedloss.ops.keywords import keyword_options
@@ -190,11 +190,10 @@ class AnglELoss(BaseScoredPairLoss):
         self._options = _Options.create(**options)
         self.weights, self.scales, self.ibn_threshold, self.gather_distributed = self._options
 
-    def _call(self, a: Tensor, b: Tensor, scores: Tensor) -> LossOutput:
-        return _angle(a, b, scores, self._options)
-
-    def _terms(self, parts: dict[str, Tensor]) -> dict[str, Tensor]:
-        return detached_terms(**parts)
+    def compute(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> LossOutput:
+        """Loss and terms for pairs ``(embeddings_a[i], embeddings_b[i])`` and ``scores (N,)``."""
+        loss, parts = _angle(embeddings_a, embeddings_b, scores, self._options)
+        return self.output(loss, lambda: parts)
 
     def extra_repr(self) -> str:
         """Shown by ``print(loss)``."""

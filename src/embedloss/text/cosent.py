@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from embedloss._validation import check_bool, check_positive_float, compute_dtype
-from embedloss.base.base_loss import detached_terms
+from embedloss.base.base_loss import LossOutput
 from embedloss.ops.ranking import ranking_loss
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.registry import register_loss
@@ -40,10 +40,9 @@ def cosent_loss(
 
         L = log(1 + Σ_{(i, j): s_i > s_j} exp(λ·(cos_j − cos_i)))
 
-    over every ordered pair of pairs with different scores (sentence-transformers'
-    ``CoSENTLoss``). Computed in O(N log N) time and O(N) memory
-    (:func:`~embedloss.ops.ranking.ranking_loss`). A value of the whole batch: there is no
-    per-sample ``reduction``.
+    over every ordered pair of pairs with different scores (sentence-transformers' ``CoSENTLoss``).
+    Computed in O(N log N) time and O(N) memory (:func:`~embedloss.ops.ranking.ranking_loss`). A
+    value of the whole batch: there is no per-sample ``reduction``.
 
     Args:
         embeddings_a: ``(N, D)`` first sentences.
@@ -95,10 +94,10 @@ class CoSENTLoss(BaseScoredPairLoss):
         self.scale = check_positive_float(scale, "scale")
         self.gather_distributed = check_bool(gather_distributed, "gather_distributed")
 
-    def _call(self, a: Tensor, b: Tensor, scores: Tensor) -> tuple[Tensor, Tensor]:
-        return _cosent(a, b, scores, self.scale, self.gather_distributed)
-
-    def _terms(self, cosine: Tensor) -> dict[str, Tensor]:
-        return detached_terms(cosine=cosine.mean())
+    def compute(self, embeddings_a: Tensor, embeddings_b: Tensor, scores: Tensor) -> LossOutput:
+        """Loss and terms for pairs ``(embeddings_a[i], embeddings_b[i])`` and ``scores (N,)``."""
+        options = (self.scale, self.gather_distributed)
+        loss, cosine = _cosent(embeddings_a, embeddings_b, scores, *options)
+        return self.output(loss, lambda: {"cosine": cosine.mean()})
 
     shown = "scale"
