@@ -206,3 +206,26 @@ def test_gather_distributed_is_readable(name):
     # may hold an empty batch): a loss that keeps it inside an options object must expose it.
     assert _build(name, gather_distributed=True).gather_distributed is True
     assert _build(name).gather_distributed is False
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_is_compute_without_building_the_terms(name, monkeypatch):
+    """``forward`` shares ``compute``'s signature and never builds terms; ``compute`` builds
+    every term it returns through ``BaseLoss.output`` (so that ``forward`` can skip them)."""
+    cls = loss_info(name).cls
+    forward, compute = inspect.signature(cls.forward), inspect.signature(cls.compute)
+    assert list(forward.parameters.values()) == list(compute.parameters.values()), name
+    built = []
+    output = BaseLoss.output
+
+    def counting(self, loss, terms):
+        return output(self, loss, lambda: built.append(type(self).__name__) or terms())
+
+    monkeypatch.setattr(BaseLoss, "output", counting)
+    loss = _build(name)
+    args, kwargs, _ = _inputs(name)
+    value = loss(*args, **kwargs)
+    assert built == [], f"{name}: forward built the terms of {built}"
+    out = loss.compute(*args, **kwargs)
+    assert value.shape == out.loss.shape
+    assert built or not out.terms, f"{name}: terms built outside BaseLoss.output"
