@@ -49,7 +49,7 @@ def detached_terms(**values: Tensor | float) -> dict[str, Tensor]:
 
 
 #: ``nn.Module``'s own attributes (registries, hooks): not settings of a loss.
-_MODULE_INTERNALS = (frozenset(nn.Module().__dict__) - {"training"}) | {"loss_only"}
+_MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 
 
 def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -93,7 +93,7 @@ def _loss_only(compute: Callable[..., LossOutput]) -> Callable[..., Tensor]:
         try:
             return compute(self, *args, **kwargs).loss
         finally:
-            object.__setattr__(self, "loss_only", False)
+            self.__dict__.pop("loss_only", None)  # back to the class default: no instance state
 
     signature = inspect.signature(compute)
     forward.__signature__ = signature.replace(return_annotation="Tensor")  # type: ignore[attr-defined]
