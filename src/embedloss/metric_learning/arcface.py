@@ -106,9 +106,7 @@ class ArcFaceLoss(MarginLoss):
     ``target_cosine`` (mean ``cos θ_y``).
 
     Args:
-        scale: s > 0 (default 64).
-        margin: m in ``[0, π/2]`` radians (default 0.5).
-        sub_centers: k >= 1 centres per class (default 1; sub-center ArcFace for k > 1).
+        scale, margin, sub_centers: As :func:`arcface_loss`.
 
     Example:
         >>> loss = ArcFaceLoss(num_classes=10, embedding_dim=16, sub_centers=3)

@@ -102,8 +102,7 @@ class CircleLoss(BasePairLoss):
     negative: what the mean divides by) and ``anchors_without_terms``.
 
     Args:
-        margin: m >= 0 (default 0.25).
-        gamma: γ > 0 (default 256).
+        margin, gamma: As :func:`circle_loss`.
         **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:

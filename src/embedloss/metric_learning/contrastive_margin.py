@@ -101,9 +101,7 @@ class ContrastiveMarginLoss(BasePairLoss):
     divides by) and ``anchors_without_terms``.
 
     Args:
-        margin: m, the distance negatives are pushed beyond (default 0.5).
-        pos_margin: m⁺ < m, the distance positives are pulled within (default 0).
-        squared: ½·hinge² (default True, the paper) or the plain hinge.
+        margin, pos_margin, squared: As :func:`contrastive_margin_loss`.
         **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:

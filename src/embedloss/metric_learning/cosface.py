@@ -72,8 +72,7 @@ class CosFaceLoss(MarginLoss):
     ``loss.parameters()`` to the optimiser. Terms: ``accuracy`` and ``target_cosine``.
 
     Args:
-        scale: s > 0 (default 64).
-        margin: m >= 0 (default 0.35).
+        scale, margin: As :func:`cosface_loss`.
 
     Example:
         >>> loss = CosFaceLoss(num_classes=10, embedding_dim=16)

@@ -122,11 +122,7 @@ class MultiSimilarityLoss(BasePairLoss):
     See :func:`multi_similarity_loss` for the formula. No terms: every anchor counts.
 
     Args:
-        alpha: α > 0 (default 2).
-        beta: β > 0 (default 50).
-        base: λ (default 0.5).
-        mining: Apply the pair mining of Eqs. 5–6 (default True).
-        epsilon: ε >= 0 of the mining (default 0.1).
+        alpha, beta, base, mining, epsilon: As :func:`multi_similarity_loss`.
         **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:

@@ -127,8 +127,7 @@ class ProxyAnchorLoss(BaseProxyLoss):
     ``proxies_with_positives``.
 
     Args:
-        alpha: α > 0 (default 32).
-        delta: δ (default 0.1).
+        alpha, delta: As :func:`proxy_anchor_loss`.
 
     Example:
         >>> loss = ProxyAnchorLoss(num_classes=4, embedding_dim=16)

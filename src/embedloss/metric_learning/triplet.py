@@ -143,8 +143,7 @@ class TripletLoss(BasePairLoss):
     ``anchors_without_terms``.
 
     Args:
-        margin: m >= 0 (default 0.2).
-        mining: ``"batch_hard"`` (default), ``"batch_all"`` or ``"semi_hard"``.
+        margin, mining: As :func:`triplet_loss`.
         **options: As :class:`~embedloss.metric_learning._pairs.BasePairLoss`.
 
     Example:

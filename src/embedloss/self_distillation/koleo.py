@@ -95,9 +95,7 @@ class KoLeoLoss(BaseLoss):
     (mean ρ_i), ``min_distance`` (the smallest ρ_i: 0 when two embeddings coincide).
 
     Args:
-        eps: ε > 0 in the normalisation and the logarithm (default 1e-8).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        gather_distributed: Search neighbours in the batch of every rank; reduce over ranks.
+        eps, reduction, gather_distributed: As :func:`koleo_loss`.
 
     Raises:
         ValueError: For ``eps <= 0``.

@@ -152,11 +152,8 @@ class SwAVLoss(BaseLoss):
     prototypes are used equally), ``temperature``.
 
     Args:
-        temperature: τ > 0 of the predictions (default 0.1).
-        sinkhorn_iterations: Rounds of Sinkhorn–Knopp, >= 1 (default 3).
-        epsilon: ε > 0 of Sinkhorn–Knopp (default 0.05).
-        reduction: ``"mean"`` over samples, ``"sum"`` or ``"none"``.
-        gather_distributed: Codes over the samples of every rank; loss reduced over every rank.
+        temperature, sinkhorn_iterations, epsilon, reduction, gather_distributed: As
+            :func:`swav_loss`.
 
     Raises:
         ValueError: For τ <= 0, ε <= 0 or ``sinkhorn_iterations < 1``.

@@ -66,8 +66,7 @@ def barlow_twins_loss(
         z_b: ``(N, D)`` embeddings of the second view.
         lambda_coeff: λ >= 0, weight of the redundancy-reduction term (default 5e-3, the paper's).
         eps: ε > 0 added to the variance (default 1e-5, BatchNorm's).
-        gather_distributed: Standardise and correlate over the batch of all ranks (exact):
-            every rank returns the single-process loss.
+        gather_distributed: Standardise and correlate over all ranks' batch (exact on every rank).
 
     Shape:
         z_a, z_b: ``(N, D)``; output: scalar.
@@ -93,9 +92,7 @@ class BarlowTwinsLoss(BaseLoss):
     class returned a tuple). Terms: ``on_diagonal`` and ``off_diagonal`` (unweighted sums).
 
     Args:
-        lambda_coeff: λ >= 0 (default 5e-3).
-        eps: ε > 0 added to the per-dimension variance (default 1e-5).
-        gather_distributed: Use the statistics of the batch of all ranks (DDP).
+        lambda_coeff, eps, gather_distributed: As :func:`barlow_twins_loss`.
 
     Raises:
         ValueError: If ``lambda_coeff < 0`` or ``eps <= 0``.

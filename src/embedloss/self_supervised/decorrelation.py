@@ -101,11 +101,8 @@ class DecorrelationLoss(BaseLoss):
 
     Args:
         weight: Multiplier >= 0 of the penalty (default 1).
-        use_correlation: Correlation (default) or covariance matrix.
-        eps: ε > 0 added to variances in the correlation (default 1e-5).
-        normalize: L2-normalise rows first (default False; the legacy loss did).
         low_variance_threshold: Variance below which a dimension counts as collapsed (default 1e-4).
-        gather_distributed: Use the statistics of the batch of all ranks (DDP).
+        use_correlation, eps, normalize, gather_distributed: As :func:`decorrelation_loss`.
 
     Raises:
         ValueError: For a negative ``weight`` or threshold, or ``eps <= 0``.

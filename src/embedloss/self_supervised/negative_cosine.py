@@ -111,8 +111,7 @@ class NegativeCosineLoss(BaseLoss):
 
     Args:
         symmetric: Require and use both directions (default False).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        gather_distributed: Count the samples of all ranks in the mean (DDP, uneven batches).
+        reduction, gather_distributed: As :func:`negative_cosine_loss`.
 
     Raises:
         ValueError: In :meth:`forward`, when the inputs do not match ``symmetric``.

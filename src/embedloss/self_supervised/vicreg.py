@@ -136,12 +136,8 @@ class VICRegLoss(BaseLoss):
     ``invariance``, ``variance``, ``covariance`` (unweighted), ``warmup_factor``.
 
     Args:
-        sim_coeff: λ >= 0 (default 25).
-        var_coeff: μ >= 0 (default 25).
-        cov_coeff: ν >= 0 (default 1).
-        eps: ε > 0 in ``sqrt(var + ε)`` (default 1e-4).
         warmup_steps: Steps of linear warm-up of μ and ν (default 0: none).
-        gather_distributed: Use the statistics of the batch of all ranks (DDP).
+        sim_coeff, var_coeff, cov_coeff, eps, gather_distributed: As :func:`vicreg_loss`.
 
     Raises:
         ValueError: For negative coefficients, ``eps <= 0`` or ``warmup_steps < 0``.

@@ -168,14 +168,8 @@ class AnglELoss(BaseScoredPairLoss):
     Terms: the unweighted parts ``cosine``, ``ibn``, ``angle`` (those with a non-zero weight).
 
     Args:
-        cosine_weight: w₁ >= 0 (default 1).
-        ibn_weight: w₂ >= 0 (default 1).
-        angle_weight: w₃ >= 0 (default 1).
-        cosine_scale: λ₁ > 0 (default 20).
-        ibn_scale: λ₂ > 0 (default 20).
-        angle_scale: λ₃ > 0 (default 20).
-        ibn_threshold: Scores at or above it make a pair a positive of ``L_ibn`` (default 1).
-        gather_distributed: Rank and contrast the pairs of every rank together (DDP).
+        cosine_weight, ibn_weight, angle_weight, cosine_scale, ibn_scale: As :func:`angle_loss`.
+        angle_scale, ibn_threshold, gather_distributed: As :func:`angle_loss`.
 
     Example:
         >>> loss = AnglELoss(ibn_weight=0.0)

@@ -79,8 +79,7 @@ class CoSENTLoss(BaseScoredPairLoss):
     ``reduction``). Terms: ``cosine`` (mean cosine of the pairs).
 
     Args:
-        scale: λ > 0 (default 20, sentence-transformers' default).
-        gather_distributed: Rank the pairs of every rank together (DDP).
+        scale, gather_distributed: As :func:`cosent_loss`.
 
     Example:
         >>> loss = CoSENTLoss()
