@@ -194,9 +194,8 @@ class DCLLoss(BaseContrastiveLoss):
     negative), ``positive_similarity`` (mean cosine of the two views), ``temperature``.
 
     Args:
-        temperature: τ > 0 (default 0.1).
-        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
+        temperature, reduction, normalize, chunk_size, gather_distributed: As :func:`dcl_loss`.
+        **options: ``learnable_temperature``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = DCLLoss(temperature=0.2)
@@ -222,10 +221,9 @@ class DCLWLoss(DCLLoss):
     See :func:`dclw_loss` for the formula; terms as :class:`DCLLoss`.
 
     Args:
-        temperature: τ > 0 (default 0.1).
-        sigma: σ > 0 of the von Mises–Fisher weighting (default 0.5).
-        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
+        temperature, sigma, reduction, normalize, chunk_size, gather_distributed: As
+            :func:`dclw_loss`.
+        **options: ``learnable_temperature``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = DCLWLoss(sigma=0.5)

@@ -144,10 +144,7 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
         max_temperature: Upper clamp / start of the cosine schedule (default 0.2).
         schedule: ``"gap"`` (default) or ``"cosine"``.
         ema_momentum: ``m`` in [0, 1) to smooth the gap-driven τ, or None (default, no EMA).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-        normalize: L2-normalise inputs (default True).
-        chunk_size: Core tiling (``None``, an int or ``"auto"``).
-        gather_distributed: Use the embeddings of all ranks (the same τ on every rank).
+        reduction, normalize, chunk_size, gather_distributed: As :func:`dynamic_temperature_loss`.
 
     Raises:
         ValueError: For temperatures <= 0, min > max, an unknown schedule, ``ema_momentum``

@@ -154,14 +154,10 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss, temperature
     ``hard_negative_fraction`` (share of negatives up-weighted), ``temperature``.
 
     Args:
-        temperature: τ > 0 (default 0.07).
-        strategy: ``"none"``, ``"hard"``, ``"semi_hard"`` (default) or ``"beta"``.
-        hard_negative_factor: Weight >= 1 of mined negatives (default 2.0).
-        percentile: Row quantile of the ``"hard"`` strategy (default 0.9).
-        margin: Window of the ``"semi_hard"`` strategy (default 0.2).
-        beta: Concentration of the ``"beta"`` strategy (default 1.0).
-        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
+        temperature, strategy, hard_negative_factor, percentile, margin, beta: As
+            :func:`hard_negative_loss`.
+        reduction, normalize, chunk_size, gather_distributed: As :func:`hard_negative_loss`.
+        **options: ``learnable_temperature``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = HardNegativeLoss(strategy="hard", hard_negative_factor=3.0)

@@ -154,9 +154,8 @@ class InfoNCELoss(BaseContrastiveLoss):
     (the positive scores highest), ``positive_similarity``, ``temperature``.
 
     Args:
-        temperature: τ > 0 (default 0.1).
-        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
+        temperature, reduction, normalize, chunk_size, gather_distributed: As :func:`info_nce_loss`.
+        **options: ``learnable_temperature``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> loss = InfoNCELoss()

@@ -263,14 +263,10 @@ class MoCoLoss(BaseContrastiveLoss):
     ``temperature``; with ``symmetric``, ``loss_query_to_key`` and ``loss_key_to_query``.
 
     Args:
-        temperature: τ > 0 (default 0.2, MoCo v2).
+        temperature, in_batch_negatives, symmetric, queue_positives, gather_distributed: As
+            :func:`moco_loss`.
         queue_size: K, the number of past keys kept (default 65536).
-        in_batch_negatives: Also use the other keys of the batch as negatives.
-        symmetric: Also score key→query against a queue of past queries; average directions.
-        queue_positives: Same-label queue entries (and in-batch keys) are extra positives
-            rather than excluded negatives; every call then needs labels.
         learnable_temperature: Learn ``logit_scale = log(1/τ)`` (clamped at 100).
-        gather_distributed: Gather keys (and queries, labels) from all ranks; enqueue them all.
 
     Raises:
         ValueError: For ``queue_size < 1``, τ <= 0, a batch larger than the queue, a key size

@@ -152,11 +152,9 @@ class NNCLRLoss(BaseContrastiveLoss):
     labels and a fully labelled queue, ``nn_accuracy`` (the neighbour has the view's label).
 
     Args:
-        temperature: τ > 0 (default 0.1, NNCLR).
+        temperature, reduction, normalize, chunk_size, gather_distributed: As :func:`nnclr_loss`.
         queue_size: Rows of the support set (default 98304, NNCLR).
-        gather_distributed: Use the keys of all ranks; enqueue the views of all ranks.
-        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``: as
-            :class:`~embedloss.base.BaseContrastiveLoss`.
+        **options: ``learnable_temperature``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Raises:
         ValueError: For τ <= 0, ``queue_size < 1``, a batch larger than the queue, an
@@ -191,9 +189,8 @@ class NNCLRLoss(BaseContrastiveLoss):
         stored = None
         if not self.loss_only and labels is not None and queue.fully_labeled:
             stored = queue.entry_labels()
-            stored = (
-                None if stored is None else stored.clone()
-            )  # this batch's enqueue overwrites it
+            # A clone: this batch's enqueue overwrites the queue's labels.
+            stored = None if stored is None else stored.clone()
         support = queue.entries(z_a.shape[1])
         result = _nnclr(z_a, z_b, p_a, p_b, support, labels, self.options())
         if self.training:

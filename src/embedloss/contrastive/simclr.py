@@ -75,9 +75,8 @@ class SimCLRLoss(BaseContrastiveLoss, temperature=0.5):
     its positive), ``positive_similarity`` (mean cosine of the two views), ``temperature``.
 
     Args:
-        temperature: τ > 0 (default 0.5, SimCLR's CIFAR setting).
-        **options: ``learnable_temperature``, ``reduction``, ``normalize``, ``chunk_size``,
-            ``gather_distributed``: as :class:`~embedloss.base.BaseContrastiveLoss`.
+        temperature, reduction, normalize, chunk_size, gather_distributed: As :func:`simclr_loss`.
+        **options: ``learnable_temperature``: as :class:`~embedloss.base.BaseContrastiveLoss`.
 
     Example:
         >>> import torch
