@@ -39,11 +39,7 @@ def detached_terms(**values: Tensor | float) -> dict[str, Tensor]:
     device = next((v.device for v in values.values() if isinstance(v, Tensor)), None)
     out: dict[str, Tensor] = {}
     for key, value in values.items():
-        t = (
-            value.detach()
-            if isinstance(value, Tensor)
-            else torch.tensor(float(value), device=device)
-        )
+        t = value.detach() if isinstance(value, Tensor) else torch.tensor(value, device=device)
         out[key] = t.float().mean() if t.numel() != 1 else t.float().reshape(())
     return out
 
@@ -158,8 +154,7 @@ class BaseLoss(nn.Module):
         """Set up a subclass: its call guard, its constructor's signature and defaults.
 
         A subclass that defines ``compute`` and no ``forward`` gets one from it (same signature,
-        the loss alone, the terms not built). ``compute`` and ``forward`` are then wrapped
-        (:func:`_guarded`): with
+        the loss alone, the terms not built). Both are then wrapped (:func:`_guarded`): with
         ``gather_distributed`` and a process group, every rank first agrees on the loss's
         options and its inputs' structure (one small collective; a disagreement, or an error on
         one rank, is the same ``ValueError`` on every rank, never a hang); ``compute``'s terms
@@ -198,8 +193,8 @@ class BaseLoss(nn.Module):
         """What ranks must share: the loss's plain settings and its fixed scalar buffers.
 
         Plain attributes (numbers, strings, flags, tuples and mappings of them, options
-        dataclasses, the training mode) and the values of 0-d float64 buffers (a fixed τ, a fixed bias). Read only under
-        ``gather_distributed``, where the ranks synchronise anyway.
+        dataclasses, the training mode) and the values of 0-d float64 buffers (a fixed τ or
+        bias). Read only under ``gather_distributed``, where the ranks synchronise anyway.
         """
         plain = (bool, int, float, str, type(None), tuple, Mapping)
         settings: dict[str, Any] = {
