@@ -248,12 +248,11 @@ class MoCoLoss(BaseContrastiveLoss):
     * the queue **starts empty**; only filled entries are scored (no random initialisation);
     * keys are enqueued **after** the loss, FIFO (a batch may wrap around), in training only;
     * with ``gather_distributed`` the keys of every rank are enqueued, in rank order;
-    * with ``labels`` the queue stores them; same-label entries are masked as false negatives,
-      or, with ``queue_positives=True``, are extra positives (as pytorch-metric-learning's
-      ``CrossBatchMemory``). Passing labels while entries enqueued without them are queued
-      raises (call :meth:`reset_queue`).
+    * with ``labels`` the queue stores them (same-label entries: as :func:`moco_loss`);
+      passing labels while entries enqueued without them are queued raises (call
+      :meth:`reset_queue`);
+    * it is allocated on the first call, with the keys' size, device and compute dtype.
 
-    The queue is allocated on the first call, with the keys' size, device and compute dtype.
     No temperature warm-up (the legacy ``MemoryQueueContrastiveLoss`` eased τ from 1.3·τ).
     For the EMA key encoder see :class:`~embedloss.contrastive.MomentumEncoder`.
 
@@ -378,11 +377,10 @@ class MoCoLoss(BaseContrastiveLoss):
         if labels is not None:
             self.queue_labels[slots] = labels.to(self.queue_labels.dtype)
         self.queue_labeled[slots] = labels is not None
-        flag, end = bytes([labels is not None]), ptr + b
-        self._labeled_host[ptr : min(end, size)] = flag * (min(end, size) - ptr)
-        if end > size:  # wrapped around
-            self._labeled_host[: end - size] = flag * (end - size)
-        self._set_counter("queue_ptr", end % size)
+        flags, head = bytes([labels is not None]) * b, min(b, size - ptr)
+        self._labeled_host[ptr : ptr + head] = flags[:head]
+        self._labeled_host[: b - head] = flags[head:]  # the keys that wrapped around
+        self._set_counter("queue_ptr", (ptr + b) % size)
         self._set_counter("queue_count", min(self._counter("queue_count") + b, size))
 
     def _adopt_stored_queue(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
