@@ -50,10 +50,11 @@ def _direction(
         positive, _ = pair_masks(spec, rows, cols)
         log_w = hard_negative_log_weights(cosine, positive, mining)
         hard = ((log_w > 0) & ~positive).sum() / (~positive).sum().clamp(min=1)
+    scale = options.scale_as(query.dtype)
     result = info_nce(
         query,
         global_keys,
-        options.scale_as(query.dtype),
+        scale,
         spec,
         negative_log_weights=log_w,
         chunk_size=options.chunk_size,

@@ -377,10 +377,11 @@ class MoCoLoss(BaseContrastiveLoss):
         if labels is not None:
             self.queue_labels[slots] = labels.to(self.queue_labels.dtype)
         self.queue_labeled[slots] = labels is not None
-        flags, head = bytes([labels is not None]) * b, min(b, size - ptr)
-        self._labeled_host[ptr : ptr + head] = flags[:head]
-        self._labeled_host[: b - head] = flags[head:]  # the keys that wrapped around
-        self._set_counter("queue_ptr", (ptr + b) % size)
+        flag, end = bytes([labels is not None]), ptr + b
+        self._labeled_host[ptr : min(end, size)] = flag * (min(end, size) - ptr)
+        if end > size:  # wrapped around
+            self._labeled_host[: end - size] = flag * (end - size)
+        self._set_counter("queue_ptr", end % size)
         self._set_counter("queue_count", min(self._counter("queue_count") + b, size))
 
     def _adopt_stored_queue(self, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
