@@ -23,11 +23,7 @@ from embedloss.ops.schedules import cosine_schedule
 from embedloss.ops.similarity import SimilarityGap, similarity_gap
 from embedloss.registry import register_loss
 
-__all__ = [
-    "DynamicTemperatureLoss",
-    "dynamic_temperature_loss",
-    "gap_temperature",
-]
+__all__ = ["DynamicTemperatureLoss", "dynamic_temperature_loss", "gap_temperature"]
 
 SCHEDULES = ("gap", "cosine")
 
@@ -37,17 +33,15 @@ def gap_temperature(
 ) -> Tensor | float:
     """The legacy rule ``τ = clamp(τ₀·(0.8 + 0.4·exp(−2·gap)), τ_min, τ_max)``.
 
-    A tensor gap gives a tensor τ (computed on its device: no host synchronisation), a float a
-    float.
+    A tensor gap gives a tensor τ (on its device: no host synchronisation), a float a float.
 
     Example:
         >>> round(gap_temperature(0.0, 0.07, 0.04, 0.2), 6)  # no gap: 1.2·τ₀
         0.084
     """
     g = gap if isinstance(gap, Tensor) else torch.tensor(float(gap), dtype=torch.float64)
-    tau = (base_temperature * (0.8 + 0.4 * torch.exp(-2.0 * g))).clamp(
-        min_temperature, max_temperature
-    )
+    tau = base_temperature * (0.8 + 0.4 * torch.exp(-2.0 * g))
+    tau = tau.clamp(min_temperature, max_temperature)
     return tau if isinstance(gap, Tensor) else float(tau)
 
 
@@ -133,10 +127,9 @@ class DynamicTemperatureLoss(NormalizationMixin, BaseLoss):
 
     set by :meth:`update_step` ``(k, K)`` (cosine annealing as in Loshchilov & Hutter 2017,
     SGDR, Eq. 5, without restarts); ``base_temperature`` is then unused. In both modes the loss
-    equals :func:`~embedloss.multimodal.clip_loss` at the reported ``temperature`` term.
-
-    Terms: ``temperature``, ``similarity_gap``, ``positive_similarity``,
-    ``negative_similarity`` (mean cosines), ``loss_a_to_b``, ``loss_b_to_a``, ``accuracy``.
+    equals :func:`~embedloss.multimodal.clip_loss` at the reported ``temperature`` term. Terms:
+    ``temperature``, ``similarity_gap``, ``positive_similarity``, ``negative_similarity`` (mean
+    cosines), ``loss_a_to_b``, ``loss_b_to_a``, ``accuracy``.
 
     Args:
         base_temperature: τ₀ > 0 of the gap rule (default 0.07).

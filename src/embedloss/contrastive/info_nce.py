@@ -51,8 +51,7 @@ def _shared_negatives_spec(n: int, m: int, device: torch.device) -> PairSpec:
     Other queries' positives are not negatives here: every query and positive key gets one
     label and the negatives another, and same-label non-positives leave the denominator.
     """
-    group = torch.cat([torch.zeros(n, dtype=torch.long), torch.ones(m, dtype=torch.long)])
-    group = group.to(device)
+    group = (torch.arange(n + m, device=device) >= n).long()  # 0: query and positive, 1: negative
     return PairSpec(
         positive_index=torch.arange(n, device=device),
         query_labels=group[:n],
@@ -66,8 +65,7 @@ def _per_query(q: Tensor, p: Tensor, neg: Tensor, scale: Tensor | float) -> Anch
     pos_logit = (q * p).sum(-1, keepdim=True)  # (N, 1)
     neg_logits = torch.einsum("nd,nmd->nm", q, neg)  # (N, M)
     logits = torch.cat([pos_logit, neg_logits], dim=1) * scale  # (N, 1 + M)
-    positive = torch.zeros_like(logits, dtype=torch.bool)
-    positive[:, 0] = True
+    positive = (torch.arange(logits.shape[1], device=logits.device) == 0).expand_as(logits)
     return anchor_losses_from_logits(logits, positive, torch.ones_like(positive))
 
 

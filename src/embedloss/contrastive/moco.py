@@ -248,12 +248,11 @@ class MoCoLoss(BaseContrastiveLoss):
     * the queue **starts empty**; only filled entries are scored (no random initialisation);
     * keys are enqueued **after** the loss, FIFO (a batch may wrap around), in training only;
     * with ``gather_distributed`` the keys of every rank are enqueued, in rank order;
-    * with ``labels`` the queue stores them; same-label entries are masked as false negatives,
-      or, with ``queue_positives=True``, are extra positives (as pytorch-metric-learning's
-      ``CrossBatchMemory``). Passing labels while entries enqueued without them are queued
-      raises (call :meth:`reset_queue`).
+    * with ``labels`` the queue stores them (same-label entries: as :func:`moco_loss`);
+      passing labels while entries enqueued without them are queued raises (call
+      :meth:`reset_queue`);
+    * it is allocated on the first call, with the keys' size, device and compute dtype.
 
-    The queue is allocated on the first call, with the keys' size, device and compute dtype.
     No temperature warm-up (the legacy ``MemoryQueueContrastiveLoss`` eased τ from 1.3·τ).
     For the EMA key encoder see :class:`~embedloss.contrastive.MomentumEncoder`.
 

@@ -186,11 +186,9 @@ class NNCLRLoss(BaseContrastiveLoss):
         queue, fill = self.queue, self.queue.fill
         check_pair(z_a, z_b, "z_a", "z_b", labels)
         queue.check_batch(z_a, "z_a")
-        stored = None
-        if not self.loss_only and labels is not None and queue.fully_labeled:
-            stored = queue.entry_labels()
-            # A clone: this batch's enqueue overwrites the queue's labels.
-            stored = None if stored is None else stored.clone()
+        labelled = not self.loss_only and labels is not None and queue.fully_labeled
+        stored = queue.entry_labels() if labelled else None
+        stored = None if stored is None else stored.clone()  # the enqueue overwrites the labels
         support = queue.entries(z_a.shape[1])
         result = _nnclr(z_a, z_b, p_a, p_b, support, labels, self.options())
         if self.training:
