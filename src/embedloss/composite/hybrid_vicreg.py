@@ -124,13 +124,12 @@ class HybridVICRegLoss(BaseContrastiveLoss):
     and the loss is :func:`hybrid_vicreg_loss` at α. VICReg's variance and covariance weights
     warm up over ``warmup_steps`` counted from ``s₀`` (VICReg starts mattering there).
 
-    **Adaptive transition.** In training mode each forward records the alignment gap of its
-    batch — mean cosine of matched pairs minus mean cosine of all other pairs, computed in
-    O(N·D) — in a buffer (averaged over ranks with ``gather_distributed``). The next
-    :meth:`update_step` moves ``s₀`` to that step if the gap exceeds ``min_alignment_gap``.
-
-    All state (step, transition start, recorded gap) lives in buffers, ``current_phase``
-    included (derived): a ``state_dict`` round-trip resumes the schedule exactly.
+    **Adaptive transition.** In training mode each call records its batch's alignment gap (mean
+    cosine of matched pairs minus that of all other pairs, O(N·D); averaged over ranks with
+    ``gather_distributed``) in a buffer; the next :meth:`update_step` moves ``s₀`` to that step
+    if the gap exceeds ``min_alignment_gap``. All state (step, transition start, recorded gap)
+    lives in buffers (``current_phase`` is derived): a ``state_dict`` round-trip resumes the
+    schedule exactly.
 
     Terms: ``contrastive`` and ``vicreg`` (the two losses), ``invariance``, ``variance``,
     ``covariance`` (VICReg's unweighted terms), ``transition_progress`` (α), ``warmup_factor``,

@@ -20,7 +20,7 @@ from embedloss.ops.info_nce import (
     nt_xent,
     paired_symmetric,
 )
-from embedloss.ops.supcon import multi_view_contrast
+from embedloss.ops.supcon import supcon_views
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -48,12 +48,9 @@ def _mixed(
     weights: dict[str, float],
 ) -> tuple[Tensor, dict[str, Tensor], tuple[AnchorLosses, ...]]:
     """The weighted sum, the reduced parts (``"supcon"`` only with ``labels``), CLIP's anchors."""
-    check_pair(image_embeddings, text_embeddings, *NAMES)
-    n = image_embeddings.shape[0]
-    if labels is not None:
-        check_labels(labels, n)
+    check_pair(image_embeddings, text_embeddings, *NAMES, labels)
     if pair_labels is not None:
-        check_labels(pair_labels, n, "pair_labels")
+        check_labels(pair_labels, image_embeddings.shape[0], "pair_labels")
     img, txt = options.prepare(image_embeddings, text_embeddings)
     prepared = dataclasses.replace(options, normalize=False)
     clip = paired_symmetric(img, txt, pair_labels, prepared, NAMES)
@@ -61,15 +58,7 @@ def _mixed(
     parts = {"clip": clip.loss, "nt_xent": _per_pair(nt.loss, options.reduction)}
     if labels is not None:
         views = torch.stack([img, txt], dim=1)  # (N, 2, D): anchors [images; texts]
-        supcon = multi_view_contrast(
-            views,
-            labels,
-            None,
-            options.scale_as(img.dtype),
-            chunk_size=options.chunk_size,
-            gather_distributed=options.gather_distributed,
-            reduced=options.reduced,
-        )
+        supcon = supcon_views(views, labels, None, options)
         parts["supcon"] = _per_pair(options.reduce(supcon), options.reduction)
     return weighted_sum(parts, weights), parts, clip.anchors
 

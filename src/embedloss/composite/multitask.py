@@ -52,11 +52,10 @@ class MultitaskLoss(PartsLoss):
 
     A task absent from ``inputs`` or ``targets`` is an error unless ``allow_missing=True``,
     which skips it (it adds nothing and its dynamic statistics are not updated); a key naming
-    no task is always an error (typos are not silently ignored). Task losses must share one
-    shape (scalar with ``"mean"``/``"sum"``). Terms: ``"<task>/loss"``, ``"<task>/weight"`` (the
-    factor multiplying ``L_t``: ``w_t``, ``w_t·λ_t`` or ``w_t·exp(−s_t)``), ``"<task>/<term>"``
-    for the task loss's own terms, and ``"<task>/log_variance"`` with ``"uncertainty"``. Hooks
-    are forwarded to the task losses.
+    no task is always an error. Task losses must share one shape (scalar with ``"mean"`` or
+    ``"sum"``). Terms: ``"<task>/loss"``, ``"<task>/weight"`` (the factor on ``L_t``: ``w_t``,
+    ``w_t·λ_t`` or ``w_t·exp(−s_t)``), ``"<task>/<term>"`` for the task loss's own terms, and
+    ``"<task>/log_variance"`` with ``"uncertainty"``. Hooks are forwarded to the task losses.
 
     Args:
         losses: Mapping of task names to modules, configs or registry names.

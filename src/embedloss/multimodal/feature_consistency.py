@@ -140,23 +140,20 @@ def _label(name: str, modality: str) -> str:
 class FeatureConsistencyLoss(BaseLoss):
     """Feature consistency with frozen reference models, for one or several modalities.
 
-    See :func:`feature_consistency_loss` for the distances. Two ways to give the reference:
+    See :func:`feature_consistency_loss` for the distances. The reference is given as tensors,
+    ``loss(features, reference_features)`` (or mappings modality → tensor), or as models,
+    ``FeatureConsistencyLoss(reference_models=...)`` then ``loss(features, inputs=...)``: the
+    reference features are then ``reference_models[m](inputs[m])`` under ``torch.no_grad()``.
+    A bare module/tensor is the modality ``"default"``. Several modalities give
+    ``Σ_m weights[m]·L_m`` (weight 1 where not given); an explicit ``reference_features[m]``
+    takes precedence over ``reference_models[m]``.
 
-    * ``loss(features, reference_features)``: tensors, or mappings modality → tensor;
-    * ``FeatureConsistencyLoss(reference_models=...)`` then ``loss(features, inputs=...)``: the
-      reference features are ``reference_models[m](inputs[m])``, computed under
-      ``torch.no_grad()``. A bare module/tensor is the modality ``"default"``.
-
-    For several modalities the loss is ``Σ_m weights[m]·L_m`` (weight 1 where not given); an
-    explicit ``reference_features[m]`` takes precedence over ``reference_models[m]``.
-
-    Reference models are frozen (``requires_grad=False``, kept in eval mode by ``loss.train()``,
-    never given a gradient). As submodules they follow ``loss.to()``, ``state_dict()`` saves
+    Reference models are frozen: ``requires_grad=False``, never given a gradient, kept in eval
+    mode by ``loss.train()``. As submodules they follow ``loss.to()``, ``state_dict()`` saves
     them (``reference_models.<m>.*``) and they **do** appear in ``loss.parameters()``
-    (optimisers skip them, their gradient being always ``None``; or filter on
-    ``p.requires_grad``). ``copy_reference_models=True`` (default) freezes a deep copy, a
-    snapshot at construction, leaving the given modules trainable; ``False`` freezes the given
-    modules in place (when they already are a separate copy).
+    (optimisers skip them, their gradient being ``None``; or filter on ``p.requires_grad``).
+    ``copy_reference_models=True`` (default) freezes a deep copy made at construction, leaving
+    the given modules trainable; ``False`` freezes them in place (already a separate copy).
 
     Terms: ``consistency`` (single tensor), or ``consistency_<m>`` per modality (unweighted).
 
@@ -285,8 +282,8 @@ class FeatureConsistencyLoss(BaseLoss):
     ) -> LossOutput:
         """``Σ_m weights[m]·reduce(d_m)`` and terms; ``features``' form sets the others' form.
 
-        With a tensor, ``reference_features`` is a tensor and ``inputs`` is passed as-is to the
-        single reference model; with a mapping, both are mappings keyed by modality.
+        With a tensor, ``reference_features`` is a tensor and ``inputs`` goes as-is to the single
+        reference model; with a mapping, both are mappings keyed by modality.
         """
         distances = self._distances(features, reference_features, inputs)
         losses = [

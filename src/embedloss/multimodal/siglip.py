@@ -141,10 +141,10 @@ class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
 
     See :func:`siglip_loss` for the formula (Zhai et al. 2023, Eq. 1). The temperature is stored
     as ``logit_scale = log(1/τ)`` (the paper's ``t'``; default ``log 10``), clamped at 100, and
-    the bias as ``logit_bias``; each is an ``nn.Parameter`` when learnable, else a buffer. The
-    ``negative_only`` argument of :meth:`compute` / :meth:`forward` makes every pair a negative
-    (a block of another rank's texts). Terms: ``accuracy`` (an image's top-scoring text is a positive),
-    ``positive_similarity``, ``negative_similarity``, ``temperature``, ``bias``.
+    the bias as ``logit_bias``; each is an ``nn.Parameter`` when learnable, else a buffer.
+    ``negative_only=True`` in a call makes every pair a negative (a block of another rank's
+    texts; see :func:`siglip_loss`). Terms: ``accuracy`` (an image's top-scoring text is a
+    positive), ``positive_similarity``, ``negative_similarity``, ``temperature``, ``bias``.
 
     Args:
         temperature, bias: Initial τ > 0 (default 0.1) and logit bias (default −10).
@@ -193,10 +193,7 @@ class SigLIPLoss(BaseContrastiveLoss, learnable_temperature=True):
         *,
         negative_only: bool = False,
     ) -> LossOutput:
-        """Loss and terms; ``logit_scale``/``logit_bias`` (0-d) override the module's own.
-
-        ``negative_only`` makes every pair a negative (see :func:`siglip_loss`).
-        """
+        """Loss and terms; ``logit_scale``/``logit_bias`` (0-d) override the module's own."""
         bias = self.logit_bias if logit_bias is None else check_tensor(logit_bias, "logit_bias")
         if bias.numel() != 1:
             raise ValueError(f"logit_bias must be a scalar tensor, got shape {tuple(bias.shape)}")

@@ -21,7 +21,7 @@ from embedloss.ops.anchors import (
     pair_masks,
 )
 from embedloss.ops.distributed import gather_with_grad
-from embedloss.ops.info_nce import info_nce
+from embedloss.ops.info_nce import ContrastiveOptions, info_nce
 from embedloss.ops.similarity import similarity_matrix
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "cross_contrast",
     "multi_view_contrast",
     "positive_mask_from_multi_hot",
+    "supcon_views",
 ]
 
 
@@ -195,6 +196,26 @@ def multi_view_contrast(
         self_index=query_ids + offsets,
         chunk_size=chunk_size,
         reduced=reduced,
+    )
+
+
+def supcon_views(
+    embeddings: Tensor,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    options: ContrastiveOptions,
+    contrast_mode: str = "all",
+) -> AnchorLosses:
+    """:func:`multi_view_contrast` at the scale, tiling, gathering and reduction of ``options``."""
+    return multi_view_contrast(
+        embeddings,
+        labels,
+        mask,
+        options.scale_as(embeddings.dtype),
+        contrast_mode=contrast_mode,
+        chunk_size=options.chunk_size,
+        gather_distributed=options.gather_distributed,
+        reduced=options.reduced,
     )
 
 

@@ -7,16 +7,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from embedloss._validation import (
-    check_choice,
-    check_embeddings,
-    check_optional_positive,
-    check_same_shape,
-)
+from embedloss._validation import check_choice, check_optional_positive, check_pair
 from embedloss.base.base_loss import LossOutput
 from embedloss.ops.anchors import AnchorLosses, mean_accuracy, reduce_anchor_losses
 from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
-from embedloss.ops.supcon import check_supervision, cross_contrast, multi_view_contrast
+from embedloss.ops.supcon import check_supervision, cross_contrast, supcon_views
 from embedloss.registry import register_loss
 from embedloss.supervised.supcon import SupConOptionsLoss
 
@@ -49,31 +44,24 @@ def _cross_modal_supcon(
     The parts of ``contrast_mode`` are computed: images among images, texts among texts,
     images against texts and the reverse.
     """
-    check_embeddings(image_embeddings, "image_embeddings")
-    check_embeddings(text_embeddings, "text_embeddings")
-    check_same_shape(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
+    check_pair(image_embeddings, text_embeddings, "image_embeddings", "text_embeddings")
     check_choice(contrast_mode, "contrast_mode", CROSS_MODAL_MODES)
     labels = check_supervision(labels, mask, image_embeddings.shape[0])
     if labels is None and mask is None:
         raise ValueError("cross-modal SupCon needs labels or mask to define the positives")
-    gather, chunk, reduced = options.gather_distributed, options.chunk_size, options.reduced
-    if mask is not None and gather:
+    if mask is not None and options.gather_distributed:
         raise ValueError("an explicit mask cannot be combined with gather_distributed; pass labels")
     img, txt = options.prepare(image_embeddings, text_embeddings)
     scale = options.scale_as(img.dtype)
     parts: dict[str, AnchorLosses] = {}
-    if contrast_mode in ("all", "intra"):
-        for name, x in (("intra_image", img), ("intra_text", txt)):
-            parts[name] = multi_view_contrast(
-                x, labels, mask, scale, chunk_size=chunk, gather_distributed=gather, reduced=reduced
-            )
-    if contrast_mode in ("all", "cross"):
+    if contrast_mode != "cross":
+        parts["intra_image"] = supcon_views(img, labels, mask, options)
+        parts["intra_text"] = supcon_views(txt, labels, mask, options)
+    if contrast_mode != "intra":
+        core = (options.gather_distributed, options.chunk_size, options.reduced)
         mask_t = None if mask is None else mask.T
-        for name, q, k, m in (
-            ("image_to_text", img, txt, mask),
-            ("text_to_image", txt, img, mask_t),
-        ):
-            parts[name] = cross_contrast(q, k, scale, labels, m, gather, chunk, reduced)
+        parts["image_to_text"] = cross_contrast(img, txt, scale, labels, mask, *core)
+        parts["text_to_image"] = cross_contrast(txt, img, scale, labels, mask_t, *core)
     weights = dict(zip(PARTS, PART_WEIGHTS[contrast_mode], strict=True))
     weighted = [weights[name] * options.reduce(part) for name, part in parts.items()]
     factor = 1.0 if base_temperature is None else 1.0 / (scale * base_temperature)

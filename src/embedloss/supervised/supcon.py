@@ -12,7 +12,7 @@ from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses
 from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
-from embedloss.ops.supcon import multi_view_contrast
+from embedloss.ops.supcon import supcon_views
 from embedloss.registry import register_loss
 
 if TYPE_CHECKING:
@@ -35,19 +35,9 @@ def _supcon(
     check_embeddings(embeddings, "embeddings", ndim=(2, 3))
     check_choice(contrast_mode, "contrast_mode", CONTRAST_MODES)
     (x,) = options.prepare(embeddings)
-    scale = options.scale_as(x.dtype)
-    result = multi_view_contrast(
-        x,
-        labels,
-        mask,
-        scale,
-        contrast_mode=contrast_mode,
-        chunk_size=options.chunk_size,
-        gather_distributed=options.gather_distributed,
-        reduced=options.reduced,
-    )
+    result = supcon_views(x, labels, mask, options, contrast_mode)
     if base_temperature is not None:  # the official code's τ/τ_base factor
-        result = result._replace(loss=result.loss / (scale * base_temperature))
+        result = result._replace(loss=result.loss / (options.scale_as(x.dtype) * base_temperature))
     return options.reduce(result), result
 
 
