@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -27,11 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["ProxyAnchorLoss", "proxy_anchor_loss"]
 
 
-class _ProxyAnchor(NamedTuple):
-    loss: Tensor
-    with_positives: Tensor  # (C,) bool: proxies with a positive sample in the (global) batch
-
-
 def _proxy_anchor(
     embeddings: Tensor,
     labels: Tensor,
@@ -39,7 +34,8 @@ def _proxy_anchor(
     alpha: float,
     delta: float,
     options: ProxyOptions,
-) -> _ProxyAnchor:
+) -> tuple[Tensor, Tensor]:
+    """The loss and which proxies ``(C,)`` have a positive sample in the (global) batch."""
     reduction, gather_distributed = check_reduction(options.reduction), options.gather_distributed
     check_embeddings(embeddings, "embeddings")
     check_labels(labels, embeddings.shape[0])
@@ -55,11 +51,11 @@ def _proxy_anchor(
     pushed = masked_log1p_sum_exp(alpha * (cos + delta), ~positive, dim=0)  # (C,)
     with_positives = positive.any(dim=0)
     if reduction == "none":
-        return _ProxyAnchor(pulled + pushed, with_positives)
+        return pulled + pushed, with_positives
     if reduction == "sum":
-        return _ProxyAnchor(pulled.sum() + pushed.sum(), with_positives)
+        return pulled.sum() + pushed.sum(), with_positives
     count = with_positives.sum().to(pulled.dtype).clamp(min=1)
-    return _ProxyAnchor(pulled.sum() / count + pushed.sum() / weight.shape[0], with_positives)
+    return pulled.sum() / count + pushed.sum() / weight.shape[0], with_positives
 
 
 def _check(alpha: float, delta: float) -> tuple[float, float]:
@@ -113,7 +109,7 @@ def proxy_anchor_loss(
     """
     alpha, delta = _check(alpha, delta)
     options = ProxyOptions(1, reduction, gather_distributed)
-    return _proxy_anchor(embeddings, labels, weight, alpha, delta, options).loss
+    return _proxy_anchor(embeddings, labels, weight, alpha, delta, options)[0]
 
 
 @register_loss("proxy_anchor")
@@ -147,8 +143,6 @@ class ProxyAnchorLoss(BaseProxyLoss):
 
     def compute(self, embeddings: Tensor, labels: Tensor) -> LossOutput:
         """Loss and terms for ``embeddings (N, D)`` and ``labels (N,)``."""
-        options = self.options()
-        result = _proxy_anchor(embeddings, labels, self.weight, self.alpha, self.delta, options)
-        return self.output(
-            result.loss, lambda: {"proxies_with_positives": result.with_positives.sum()}
-        )
+        alpha, delta, options = self.alpha, self.delta, self.options()
+        loss, with_positives = _proxy_anchor(embeddings, labels, self.weight, alpha, delta, options)
+        return self.output(loss, lambda: {"proxies_with_positives": with_positives.sum()})

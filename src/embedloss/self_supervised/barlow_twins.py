@@ -115,8 +115,7 @@ class BarlowTwinsLoss(BaseLoss):
 
     def compute(self, z_a: Tensor, z_b: Tensor) -> LossOutput:
         """Loss and terms for two ``(N, D)`` views."""
-        options = (self.lambda_coeff, self.eps, self.gather_distributed)
-        loss, terms = _barlow_twins(z_a, z_b, *options)
+        loss, terms = _barlow_twins(z_a, z_b, self.lambda_coeff, self.eps, self.gather_distributed)
         return self.output(loss, terms._asdict)
 
     shown = "lambda_coeff eps"
