@@ -15,7 +15,10 @@ from torch import Tensor, nn
 from embedloss._validation import allow_empty_batch, check_reduction
 from embedloss.ops.distributed import is_distributed, ranks_agree
 
-__all__ = ["BaseLoss", "LossOutput"]
+__all__ = ["BaseLoss", "Examples", "LossOutput"]
+
+#: Example inputs of a loss: ``(args, kwargs)`` for its ``forward``.
+Examples = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 class LossOutput(NamedTuple):
@@ -269,12 +272,15 @@ class BaseLoss(nn.Module):
     @classmethod
     def example_inputs(
         cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        """Small random ``(args, kwargs)`` that :meth:`forward` accepts: two ``(n, d)`` views."""
-        g = torch.Generator().manual_seed(seed)
+    ) -> Examples:
+        """Small random ``(args, kwargs)`` for :meth:`forward`: :meth:`draw_examples`, seeded."""
+        return cls.draw_examples(torch.Generator().manual_seed(seed), n, d, dtype)
+
+    @classmethod
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
+        """What :meth:`example_inputs` returns, drawn from ``g``: here two ``(n, d)`` views."""
         a = torch.randn(n, d, generator=g).to(dtype)
-        b = (a.float() + 0.3 * torch.randn(n, d, generator=g)).to(dtype)
-        return (a, b), {}
+        return (a, (a.float() + 0.3 * torch.randn(n, d, generator=g)).to(dtype)), {}
 
     #: What ``print(loss)`` shows, in order: space-separated attribute paths, each with an
     #: optional ``!r`` or ``:<format spec>`` and an optional ``label=`` (by default the path's

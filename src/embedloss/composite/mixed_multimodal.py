@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_labels, check_pair
-from embedloss.base.base_loss import LossOutput
+from embedloss.base.base_loss import Examples, LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.composite._parts import weighted_sum
 from embedloss.ops.anchors import AnchorLosses, mean_accuracy
@@ -191,12 +191,10 @@ class MixedMultimodalLoss(BaseContrastiveLoss, temperature=0.07):
         )
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """Paired ``(n, d)`` embeddings and ``labels`` of three classes (all three parts on)."""
-        args, _ = super().example_inputs(n, d, dtype=dtype, seed=seed)
-        labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1))
+        args, _ = super().draw_examples(g, n, d, dtype)
+        labels = torch.randint(0, 3, (n,), generator=g)
         return args, {"labels": labels}
 
     shown = "temperature:.4g weights reduction!r"

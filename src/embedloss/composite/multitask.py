@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from embedloss._validation import check_choice, check_flags, check_positive_float
-from embedloss.base.base_loss import LossOutput
+from embedloss.base.base_loss import Examples, LossOutput
 from embedloss.composite._parts import PartsLoss, prefixed_terms, run_part, weighted_sum
 from embedloss.registry import register_loss
 
@@ -194,11 +194,8 @@ class MultitaskLoss(PartsLoss):
         return {"losses": {"cls": "cross_entropy", "reg": "mse"}, "weighting": "uncertainty"}
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """``inputs`` and ``targets`` mappings for :meth:`example_kwargs`'s two tasks."""
-        g = torch.Generator().manual_seed(seed)
         x_cls, x_reg = (torch.randn(n, d, generator=g).to(dtype) for _ in range(2))
         y_cls, y_reg = torch.randint(0, d, (n,), generator=g), torch.randn(n, d, generator=g)
         return ({"cls": x_cls, "reg": x_reg}, {"cls": y_cls, "reg": y_reg.to(dtype)}), {}

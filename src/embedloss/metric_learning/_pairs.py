@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
-from embedloss.base.base_loss import BaseLoss, LossOutput
+from embedloss.base.base_loss import BaseLoss, Examples, LossOutput
 from embedloss.ops.keywords import keyword_options
 from embedloss.ops.pair_losses import PairKeywords, PairOptions, RowLoss, labelled_pair_loss
 
@@ -69,11 +69,8 @@ class BasePairLoss(BaseLoss):
         return self.output(result.loss, terms)
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """``(embeddings (n, d), labels (n,))`` with two samples of each label."""
-        g = torch.Generator().manual_seed(seed)
         labels = torch.arange(n) // 2
         centres = torch.randn(n, d, generator=g)[labels]
         return ((centres + 0.5 * torch.randn(n, d, generator=g)).to(dtype), labels), {}

@@ -17,7 +17,7 @@ from embedloss._validation import (
     compute_dtype,
     on_host,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput
+from embedloss.base.base_loss import BaseLoss, Examples, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import l2_normalize
 
@@ -160,11 +160,8 @@ class BaseProxyLoss(BaseLoss):
         return {"num_classes": 4, "embedding_dim": 16, "seed": 0}
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """``(embeddings (n, d), labels (n,))`` with labels in ``[0, 4)``."""
-        g = torch.Generator().manual_seed(seed)
         labels = torch.arange(n) % 4
         embeddings = torch.randn(n, d, generator=g).to(dtype)
         return (embeddings, labels), {}

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from embedloss._validation import check_int, check_optional_positive, compute_dtype
-from embedloss.base.base_loss import LossOutput
+from embedloss.base.base_loss import Examples, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distillation import Views, cross_view_entropy, stack_views, teacher_log_probs
 from embedloss.ops.keywords import keyword_options
@@ -174,11 +174,8 @@ class DINOLoss(CenteredTeacherLoss):
         return self._output(_dino, student_outputs, teacher_outputs)
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """Three student views (two global, one local) and the two global teacher views."""
-        g = torch.Generator().manual_seed(seed)
         teacher = [torch.randn(n, d, generator=g).to(dtype) for _ in range(2)]
         student = [(t.float() + 0.5 * torch.randn(n, d, generator=g)).to(dtype) for t in teacher]
         student.append(torch.randn(n, d, generator=g).to(dtype))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from embedloss._validation import (
     compute_dtype,
     on_host,
 )
-from embedloss.base.base_loss import LossOutput
+from embedloss.base.base_loss import Examples, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distillation import teacher_log_probs
 from embedloss.ops.keywords import keyword_options
@@ -149,11 +149,8 @@ class IBOTPatchLoss(CenteredTeacherLoss):
         return self._output(_ibot, student_patches, teacher_patches, mask)
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """Patch outputs ``(n, 6, d)`` of student and teacher, about half the patches masked."""
-        g = torch.Generator().manual_seed(seed)
         teacher = torch.randn(n, 6, d, generator=g)
         student = teacher + 0.5 * torch.randn(n, 6, d, generator=g)
         mask = torch.rand(n, 6, generator=g) < 0.5

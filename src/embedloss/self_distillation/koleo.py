@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
@@ -14,7 +12,7 @@ from embedloss._validation import (
     check_reduction,
     compute_dtype,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput
+from embedloss.base.base_loss import BaseLoss, Examples, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.neighbours import nearest_neighbour_index
@@ -122,11 +120,8 @@ class KoLeoLoss(BaseLoss):
         )
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """One batch of ``(n, d)`` embeddings."""
-        g = torch.Generator().manual_seed(seed)
         return (torch.randn(n, d, generator=g).to(dtype),), {}
 
     shown = "eps reduction!r"

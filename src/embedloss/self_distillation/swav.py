@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from embedloss._validation import (
     check_reduction,
     compute_dtype,
 )
-from embedloss.base.base_loss import BaseLoss, LossOutput
+from embedloss.base.base_loss import BaseLoss, Examples, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.distillation import Views, cross_view_entropy, stack_views
 from embedloss.ops.sinkhorn import sinkhorn_knopp
@@ -202,11 +202,8 @@ class SwAVLoss(BaseLoss):
         )
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """Two high- and two low-resolution crops' scores against ``d`` prototypes, in [-1, 1]."""
-        g = torch.Generator().manual_seed(seed)
         base = torch.randn(n, d, generator=g)
         crops = [(base + 0.5 * torch.randn(n, d, generator=g)).tanh().to(dtype) for _ in range(4)]
         return (crops[:2], crops[2:]), {}

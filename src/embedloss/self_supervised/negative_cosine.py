@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_flags, check_pair, check_same_shape, compute_dtype
-from embedloss.base.base_loss import BaseLoss, LossOutput
+from embedloss.base.base_loss import BaseLoss, Examples, LossOutput
 from embedloss.ops.anchors import reduce_samples
 from embedloss.ops.similarity import prepare_embeddings
 from embedloss.ops.statistics import variance
@@ -137,12 +137,9 @@ class NegativeCosineLoss(BaseLoss):
         return {"symmetric": True}
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """``(p_a, z_b, p_b, z_a)``, each ``(n, d)``, for the symmetric form."""
-        (z_a, z_b), _ = super().example_inputs(n, d, dtype=dtype, seed=seed)
-        g = torch.Generator().manual_seed(seed + 1)
+        (z_a, z_b), _ = super().draw_examples(g, n, d, dtype)
         p_a = (z_a.float() + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
         p_b = (z_b.float() + 0.5 * torch.randn(n, d, generator=g)).to(dtype)
         return (p_a, z_b, p_b, z_a), {}

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from embedloss._validation import check_float, check_int, describe
-from embedloss.base.base_loss import LossOutput
+from embedloss.base.base_loss import Examples, LossOutput
 from embedloss.base.supervised import BaseSupervisedLoss, weighted_cross_entropy
 from embedloss.registry import register_loss
 
@@ -94,11 +94,8 @@ class CrossEntropyLoss(BaseSupervisedLoss):
         return self.output(loss, terms)
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """``(n, d)`` logits over d classes and ``(n,)`` targets."""
-        g = torch.Generator().manual_seed(seed)
         logits = torch.randn(n, d, generator=g).to(dtype)
         return (logits, torch.randint(0, d, (n,), generator=g)), {}
 

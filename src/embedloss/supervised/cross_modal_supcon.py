@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_choice, check_optional_positive, check_pair
-from embedloss.base.base_loss import LossOutput
+from embedloss.base.base_loss import Examples, LossOutput
 from embedloss.ops.anchors import AnchorLosses, mean_accuracy, reduce_anchor_losses
 from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
 from embedloss.ops.supcon import check_supervision, cross_contrast, supcon_views
@@ -182,10 +182,8 @@ class CrossModalSupConLoss(SupConOptionsLoss):
         return self.output(loss, terms)
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """Paired ``(n, d)`` embeddings and ``(n,)`` labels of three classes."""
-        (image, text), _ = super().example_inputs(n, d, dtype=dtype, seed=seed)
-        labels = torch.randint(0, 3, (n,), generator=torch.Generator().manual_seed(seed + 1))
+        (image, text), _ = super().draw_examples(g, n, d, dtype)
+        labels = torch.randint(0, 3, (n,), generator=g)
         return (image, text, labels), {}

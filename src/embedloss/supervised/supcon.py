@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_choice, check_embeddings, check_optional_positive
-from embedloss.base.base_loss import LossOutput
+from embedloss.base.base_loss import Examples, LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss, ContrastiveArgs
 from embedloss.ops.anchors import AnchorLosses
 from embedloss.ops.info_nce import ContrastiveKeywords, ContrastiveOptions, contrastive_keywords
@@ -157,10 +157,8 @@ class SupConLoss(SupConOptionsLoss):
         return self.output(loss, terms)
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """Two views of ``n`` samples ``(n, 2, d)`` and ``(n,)`` labels of four classes."""
-        (a, b), _ = super().example_inputs(n, d, dtype=dtype, seed=seed)
+        (a, b), _ = super().draw_examples(g, n, d, dtype)
         labels = torch.arange(n) % 4
         return (torch.stack([a, b], dim=1), labels), {}

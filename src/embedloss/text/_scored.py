@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from embedloss._validation import check_pair, check_tensor
-from embedloss.base.base_loss import BaseLoss
+from embedloss.base.base_loss import BaseLoss, Examples
 
 __all__ = ["BaseScoredPairLoss", "check_scored_pairs"]
 
@@ -32,11 +30,8 @@ class BaseScoredPairLoss(BaseLoss):
     """
 
     @classmethod
-    def example_inputs(
-        cls, n: int = 8, d: int = 16, *, dtype: torch.dtype = torch.float32, seed: int = 0
-    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
         """``(embeddings_a, embeddings_b, scores)``: pairs whose score rises with similarity."""
-        g = torch.Generator().manual_seed(seed)
         a = torch.randn(n, d, generator=g)
         noise = torch.linspace(0.2, 2.0, n).unsqueeze(1)
         b = a + noise * torch.randn(n, d, generator=g)
