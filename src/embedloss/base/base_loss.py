@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import operator
@@ -264,10 +265,13 @@ class BaseLoss(nn.Module):
     def update_epoch(self, epoch: int) -> None:
         """Hook called by trainers once per epoch; no-op unless a loss has a schedule."""
 
+    #: Constructor arguments of a small working instance (a loss with required options sets it).
+    example_options: ClassVar[dict[str, Any]] = {}
+
     @classmethod
     def example_kwargs(cls) -> dict[str, Any]:
-        """Constructor arguments that make a small working instance (conformance tests, docs)."""
-        return {}
+        """A fresh copy of :attr:`example_options` (conformance tests, docs)."""
+        return copy.deepcopy(cls.example_options)
 
     @classmethod
     def example_inputs(

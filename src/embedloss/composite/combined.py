@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -69,12 +69,10 @@ class CombinedLoss(PartsLoss):
         loss = weighted_sum({n: o.loss for n, o in outputs.items()}, self.weights)
         return self.output(loss, lambda: prefixed_terms(outputs))
 
-    @classmethod
-    def example_kwargs(cls) -> dict[str, Any]:
-        """CLIP plus half of NT-Xent: both take two ``(n, d)`` views."""
-        return {
-            "losses": {"clip": {"name": "clip"}, "simclr": {"name": "simclr"}},
-            "weights": {"simclr": 0.5},
-        }
+    #: CLIP plus half of NT-Xent: both take two ``(n, d)`` views.
+    example_options: ClassVar[dict[str, Any]] = {
+        "losses": {"clip": {"name": "clip"}, "simclr": {"name": "simclr"}},
+        "weights": {"simclr": 0.5},
+    }
 
     shown = "weights"

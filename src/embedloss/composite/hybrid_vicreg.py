@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -274,10 +274,8 @@ class HybridVICRegLoss(BaseContrastiveLoss):
             },
         )
 
-    @classmethod
-    def example_kwargs(cls) -> dict[str, Any]:
-        """A short schedule that is in its transition phase after ``update_step(3)``."""
-        return {"contrastive_steps": 2, "transition_steps": 4}
+    #: A short schedule that is in its transition phase after ``update_step(3)``.
+    example_options: ClassVar[dict[str, Any]] = {"contrastive_steps": 2, "transition_steps": 4}
 
     shown = (
         "contrastive_steps transition_steps temperature:.4g adaptive_transition "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -124,9 +124,7 @@ class MatryoshkaLoss(BaseLoss):
         """Forward the epoch hook to the wrapped loss."""
         call_hooks([self.loss], "update_epoch", epoch)
 
-    @classmethod
-    def example_kwargs(cls) -> dict[str, Any]:
-        """NT-Xent over the full 16 features and their first 8."""
-        return {"loss": {"name": "simclr"}, "dims": (16, 8)}
+    #: NT-Xent over the full 16 features and their first 8.
+    example_options: ClassVar[dict[str, Any]] = {"loss": {"name": "simclr"}, "dims": (16, 8)}
 
     shown = "dims weights"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -188,10 +188,11 @@ class MultitaskLoss(PartsLoss):
             k = len(self.tasks)
             self.dynamic_weights.copy_(k * torch.softmax(ratio / self.dwa_temperature, dim=0))
 
-    @classmethod
-    def example_kwargs(cls) -> dict[str, Any]:
-        """A classification and a regression task with learned (uncertainty) weights."""
-        return {"losses": {"cls": "cross_entropy", "reg": "mse"}, "weighting": "uncertainty"}
+    #: A classification and a regression task with learned (uncertainty) weights.
+    example_options: ClassVar[dict[str, Any]] = {
+        "losses": {"cls": "cross_entropy", "reg": "mse"},
+        "weighting": "uncertainty",
+    }
 
     @classmethod
     def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:

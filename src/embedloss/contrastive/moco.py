@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -442,9 +442,7 @@ class MoCoLoss(BaseContrastiveLoss):
 
         return self.output(batch.loss, terms)
 
-    @classmethod
-    def example_kwargs(cls) -> dict[str, Any]:
-        """A small queue, and in-batch negatives so that the very first call has a gradient."""
-        return {"queue_size": 64, "in_batch_negatives": True}
+    #: A small queue, and in-batch negatives so that the very first call has a gradient.
+    example_options: ClassVar[dict[str, Any]] = {"queue_size": 64, "in_batch_negatives": True}
 
     shown = "temperature:g queue_size in_batch_negatives symmetric queue_positives reduction!r"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -210,9 +210,7 @@ class NNCLRLoss(BaseContrastiveLoss):
 
         return self.output(result.loss, terms)
 
-    @classmethod
-    def example_kwargs(cls) -> dict[str, Any]:
-        """A small support set."""
-        return {"queue_size": 64}
+    #: A small support set.
+    example_options: ClassVar[dict[str, Any]] = {"queue_size": 64}
 
     shown = "temperature:g queue_size reduction!r"

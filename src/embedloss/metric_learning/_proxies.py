@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -154,10 +154,8 @@ class BaseProxyLoss(BaseLoss):
         """This loss's layout and reduction."""
         return ProxyOptions(self.sub_centers, self.reduction, self.gather_distributed)
 
-    @classmethod
-    def example_kwargs(cls) -> dict[str, Any]:
-        """Four classes of 16-dimensional embeddings, seeded centres (the conformance inputs)."""
-        return {"num_classes": 4, "embedding_dim": 16, "seed": 0}
+    #: Four classes of 16-dimensional embeddings, seeded centres (the conformance inputs).
+    example_options: ClassVar[dict[str, Any]] = {"num_classes": 4, "embedding_dim": 16, "seed": 0}
 
     @classmethod
     def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, TypedDict
 
 import torch
 from torch import Tensor
@@ -168,9 +168,7 @@ class CenteredTeacherLoss(BaseLoss):
             update_center_(self.center, total, count, self.center_momentum, options.distributed)
         return output
 
-    @classmethod
-    def example_kwargs(cls) -> dict[str, Any]:
-        """A 16-dimensional head, as the shared tests' inputs."""
-        return {"output_dim": 16}
+    #: A 16-dimensional head, as the shared tests' inputs.
+    example_options: ClassVar[dict[str, Any]] = {"output_dim": 16}
 
     shown = "output_dim teacher_temperature student_temperature center_momentum reduction!r"

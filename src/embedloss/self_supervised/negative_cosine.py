@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -131,10 +131,8 @@ class NegativeCosineLoss(BaseLoss):
             symmetric=symmetric, gather_distributed=gather_distributed
         )
 
-    @classmethod
-    def example_kwargs(cls) -> dict[str, Any]:
-        """The symmetric form, so that examples exercise both directions."""
-        return {"symmetric": True}
+    #: The symmetric form, so that examples exercise both directions.
+    example_options: ClassVar[dict[str, Any]] = {"symmetric": True}
 
     @classmethod
     def draw_examples(cls, g: torch.Generator, n: int, d: int, dtype: torch.dtype) -> Examples:
