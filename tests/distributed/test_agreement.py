@@ -38,6 +38,8 @@ def _call(case: str, rank: int):
     if case == "uneven":
         a, b = a[: 1 + 2 * rank], b[: 1 + 2 * rank]
     loss = create_loss("clip", gather_distributed=True, **options)
+    if case == "method" and rank == 1:  # compute may run collectives for its terms
+        return loss.compute(a.requires_grad_(), b, labels).loss
     return loss(a.requires_grad_(), b, labels)
 
 
@@ -78,6 +80,13 @@ def test_every_rank_raises_the_same_clear_error(case, expected, tmp_path):
     assert seen[0] == seen[1], seen
     assert seen[0].startswith("ValueError: CLIPLoss.forward: "), seen[0]
     assert re.search(expected, seen[0]), seen[0]
+
+
+def test_ranks_calling_forward_and_compute_raise_instead_of_waiting(tmp_path):
+    seen = _run("method", tmp_path)
+    for rank, context in enumerate(("forward", "compute")):
+        assert seen[rank].startswith(f"ValueError: CLIPLoss.{context}: "), seen[rank]
+        assert re.search(r"method differs \(rank 0: 'forward'; rank 1: 'compute'\)", seen[rank])
 
 
 def test_agreeing_ranks_with_uneven_batches_run(tmp_path):

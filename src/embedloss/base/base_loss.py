@@ -71,7 +71,8 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
             device = tensors[0].device if tensors else torch.device("cpu")
             options = {f"option {k}": v for k, v in self.options_fingerprint().items()}
             context = f"{type(self).__name__}.{method.__name__}"
-            with ranks_agree(context, {**options, **inputs}, device), allow_empty_batch():
+            call = {"method": method.__name__, **options, **inputs}  # forward and compute differ
+            with ranks_agree(context, call, device), allow_empty_batch():
                 result = method(self, *args, **kwargs)
         else:
             result = method(self, *args, **kwargs)
