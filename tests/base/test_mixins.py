@@ -10,6 +10,7 @@ from embedloss import (
     ProjectionMixin,
     TemperatureScalingMixin,
 )
+from embedloss.ops.mining import HardNegativeMining
 
 
 class Temp(TemperatureScalingMixin, nn.Module):
@@ -33,7 +34,7 @@ class Proj(ProjectionMixin, nn.Module):
 class Miner(HardNegativeMiningMixin, nn.Module):
     def __init__(self, **kw):
         super().__init__()
-        self._init_hard_negative_mining(**kw)
+        self._init_hard_negative_mining(HardNegativeMining(**kw))
 
 
 def test_temperature_fixed_is_exact_buffer_and_learnable_is_clamped_parameter():

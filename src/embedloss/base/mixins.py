@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -219,9 +218,9 @@ class HardNegativeMiningMixin:
 
     mining: HardNegativeMining
 
-    def _init_hard_negative_mining(self, *args: Any, **kwargs: Any) -> None:
-        """Store the validated options (arguments as :class:`HardNegativeMining`'s fields)."""
-        self.mining = HardNegativeMining.create(*args, **kwargs)
+    def _init_hard_negative_mining(self, mining: HardNegativeMining) -> None:
+        """Store the options, validated."""
+        self.mining = mining.checked()
 
     def negative_log_weights(self, similarity: Tensor, positive: Tensor) -> Tensor:
         """Log-weights ``(N, M)`` for ``similarity (N, M)`` and a boolean ``positive`` mask.

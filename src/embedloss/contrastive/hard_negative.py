@@ -140,7 +140,7 @@ def hard_negative_loss(
         >>> bool(hard_negative_loss(a, b, strategy="hard") >= clip_loss(a, b))
         True
     """
-    mining = HardNegativeMining.create(strategy, hard_negative_factor, percentile, margin, beta)
+    mining = HardNegativeMining(strategy, hard_negative_factor, percentile, margin, beta).checked()
     options = ContrastiveOptions.create(**keywords)
     return _hard_negative(z_a, z_b, labels, mining, options)[0].loss
 
@@ -177,7 +177,8 @@ class HardNegativeLoss(HardNegativeMiningMixin, BaseContrastiveLoss, temperature
         **options: Unpack[ContrastiveArgs],
     ) -> None:
         super().__init__(**options)
-        self._init_hard_negative_mining(strategy, hard_negative_factor, percentile, margin, beta)
+        mining = HardNegativeMining(strategy, hard_negative_factor, percentile, margin, beta)
+        self._init_hard_negative_mining(mining)
 
     def compute(self, z_a: Tensor, z_b: Tensor, labels: Tensor | None = None) -> LossOutput:
         """Loss and terms for paired ``(n, D)`` embeddings and optional ``labels (n,)``."""

@@ -8,7 +8,7 @@ weights. Positives get 0 (the core ignores them anyway).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,16 +29,14 @@ class HardNegativeMining(NamedTuple):
     margin: float = 0.2
     beta: float = 1.0
 
-    @classmethod
-    def create(cls, *args: Any, **kwargs: Any) -> HardNegativeMining:
-        """Validated options (arguments as the fields'); each error names the argument."""
-        raw = cls(*args, **kwargs)
-        return cls(
-            check_choice(raw.strategy, "strategy", HARD_NEGATIVE_STRATEGIES),
-            check_float(raw.factor, "hard_negative_factor", low=1.0),
-            check_float(raw.percentile, "percentile", low=0.0, high=1.0),
-            check_positive_float(raw.margin, "margin", allow_zero=True),
-            check_positive_float(raw.beta, "beta", allow_zero=True),
+    def checked(self) -> HardNegativeMining:
+        """These options, validated; each error names the argument."""
+        return HardNegativeMining(
+            check_choice(self.strategy, "strategy", HARD_NEGATIVE_STRATEGIES),
+            check_float(self.factor, "hard_negative_factor", low=1.0),
+            check_float(self.percentile, "percentile", low=0.0, high=1.0),
+            check_positive_float(self.margin, "margin", allow_zero=True),
+            check_positive_float(self.beta, "beta", allow_zero=True),
         )
 
 
