@@ -77,7 +77,8 @@ class EmbeddingModel(nn.Module):
             return self.loss.compute(z_a, self.teacher(x_b))
         z_b = self.student(x_b)
         if self.supervised:
-            assert labels is not None
+            if labels is None:
+                raise ValueError(f"{type(self.loss).__name__} needs labels: pass a 'labels' column")
             return self.loss.compute(torch.cat([z_a, z_b]), torch.cat([labels, labels]))
         return self.loss.compute(z_a, z_b)
 
