@@ -344,27 +344,37 @@ def _extreme_run(x, y, scale, chunk, w1):
     return values, (a.correct, b.correct, r.correct)
 
 
+def _extreme_inputs(seed):
+    """23 unit vectors on each side (float64) and per-row weights."""
+    gen = torch.Generator().manual_seed(seed)
+    x = F.normalize(torch.randn(23, 6, generator=gen, dtype=torch.float64), dim=1)
+    y = F.normalize(torch.randn(23, 6, generator=gen, dtype=torch.float64), dim=1)
+    return x, y, torch.rand(23, generator=gen, dtype=torch.float64)
+
+
+def _assert_exact(run, truth):
+    """Values and gradients at float64 tolerance; top-1 flags equal."""
+    for t, d in zip(run[0], truth[0], strict=True):
+        _close(t, d, torch.float64, "float64")
+    for t, d in zip(run[1], truth[1], strict=True):
+        assert torch.equal(t, d)
+
+
 @pytest.mark.parametrize("scale", [1000.0, 100.0, 0.01])
 def test_extreme_temperatures_stay_exact(scale):
     # τ = 1e-3 on unit vectors spreads the logits over ±1000: the symmetric path's shared-exp
     # shortcuts must notice and fall back (column fix-up, two-exp backward, shifted μ).
-    n = 23
-    gen = torch.Generator().manual_seed(11)
-    x = F.normalize(torch.randn(n, 6, generator=gen, dtype=torch.float64), dim=1)
-    y = F.normalize(torch.randn(n, 6, generator=gen, dtype=torch.float64), dim=1)
-    w1 = torch.rand(n, generator=gen, dtype=torch.float64)
-    truth, truth_correct = _extreme_run(x, y, scale, None, w1)
-    tiled64, correct64 = _extreme_run(x, y, scale, 4, w1)
-    for t, d in zip(tiled64, truth, strict=True):
+    x, y, w1 = _extreme_inputs(11)
+    truth = _extreme_run(x, y, scale, None, w1)
+    tiled64 = _extreme_run(x, y, scale, 4, w1)
+    for t in tiled64[0]:
         assert torch.isfinite(t).all()
-        _close(t, d, torch.float64, "float64")
-    for t, d in zip(correct64, truth_correct, strict=True):
-        assert torch.equal(t, d)
+    _assert_exact(tiled64, truth)
     # float32: at τ = 1e-3 the rounding of the logits (~6e-5) is amplified by the scale, so
     # both float32 paths are compared with the float64 truth: tiled is as accurate as dense.
     dense32, _ = _extreme_run(x.float(), y.float(), scale, None, w1)
     tiled32, _ = _extreme_run(x.float(), y.float(), scale, 4, w1)
-    for t, d, ref in zip(tiled32, dense32, truth, strict=True):
+    for t, d, ref in zip(tiled32, dense32, truth[0], strict=True):
         assert torch.isfinite(t).all()
         size = ref.abs().max().clamp(min=1)
         err_tiled = ((t.double() - ref).abs().max() / size).item()
@@ -376,17 +386,8 @@ def test_extreme_temperatures_stay_exact(scale):
 def test_extreme_spread_within_one_tile_or_one_row(chunk):
     # every row and every column exponentiated against its own maximum: one tile holding
     # logits from -1000 to 1000 (or tiles of a single row) is as exact as the dense path
-    n = 23
-    gen = torch.Generator().manual_seed(12)
-    x = F.normalize(torch.randn(n, 6, generator=gen, dtype=torch.float64), dim=1)
-    y = F.normalize(torch.randn(n, 6, generator=gen, dtype=torch.float64), dim=1)
-    w1 = torch.rand(n, generator=gen, dtype=torch.float64)
-    truth, truth_correct = _extreme_run(x, y, 1000.0, None, w1)
-    tiled, correct = _extreme_run(x, y, 1000.0, chunk, w1)
-    for t, d in zip(tiled, truth, strict=True):
-        _close(t, d, torch.float64, "float64")
-    for t, d in zip(correct, truth_correct, strict=True):
-        assert torch.equal(t, d)
+    x, y, w1 = _extreme_inputs(12)
+    _assert_exact(_extreme_run(x, y, 1000.0, chunk, w1), _extreme_run(x, y, 1000.0, None, w1))
 
 
 # ----------------------------------------------------------------------------------------------
