@@ -43,10 +43,13 @@ def test_loss_type_builds_the_legacy_class(loss_type, extra, cls):
 def test_factory_builds_without_spurious_ignored_argument_warnings():
     with recorded() as caught:
         for loss_type in (
+            "barlow_twins",
             "vicreg",
             "memory_queue",
             "dynamic_temp",
             "hard_negative",
+            "mixed",
+            "decoupled",
             "combined",
             "x",
         ):

@@ -110,12 +110,10 @@ def create_loss_function(
     if loss_type == "barlow_twins":
         return BarlowTwinsLoss(
             lambda_coeff=_get(args, "lambda_coeff", 0.005),
-            batch_norm_last_layer=_get(args, "batch_norm_last", True),
             correlation_mode=_get(args, "correlation_mode", "cross_modal"),
             add_projection=True,
             projection_dim=2 * dim,
             input_dim=dim,
-            normalize_embeddings=True,
         )
     if loss_type == "vicreg":
         coeffs = {
