@@ -4,7 +4,7 @@
     python examples/lightning_simclr.py --loss moco                    # momentum teacher + queue
     python examples/lightning_simclr.py --loss clip --loss-options '{"learnable_temperature": true}'
     python examples/lightning_simclr.py --devices 2 --strategy ddp     # two CPU processes (gloo)
-    python examples/lightning_simclr.py --resume runs/lightning/last.ckpt --max-steps 40
+    python examples/lightning_simclr.py --resume runs/lightning/last.ckpt --max-steps 80
 
 What the LightningModule does for the loss:
 
@@ -50,8 +50,10 @@ STYLES = {
     "koleo": "single",  # loss(all embeddings)
     "cross_entropy": "classifier",  # loss(linear-head logits, class)
     "mse": "classifier",  # loss(linear-head outputs, one-hot class)
-    "cross_modal_supcon": "pair",  # loss(z_a, z_b, labels=y)
+    "cross_modal_supcon": "pair_labels",  # loss(z_a, z_b, labels=y)
 }
+# Losses made of other losses take the style of their parts (named in --loss-options).
+WRAPPERS = {"matryoshka": "loss", "combined": "losses"}
 UNSUPPORTED = {
     "ibot_patch": "needs patch tokens and masks (a vision transformer)",
     "feature_consistency": "needs frozen reference models",
@@ -62,11 +64,27 @@ UNSUPPORTED = {
 TEACHER_STYLES = ("teacher_key", "predictor", "distill")
 
 
-def call_style(name: str) -> str:
-    """How ``name`` is called (see ``STYLES``); raises for losses this example cannot train."""
+def call_style(name: str, options: dict | None = None) -> str:
+    """How ``name`` is called (see ``STYLES``); raises for losses this example cannot train.
+
+    A wrapper (``WRAPPERS``) is called as its parts are, which ``options`` name (registry names
+    or ``{"name": ..., ...}`` configs, as the wrapper takes them); they must share one style.
+    """
     info = embedloss.loss_info(name)
     if info.name in UNSUPPORTED:
         raise SystemExit(f"{info.name} {UNSUPPORTED[info.name]}: not trainable by this example")
+    if info.name in WRAPPERS:
+        key = WRAPPERS[info.name]
+        given = (options or {}).get(key)
+        parts = list(given.values()) if isinstance(given, dict) and key == "losses" else [given]
+        if given is None or not all(isinstance(p, (str, dict)) for p in parts):
+            raise SystemExit(f"{info.name} needs --loss-options naming {key!r} (names or configs)")
+        styles = {
+            call_style(p) if isinstance(p, str) else call_style(p.get("name", ""), p) for p in parts
+        }
+        if len(styles) > 1:
+            raise SystemExit(f"{info.name}: its parts are called differently ({sorted(styles)})")
+        return styles.pop()
     if info.name in STYLES:
         return STYLES[info.name]
     return "labels" if info.category in ("supervised", "metric_learning") else "pair"
@@ -96,7 +114,7 @@ class EmbeddingModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.style = call_style(loss)
+        self.style = call_style(loss, loss_options)
         options = dict(loss_options or {})
         params = inspect.signature(embedloss.loss_info(loss).cls).parameters
         if "output_dim" in params:
@@ -128,8 +146,9 @@ class EmbeddingModule(L.LightningModule):
         z_a, z_b = self.student(x_a), self.student(x_b)
         style, compute = self.style, self.loss.compute
         if style == "pair":
-            takes_labels = embedloss.loss_info(self.hparams.loss).category == "supervised"
-            return compute(z_a, z_b, labels=y) if takes_labels else compute(z_a, z_b)
+            return compute(z_a, z_b)
+        if style == "pair_labels":
+            return compute(z_a, z_b, labels=y)
         if style == "labels":
             return compute(torch.cat([z_a, z_b]), torch.cat([y, y]))
         if style == "classifier":

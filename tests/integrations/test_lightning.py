@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -169,6 +170,22 @@ def test_every_registered_loss_trains_or_is_refused(tmp_path):
         assert len(record.losses) == 2 and all(
             map(torch.isfinite, map(torch.tensor, record.losses))
         ), name
+
+
+def test_wrappers_are_called_as_their_parts(tmp_path):
+    assert lt.call_style("matryoshka", {"loss": "supcon", "dims": [8, 16]}) == "labels"
+    assert lt.call_style("matryoshka", {"loss": {"name": "moco"}, "dims": [8]}) == "teacher_key"
+    assert lt.call_style("combined", {"losses": {"a": "simclr", "b": "vicreg"}}) == "pair"
+    with pytest.raises(SystemExit, match="called differently"):
+        lt.call_style("combined", {"losses": {"a": "simclr", "b": "supcon"}})
+    for name in ("matryoshka", "combined"):
+        with pytest.raises(SystemExit, match=f"{name} needs --loss-options"):
+            lt.call_style(name)
+    with pytest.raises(SystemExit, match="ibot_patch needs"):
+        lt.call_style("matryoshka", {"loss": "ibot_patch", "dims": [8]})
+    model = module("matryoshka", loss="supcon", dims=(8, 16))
+    _, record = fit(model, tmp_path, max_steps=2)
+    assert len(record.losses) == 2 and all(math.isfinite(x) for x in record.losses)
 
 
 def run_example(tmp_path, devices: int, *extra: str) -> tuple[dict, dict]:
