@@ -43,7 +43,7 @@ def simclr_loss(
     Args:
         z_a: ``(N, D)`` first views.
         z_b: ``(N, D)`` second views.
-        temperature: τ > 0 (float, or a 0-d tensor for a learnable τ). Default 0.5.
+        temperature: τ > 0 (the function also takes a 0-d tensor: a learnable τ). Default 0.5.
         labels: Optional ``(N,)`` identities; equal labels are positives.
         reduction: ``"mean"`` over the 2N anchors, ``"sum"``, or ``"none"`` (``(2N,)``).
         normalize: L2-normalise the inputs first (default True).

@@ -46,7 +46,7 @@ def clip_loss(
     Args:
         image_embeddings: ``(N, D)``.
         text_embeddings: ``(N, D)``; row ``i`` pairs with image ``i``.
-        temperature: τ > 0 (float or 0-d tensor). Default 0.07.
+        temperature: τ > 0 (the function also takes a 0-d tensor). Default 0.07.
         labels: Optional ``(N,)`` identities.
         label_smoothing: ε in [0, 1].
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``: the two directions averaged per pair).

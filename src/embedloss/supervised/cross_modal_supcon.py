@@ -102,7 +102,7 @@ def cross_modal_supcon_loss(
         labels: ``(N,)`` classes or ``(N, C)`` multi-hot labels (positives share any class).
         mask: Or an ``(N, N)`` positive mask: ``mask[i, j]`` makes sample ``j`` a positive of
             sample ``i`` (image→text uses ``mask``, text→image ``mask.T``).
-        temperature: τ > 0 (float or 0-d tensor). Default 0.1.
+        temperature: τ > 0 (the function also takes a 0-d tensor). Default 0.1.
         base_temperature: τ_base of the ``τ/τ_base`` factor, or None for 1.
         contrast_mode: ``"all"``, ``"cross"`` or ``"intra"``.
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``: the parts' per-pair losses, weighted).

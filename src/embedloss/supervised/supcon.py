@@ -72,7 +72,7 @@ def supcon_loss(
         embeddings: ``(N, D)`` (one view) or ``(N, V, D)``.
         labels: Optional ``(N,)`` integer classes or ``(N, C)`` multi-hot labels.
         mask: Optional ``(N, N)`` positive mask (bool or 0/1); exclusive with ``labels``.
-        temperature: τ > 0 (float or 0-d tensor). Default 0.1.
+        temperature: τ > 0 (the function also takes a 0-d tensor). Default 0.1.
         base_temperature: τ_base of the ``τ/τ_base`` factor, or None for a factor of 1.
         contrast_mode: ``"all"`` (every view is an anchor) or ``"one"`` (only the first view).
         reduction: ``"mean"`` over anchors with positives, ``"sum"``, or ``"none"``.
