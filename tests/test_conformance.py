@@ -229,3 +229,37 @@ def test_forward_is_compute_without_building_the_terms(name, monkeypatch):
     out = loss.compute(*args, **kwargs)
     assert value.shape == out.loss.shape
     assert built or not out.terms, f"{name}: terms built outside BaseLoss.output"
+
+
+def _tensor_paths(args, kwargs):
+    """Where each non-scalar tensor input sits: ``(position or keyword, index in a list or None)``."""
+    slots = [*enumerate(args), *kwargs.items()]
+    return [
+        (key, i if isinstance(value, (list, tuple)) else None)
+        for key, value in slots
+        for i, x in enumerate(value if isinstance(value, (list, tuple)) else [value])
+        if isinstance(x, torch.Tensor) and x.dim() > 0
+    ]
+
+
+MIXABLE = [n for n in NAMES if len(_tensor_paths(*_inputs(n, requires_grad=False)[:2])) >= 2]
+
+
+def test_most_losses_take_several_tensors():
+    assert len(MIXABLE) >= 30, MIXABLE  # the device check below covers them
+
+
+@pytest.mark.parametrize("name", MIXABLE)
+def test_inputs_on_different_devices_are_a_clear_error(name):
+    args, kwargs, _ = _inputs(name, requires_grad=False)
+    key, index = _tensor_paths(args, kwargs)[-1]  # the last tensor input goes elsewhere
+    holder = list(args) if isinstance(key, int) else kwargs
+    if index is None:
+        holder[key] = holder[key].to("meta")
+    else:
+        holder[key] = [x.to("meta") if i == index else x for i, x in enumerate(holder[key])]
+    args = tuple(holder) if isinstance(key, int) else args
+    loss = _build(name)
+    for call in (loss, loss.compute):
+        with pytest.raises(ValueError, match=r"must be on the device of \w+ \(cpu\), got .* meta"):
+            call(*args, **kwargs)

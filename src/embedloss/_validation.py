@@ -8,6 +8,7 @@ without reading the library's source.
 from __future__ import annotations
 
 import contextvars
+import inspect
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -304,3 +305,27 @@ def check_sample_weight(sample_weight: Any, n: int, name: str = "sample_weight")
                 f"{name} must be finite and >= 0, got {first!r} ({int(bad.sum())} of {n} entries)"
             )
     return sample_weight
+
+
+def check_same_device(signature: inspect.Signature, args: tuple[Any, ...], kwargs: Any) -> None:
+    """Refuse a call whose tensor inputs (or tensors in list inputs) sit on different devices.
+
+    0-d tensors are left out: torch mixes a CPU scalar (a τ, a bias) into any device's
+    computation. Only devices are compared (metadata): no value is read.
+    """
+    devices = {t.device for t in _input_tensors((*args, *kwargs.values()))}
+    if len(devices) < 2:
+        return
+    bound = signature.bind(None, *args, **kwargs).arguments
+    placed = [(k, t.device) for k, v in list(bound.items())[1:] for t in _input_tensors((v,))]
+    (first, device), other = placed[0], next(p for p in placed if p[1] != placed[0][1])
+    raise ValueError(
+        f"{other[0]} must be on the device of {first} ({device}), got a tensor on {other[1]}"
+    )
+
+
+def _input_tensors(values: Iterable[Any]) -> Iterator[Tensor]:
+    for value in values:
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, Tensor) and item.dim() > 0:
+                yield item

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from embedloss._validation import allow_empty_batch, check_reduction
+from embedloss._validation import allow_empty_batch, check_reduction, check_same_device
 from embedloss.ops.distributed import is_distributed, ranks_agree
 
 __all__ = ["BaseLoss", "Examples", "LossOutput"]
@@ -55,7 +55,7 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
     """``forward``/``compute`` with the contract's cross-cutting rules applied once, here.
 
-    Under ``gather_distributed`` with a process group, the call runs inside
+    Tensor inputs on different devices are refused, naming the argument. Under ``gather_distributed`` with a process group, the call runs inside
     :func:`~embedloss.ops.distributed.ranks_agree` (and a rank may hold an empty batch). The
     terms of ``compute`` become NaN when its loss is NaN or infinite, so that a diverged step is
     never logged with healthy-looking terms (device-side: no synchronisation).
@@ -65,6 +65,7 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def guarded(self: BaseLoss, *args: Any, **kwargs: Any) -> Any:
+        check_same_device(signature, args, kwargs)
         if getattr(self, "gather_distributed", False) and is_distributed():
             inputs = dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:])
             tensors = [v for v in inputs.values() if isinstance(v, Tensor)]
