@@ -112,7 +112,7 @@ def check_same_dim(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
 
 
 def check_labels(labels: Any, n: int, name: str = "labels") -> Tensor:
-    """Validate integer labels of shape ``(n,)``."""
+    """Validate integer or bool labels of shape ``(n,)``."""
     check_tensor(labels, name)
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(
@@ -120,6 +120,11 @@ def check_labels(labels: Any, n: int, name: str = "labels") -> Tensor:
         )
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must be an integer or bool tensor, got dtype {labels.dtype}")
+    if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # too few kernels in torch
+        raise TypeError(
+            f"{name} must be an integer or bool tensor of a dtype torch can sort and compare "
+            f"(bool, uint8, int8 to int64), got dtype {labels.dtype}; convert it with .long()"
+        )
     return labels
 
 

@@ -73,18 +73,23 @@ def label_codes(labels: Tensor) -> Tensor:
 
     A code is the position of the label's first occurrence in sorted order, so the result has
     a fixed shape and is computed without reading a value back to the host (unlike
-    ``torch.unique``): per-group sums can use ``(N, ...)`` buffers and ``index_add``.
+    ``torch.unique``): per-group sums can use ``(N, ...)`` buffers and ``index_add``. Labels of
+    any integer or bool dtype are compared as int64 (a cast that keeps equality), since
+    ``searchsorted`` supports neither bool nor the wide unsigned dtypes.
 
     Example:
         >>> label_codes(torch.tensor([7, 3, 7, 5]))
         tensor([2, 0, 2, 1])
     """
-    ordered = labels.reshape(-1).sort().values
-    return torch.searchsorted(ordered, labels.reshape(-1))
+    flat = labels.reshape(-1).long()
+    return torch.searchsorted(flat.sort().values, flat)
 
 
 def group_counts(codes: Tensor) -> Tensor:
-    """``(N,)`` sizes of the groups of :func:`label_codes` ``codes``, indexed by code."""
+    """``(N,)`` sizes of the groups of :func:`label_codes` ``codes``, indexed by code.
+
+    ``group_counts(codes)[codes]`` is, for each entry, how many entries share its label.
+    """
     return torch.zeros_like(codes).index_add_(0, codes, torch.ones_like(codes))
 
 
