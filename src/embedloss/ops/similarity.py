@@ -31,7 +31,15 @@ __all__ = [
 
 
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
-    """Scale ``x`` to unit L2 norm along ``dim``; rows of norm < ``eps`` are divided by ``eps``.
+    """Scale ``x`` to unit L2 norm along ``dim``, at any scale; a zero row stays zero.
+
+    Each row is first divided by the power of two nearest above its largest entry (exact, and
+    without gradient: the result does not depend on it), so its squares neither overflow nor
+    underflow: rows scaled by 1e19 or 1e-20 normalise as well as rows of norm 1, and an
+    ordinary row gives exactly ``F.normalize``'s result. A row of zeros is returned as zeros,
+    divided by ``eps`` after being scaled by ``1/eps``: its gradient is the upstream gradient
+    (``F.normalize``'s ``1/eps`` would overflow in half precision). The scaled norm of a
+    non-zero row is at least 0.5, so ``eps`` < 0.5 acts on zero rows only.
 
     Half-precision inputs are normalised in float32, so the result is float32 for them.
 
@@ -41,7 +49,9 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    return F.normalize(x, p=2.0, dim=dim, eps=eps)
+    peak = x.detach().abs().amax(dim, keepdim=True)
+    power = peak / torch.frexp(peak).mantissa  # 2^e with peak = m·2^e, m in [0.5, 1): exact
+    return F.normalize(x / torch.where(peak > 0, power, 1 / eps), p=2.0, dim=dim, eps=eps)
 
 
 def similarity_matrix(a: Tensor, b: Tensor, scale: Tensor | float = 1.0) -> Tensor:
