@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from embedloss import list_losses, loss_info
 from embedloss.ops.similarity import l2_normalize
+from embedloss.ops.statistics import center, correlation, covariance, moments, standardize
+from embedloss.self_supervised import barlow_twins_loss, decorrelation_loss
 
 
 def _label_argument(name: str) -> str | None:
@@ -148,3 +150,34 @@ def test_l2_normalize_is_exact_at_ordinary_scales_and_safe_at_any_other():
     assert out.dtype == torch.float32 and (out == 0).all()
     out.backward(torch.ones_like(out))
     assert torch.equal(zero.grad, torch.ones_like(zero))  # the upstream gradient, not 1/eps
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e-20], ids=["variances_overflow", "squares_underflow"])
+@pytest.mark.parametrize("loss", [barlow_twins_loss, decorrelation_loss], ids=lambda f: f.__name__)
+def test_correlation_losses_at_extreme_scales_are_the_loss_with_a_rescaled_eps(loss, scale):
+    # For x·s the standardised values with ε are those of x with ε/s²: exactly, so float32 at
+    # an extreme scale must match float64 at scale 1.
+    torch.manual_seed(0)
+    z_a, z_b = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+    views = (z_a,) if loss is decorrelation_loss else (z_a, z_b)
+    eps = 1e-5
+    expected = loss(*views, eps=eps / scale**2)
+    scaled = [(v * scale).float().requires_grad_() for v in views]
+    got = loss(*scaled, eps=eps)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    got.backward()
+    assert all(torch.isfinite(v.grad).all() for v in scaled)
+
+
+def test_correlation_and_standardize_are_exact_at_ordinary_scales():
+    # The powers of two cancel exactly: the very values of the unscaled formulas.
+    torch.manual_seed(0)
+    x = torch.randn(9, 5, dtype=torch.float64) * torch.logspace(-3, 3, 5, dtype=torch.float64)
+    cov = covariance(x)
+    inv_std = (cov.diagonal() + 1e-3).rsqrt()
+    expected = cov * inv_std.unsqueeze(1) * inv_std.unsqueeze(0)
+    assert torch.equal(correlation(x, eps=1e-3), expected)
+    assert torch.equal(moments(x).covariance, cov)
+    xc = center(x)
+    var = (xc * xc).sum(0) / 9
+    assert torch.equal(standardize(x, eps=1e-3), xc * (var + 1e-3).rsqrt())

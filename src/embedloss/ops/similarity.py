@@ -23,6 +23,7 @@ __all__ = [
     "mean_pair_similarity",
     "pair_similarity_terms",
     "positive_mask_from_labels",
+    "power_of_two_above",
     "prepare_embeddings",
     "scale_from_logit",
     "similarity_gap",
@@ -49,9 +50,21 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    peak = x.detach().abs().amax(dim, keepdim=True)
-    power = peak / torch.frexp(peak).mantissa  # 2^e with peak = m·2^e, m in [0.5, 1): exact
-    return F.normalize(x / torch.where(peak > 0, power, 1 / eps), p=2.0, dim=dim, eps=eps)
+    scale = power_of_two_above(x.detach().abs().amax(dim, keepdim=True), zero=1 / eps)
+    return F.normalize(x / scale, p=2.0, dim=dim, eps=eps)
+
+
+def power_of_two_above(peak: Tensor, zero: float = 1.0) -> Tensor:
+    """``2^e`` for each ``peak = m·2^e`` (``m`` in [0.5, 1)), and ``zero`` where ``peak`` is 0.
+
+    Dividing values whose largest magnitude is ``peak`` by it is exact and leaves them in
+    [0.5, 1): their squares and sums of squares neither overflow nor underflow.
+
+    Example:
+        >>> power_of_two_above(torch.tensor([3.0, 0.25, 0.0]))
+        tensor([4.0000, 0.5000, 1.0000])
+    """
+    return torch.where(peak > 0, peak / torch.frexp(peak).mantissa, zero)
 
 
 def similarity_matrix(a: Tensor, b: Tensor, scale: Tensor | float = 1.0) -> Tensor:
