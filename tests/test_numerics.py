@@ -181,3 +181,20 @@ def test_correlation_and_standardize_are_exact_at_ordinary_scales():
     xc = center(x)
     var = (xc * xc).sum(0) / 9
     assert torch.equal(standardize(x, eps=1e-3), xc * (var + 1e-3).rsqrt())
+
+
+# --- options -----------------------------------------------------------------------------------
+
+
+def _float_options(name: str) -> list[str]:
+    params = loss_info(name).signature.parameters.values()
+    return [p.name for p in params if type(p.default) is float]
+
+
+@pytest.mark.parametrize(
+    ("name", "option"), [(n, o) for n in list_losses() for o in _float_options(n)]
+)
+def test_a_float_option_float32_cannot_hold_is_refused_at_construction(name, option):
+    cls = loss_info(name).cls
+    with pytest.raises(ValueError, match=f"^{option} must"):
+        cls(**(cls.example_kwargs() | {option: 1e300}))
