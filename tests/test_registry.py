@@ -92,3 +92,14 @@ def test_register_rejects_duplicates_and_kwargs(scratch_registry):
     assert loss_info("my_loss").summary == "My custom loss."
     assert create_loss("mine", margin=2.0).margin == 2.0
     assert "margin" in inspect.signature(loss_info("my_loss").cls).parameters
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("SimCLR", "simclr"), ("NT_Xent", "nt_xent")])
+def test_an_unknown_name_that_differs_only_in_case_suggests_the_registered_one(typed, meant):
+    with pytest.raises(ValueError, match=rf"^unknown loss '{typed}'; did you mean '{meant}'\? Reg"):
+        create_loss(typed)
+
+
+def test_an_unknown_name_without_a_close_match_ends_its_sentence():
+    with pytest.raises(ValueError, match=r"^unknown loss 'xyzzy'\. Registered losses: .*simclr"):
+        create_loss("xyzzy")

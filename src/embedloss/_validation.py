@@ -113,7 +113,7 @@ def check_same_dim(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
 
 
 def check_labels(labels: Any, n: int, name: str = "labels") -> Tensor:
-    """Validate integer labels of shape ``(n,)``."""
+    """Validate integer or bool labels of shape ``(n,)``."""
     check_tensor(labels, name)
     if labels.dim() != 1 or labels.shape[0] != n:
         raise ValueError(
@@ -121,11 +121,30 @@ def check_labels(labels: Any, n: int, name: str = "labels") -> Tensor:
         )
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name} must be an integer or bool tensor, got dtype {labels.dtype}")
+    if labels.dtype in (torch.uint16, torch.uint32, torch.uint64):  # too few kernels in torch
+        raise TypeError(
+            f"{name} must be an integer or bool tensor of a dtype torch can sort and compare "
+            f"(bool, uint8, int8 to int64), got dtype {labels.dtype}; convert it with .long()"
+        )
     return labels
 
 
+#: The largest magnitude of float32, the dtype losses compute in for float32 and half inputs.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _fits_float32(v: float, value: Any, name: str) -> float:
+    """``v`` after checking that float32 holds it (an option meets float32 tensors)."""
+    if abs(v) > FLOAT32_MAX:
+        raise ValueError(
+            f"{name} must fit float32, the dtype losses compute in (magnitude at most "
+            f"{FLOAT32_MAX:.4g}), got {value!r}"
+        )
+    return v
+
+
 def check_positive_float(value: Any, name: str, *, allow_zero: bool = False) -> float:
-    """Return ``value`` as a float after checking it is finite and > 0 (or >= 0)."""
+    """Return ``value`` as a float after checking it is finite, > 0 (or >= 0) and fits float32."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {describe(value)}")
     v = float(value)
@@ -133,7 +152,7 @@ def check_positive_float(value: Any, name: str, *, allow_zero: bool = False) -> 
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-    return v
+    return _fits_float32(v, value, name)
 
 
 def check_optional_positive(value: Any, name: str) -> float | None:
@@ -144,7 +163,7 @@ def check_optional_positive(value: Any, name: str) -> float | None:
 def check_float(
     value: Any, name: str, *, low: float | None = None, high: float | None = None
 ) -> float:
-    """Return ``value`` as a finite float in ``[low, high]``."""
+    """Return ``value`` as a finite float in ``[low, high]`` that fits float32."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {describe(value)}")
     v = float(value)
@@ -152,7 +171,7 @@ def check_float(
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
         raise ValueError(f"{name} must be a finite number in [{lo}, {hi}], got {value!r}")
-    return v
+    return _fits_float32(v, value, name)
 
 
 def check_int(value: Any, name: str, *, low: int | None = None) -> int:

@@ -138,13 +138,23 @@ def _lookup(name: Any) -> LossInfo:
         raise TypeError(f"loss name must be a str, got {type(name).__name__} {name!r}")
     key = _resolve(name)
     if key not in _LOSSES:
-        known = sorted([*_LOSSES, *_ALIASES])
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         raise ValueError(
-            f"unknown loss {name!r}{hint} Registered losses: {', '.join(sorted(_LOSSES))}"
+            f"unknown loss {name!r}{_suggestion(name)} Registered losses: {', '.join(sorted(_LOSSES))}"
         )
     return _LOSSES[key]
+
+
+def _suggestion(name: str) -> str:
+    """``"; did you mean 'x'?"`` naming the registered names closest to ``name``, or ``"."``.
+
+    Case is ignored: a name that differs from a registered one only in case suggests it alone.
+    """
+    by_folded = {k.casefold(): k for k in sorted([*_LOSSES, *_ALIASES])}
+    folded = name.casefold()
+    close = [folded] if folded in by_folded else []
+    close = close or difflib.get_close_matches(folded, list(by_folded), n=3, cutoff=0.5)
+    hint = " or ".join(repr(by_folded[c]) for c in close)
+    return f"; did you mean {hint}?" if close else "."
 
 
 def create_loss(name: str, **kwargs: Any) -> nn.Module:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from embedloss.ops.distributed import gather_with_grad
 from embedloss.ops.pair_losses import masked_log1p_sum_exp
+from embedloss.ops.similarity import l2_normalize
 
 __all__ = ["angle_similarity", "ranking_loss"]
 
@@ -61,13 +62,15 @@ def angle_similarity(x: Tensor, y: Tensor) -> Tensor:
     "absolute delta angle", but its ``angle_loss`` ranks it exactly as CoSENT ranks cosines, and
     so does sentence-transformers' ``AnglELoss``).
 
+    Δ does not change when a row is scaled, so it is computed from the L2-normalised rows
+    (:func:`~embedloss.ops.similarity.l2_normalize`): no product overflows or underflows at
+    any scale, and a zero row has Δ = 0.
+
     Example:
-        >>> x = torch.tensor([[1.0, 2.0, 0.5, -1.0]])
+        >>> x = torch.tensor([[3.0, 4.0]])  # one complex number, 3 + 4i
         >>> angle_similarity(x, x)
         tensor([1.])
     """
-    a, b = x.chunk(2, dim=1)
-    c, d = y.chunk(2, dim=1)
-    pooled = (a * c + b * d + b * c - a * d).sum(dim=1)  # (N,)
-    norms = x.norm(dim=1) * y.norm(dim=1)
-    return pooled.abs() / norms.clamp(min=torch.finfo(x.dtype).tiny)
+    a, b = l2_normalize(x).chunk(2, dim=1)
+    c, d = l2_normalize(y).chunk(2, dim=1)
+    return (a * c + b * d + b * c - a * d).sum(dim=1).abs()  # (N,)

@@ -23,6 +23,7 @@ __all__ = [
     "mean_pair_similarity",
     "pair_similarity_terms",
     "positive_mask_from_labels",
+    "power_of_two_above",
     "prepare_embeddings",
     "scale_from_logit",
     "similarity_gap",
@@ -31,7 +32,15 @@ __all__ = [
 
 
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
-    """Scale ``x`` to unit L2 norm along ``dim``; rows of norm < ``eps`` are divided by ``eps``.
+    """Scale ``x`` to unit L2 norm along ``dim``, at any scale; a zero row stays zero.
+
+    Each row is first divided by the power of two nearest above its largest entry (exact, and
+    without gradient: the result does not depend on it), so its squares neither overflow nor
+    underflow: rows scaled by 1e19 or 1e-20 normalise as well as rows of norm 1, and an
+    ordinary row gives exactly ``F.normalize``'s result. A row of zeros is returned as zeros,
+    divided by ``eps`` after being scaled by ``1/eps``: its gradient is the upstream gradient
+    (``F.normalize``'s ``1/eps`` would overflow in half precision). The scaled norm of a
+    non-zero row is at least 0.5, so ``eps`` < 0.5 acts on zero rows only.
 
     Half-precision inputs are normalised in float32, so the result is float32 for them.
 
@@ -41,7 +50,21 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    return F.normalize(x, p=2.0, dim=dim, eps=eps)
+    scale = power_of_two_above(x.detach().abs().amax(dim, keepdim=True), zero=1 / eps)
+    return F.normalize(x / scale, p=2.0, dim=dim, eps=eps)
+
+
+def power_of_two_above(peak: Tensor, zero: float = 1.0) -> Tensor:
+    """``2^e`` for each ``peak = m·2^e`` (``m`` in [0.5, 1)), and ``zero`` where ``peak`` is 0.
+
+    Dividing values whose largest magnitude is ``peak`` by it is exact and leaves them in
+    [0.5, 1): their squares and sums of squares neither overflow nor underflow.
+
+    Example:
+        >>> power_of_two_above(torch.tensor([3.0, 0.25, 0.0]))
+        tensor([4.0000, 0.5000, 1.0000])
+    """
+    return torch.where(peak > 0, peak / torch.frexp(peak).mantissa, zero)
 
 
 def similarity_matrix(a: Tensor, b: Tensor, scale: Tensor | float = 1.0) -> Tensor:
@@ -73,18 +96,23 @@ def label_codes(labels: Tensor) -> Tensor:
 
     A code is the position of the label's first occurrence in sorted order, so the result has
     a fixed shape and is computed without reading a value back to the host (unlike
-    ``torch.unique``): per-group sums can use ``(N, ...)`` buffers and ``index_add``.
+    ``torch.unique``): per-group sums can use ``(N, ...)`` buffers and ``index_add``. Labels of
+    any integer or bool dtype are compared as int64 (a cast that keeps equality), since
+    ``searchsorted`` supports neither bool nor the wide unsigned dtypes.
 
     Example:
         >>> label_codes(torch.tensor([7, 3, 7, 5]))
         tensor([2, 0, 2, 1])
     """
-    ordered = labels.reshape(-1).sort().values
-    return torch.searchsorted(ordered, labels.reshape(-1))
+    flat = labels.reshape(-1).long()
+    return torch.searchsorted(flat.sort().values, flat)
 
 
 def group_counts(codes: Tensor) -> Tensor:
-    """``(N,)`` sizes of the groups of :func:`label_codes` ``codes``, indexed by code."""
+    """``(N,)`` sizes of the groups of :func:`label_codes` ``codes``, indexed by code.
+
+    ``group_counts(codes)[codes]`` is, for each entry, how many entries share its label.
+    """
     return torch.zeros_like(codes).index_add_(0, codes, torch.ones_like(codes))
 
 

@@ -25,6 +25,7 @@ here too, unchecked: :mod:`embedloss.metrics` checks them as metrics and
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,14 +33,16 @@ from torch import Tensor
 from embedloss._validation import check_int, check_pair, check_positive_float, compute_dtype
 from embedloss.ops.anchors import AnchorLosses
 from embedloss.ops.distributed import (
+    all_reduce_max_no_grad,
     all_reduce_sum_no_grad,
     all_reduce_with_grad,
     gather_with_grad,
     world_info,
 )
-from embedloss.ops.similarity import positive_mask_from_labels
+from embedloss.ops.similarity import positive_mask_from_labels, power_of_two_above
 
 __all__ = [
+    "Moments",
     "alignment_per_anchor",
     "batch_count",
     "batch_mean",
@@ -50,6 +53,7 @@ __all__ = [
     "covariance",
     "cross_correlation",
     "log_uniformity",
+    "moments",
     "off_diagonal",
     "prepare_views",
     "standardize",
@@ -145,12 +149,29 @@ def covariance(x: Tensor, *, correction: int = 1, distributed: bool = False) -> 
     return all_reduce_with_grad(xc.T @ xc, distributed) / (n - correction)  # (D, D)
 
 
+def _scaled_centered(
+    x: Tensor, correction: int, distributed: bool, n: int | None = None
+) -> tuple[Tensor, Tensor, int]:
+    """``(x − μ)/k``, the per-dimension powers of two ``k (D,)`` and N, for scale-free statistics.
+
+    ``k`` bounds each centred column to [0.5, 1) over all ranks, so its products neither
+    overflow nor underflow; dividing by a power of two is exact, so ordinary inputs give the
+    very same standardised values and correlations.
+    """
+    xc, n = _centered(x, correction, distributed, n)
+    peak = xc.detach().abs().amax(0) if xc.shape[0] else xc.new_zeros(xc.shape[1:])
+    if world_info(distributed)[0] > 1:
+        peak = all_reduce_max_no_grad(peak)
+    k = power_of_two_above(peak)
+    return xc / k, k, n
+
+
 def _standardize(
     x: Tensor, eps: float, correction: int, distributed: bool, n: int | None = None
 ) -> tuple[Tensor, int]:
-    xc, n = _centered(x, correction, distributed, n)
-    var = batch_sum(xc * xc, distributed=distributed) / (n - correction)  # (D,)
-    return xc * (var + eps).rsqrt(), n
+    xs, k, n = _scaled_centered(x, correction, distributed, n)  # xs = (x − μ)/k
+    var = batch_sum(xs * xs, distributed=distributed) / (n - correction)  # (D,) var/k²
+    return xs * (var + eps / k.square()).rsqrt(), n
 
 
 def standardize(
@@ -219,10 +240,34 @@ def correlation(
         tensor([[1., 1.],
                 [1., 1.]])
     """
+    return moments(x, eps=eps, correction=correction, distributed=distributed).correlation
+
+
+class Moments(NamedTuple):
+    """The covariance ``(D, D)`` of a batch and its correlation matrix ``(D, D)``."""
+
+    covariance: Tensor
+    correlation: Tensor
+
+
+def moments(
+    x: Tensor, *, eps: float = 1e-5, correction: int = 1, distributed: bool = False
+) -> Moments:
+    """:func:`covariance` and :func:`correlation` of ``x (N, D)`` from one pass over the batch.
+
+    The correlation is computed from columns scaled by powers of two (exactly), so it is
+    right at any scale of ``x``, even one whose covariance overflows (``cov_ij/(k_i·k_j)``
+    against ``(ε/k_i²)``, the same ratio).
+
+    Raises:
+        ValueError: If ``x`` is not ``(N, D)``, ``N <= correction`` or ``eps < 0``.
+    """
     eps = check_positive_float(eps, "eps", allow_zero=True)
-    cov = covariance(x, correction=correction, distributed=distributed)
-    inv_std = (cov.diagonal() + eps).rsqrt()  # (D,)
-    return cov * inv_std.unsqueeze(1) * inv_std.unsqueeze(0)
+    xs, k, n = _scaled_centered(x, correction, distributed)  # xs = (x − μ)/k
+    scaled = all_reduce_with_grad(xs.T @ xs, distributed) / (n - correction)  # cov/(k kᵀ)
+    inv_std = (scaled.diagonal() + eps / k.square()).rsqrt()  # (D,)
+    correlation = scaled * inv_std.unsqueeze(1) * inv_std.unsqueeze(0)
+    return Moments(scaled * k.unsqueeze(1) * k.unsqueeze(0), correlation)
 
 
 def off_diagonal(m: Tensor) -> Tensor:

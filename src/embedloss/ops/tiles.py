@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from embedloss.ops.similarity import group_counts, label_codes
+
 __all__ = [
     "Grads",
     "Weights",
@@ -132,9 +134,8 @@ def uniform_factor(grad: Tensor, valid: Tensor) -> Tensor:
 
 def label_counts(labels: Tensor) -> Tensor:
     """How many entries of ``labels`` (``(N,)``) equal each entry, in O(N log N) on device."""
-    ordered = labels.reshape(-1).sort().values
-    upper = torch.searchsorted(ordered, labels, right=True)
-    return upper - torch.searchsorted(ordered, labels)
+    codes = label_codes(labels)
+    return group_counts(codes)[codes]
 
 
 def as_scale(scale: Tensor | float, like: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ from embedloss._validation import (
 )
 from embedloss.base.base_loss import BaseLoss, LossOutput
 from embedloss.ops.similarity import prepare_embeddings
-from embedloss.ops.statistics import check_enough_samples, covariance, off_diagonal
+from embedloss.ops.statistics import check_enough_samples, moments, off_diagonal
 from embedloss.registry import register_loss
 
 __all__ = ["DecorrelationLoss", "decorrelation_loss"]
@@ -35,11 +35,9 @@ def _decorrelation(
         check_embeddings(z, name)
         check_enough_samples(z, name, distributed=distributed)
         x = prepare_embeddings(z, normalize=normalize, dtype=compute_dtype(z))
-        m = covariance(x, correction=1, distributed=distributed)  # (D, D)
-        variances.append(m.diagonal())  # (D,)
-        if use_correlation:
-            inv_std = (m.diagonal() + eps).rsqrt()
-            m = m * inv_std.unsqueeze(1) * inv_std.unsqueeze(0)
+        cov, corr = moments(x, eps=eps, distributed=distributed)  # (D, D)
+        variances.append(cov.diagonal())  # (D,)
+        m = corr if use_correlation else cov
         d = x.shape[1]
         penalties.append(off_diagonal(m).pow(2).sum() / max(d * (d - 1), 1))
     return sum(penalties[1:], penalties[0]) / len(penalties), variances
