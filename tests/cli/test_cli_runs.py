@@ -183,6 +183,54 @@ def test_resume_refuses_what_does_not_continue_the_run(finished, args, message, 
     assert message in _error(capsys)
 
 
+def _refused_change(line: str, run, option: str) -> None:
+    """``line`` refuses to resume ``run`` with ``option`` (``key=value``), naming old → new."""
+    from embedloss.registry import loss_info
+
+    key, _, value = option.partition("=")
+    section = "loss" if key in {"queue_size", "temperature"} else "method"
+    cfg = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
+    default = loss_info(cfg["loss"]["name"]).signature.parameters.get(key)
+    old = cfg[section].get(key, None if default is None else default.default)
+    assert f"{section}.{key} {old!r} → {yaml.safe_load(value)!r}" in line, line
+    assert "train a new run with them (drop --resume)" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        (["--loss-option", "temperature=0.1"], "loss.temperature"),  # a buffer of the loss
+        (["--weight-decay", "0.5"], "weight_decay"),  # AdamW's state keeps its own
+        (["--seed", "3"], "seed"),  # the data split and the initialisation
+        (["--norm", "layer"], "model.norm"),  # the model's layers
+    ],
+)
+def test_resume_refuses_settings_its_checkpoint_fixes(finished, flags, key, capsys):
+    saved = (finished / "config.yaml").read_bytes(), (finished / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "-q", "--resume", str(finished), "--epochs", "2", *flags]) == 2
+    line = _error(capsys)
+    if key.startswith("loss."):
+        _refused_change(line, finished, flags[1])
+    else:
+        section, _, name = key.rpartition(".")
+        cfg = yaml.safe_load(saved[0])
+        old = (cfg[section] if section else cfg)[name]
+        assert f"{key} {old!r} → {yaml.safe_load(flags[1])!r}" in line, line
+    assert (
+        (finished / "config.yaml").read_bytes(),
+        (finished / "checkpoint.pt").read_bytes(),
+    ) == saved
+
+
+def test_resume_takes_the_settings_of_the_step(finished, capsys):
+    flags = ["--epochs", "2", "--lr", "0.001", "--batch-size", "32", "--grad-clip", "1"]
+    assert main(["train", "-q", "--resume", str(finished), *flags]) == 0
+    cfg = yaml.safe_load((finished / "config.yaml").read_text())
+    assert (cfg["epochs"], cfg["lr"], cfg["batch_size"], cfg["grad_clip"]) == (2, 0.001, 32, 1.0)
+    assert _doc(finished)["history"][-1]["lr"] == cfg["lr"]  # constant schedule: the peak
+
+
 def test_resume_refuses_other_shapes_and_unsafe_files(tmp_path, capsys):
     out = tmp_path / "moco"
     assert (
@@ -190,15 +238,17 @@ def test_resume_refuses_other_shapes_and_unsafe_files(tmp_path, capsys):
         == 0
     )
     capsys.readouterr()
-    assert (
-        main(
-            ["train", "-q", "--resume", str(out), "--epochs", "2", "--loss-option", "queue_size=64"]
-        )
-        == 2
-    )
-    assert "loss tensor 'queue_labels' has shape (128,) in the checkpoint but (64,) here" in _error(
-        capsys
-    )
+    saved = (out / "config.yaml").read_bytes(), (out / "checkpoint.pt").read_bytes()
+    # The queue's size is the loss's tensor shape; MoCo's τ a buffer of its state; the
+    # teacher's momentum one of the model's: the checkpoint would override each of them.
+    for flags in (
+        ["--loss-option", "queue_size=64"],
+        ["--loss-option", "temperature=0.05"],
+        ["--method-option", "teacher_momentum=0.5"],
+    ):
+        assert main(["train", "-q", "--resume", str(out), "--epochs", "2", *flags]) == 2
+        _refused_change(_error(capsys), out, flags[1])
+    assert ((out / "config.yaml").read_bytes(), (out / "checkpoint.pt").read_bytes()) == saved
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "run directory" in _error(capsys)
     assert main(["train", "--resume", str(tmp_path)]) == 2

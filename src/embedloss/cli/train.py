@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import json
 import math
 import sys
@@ -75,6 +76,7 @@ from embedloss.cli.runtime import World, deterministic, mean_over_ranks, progres
 from embedloss.cli.tasks import LossContext, LossPlan, build_loss, compute_loss, make_plan
 from embedloss.cli.views import StepBatch, epoch_order, make_batch, steps_per_epoch
 from embedloss.gradcache import GradCache
+from embedloss.registry import loss_info
 
 __all__ = [
     "METRIC_LABELS",
@@ -236,8 +238,34 @@ def _build(
     return Session(plan, method, data, cfg, w, model, initial, net, loss, opt, steps, setup)
 
 
-def check_resume(ckpt: Mapping[str, Any], plan: LossPlan, epochs: int, source: str) -> None:
-    """Refuse, before any work, a resume that would not continue the checkpointed run."""
+def _fixed_settings(cfg: Mapping[str, Any], loss: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a resume must keep, by config path: those the checkpoint's state holds.
+
+    The loss's options (its buffers: τ, queues, centres; the constructor's defaults filled
+    in), the model's and the method's (layers, the teacher's base momentum, prototypes),
+    AdamW's weight decay (its state dict keeps its own) and the seed and test fraction (the
+    initialisation and the data split).
+    """
+    params = loss_info(loss["name"]).signature.parameters.values()
+    options = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    options.update((k, v) for k, v in loss.items() if k != "name")
+    return {
+        **{f"loss.{k}": v for k, v in options.items()},
+        **{f"{part}.{k}": v for part in ("model", "method") for k, v in cfg[part].items()},
+        "seed": cfg["seed"],
+        "weight_decay": cfg["weight_decay"],
+        "data.test_fraction": cfg["data"]["test_fraction"],
+    }
+
+
+def check_resume(
+    ckpt: Mapping[str, Any], plan: LossPlan, cfg: Mapping[str, Any], source: str
+) -> None:
+    """Refuse, before any work, a resume that would not continue the checkpointed run.
+
+    Another loss or task, or a setting the checkpoint's state fixes (:func:`_fixed_settings`),
+    is refused naming each change; so is a finished run without more ``epochs`` in ``cfg``.
+    """
     old = ckpt["config"]
     for key, now in (("loss", plan.name), ("task", plan.task)):
         was = old["loss"]["name"] if key == "loss" else old["task"]
@@ -246,8 +274,17 @@ def check_resume(ckpt: Mapping[str, Any], plan: LossPlan, epochs: int, source: s
                 f"{source} was trained with {key} {was!r}, not {now!r}; another {key} needs a "
                 "new run (drop --resume)"
             )
+    kept = _fixed_settings(old, old["loss"])
+    given = _fixed_settings(cfg, {"name": plan.name, **plan.loss_kwargs})
+    changes = [f"{k} {kept.get(k)!r} → {v!r}" for k, v in given.items() if kept.get(k) != v]
+    if changes:
+        raise CLIError(
+            f"{source} cannot continue with other settings than it was trained with "
+            f"({', '.join(changes)}): its checkpoint's state and data split keep the old ones; "
+            "resume without changing them, or train a new run with them (drop --resume)"
+        )
     done = int(ckpt["epoch"])
-    if done >= epochs:
+    if done >= int(cfg["epochs"]):
         raise CLIError(
             f"{source} has completed {done} epoch(s) of {old['epochs']}; pass --epochs E with "
             f"E > {done} to train it further"
@@ -591,7 +628,7 @@ def run_training(
     ckpt = None if resume_dir is None else load_checkpoint(resume_dir)
     source = f"run {str(resume_dir)!r}"
     if ckpt is not None:
-        check_resume(ckpt, plan, int(cfg["epochs"]), source)
+        check_resume(ckpt, plan, cfg, source)
     seed = int(cfg["seed"])
     with world(cfg["device"]) as w, deterministic(seed, int(cfg["num_threads"]), cfg["device"]):
         out_dir = None
@@ -603,11 +640,11 @@ def run_training(
         data = load_task_data(cfg["data"], plan.task, seed, inputs=specs)
         method = resolve_method(plan, cfg["method"], data.image_shape)
         cfg["method"] = method.as_config()
-        if out_dir is not None:
-            (out_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
         sess = _build(plan, method, data, cfg, w)
         if ckpt is not None:
             _resume(sess, ckpt, source)
+        if out_dir is not None:  # only what the run uses: after the checkpoint has loaded
+            (out_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
         if w.main:
             print(_header(sess, ckpt is not None), file=stream, flush=True)
         _train(sess, out_dir, progress)
