@@ -448,6 +448,35 @@ def test_eval_and_embed_errors(finished, tmp_path, capsys):
     assert "has no array 'q' (found: x); pass --key NAME" in _error(capsys)
 
 
+@pytest.mark.filterwarnings("error")  # no numpy overflow or ComplexWarning on the way
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.full((4, 64), np.nan),
+        np.full((4, 8, 8), -np.inf),
+        np.ones((4, 64)) * (1 + 1j),
+        np.zeros((0, 64)),
+        np.full((4, 64), float(np.finfo(np.float32).max) * 2),
+    ],
+    ids=["nan", "inf", "complex", "empty", "beyond-float32"],
+)
+def test_embed_checks_its_data_as_train_and_eval_do(finished, tmp_path, x, capsys):
+    path, out = tmp_path / "bad.npz", tmp_path / "z.npy"
+    np.savez(path, x=x)
+    capsys.readouterr()
+    assert main(["embed", "--run", str(finished), "--data", str(path), "--out", str(out)]) == 2
+    line = _error(capsys)
+    assert not out.exists()
+    for command in (
+        ["train", "-q", "--epochs", "1", "--data"],
+        ["eval", "--run", str(finished), "--data"],
+    ):
+        assert main([*command, str(path)]) == 2
+        assert _error(capsys) == line
+    if np.isrealobj(x) and np.isfinite(x).all() and x.size:
+        assert "exceed float32's range" in line and "NaN" not in line
+
+
 def test_load_encoder_is_the_runs_encoder(finished):
     from embedloss.cli import load_encoder, load_run
 
