@@ -238,6 +238,37 @@ def _build(
     return Session(plan, method, data, cfg, w, model, initial, net, loss, opt, steps, setup)
 
 
+def _check_micro_batches(
+    cfg: Mapping[str, Any], plan: LossPlan, method: Method, data: TaskData, w: World
+) -> None:
+    """Refuse micro-batches of one input under BatchNorm, which cannot normalise one in training.
+
+    GradCache cuts each input group of a step (the stacked views, the local crops; one group
+    per modality when paired) into micro-batches of ``micro_batch_size``, the last one shorter.
+    """
+    micro = cfg["micro_batch_size"]
+    if micro is None or cfg["model"]["norm"] != "batch":
+        return
+    local = int(cfg["batch_size"]) // w.size
+    sizes = [local, local] if plan.task == "paired" else [2 * local]
+    if plan.task != "paired" and method.local_crops and data.image_shape is not None:
+        sizes.append(method.local_crops * local)
+
+    def lone(m: int) -> bool:
+        return m == 1 or any(n % m == 1 for n in sizes)
+
+    if lone(micro):
+        fit = next((m for m in range(micro + 1, max(sizes) + 1) if not lone(m)), None)
+        inputs = ("groups of " if len(sizes) > 1 else "") + " and ".join(map(str, sizes))
+        raise CLIError(
+            f"--micro-batch-size {micro} leaves a micro-batch of 1 input (the step's {inputs} "
+            f"encoder inputs, {micro} at a time), and BatchNorm (--norm batch) cannot normalise "
+            "a single input in training: every micro-batch needs >= 2 inputs; use "
+            + (f"--micro-batch-size {fit}, or " if fit is not None else "")
+            + "--norm layer (exact under micro-batches)"
+        )
+
+
 def _fixed_settings(cfg: Mapping[str, Any], loss: Mapping[str, Any]) -> dict[str, Any]:
     """The settings a resume must keep, by config path: those the checkpoint's state holds.
 
@@ -640,6 +671,7 @@ def run_training(
         data = load_task_data(cfg["data"], plan.task, seed, inputs=specs)
         method = resolve_method(plan, cfg["method"], data.image_shape)
         cfg["method"] = method.as_config()
+        _check_micro_batches(cfg, plan, method, data, w)
         sess = _build(plan, method, data, cfg, w)
         if ckpt is not None:
             _resume(sess, ckpt, source)
