@@ -494,6 +494,21 @@ def test_load_encoder_is_the_runs_encoder(finished):
         encoder(torch.zeros(6, 63))
 
 
+def test_load_encoder_raises_value_errors_and_embeds_empty_batches(finished, tmp_path):
+    from embedloss.cli import load_encoder
+
+    with pytest.raises(ValueError, match="does not exist"):  # a user mistake is a ValueError
+        load_encoder(tmp_path / "nowhere")
+    encoder = load_encoder(finished)
+    with torch.no_grad():
+        dim = encoder(torch.zeros(1, 8, 8)).shape[1]
+        assert encoder(torch.zeros(0, 8, 8)).shape == (0, dim)
+        assert encoder(torch.zeros(0, 64)).shape == (0, dim)
+        for wrong in (torch.zeros(0, 7), torch.tensor(1.0), torch.zeros(64)):
+            with pytest.raises(ValueError, match=r"x must hold samples of shape \(8, 8\)"):
+                encoder(wrong)
+
+
 def test_eval_and_embed_on_a_paired_run(tmp_path, capsys):
     rng = np.random.default_rng(0)
     x_a = rng.normal(size=(160, 6)).astype(np.float32)

@@ -95,8 +95,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-class CLIError(Exception):
-    """A user mistake (bad option, config or data file): reported in one line, exit code 2."""
+class CLIError(ValueError):
+    """A user mistake (bad option, config, data file or run): reported in one line, exit code 2.
+
+    A :class:`ValueError`, so that Python callers (:func:`embedloss.cli.load_encoder`) catch it
+    as one.
+    """
 
 
 def _close(key: str, valid: list[str]) -> str:

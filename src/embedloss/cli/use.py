@@ -120,7 +120,7 @@ def load_encoder(
         device: Where to put the encoder.
 
     Raises:
-        CLIError: If ``directory`` holds no usable run.
+        CLIError: A :class:`ValueError`, if ``directory`` holds no usable run.
     """
     return load_run(directory, device=device).encoder(modality)
 
