@@ -15,6 +15,10 @@ from embedloss.cli.config import (
 )
 
 
+def test_every_seed_torch_and_numpy_take_is_accepted():
+    assert resolve_config({"seed": 2**63 - 1})["seed"] == 2**63 - 1
+
+
 def test_precedence_defaults_file_flags():
     cfg = resolve_config(
         {"epochs": 3, "lr": 0.01, "model": {"hidden_dim": 32}}, {"epochs": 5, "seed": None}
@@ -115,6 +119,8 @@ def test_data_flags(tmp_path):
         ({"task": "ssll"}, "task must be one of auto, ssl, paired, supervised"),
         ({"epochs": True}, "epochs must be an integer >= 1, got True"),
         ({"batch_size": 1}, "batch_size must be an integer >= 2"),
+        ({"seed": -1}, f"seed must be an integer in [0, {2**63 - 1}], got -1"),
+        ({"seed": 2**63}, f"seed must be an integer in [0, {2**63 - 1}], got {2**63}"),
         ({"lr": "fast"}, "lr must be a number > 0, got 'fast'"),
         ({"lr": float("nan")}, "lr must be a number > 0"),
         ({"weight_decay": -1}, "weight_decay must be a number >= 0.0"),

@@ -253,6 +253,10 @@ def test_resume_refuses_other_shapes_and_unsafe_files(tmp_path, capsys):
     assert "run directory" in _error(capsys)
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "holds no checkpoint.pt: it is not a run" in _error(capsys)
+    assert main(["train", "--resume", str(out / "checkpoint.pt")]) == 2
+    assert f"is a file, not a run directory: give the directory that holds it ({str(out)!r})" in (
+        _error(capsys)
+    )
     evil = tmp_path / "evil"
     evil.mkdir()
 
@@ -266,6 +270,9 @@ def test_resume_refuses_other_shapes_and_unsafe_files(tmp_path, capsys):
     (evil / "checkpoint.pt").write_bytes(b"garbage")
     assert main(["eval", "--run", str(evil)]) == 2
     assert "safely (weights_only)" in _error(capsys)
+    (evil / "checkpoint.pt").write_bytes(b"")
+    assert main(["eval", "--run", str(evil)]) == 2
+    assert _error(capsys).endswith("safely (weights_only): the file is empty")
     torch.save({"format": "embedloss-run", "version": 99}, evil / "checkpoint.pt")
     assert main(["embed", "--run", str(evil), "--data", "x", "--out", "y"]) == 2
     assert "has checkpoint version 99; this embedloss reads version 1" in _error(capsys)

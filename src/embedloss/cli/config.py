@@ -57,6 +57,8 @@ FLAG_KEYS = (
     "device",
     "micro_batch_size",
 )
+#: The largest seed: torch's generators take 64-bit seeds, and a run seeds ``seed + epoch``.
+MAX_SEED = 2**63 - 1
 #: The keys of the ``method`` section: a method's EMA teacher, multi-crop views and prototypes.
 #: ``auto`` takes the method's own value (:mod:`embedloss.cli.methods`).
 METHOD_KEYS = ("teacher_momentum", "teacher_schedule", "local_crops", "prototypes")
@@ -200,10 +202,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _check_int(cfg: Mapping[str, Any], key: str, low: int, where: str = "") -> None:
+def _check_int(
+    cfg: Mapping[str, Any], key: str, low: int, where: str = "", high: int | None = None
+) -> None:
     value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise CLIError(f"{where}{key} must be an integer >= {low}, got {value!r}")
+    ok = not isinstance(value, bool) and isinstance(value, int) and value >= low
+    if not ok or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise CLIError(f"{where}{key} must be an integer {rng}, got {value!r}")
 
 
 def _check_float(
@@ -235,7 +241,7 @@ def _validate(cfg: dict[str, Any]) -> None:
     _check_float(data, "test_fraction", 0.05, 0.95, "data.")
     _check_int(cfg, "epochs", 1)
     _check_int(cfg, "batch_size", 2)
-    _check_int(cfg, "seed", 0)
+    _check_int(cfg, "seed", 0, high=MAX_SEED)
     _check_int(cfg, "num_threads", 1)
     lr = cfg["lr"]
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
