@@ -17,6 +17,8 @@ run stopped: on CPU the result is bit-identical to a run that was never interrup
 ``--epochs`` on resume extends the run; schedules that span the run (a cosine learning rate, a
 loss's ``update_step`` schedule) then span the new length from the current step on (a note says
 so), so only runs without such schedules — the default constant rate — equal a fresh longer run.
+Settings the checkpoint's state holds — the loss's options, the model, the method, the weight
+decay, the seed and split — cannot change on resume (:func:`check_resume` names each change).
 
 **Methods.** The model holds the method's heads and, for MoCo, BYOL, DINO and iBOT, an EMA
 teacher (:mod:`embedloss.cli.methods`), which follows the student after every optimiser step
