@@ -62,7 +62,7 @@ from embedloss.cli.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from embedloss.cli.config import CLIError, config_to_yaml
+from embedloss.cli.config import CLIError, config_to_yaml, resolve_config
 from embedloss.cli.data import InputSpec, TaskData, describe_perturbation, load_task_data
 from embedloss.cli.evaluate import PRIMARY_METRIC, EvalSetup, epoch_metrics, evaluate_with_baselines
 from embedloss.cli.methods import Method, resolve_method
@@ -307,7 +307,7 @@ def check_resume(
                 f"{source} was trained with {key} {was!r}, not {now!r}; another {key} needs a "
                 "new run (drop --resume)"
             )
-    kept = _fixed_settings(old, old["loss"])
+    kept = _fixed_settings(resolve_config(old), old["loss"])  # defaults for older runs' gaps
     given = _fixed_settings(cfg, {"name": plan.name, **plan.loss_kwargs})
     changes = [f"{k} {kept.get(k)!r} → {v!r}" for k, v in given.items() if kept.get(k) != v]
     if changes:
