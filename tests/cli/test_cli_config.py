@@ -15,6 +15,10 @@ from embedloss.cli.config import (
 )
 
 
+def test_every_seed_torch_and_numpy_take_is_accepted():
+    assert resolve_config({"seed": 2**63 - 1})["seed"] == 2**63 - 1
+
+
 def test_precedence_defaults_file_flags():
     cfg = resolve_config(
         {"epochs": 3, "lr": 0.01, "model": {"hidden_dim": 32}}, {"epochs": 5, "seed": None}
@@ -115,6 +119,8 @@ def test_data_flags(tmp_path):
         ({"task": "ssll"}, "task must be one of auto, ssl, paired, supervised"),
         ({"epochs": True}, "epochs must be an integer >= 1, got True"),
         ({"batch_size": 1}, "batch_size must be an integer >= 2"),
+        ({"seed": -1}, f"seed must be an integer in [0, {2**63 - 1}], got -1"),
+        ({"seed": 2**63}, f"seed must be an integer in [0, {2**63 - 1}], got {2**63}"),
         ({"lr": "fast"}, "lr must be a number > 0, got 'fast'"),
         ({"lr": float("nan")}, "lr must be a number > 0"),
         ({"weight_decay": -1}, "weight_decay must be a number >= 0.0"),
@@ -205,3 +211,46 @@ def test_method_options_norm_and_micro_batches():
         "the method options are chosen anew (the config's were teacher_momentum=0.996, "
         in (notes[-1])
     )
+
+
+#: YAML 1.2 / JSON float literals with exponents, with and without a dot or a sign.
+EXPONENTS = {"lr": "1e-3", "weight_decay": "5E-2", "grad_clip": "1.5e+3", "warmup_epochs": "2.5E-1"}
+
+
+@pytest.mark.parametrize(
+    ("name", "layout"),
+    [
+        ("flat.yaml", lambda v: "".join(f"{k}: {x}\n" for k, x in v.items())),
+        ("flow.yaml", lambda v: "{" + ", ".join(f"{k}: {x}" for k, x in v.items()) + "}"),
+        ("flat.json", lambda v: "{" + ", ".join(f'"{k}": {x}' for k, x in v.items()) + "}"),
+    ],
+)
+def test_config_files_read_exponents_as_numbers(tmp_path, name, layout):
+    path = tmp_path / name
+    path.write_text(layout(EXPONENTS))
+    cfg = resolve_config(load_config_file(path))
+    assert {k: cfg[k] for k in EXPONENTS} == {k: float(x) for k, x in EXPONENTS.items()}
+
+
+def test_exponents_reach_nested_options_and_flags(tmp_path):
+    path = tmp_path / "loss.yaml"
+    path.write_text(
+        "loss: {name: simclr, temperature: 5e-2}\nmethod: {teacher_momentum: -1.5e+3}\n"
+    )
+    data = load_config_file(path)
+    assert data["loss"]["temperature"] == 0.05 and data["method"]["teacher_momentum"] == -1500.0
+    assert parse_loss_options(["temperature=.5E-1", "queue_size=64", "tag=1e3x"]) == {
+        "temperature": 0.05,
+        "queue_size": 64,
+        "tag": "1e3x",
+    }
+
+
+def test_a_json_config_is_read_as_json(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"lr": 1e-3,}')
+    with pytest.raises(CLIError, match=r"config file '.*bad\.json' is not valid JSON: "):
+        load_config_file(path)
+    path.write_text("[1, 2]")
+    with pytest.raises(CLIError, match="must hold a mapping, got list"):
+        load_config_file(path)

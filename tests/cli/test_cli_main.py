@@ -164,6 +164,10 @@ def test_paired_npz(tmp_path, capsys):
             "'dino' distils from its EMA teacher: method.teacher_momentum must be a number",
         ),
         (["--lr", "1e30"], "the loss became nan at epoch 1"),
+        (
+            ["--seed", str(2**64 + 1)],
+            f"seed must be an integer in [0, {2**63 - 1}], got {2**64 + 1}",
+        ),
         (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
         (["--data", "missing.npz"], "missing.npz' does not exist"),
     ],

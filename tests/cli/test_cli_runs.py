@@ -183,6 +183,54 @@ def test_resume_refuses_what_does_not_continue_the_run(finished, args, message, 
     assert message in _error(capsys)
 
 
+def _refused_change(line: str, run, option: str) -> None:
+    """``line`` refuses to resume ``run`` with ``option`` (``key=value``), naming old → new."""
+    from embedloss.registry import loss_info
+
+    key, _, value = option.partition("=")
+    section = "loss" if key in {"queue_size", "temperature"} else "method"
+    cfg = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
+    default = loss_info(cfg["loss"]["name"]).signature.parameters.get(key)
+    old = cfg[section].get(key, None if default is None else default.default)
+    assert f"{section}.{key} {old!r} → {yaml.safe_load(value)!r}" in line, line
+    assert "train a new run with them (drop --resume)" in line
+
+
+@pytest.mark.parametrize(
+    ("flags", "key"),
+    [
+        (["--loss-option", "temperature=0.1"], "loss.temperature"),  # a buffer of the loss
+        (["--weight-decay", "0.5"], "weight_decay"),  # AdamW's state keeps its own
+        (["--seed", "3"], "seed"),  # the data split and the initialisation
+        (["--norm", "layer"], "model.norm"),  # the model's layers
+    ],
+)
+def test_resume_refuses_settings_its_checkpoint_fixes(finished, flags, key, capsys):
+    saved = (finished / "config.yaml").read_bytes(), (finished / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "-q", "--resume", str(finished), "--epochs", "2", *flags]) == 2
+    line = _error(capsys)
+    if key.startswith("loss."):
+        _refused_change(line, finished, flags[1])
+    else:
+        section, _, name = key.rpartition(".")
+        cfg = yaml.safe_load(saved[0])
+        old = (cfg[section] if section else cfg)[name]
+        assert f"{key} {old!r} → {yaml.safe_load(flags[1])!r}" in line, line
+    assert (
+        (finished / "config.yaml").read_bytes(),
+        (finished / "checkpoint.pt").read_bytes(),
+    ) == saved
+
+
+def test_resume_takes_the_settings_of_the_step(finished, capsys):
+    flags = ["--epochs", "2", "--lr", "0.001", "--batch-size", "32", "--grad-clip", "1"]
+    assert main(["train", "-q", "--resume", str(finished), *flags]) == 0
+    cfg = yaml.safe_load((finished / "config.yaml").read_text())
+    assert (cfg["epochs"], cfg["lr"], cfg["batch_size"], cfg["grad_clip"]) == (2, 0.001, 32, 1.0)
+    assert _doc(finished)["history"][-1]["lr"] == cfg["lr"]  # constant schedule: the peak
+
+
 def test_resume_refuses_other_shapes_and_unsafe_files(tmp_path, capsys):
     out = tmp_path / "moco"
     assert (
@@ -190,19 +238,25 @@ def test_resume_refuses_other_shapes_and_unsafe_files(tmp_path, capsys):
         == 0
     )
     capsys.readouterr()
-    assert (
-        main(
-            ["train", "-q", "--resume", str(out), "--epochs", "2", "--loss-option", "queue_size=64"]
-        )
-        == 2
-    )
-    assert "loss tensor 'queue_labels' has shape (128,) in the checkpoint but (64,) here" in _error(
-        capsys
-    )
+    saved = (out / "config.yaml").read_bytes(), (out / "checkpoint.pt").read_bytes()
+    # The queue's size is the loss's tensor shape; MoCo's τ a buffer of its state; the
+    # teacher's momentum one of the model's: the checkpoint would override each of them.
+    for flags in (
+        ["--loss-option", "queue_size=64"],
+        ["--loss-option", "temperature=0.05"],
+        ["--method-option", "teacher_momentum=0.5"],
+    ):
+        assert main(["train", "-q", "--resume", str(out), "--epochs", "2", *flags]) == 2
+        _refused_change(_error(capsys), out, flags[1])
+    assert ((out / "config.yaml").read_bytes(), (out / "checkpoint.pt").read_bytes()) == saved
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "run directory" in _error(capsys)
     assert main(["train", "--resume", str(tmp_path)]) == 2
     assert "holds no checkpoint.pt: it is not a run" in _error(capsys)
+    assert main(["train", "--resume", str(out / "checkpoint.pt")]) == 2
+    assert f"is a file, not a run directory: give the directory that holds it ({str(out)!r})" in (
+        _error(capsys)
+    )
     evil = tmp_path / "evil"
     evil.mkdir()
 
@@ -216,6 +270,9 @@ def test_resume_refuses_other_shapes_and_unsafe_files(tmp_path, capsys):
     (evil / "checkpoint.pt").write_bytes(b"garbage")
     assert main(["eval", "--run", str(evil)]) == 2
     assert "safely (weights_only)" in _error(capsys)
+    (evil / "checkpoint.pt").write_bytes(b"")
+    assert main(["eval", "--run", str(evil)]) == 2
+    assert _error(capsys).endswith("safely (weights_only): the file is empty")
     torch.save({"format": "embedloss-run", "version": 99}, evil / "checkpoint.pt")
     assert main(["embed", "--run", str(evil), "--data", "x", "--out", "y"]) == 2
     assert "has checkpoint version 99; this embedloss reads version 1" in _error(capsys)
@@ -398,6 +455,35 @@ def test_eval_and_embed_errors(finished, tmp_path, capsys):
     assert "has no array 'q' (found: x); pass --key NAME" in _error(capsys)
 
 
+@pytest.mark.filterwarnings("error")  # no numpy overflow or ComplexWarning on the way
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.full((4, 64), np.nan),
+        np.full((4, 8, 8), -np.inf),
+        np.ones((4, 64)) * (1 + 1j),
+        np.zeros((0, 64)),
+        np.full((4, 64), float(np.finfo(np.float32).max) * 2),
+    ],
+    ids=["nan", "inf", "complex", "empty", "beyond-float32"],
+)
+def test_embed_checks_its_data_as_train_and_eval_do(finished, tmp_path, x, capsys):
+    path, out = tmp_path / "bad.npz", tmp_path / "z.npy"
+    np.savez(path, x=x)
+    capsys.readouterr()
+    assert main(["embed", "--run", str(finished), "--data", str(path), "--out", str(out)]) == 2
+    line = _error(capsys)
+    assert not out.exists()
+    for command in (
+        ["train", "-q", "--epochs", "1", "--data"],
+        ["eval", "--run", str(finished), "--data"],
+    ):
+        assert main([*command, str(path)]) == 2
+        assert _error(capsys) == line
+    if np.isrealobj(x) and np.isfinite(x).all() and x.size:
+        assert "exceed float32's range" in line and "NaN" not in line
+
+
 def test_load_encoder_is_the_runs_encoder(finished):
     from embedloss.cli import load_encoder, load_run
 
@@ -413,6 +499,21 @@ def test_load_encoder_is_the_runs_encoder(finished):
         match=r"x must hold samples of shape \(8, 8\) \(64 values each\), got shape \(6, 63\)",
     ):
         encoder(torch.zeros(6, 63))
+
+
+def test_load_encoder_raises_value_errors_and_embeds_empty_batches(finished, tmp_path):
+    from embedloss.cli import load_encoder
+
+    with pytest.raises(ValueError, match="does not exist"):  # a user mistake is a ValueError
+        load_encoder(tmp_path / "nowhere")
+    encoder = load_encoder(finished)
+    with torch.no_grad():
+        dim = encoder(torch.zeros(1, 8, 8)).shape[1]
+        assert encoder(torch.zeros(0, 8, 8)).shape == (0, dim)
+        assert encoder(torch.zeros(0, 64)).shape == (0, dim)
+        for wrong in (torch.zeros(0, 7), torch.tensor(1.0), torch.zeros(64)):
+            with pytest.raises(ValueError, match=r"x must hold samples of shape \(8, 8\)"):
+                encoder(wrong)
 
 
 def test_eval_and_embed_on_a_paired_run(tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -190,3 +191,29 @@ def test_eval_dims_measure_prefixes_of_any_run(tmp_path):
     doc = json.loads((out / "metrics.json").read_text())
     assert {"dim_4/knn_accuracy", "dim_16/map_at_r"} <= set(doc["metrics"])
     assert "dim_64/knn_accuracy" not in doc["metrics"]  # the full size is the plain metric
+
+
+@pytest.mark.parametrize(
+    ("loss", "batch", "micro"),
+    [
+        ("simclr", 32, 7),  # 64 views, 7 at a time: the last micro-batch holds one
+        ("simclr", 8, 1),
+        ("dino", 32, 127),  # the 64 global views fit, the 128 local crops leave one
+    ],
+)
+def test_micro_batches_of_one_input_under_batch_norm_are_refused_up_front(
+    loss, batch, micro, monkeypatch, capsys
+):
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(train_mod, "_build", built)
+    args = ["train", "-q", "--epochs", "1", "--loss", loss, "--batch-size", str(batch)]
+    assert main([*args, "--micro-batch-size", str(micro)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith(f"embedloss: error: --micro-batch-size {micro} ") and "\n" not in line
+    assert "every micro-batch needs >= 2 inputs" in line and "--norm layer" in line
+    fit = re.search(r"use --micro-batch-size (\d+)", line)
+    assert fit is not None, line
+    monkeypatch.undo()
+    assert main([*args, "--micro-batch-size", fit.group(1)]) == 0

@@ -141,6 +141,11 @@ def load_checkpoint(run: str | Path) -> dict[str, Any]:
     """
     directory = Path(run)
     path = directory / CHECKPOINT
+    if directory.is_file():
+        raise CLIError(
+            f"{str(directory)!r} is a file, not a run directory: give the directory that holds "
+            f"it ({str(directory.parent)!r})"
+        )
     if not directory.is_dir():
         raise CLIError(f"run directory {str(directory)!r} does not exist")
     if not path.is_file():
@@ -151,7 +156,9 @@ def load_checkpoint(run: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # any unpickling failure: truncated, foreign, code-bearing
-        detail = " ".join(str(err).split())[:300]
+        detail = " ".join(str(err).split())[:300] or type(err).__name__
+        if path.stat().st_size == 0:
+            detail = "the file is empty"
         raise CLIError(f"cannot load {str(path)!r} safely (weights_only): {detail}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CLIError(f"{str(path)!r} is not an embedloss run checkpoint")

@@ -7,8 +7,9 @@ wins), validated here, and written back as ``config.yaml`` so that
 ``--loss NAME`` replaces the loss's name and keeps the file's loss options that the new loss
 takes (the others are dropped with a note), and ``--loss-option NAME=VALUE`` sets one option.
 
-Nothing in a config is executed or imported: YAML is parsed with ``yaml.safe_load`` and a loss is
-only ever looked up by name in the registry.
+Nothing in a config is executed or imported: YAML is parsed with a ``yaml.SafeLoader`` (that
+reads YAML 1.2 floats such as ``1e-3`` as numbers), ``.json`` files with :mod:`json`, and a loss
+is only ever looked up by name in the registry.
 
 Example:
     >>> cfg = resolve_config(None, {"epochs": 2})
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,6 +57,8 @@ FLAG_KEYS = (
     "device",
     "micro_batch_size",
 )
+#: The largest seed: torch's generators take 64-bit seeds, and a run seeds ``seed + epoch``.
+MAX_SEED = 2**63 - 1
 #: The keys of the ``method`` section: a method's EMA teacher, multi-crop views and prototypes.
 #: ``auto`` takes the method's own value (:mod:`embedloss.cli.methods`).
 METHOD_KEYS = ("teacher_momentum", "teacher_schedule", "local_crops", "prototypes")
@@ -93,8 +97,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-class CLIError(Exception):
-    """A user mistake (bad option, config or data file): reported in one line, exit code 2."""
+class CLIError(ValueError):
+    """A user mistake (bad option, config, data file or run): reported in one line, exit code 2.
+
+    A :class:`ValueError`, so that Python callers (:func:`embedloss.cli.load_encoder`) catch it
+    as one.
+    """
 
 
 def _close(key: str, valid: list[str]) -> str:
@@ -136,10 +144,49 @@ def _loss_section(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Parse a YAML config with the safe loader; any problem becomes a :class:`CLIError`."""
+@functools.cache
+def _yaml_loader() -> type:
+    """``yaml.SafeLoader`` that also reads YAML 1.2 floats: ``1e-3``, ``5E-2``, ``-1.5e+3``.
+
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent (``1.0e-3``), so
+    it reads ``1e-3`` as a string; JSON and YAML 1.2 read it as a number, and so does this.
+    """
     import yaml
 
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+        list("-+.0123456789"),
+    )
+    return Loader
+
+
+def _parse_config(text: str, where: str, json_file: bool) -> Any:
+    """A config file's text as JSON or as (safe, YAML 1.2 float) YAML."""
+    import json
+
+    import yaml
+
+    if json_file:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise CLIError(f"config file {where} is not valid JSON: {err}") from None
+    try:
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader: builds no Python objects
+    except yaml.YAMLError as err:
+        detail = " ".join(str(err).split())
+        raise CLIError(f"config file {where} is not valid (safe) YAML: {detail}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML (safe loader) or ``.json`` config; any problem becomes a :class:`CLIError`.
+
+    Numbers with exponents (``lr: 1e-3``) are numbers in both, as YAML 1.2 and JSON say.
+    """
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -147,11 +194,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise CLIError(f"config file {str(p)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as err:
         raise CLIError(f"cannot read config file {str(p)!r}: {err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        detail = " ".join(str(err).split())
-        raise CLIError(f"config file {str(p)!r} is not valid (safe) YAML: {detail}") from None
+    data = _parse_config(text, repr(str(p)), p.suffix.lower() == ".json")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -159,10 +202,14 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _check_int(cfg: Mapping[str, Any], key: str, low: int, where: str = "") -> None:
+def _check_int(
+    cfg: Mapping[str, Any], key: str, low: int, where: str = "", high: int | None = None
+) -> None:
     value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise CLIError(f"{where}{key} must be an integer >= {low}, got {value!r}")
+    ok = not isinstance(value, bool) and isinstance(value, int) and value >= low
+    if not ok or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise CLIError(f"{where}{key} must be an integer {rng}, got {value!r}")
 
 
 def _check_float(
@@ -194,7 +241,7 @@ def _validate(cfg: dict[str, Any]) -> None:
     _check_float(data, "test_fraction", 0.05, 0.95, "data.")
     _check_int(cfg, "epochs", 1)
     _check_int(cfg, "batch_size", 2)
-    _check_int(cfg, "seed", 0)
+    _check_int(cfg, "seed", 0, high=MAX_SEED)
     _check_int(cfg, "num_threads", 1)
     lr = cfg["lr"]
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
@@ -260,22 +307,16 @@ def _validate_method(method: Mapping[str, Any]) -> None:
             _check_int(method, key, low, where)
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
 def _yaml_value(text: str) -> Any:
-    """A flag value as YAML reads it; ``1e-3`` is a number (YAML 1.1 wants ``1.0e-3``)."""
+    """A flag value as a config file's YAML reads it (``1e-3`` is a number)."""
     import yaml
 
     try:
-        value = yaml.safe_load(text)
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader: builds no Python objects
     except yaml.YAMLError as err:
         raise CLIError(
             f"cannot read {text!r} as a YAML value: {' '.join(str(err).split())}"
         ) from None
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        return float(value)
-    return value
 
 
 def parse_loss_options(items: Sequence[str], flag: str = "--loss-option") -> dict[str, Any]:

@@ -43,6 +43,7 @@ __all__ = [
     "describe_perturbation",
     "seeded_generator",
     "draw_view_params",
+    "input_array",
     "load_task_data",
     "read_npz",
     "perturb",
@@ -197,7 +198,14 @@ def read_npz(path: str) -> dict[str, Any]:
     return arrays
 
 
-def _features(arrays: dict[str, Any], name: str, path: str) -> Tensor:
+def input_array(arrays: dict[str, Any], name: str, path: str) -> Tensor:
+    """The samples ``arrays[name]`` of ``path`` as float32, checked as every command checks them.
+
+    Raises:
+        CLIError: If the array is missing, not real numbers, not ``(N, features...)`` with
+            ``N >= 1`` (up to ``(N, C, H, W)``), holds NaN or infinite values, or values beyond
+            float32's range (the model computes in float32).
+    """
     import numpy as np
 
     if name not in arrays:
@@ -226,10 +234,16 @@ def _features(arrays: dict[str, Any], name: str, path: str) -> Tensor:
             f"array {name!r} in {path!r} has shape {arr.shape}; expected (N, features), "
             "(N, H, W) images or (N, C, H, W) images"
         )
-    x = torch.as_tensor(arr.astype(np.float32))
-    if not torch.isfinite(x).all():
+    values = arr.astype(np.float64, copy=False)
+    if not np.isfinite(values).all():
         raise CLIError(f"array {name!r} in {path!r} contains NaN or infinite values")
-    return x
+    top, largest = float(np.abs(values).max()), float(np.finfo(np.float32).max)
+    if top > largest:
+        raise CLIError(
+            f"array {name!r} in {path!r} has values up to {top:.3g} in magnitude, which exceed "
+            f"float32's range (±{largest:.3g}) that the model computes in; rescale them"
+        )
+    return torch.as_tensor(values.astype(np.float32))
 
 
 def _labels(arrays: dict[str, Any], path: str, n: int, required: bool) -> Tensor | None:
@@ -291,14 +305,14 @@ def _npz_arrays(
     """The inputs by modality, the labels and the image shape of a user's ``.npz``."""
     arrays = read_npz(path)
     if task == "paired":
-        xa, xb = _features(arrays, "x_a", path), _features(arrays, "x_b", path)
+        xa, xb = input_array(arrays, "x_a", path), input_array(arrays, "x_b", path)
         if xa.shape[0] != xb.shape[0]:
             raise CLIError(
                 f"arrays in {path!r} have mismatched lengths: 'x_a' has {xa.shape[0]} rows "
                 f"but 'x_b' has {xb.shape[0]}"
             )
         return {"a": xa, "b": xb}, _labels(arrays, path, xa.shape[0], required=False), None
-    x = _features(arrays, "x", path)
+    x = input_array(arrays, "x", path)
     y = _labels(arrays, path, x.shape[0], required=task == "supervised")
     image_shape = tuple(int(d) for d in x.shape[1:]) if x.ndim >= 3 else None
     return {"a": x}, y, image_shape

@@ -152,7 +152,7 @@ def _train(args: Any) -> int:
     plan = make_plan(cfg["loss"], cfg["task"])
     build_loss(plan, distributed=False)
     if ckpt is not None:
-        check_resume(ckpt, plan, int(cfg["epochs"]), f"run {str(args.resume)!r}")
+        check_resume(ckpt, plan, cfg, f"run {str(args.resume)!r}")
     for text in notes:
         _note(text)
     needs = {}

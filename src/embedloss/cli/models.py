@@ -345,10 +345,10 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Embeddings ``(N, D)`` of raw samples ``(N, *shape)``."""
-        flat = x.reshape(x.shape[0], -1)
-        if flat.shape[1] != self.features:
+        if x.dim() < 2 or x.shape[1:].numel() != self.features:
             raise ValueError(
                 f"x must hold samples of shape {self.shape} ({self.features} values each), "
                 f"got shape {tuple(x.shape)}"
             )
+        flat = x.reshape(x.shape[0], self.features)  # N = 0 too: an empty (0, D) result
         return self.encoder((flat.float() - self.lo) / self.scale)

@@ -61,7 +61,9 @@ def _add_train(sub: Any) -> None:
         help="the method's teacher_momentum (null: none), teacher_schedule, local_crops or "
         "prototypes (repeatable), e.g. teacher_momentum=0.996",
     )
-    p.add_argument("--config", metavar="FILE.yaml", help="a config file, e.g. a run's config.yaml")
+    p.add_argument(
+        "--config", metavar="FILE.yaml", help="a YAML or .json config, e.g. a run's config.yaml"
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", choices=("digits",), help="embedded dataset (default digits)")
     src.add_argument("--data", metavar="FILE.npz", help="your data: x [and y], or x_a and x_b")
@@ -139,7 +141,8 @@ def _add_train(sub: Any) -> None:
     p.add_argument(
         "--resume",
         metavar="DIR",
-        help="continue the run in DIR (its config; flags such as --epochs override it)",
+        help="continue the run in DIR (its config; --epochs and the steps' settings such as "
+        "--lr may change, not the loss, its options, the model, method or seed)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 

@@ -17,6 +17,8 @@ run stopped: on CPU the result is bit-identical to a run that was never interrup
 ``--epochs`` on resume extends the run; schedules that span the run (a cosine learning rate, a
 loss's ``update_step`` schedule) then span the new length from the current step on (a note says
 so), so only runs without such schedules — the default constant rate — equal a fresh longer run.
+Settings the checkpoint's state holds — the loss's options, the model, the method, the weight
+decay, the seed and split — cannot change on resume (:func:`check_resume` names each change).
 
 **Methods.** The model holds the method's heads and, for MoCo, BYOL, DINO and iBOT, an EMA
 teacher (:mod:`embedloss.cli.methods`), which follows the student after every optimiser step
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import inspect
 import json
 import math
 import sys
@@ -59,7 +62,7 @@ from embedloss.cli.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
-from embedloss.cli.config import CLIError, config_to_yaml
+from embedloss.cli.config import CLIError, config_to_yaml, resolve_config
 from embedloss.cli.data import InputSpec, TaskData, describe_perturbation, load_task_data
 from embedloss.cli.evaluate import PRIMARY_METRIC, EvalSetup, epoch_metrics, evaluate_with_baselines
 from embedloss.cli.methods import Method, resolve_method
@@ -75,6 +78,7 @@ from embedloss.cli.runtime import World, deterministic, mean_over_ranks, progres
 from embedloss.cli.tasks import LossContext, LossPlan, build_loss, compute_loss, make_plan
 from embedloss.cli.views import StepBatch, epoch_order, make_batch, steps_per_epoch
 from embedloss.gradcache import GradCache
+from embedloss.registry import loss_info
 
 __all__ = [
     "METRIC_LABELS",
@@ -236,8 +240,65 @@ def _build(
     return Session(plan, method, data, cfg, w, model, initial, net, loss, opt, steps, setup)
 
 
-def check_resume(ckpt: Mapping[str, Any], plan: LossPlan, epochs: int, source: str) -> None:
-    """Refuse, before any work, a resume that would not continue the checkpointed run."""
+def _check_micro_batches(
+    cfg: Mapping[str, Any], plan: LossPlan, method: Method, data: TaskData, w: World
+) -> None:
+    """Refuse micro-batches of one input under BatchNorm, which cannot normalise one in training.
+
+    GradCache cuts each input group of a step (the stacked views, the local crops; one group
+    per modality when paired) into micro-batches of ``micro_batch_size``, the last one shorter.
+    """
+    micro = cfg["micro_batch_size"]
+    if micro is None or cfg["model"]["norm"] != "batch":
+        return
+    local = int(cfg["batch_size"]) // w.size
+    sizes = [local, local] if plan.task == "paired" else [2 * local]
+    if plan.task != "paired" and method.local_crops and data.image_shape is not None:
+        sizes.append(method.local_crops * local)
+
+    def lone(m: int) -> bool:
+        return m == 1 or any(n % m == 1 for n in sizes)
+
+    if lone(micro):
+        fit = next((m for m in range(micro + 1, max(sizes) + 1) if not lone(m)), None)
+        inputs = ("groups of " if len(sizes) > 1 else "") + " and ".join(map(str, sizes))
+        raise CLIError(
+            f"--micro-batch-size {micro} leaves a micro-batch of 1 input (the step's {inputs} "
+            f"encoder inputs, {micro} at a time), and BatchNorm (--norm batch) cannot normalise "
+            "a single input in training: every micro-batch needs >= 2 inputs; use "
+            + (f"--micro-batch-size {fit}, or " if fit is not None else "")
+            + "--norm layer (exact under micro-batches)"
+        )
+
+
+def _fixed_settings(cfg: Mapping[str, Any], loss: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a resume must keep, by config path: those the checkpoint's state holds.
+
+    The loss's options (its buffers: τ, queues, centres; the constructor's defaults filled
+    in), the model's and the method's (layers, the teacher's base momentum, prototypes),
+    AdamW's weight decay (its state dict keeps its own) and the seed and test fraction (the
+    initialisation and the data split).
+    """
+    params = loss_info(loss["name"]).signature.parameters.values()
+    options = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    options.update((k, v) for k, v in loss.items() if k != "name")
+    return {
+        **{f"loss.{k}": v for k, v in options.items()},
+        **{f"{part}.{k}": v for part in ("model", "method") for k, v in cfg[part].items()},
+        "seed": cfg["seed"],
+        "weight_decay": cfg["weight_decay"],
+        "data.test_fraction": cfg["data"]["test_fraction"],
+    }
+
+
+def check_resume(
+    ckpt: Mapping[str, Any], plan: LossPlan, cfg: Mapping[str, Any], source: str
+) -> None:
+    """Refuse, before any work, a resume that would not continue the checkpointed run.
+
+    Another loss or task, or a setting the checkpoint's state fixes (:func:`_fixed_settings`),
+    is refused naming each change; so is a finished run without more ``epochs`` in ``cfg``.
+    """
     old = ckpt["config"]
     for key, now in (("loss", plan.name), ("task", plan.task)):
         was = old["loss"]["name"] if key == "loss" else old["task"]
@@ -246,8 +307,17 @@ def check_resume(ckpt: Mapping[str, Any], plan: LossPlan, epochs: int, source: s
                 f"{source} was trained with {key} {was!r}, not {now!r}; another {key} needs a "
                 "new run (drop --resume)"
             )
+    kept = _fixed_settings(resolve_config(old), old["loss"])  # defaults for older runs' gaps
+    given = _fixed_settings(cfg, {"name": plan.name, **plan.loss_kwargs})
+    changes = [f"{k} {kept.get(k)!r} → {v!r}" for k, v in given.items() if kept.get(k) != v]
+    if changes:
+        raise CLIError(
+            f"{source} cannot continue with other settings than it was trained with "
+            f"({', '.join(changes)}): its checkpoint's state and data split keep the old ones; "
+            "resume without changing them, or train a new run with them (drop --resume)"
+        )
     done = int(ckpt["epoch"])
-    if done >= epochs:
+    if done >= int(cfg["epochs"]):
         raise CLIError(
             f"{source} has completed {done} epoch(s) of {old['epochs']}; pass --epochs E with "
             f"E > {done} to train it further"
@@ -591,7 +661,7 @@ def run_training(
     ckpt = None if resume_dir is None else load_checkpoint(resume_dir)
     source = f"run {str(resume_dir)!r}"
     if ckpt is not None:
-        check_resume(ckpt, plan, int(cfg["epochs"]), source)
+        check_resume(ckpt, plan, cfg, source)
     seed = int(cfg["seed"])
     with world(cfg["device"]) as w, deterministic(seed, int(cfg["num_threads"]), cfg["device"]):
         out_dir = None
@@ -603,11 +673,12 @@ def run_training(
         data = load_task_data(cfg["data"], plan.task, seed, inputs=specs)
         method = resolve_method(plan, cfg["method"], data.image_shape)
         cfg["method"] = method.as_config()
-        if out_dir is not None:
-            (out_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+        _check_micro_batches(cfg, plan, method, data, w)
         sess = _build(plan, method, data, cfg, w)
         if ckpt is not None:
             _resume(sess, ckpt, source)
+        if out_dir is not None:  # only what the run uses: after the checkpoint has loaded
+            (out_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
         if w.main:
             print(_header(sess, ckpt is not None), file=stream, flush=True)
         _train(sess, out_dir, progress)

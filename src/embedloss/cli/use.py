@@ -22,7 +22,13 @@ import torch
 
 from embedloss.cli.checkpoint import load_checkpoint, load_state
 from embedloss.cli.config import CLIError
-from embedloss.cli.data import InputSpec, describe_perturbation, load_task_data, read_npz
+from embedloss.cli.data import (
+    InputSpec,
+    describe_perturbation,
+    input_array,
+    load_task_data,
+    read_npz,
+)
 from embedloss.cli.evaluate import EvalSetup, evaluate_with_baselines
 from embedloss.cli.methods import resolve_method
 from embedloss.cli.models import Encoder, TaskModel
@@ -114,14 +120,13 @@ def load_encoder(
         device: Where to put the encoder.
 
     Raises:
-        CLIError: If ``directory`` holds no usable run.
+        CLIError: A :class:`ValueError`, if ``directory`` holds no usable run.
     """
     return load_run(directory, device=device).encoder(modality)
 
 
-def _array_for(
-    run: Run, arrays: dict[str, Any], path: str, modality: str, key: str | None
-) -> tuple[Any, str]:
+def _array_for(run: Run, arrays: dict[str, Any], path: str, modality: str, key: str | None) -> str:
+    """The name of the array to embed: ``key``, else ``x`` (``x_a`` / ``x_b`` when paired)."""
     if key is None:
         paired = run.plan.task == "paired"
         candidates = [f"x_{modality}", "x"] if paired else ["x"]
@@ -129,7 +134,7 @@ def _array_for(
     if key not in arrays:
         found = ", ".join(sorted(arrays)) or "none"
         raise CLIError(f"data file {path!r} has no array {key!r} (found: {found}); pass --key NAME")
-    return arrays[key], key
+    return key
 
 
 @torch.no_grad()
@@ -157,22 +162,18 @@ def embed_file(
     run = load_run(run_dir, device=device)
     encoder = run.encoder(modality)
     arrays = read_npz(data)
-    arr, name = _array_for(run, arrays, data, modality, key)
-    if not np.issubdtype(arr.dtype, np.number) or arr.ndim < 2:
+    name = _array_for(run, arrays, data, modality, key)
+    x = input_array(arrays, name, data)
+    if x[0].numel() != encoder.features:
         raise CLIError(
-            f"array {name!r} in {data!r} must be numeric with shape (N, ...), got {arr.dtype} {arr.shape}"
+            f"array {name!r} in {data!r} has samples of shape {tuple(x.shape[1:])}; the run's "
+            f"encoder takes {encoder.shape} ({encoder.features} values)"
         )
-    if int(np.prod(arr.shape[1:])) != encoder.features:
-        raise CLIError(
-            f"array {name!r} in {data!r} has samples of shape {arr.shape[1:]}; the run's encoder "
-            f"takes {encoder.shape} ({encoder.features} values)"
-        )
-    x = torch.as_tensor(arr.astype(np.float32))
     chunks = [
         encoder(x[i : i + batch_size].to(device)).float().cpu()
         for i in range(0, len(x), batch_size)
     ]
-    z = torch.cat(chunks) if chunks else torch.empty(0, 0)
+    z = torch.cat(chunks)  # N >= 1: input_array refuses empty arrays
     target = Path(out)
     try:
         with target.open("wb") as f:  # exactly this name (np.save would append .npy)
