@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return BROKEN_PIPE
-    except (CLIError, ValueError, TypeError) as err:
+    except (ValueError, TypeError) as err:  # CLIError is a ValueError
         if _is_main_rank():
             message = " ".join(str(err).split())
             print(f"embedloss: error: {message}", file=sys.stderr)
