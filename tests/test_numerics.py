@@ -128,7 +128,7 @@ def test_zero_half_precision_embeddings_give_finite_gradients(name):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_l2_normalize_is_exact_at_ordinary_scales_and_safe_at_any_other():
+def test_l2_normalize_is_exact_at_ordinary_scales_safe_at_any_other_and_twice_differentiable():
     torch.manual_seed(0)
     x = torch.randn(6, 5, dtype=torch.float64)
     g = torch.randn(6, 5, dtype=torch.float64)
@@ -138,7 +138,9 @@ def test_l2_normalize_is_exact_at_ordinary_scales_and_safe_at_any_other():
         (l2_normalize(ours, dim=dim) * g).sum().backward()
         (F.normalize(theirs, dim=dim) * g).sum().backward()
         assert torch.equal(l2_normalize(x, dim=dim), F.normalize(x, dim=dim))
-        assert torch.equal(ours.grad, theirs.grad)  # a power-of-two prescaling is exact
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-14, atol=1e-15)
+        y = x.clone().requires_grad_()
+        assert torch.autograd.gradgradcheck(lambda t, d=dim: l2_normalize(t, dim=d), (y,))
     for scale in (1e-300, 1e-20, 1e20, 1e300):
         y = x.clone().requires_grad_()
         assert torch.autograd.gradcheck(lambda t, s=scale: l2_normalize(t * s), (y,))

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from embedloss._validation import check_labels, check_positive_float, on_host
@@ -34,13 +33,13 @@ __all__ = [
 def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     """Scale ``x`` to unit L2 norm along ``dim``, at any scale; a zero row stays zero.
 
-    Each row is first divided by the power of two nearest above its largest entry (exact, and
-    without gradient: the result does not depend on it), so its squares neither overflow nor
-    underflow: rows scaled by 1e19 or 1e-20 normalise as well as rows of norm 1, and an
-    ordinary row gives exactly ``F.normalize``'s result. A row of zeros is returned as zeros,
-    divided by ``eps`` after being scaled by ``1/eps``: its gradient is the upstream gradient
-    (``F.normalize``'s ``1/eps`` would overflow in half precision). The scaled norm of a
-    non-zero row is at least 0.5, so ``eps`` < 0.5 acts on zero rows only.
+    Each row is first divided by the power of two nearest above its largest entry (exact, so an
+    ordinary row gives exactly ``F.normalize``'s result), so its squares neither overflow nor
+    underflow: rows scaled by 1e19 or 1e-20 normalise as well as rows of norm 1. The scaled norm
+    of a non-zero row is at least 0.5, so ``eps`` < 0.5 acts on zero rows only: they are scaled
+    by ``1/eps``, stay zero, and pass the upstream gradient through (``F.normalize``'s ``1/eps``
+    would overflow in half precision). The gradient is written out (:class:`_UnitRows`): one
+    pass fewer than autograd through ``F.normalize``, and differentiable again.
 
     Half-precision inputs are normalised in float32, so the result is float32 for them.
 
@@ -50,8 +49,33 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     """
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    scale = power_of_two_above(x.detach().abs().amax(dim, keepdim=True), zero=1 / eps)
-    return F.normalize(x / scale, p=2.0, dim=dim, eps=eps)
+    return _UnitRows.apply(x, dim, eps)[0]
+
+
+class _UnitRows(torch.autograd.Function):
+    """``(y, 1/n)``: the rows of ``x`` over their norms ``n``, computed at a safe scale.
+
+    Backward: ``∂L/∂x = (g − y·⟨g, y⟩)/n`` for the rows, and ``−y·g'/n²`` for the returned
+    ``1/n`` (which only a second derivative reaches: both outputs keep the graph exact).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int, eps: float) -> tuple[Tensor, Tensor]:
+        scale = power_of_two_above(x.abs().amax(dim, keepdim=True), zero=1 / eps)
+        scaled = x / scale
+        norm = torch.linalg.vector_norm(scaled, dim=dim, keepdim=True).clamp_min(eps)
+        y, inverse = scaled / norm, 1 / (norm * scale)
+        ctx.dim = dim
+        ctx.save_for_backward(y, inverse)
+        return y, inverse
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor, g_inverse: Tensor | None) -> tuple[Tensor, None, None]:
+        y, inverse = ctx.saved_tensors
+        grad = torch.addcmul(g, y, (g * y).sum(ctx.dim, keepdim=True), value=-1).mul_(inverse)
+        if g_inverse is not None:
+            grad = grad - y * (g_inverse * inverse * inverse)
+        return grad, None, None
 
 
 def power_of_two_above(peak: Tensor, zero: float = 1.0) -> Tensor:
