@@ -103,3 +103,13 @@ def test_an_unknown_name_that_differs_only_in_case_suggests_the_registered_one(t
 def test_an_unknown_name_without_a_close_match_ends_its_sentence():
     with pytest.raises(ValueError, match=r"^unknown loss 'xyzzy'\. Registered losses: .*simclr"):
         create_loss("xyzzy")
+
+
+def test_an_alias_may_stand_for_options_a_call_can_override():
+    from embedloss import ArcFaceLoss
+
+    alias = create_loss("sub_center_arcface", num_classes=5, embedding_dim=6)
+    assert type(alias) is ArcFaceLoss and alias.sub_centers == 3 and alias.weight.shape == (15, 6)
+    assert create_loss("arcface", num_classes=5, embedding_dim=6).sub_centers == 1
+    given = create_loss("sub_center_arcface", num_classes=5, embedding_dim=6, sub_centers=2)
+    assert given.sub_centers == 2

@@ -64,6 +64,8 @@ class LossInfo:
 
 _LOSSES: dict[str, LossInfo] = {}
 _ALIASES: dict[str, str] = {}
+#: The options an alias stands for (defaults a call may override).
+_ALIAS_OPTIONS: dict[str, dict[str, Any]] = {}
 
 
 def _category_of(cls: type) -> str:
@@ -83,9 +85,16 @@ def _check_explicit_constructor(cls: type) -> None:
 
 
 def register_loss(
-    name: str, *, aliases: Iterable[str] = (), category: str | None = None
+    name: str,
+    *,
+    aliases: Iterable[str] | Mapping[str, Mapping[str, Any]] = (),
+    category: str | None = None,
 ) -> Callable[[T], T]:
     """Class decorator registering a loss under ``name`` and ``aliases``.
+
+    ``aliases`` may map an alias to the options it stands for: with
+    ``{"sub_center_arcface": {"sub_centers": 3}}``, ``create_loss("sub_center_arcface")`` builds
+    the loss with ``sub_centers=3`` unless the call gives another value.
 
     The category is the package folder the class lives in (``embedloss.contrastive`` →
     ``"contrastive"``), ``category`` for a loss defined elsewhere, or ``"custom"``.
@@ -98,6 +107,7 @@ def register_loss(
         TypeError: If the constructor takes ``*args`` or ``**kwargs``.
     """
     alias_tuple = tuple(aliases)
+    alias_options = dict(aliases) if isinstance(aliases, Mapping) else {}
 
     def decorator(cls: T) -> T:
         taken = [n for n in (name, *alias_tuple) if n in _LOSSES or n in _ALIASES]
@@ -114,6 +124,7 @@ def register_loss(
         _LOSSES[name] = LossInfo(name, cls, cat, alias_tuple, summary)
         for alias in alias_tuple:
             _ALIASES[alias] = name
+            _ALIAS_OPTIONS[alias] = dict(alias_options.get(alias, {}))
         return cls
 
     return decorator
@@ -160,6 +171,9 @@ def _suggestion(name: str) -> str:
 def create_loss(name: str, **kwargs: Any) -> nn.Module:
     """Build the loss registered as ``name`` (or an alias) with keyword arguments.
 
+    An alias registered with options (:func:`register_loss`) adds them where ``kwargs`` does
+    not set them.
+
     Raises:
         ValueError: For an unknown name (with close matches).
         TypeError: For an unknown keyword (naming the valid ones and close matches).
@@ -177,7 +191,7 @@ def create_loss(name: str, **kwargs: Any) -> nn.Module:
             f"{info.cls.__name__} ({info.name!r}) got unknown argument(s) {', '.join(hints)}; "
             f"valid arguments: {', '.join(valid)}"
         )
-    return info.cls(**kwargs)
+    return info.cls(**{**_ALIAS_OPTIONS.get(name, {}), **kwargs})
 
 
 def create_loss_from_config(config: Mapping[str, Any]) -> nn.Module:

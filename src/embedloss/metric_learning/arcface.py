@@ -67,7 +67,7 @@ def arcface_loss(
         weight: ``(C·k, D)`` class centres (rows ``c·k … c·k + k − 1`` are class ``c``'s).
         scale: s > 0 (default 64).
         margin: m in ``[0, π/2]`` radians (default 0.5; pytorch-metric-learning takes degrees).
-        sub_centers: k >= 1 (default 1: plain ArcFace).
+        sub_centers: k >= 1 (default 1: plain ArcFace; 3 via the alias ``sub_center_arcface``).
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``).
         gather_distributed: Average over the samples of every rank (DDP).
 
@@ -95,7 +95,7 @@ def arcface_loss(
     return margin_softmax(embeddings, labels, weight, scale, target, options)[0]
 
 
-@register_loss("arcface", aliases=("sub_center_arcface",))
+@register_loss("arcface", aliases={"sub_center_arcface": {"sub_centers": 3}})
 class ArcFaceLoss(MarginLoss):
     """ArcFace: additive angular margin softmax over learnable class centres (Deng et al. 2019).
 
