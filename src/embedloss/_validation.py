@@ -326,15 +326,17 @@ def check_sample_weight(sample_weight: Any, n: int, name: str = "sample_weight")
     return sample_weight
 
 
-def check_same_device(signature: inspect.Signature, args: tuple[Any, ...], kwargs: Any) -> None:
-    """Refuse a call whose tensor inputs (or tensors in list inputs) sit on different devices.
+def checked_input_tensors(
+    signature: inspect.Signature, args: tuple[Any, ...], kwargs: Any
+) -> list[Tensor]:
+    """A call's tensor inputs (and tensors in list inputs), refused if on different devices.
 
     0-d tensors are left out: torch mixes a CPU scalar (a τ, a bias) into any device's
     computation. Only devices are compared (metadata): no value is read.
     """
-    devices = {t.device for t in _input_tensors((*args, *kwargs.values()))}
-    if len(devices) < 2:
-        return
+    tensors = list(_input_tensors((*args, *kwargs.values())))
+    if len({t.device for t in tensors}) < 2:
+        return tensors
     bound = signature.bind(None, *args, **kwargs).arguments
     placed = [(k, t.device) for k, v in list(bound.items())[1:] for t in _input_tensors((v,))]
     (first, device), other = placed[0], next(p for p in placed if p[1] != placed[0][1])

@@ -40,6 +40,9 @@ def _call(case: str, rank: int):
     loss = create_loss("clip", gather_distributed=True, **options)
     if case == "method" and rank == 1:  # compute may run collectives for its terms
         return loss.compute(a.requires_grad_(), b, labels).loss
+    if case == "no_grad" and rank == 0:  # only ranks with a graph run the backward's collectives
+        with torch.no_grad():
+            return loss(a.requires_grad_(), b, labels)
     return loss(a.requires_grad_(), b, labels)
 
 
@@ -73,6 +76,7 @@ def _run(case: str, tmp_path) -> list[str]:
         ("labels", r"labels differs \(rank 0: int64 \(N\); rank 1: absent\)"),
         ("option", r"option logit_scale differs \(rank 0: 2\.30258\d*; rank 1: 1\.60943\d*\)"),
         ("local_error", r"rank 1 failed before joining the others: ValueError: image_embeddings "),
+        ("no_grad", r"graph differs \(rank 0: False; rank 1: True\)"),
     ],
 )
 def test_every_rank_raises_the_same_clear_error(case, expected, tmp_path):

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from embedloss._validation import allow_empty_batch, check_reduction, check_same_device
+from embedloss._validation import allow_empty_batch, check_reduction, checked_input_tensors
 from embedloss.ops.distributed import is_distributed, ranks_agree
 
 __all__ = ["BaseLoss", "Examples", "LossOutput"]
@@ -55,7 +55,8 @@ _MODULE_INTERNALS = frozenset(nn.Module().__dict__) - {"training"}
 def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
     """``forward``/``compute`` with the contract's cross-cutting rules applied once, here.
 
-    Tensor inputs on different devices are refused, naming the argument. Under ``gather_distributed`` with a process group, the call runs inside
+    Tensor inputs on different devices are refused, naming the argument. Under
+    ``gather_distributed`` with a process group, the call runs inside
     :func:`~embedloss.ops.distributed.ranks_agree` (and a rank may hold an empty batch). The
     terms of ``compute`` become NaN when its loss is NaN or infinite, so that a diverged step is
     never logged with healthy-looking terms (device-side: no synchronisation).
@@ -65,14 +66,15 @@ def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def guarded(self: BaseLoss, *args: Any, **kwargs: Any) -> Any:
-        check_same_device(signature, args, kwargs)
+        tensors = checked_input_tensors(signature, args, kwargs)
         if getattr(self, "gather_distributed", False) and is_distributed():
             inputs = dict(list(signature.bind(self, *args, **kwargs).arguments.items())[1:])
-            tensors = [v for v in inputs.values() if isinstance(v, Tensor)]
             device = tensors[0].device if tensors else torch.device("cpu")
             options = {f"option {k}": v for k, v in self.options_fingerprint().items()}
             context = f"{type(self).__name__}.{method.__name__}"
-            call = {"method": method.__name__, **options, **inputs}  # forward and compute differ
+            grads = (*tensors, *self.parameters())  # a rank without a graph skips the backward's
+            graph = torch.is_grad_enabled() and any(t.requires_grad for t in grads)  # collectives
+            call = {"method": method.__name__, "graph": graph, **options, **inputs}
             with ranks_agree(context, call, device), allow_empty_batch():
                 result = method(self, *args, **kwargs)
         else:
