@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
+import torch
 
 from embedloss import list_losses
 from tests.distributed.harness import (
@@ -16,11 +17,18 @@ from tests.distributed.harness import (
     views,
 )
 
+
+def per_query_negatives(n, g, m=3):
+    (a, b), _ = pair(n, g)
+    return (a, b), {"negative_keys": torch.randn(n, m, a.shape[1], generator=g, dtype=a.dtype)}
+
+
 CASES = [
     Case("simclr", {"temperature": 0.3}, pair),
     Case("simclr", {"temperature": 0.3}, partial(pair, labels=True), tag="labels"),
     Case("info_nce", {"temperature": 0.2}, pair),
     Case("info_nce", {"temperature": 0.2}, partial(pair, labels=True), tag="labels"),
+    Case("info_nce", {"temperature": 0.2}, per_query_negatives, tag="negatives"),
     Case("clip", {"temperature": 0.1}, pair),
     Case(
         "clip",

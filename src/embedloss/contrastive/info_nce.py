@@ -90,13 +90,12 @@ def _info_nce(
     if not neg:
         keys, spec = paired_layout(q, p, labels, options.gather_distributed)
         result = score(keys, spec)
-        return PairedResult(options.reduce(result), (result,), q, p)
-    if neg[0].dim() == 2:
+    elif neg[0].dim() == 2:
         spec = _shared_negatives_spec(q.shape[0], neg[0].shape[0], q.device)
         result = score(torch.cat([p, neg[0]]), spec)
     else:
         result = _per_query(q, p, neg[0], scale)
-    return PairedResult(options.reduce(result, distributed=False), (result,), q, p)
+    return PairedResult(options.reduce(result), (result,), q, p)  # over ranks when gathering
 
 
 @contrastive_keywords()
@@ -128,7 +127,7 @@ def info_nce_loss(
         reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``(N,)``).
         normalize: L2-normalise every input (default True).
         chunk_size: Core tiling for the in-batch case.
-        gather_distributed: In-batch case: use the positive keys of every rank as negatives.
+        gather_distributed: Reduce over every rank's queries; in-batch, every rank's keys are negatives.
 
     Raises:
         ValueError: For mismatched shapes or dims, empty inputs, bad labels or τ <= 0.
