@@ -11,9 +11,8 @@ from embedloss._validation import check_bool, check_float, check_int
 from embedloss.base.base_loss import LossOutput
 from embedloss.base.contrastive import BaseContrastiveLoss
 from embedloss.ops.anchors import ChunkSize
-from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
 from embedloss.ops.info_nce import ContrastiveOptions, paired_symmetric
-from embedloss.ops.similarity import pair_similarity_terms
+from embedloss.ops.similarity import similarity_gap
 from embedloss.ops.statistics import prepare_views
 from embedloss.registry import register_loss
 from embedloss.self_supervised.vicreg import VICRegOptions, vicreg
@@ -125,8 +124,8 @@ class HybridVICRegLoss(BaseContrastiveLoss):
     warm up over ``warmup_steps`` counted from ``s₀`` (VICReg starts mattering there).
 
     **Adaptive transition.** In training mode each call records its batch's alignment gap (mean
-    cosine of matched pairs minus that of all other pairs, O(N·D); averaged over ranks with
-    ``gather_distributed``) in a buffer; the next :meth:`update_step` moves ``s₀`` to that step
+    cosine of matched pairs minus that of all other pairs, O(N·D); that of the batch of every
+    rank with ``gather_distributed``) in a buffer; the next :meth:`update_step` moves ``s₀`` to that step
     if the gap exceeds ``min_alignment_gap``. All state (step, transition start, recorded gap)
     lives in buffers (``current_phase`` is derived): a ``state_dict`` round-trip resumes the
     schedule exactly.
@@ -250,15 +249,10 @@ class HybridVICRegLoss(BaseContrastiveLoss):
         Records the batch's alignment gap (in training mode) whether or not terms are wanted.
         """
         phase, alpha, warm = self._schedule()
-        contrastive = self.options()
-        options = (contrastive, self.vicreg_options)
+        options = (self.options(), self.vicreg_options)
         loss, parts = _hybrid(z_a, z_b, labels, alpha, options, warm, not self.loss_only)
-        with torch.no_grad():
-            sims = pair_similarity_terms(*contrastive.prepare(z_a, z_b))  # unit vectors
-            gap = sims["positive_similarity"] - sims["negative_similarity"]
-            world, _ = world_info(self.gather_distributed)
-            if world > 1:  # every rank must take the same schedule decision
-                gap = all_reduce_sum_no_grad(gap) / world
+        # The whole batch's gap (all ranks' rows, an empty rank allowed): one decision everywhere.
+        gap = similarity_gap(z_a, z_b, gather_distributed=self.gather_distributed).gap
         if self.training:
             self.alignment_gap.copy_(gap)
             self.gap_recorded.fill_(True)
