@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from embedloss._validation import check_bool, check_int, describe
 from embedloss.base.base_loss import BaseLoss, LossOutput
+from embedloss.ops.distributed import world_info
 
 __all__ = ["GradCache"]
 
@@ -74,7 +75,11 @@ def _set_rng_state(state: _RngState) -> None:
 
 
 def _split(x: Any, size: int, name: str) -> list[Any]:
-    """Cut one input into micro-batches of ``size`` rows (the last may be shorter)."""
+    """Cut one input into micro-batches of ``size`` rows (the last may be shorter).
+
+    An empty input is one empty micro-batch when this process is one rank of several (see
+    :meth:`GradCache.step`), and an error otherwise.
+    """
     if isinstance(x, Tensor):
         tensors: dict[str, Any] = {name: x}
     elif isinstance(x, Mapping):
@@ -93,11 +98,12 @@ def _split(x: Any, size: int, name: str) -> list[Any]:
                 f"{where} must be a tensor with a batch dimension (dim 0), got {describe(t)}"
             )
         rows.add(t.shape[0])
-    if len(rows) != 1 or 0 in rows:
+    if len(rows) != 1 or (0 in rows and world_info()[0] == 1):
         shapes = {where: tuple(t.shape) for where, t in tensors.items()}
         raise ValueError(
-            f"{name} must hold a non-empty batch, the same number of rows in every tensor "
-            f"(split along dim 0), got shapes {shapes}"
+            f"{name} must hold a non-empty batch (an empty one only on a rank of a process "
+            "group of several), the same number of rows in every tensor (split along dim 0), "
+            f"got shapes {shapes}"
         )
     if isinstance(x, Tensor):
         return list(x.split(size))
@@ -192,10 +198,15 @@ class GradCache:
 
     **Distributed.** With ``gather_distributed=True`` the loss gathers the cached embeddings of
     every rank itself; each rank back-propagates its own micro-batches. An encoder wrapped in
-    ``DistributedDataParallel`` runs under ``no_sync()`` except for its last micro-batch of the
-    step, so its gradients are all-reduced once; the loss's convention (each rank's gradient is
+    ``DistributedDataParallel`` (or wrapping one, as a head around a DDP model; encoders that
+    share one DDP module count as one) runs under ``no_sync()`` except for its last micro-batch
+    of the step, so its gradients are all-reduced once; the loss's convention (each rank's gradient is
     world_size × its share) and DDP's averaging then give exactly the single-process gradient of
-    the concatenated batch. Ranks may hold different numbers of samples.
+    the concatenated batch. Ranks may hold different numbers of samples, none included: a rank
+    with an empty batch runs each encoder once on it (embeddings with no rows, for the loss to
+    gather) and replays that empty micro-batch too, so it joins the loss's collectives and
+    DDP's all-reduce (of a zero gradient) like the others. (Without a process group of several
+    ranks an empty batch is an error.)
 
     **Mixed precision.** Call :meth:`step` inside ``torch.autocast``: both passes and the loss run
     under it. With a ``scaler`` (``torch.amp.GradScaler``) the loss is scaled before its
@@ -279,7 +290,8 @@ class GradCache:
 
         Args:
             *inputs: One batch per encoder: a tensor, or a dict / tuple of tensors, split along
-                dim 0 into micro-batches (inputs may differ in batch size).
+                dim 0 into micro-batches (inputs may differ in batch size; on a rank of a
+                process group, a batch may be empty).
             **loss_kwargs: Passed to the loss unchanged (``labels=...``): full-batch tensors.
 
         Returns:
@@ -287,7 +299,8 @@ class GradCache:
 
         Raises:
             ValueError: If the number of inputs differs from the number of encoders, a batch is
-                empty or its tensors disagree in rows, an encoder has a BatchNorm layer in
+                empty (outside a process group of several ranks) or its tensors disagree in
+                rows, an encoder has a BatchNorm layer in
                 training mode (unless ``allow_batch_norm``), or the loss is not a scalar.
             TypeError: If an input is not a tensor or a dict / tuple of tensors, an encoder does
                 not return a floating-point tensor, or the loss returns something else.
@@ -356,11 +369,13 @@ class GradCache:
             if grad is not None and _needs_grad(self.encoders[i], parts[i])
             for j in range(len(parts[i]))
         ]
-        last = {id(self.encoders[i]): (i, j) for i, j, _ in jobs}  # DDP all-reduces there only
+        ddp = [_ddp_module(e) for e in self.encoders]
+        synced = [id(d or e) for d, e in zip(ddp, self.encoders, strict=True)]
+        last = {synced[i]: (i, j) for i, j, _ in jobs}  # DDP all-reduces there only
         for i, j, grad in jobs:
             encoder, run = self.encoders[i], first[i][j]
             _set_rng_state(run.rng)
-            with _no_sync(encoder, sync=last[id(encoder)] == (i, j)):
+            with _no_sync(ddp[i], sync=last[synced[i]] == (i, j)):
                 e = _embed(encoder, parts[i][j], i)
                 if e.shape != run.shape:
                     raise RuntimeError(
@@ -383,11 +398,21 @@ def _needs_grad(encoder: nn.Module, chunks: list[Any]) -> bool:
     return any(t.requires_grad for t in tensors)
 
 
+def _ddp_module(encoder: nn.Module) -> DistributedDataParallel | None:
+    """The ``DistributedDataParallel`` module ``encoder`` is or wraps, or None.
+
+    A module that calls a DDP model (an embedding head around it) wraps it.
+    """
+    if isinstance(encoder, DistributedDataParallel):
+        return encoder
+    return next((m for m in encoder.modules() if isinstance(m, DistributedDataParallel)), None)
+
+
 @contextlib.contextmanager
-def _no_sync(encoder: nn.Module, sync: bool) -> Iterator[None]:
-    """DDP's ``no_sync()`` unless this is the encoder's last micro-batch of the step."""
-    if sync or not isinstance(encoder, DistributedDataParallel):
+def _no_sync(ddp: DistributedDataParallel | None, sync: bool) -> Iterator[None]:
+    """DDP's ``no_sync()`` unless this is the DDP module's last micro-batch of the step."""
+    if sync or ddp is None:
         yield
     else:
-        with encoder.no_sync():
+        with ddp.no_sync():
             yield

@@ -112,6 +112,13 @@ def outcome(request, tmp_path_factory):
 @pytest.mark.parametrize("name", CASES)
 def test_ddp_gradients_equal_single_process_backprop(name, outcome):
     sizes, ranks = outcome
+    assert_matches_single(name, sizes, ranks)
+
+
+def assert_matches_single(name: str, sizes: list[int], ranks: list[dict[str, Any]]) -> None:
+    """Per step: mean loss, every rank's encoder gradients (one DDP all-reduce per encoder),
+    the loss's buffers and the mean of the loss's gradients equal plain backprop in one
+    process on the concatenated batch."""
     single = run_case(name, sizes, rank=None)
     for step in range(STEPS[name]):
         mean_loss = torch.stack([r[name]["loss"][step] for r in ranks]).mean()

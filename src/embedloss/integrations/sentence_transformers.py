@@ -39,6 +39,7 @@ accumulation, loss scaling), to the parameters when the trainer back-propagates 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
@@ -47,10 +48,12 @@ from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from embedloss import BaseLoss, GradCache, LossOutput, create_loss
 from embedloss._validation import check_choice, check_int, describe
 from embedloss.integrations.transformers import EmbedlossCallback
+from embedloss.ops.distributed import all_reduce_sum_no_grad, world_info
 
 if importlib.util.find_spec("sentence_transformers") is None:  # pragma: no cover - subprocess test
     raise ImportError(
@@ -185,12 +188,77 @@ class _Embedder(nn.Module):
         return self.model({**tensors, **self.extras})["sentence_embedding"]
 
 
-def _add_scaled(params: list[nn.Parameter], grads: list[Tensor | None], scale: Tensor) -> None:
-    """Backward hook of a cached loss: ``p.grad += scale · cached gradient``."""
+def _add_scaled(
+    params: list[nn.Parameter],
+    grads: list[Tensor | None],
+    averaged: list[nn.Parameter],
+    scale: Tensor,
+) -> None:
+    """Backward hook of a cached loss: ``p.grad += scale · cached gradient``, then averaging.
+
+    The gradients of ``averaged`` (a DDP model's, on a step DDP would synchronise) are then
+    averaged over ranks.
+    """
     for p, g in zip(params, grads, strict=True):
         if g is not None:
             contribution = g * scale.to(g.dtype)
             p.grad = contribution if p.grad is None else p.grad + contribution
+    _average_gradients(averaged)
+
+
+def _average_gradients(params: Sequence[nn.Parameter]) -> None:
+    """All-reduce the gradients of ``params`` (in their order) and divide by the world size.
+
+    One collective per dtype and device; parameters without a gradient are left out.
+    """
+    world, _ = world_info()
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            groups.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in groups.values():
+        total = all_reduce_sum_no_grad(torch.cat([g.reshape(-1) for g in grads])).div_(world)
+        for g, part in zip(grads, total.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view_as(g))
+
+
+class _AverageOverRanks:
+    """Post-accumulate-grad hook: average the loss's own gradients over ranks, as DDP would.
+
+    The trainer wraps only the model in ``DistributedDataParallel``, so nothing all-reduces the
+    gradient of a learnable τ, a SigLIP bias or class proxies. Each parameter's hook marks it
+    ready during the backward and queues, once per backward, a callback that runs when the
+    whole backward is done: it all-reduces the marked gradients in the order of ``params`` and
+    divides them by the world size. At the end of the backward every collective inside it (DDP's
+    buckets, the gather of a ``gather_distributed`` loss) has been issued on every rank, so the
+    ranks' order of collectives does not depend on the order autograd happened to run in.
+    Under gradient accumulation ``p.grad`` already holds the average of the earlier micro-steps
+    (the same on every rank), so averaging ``average + this step's local gradient`` adds the
+    average of this step's. Without a process group of several ranks it does nothing.
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.ready: set[int] = set()
+        self.queued = False
+
+    def reset(self) -> None:
+        """Forget a backward that failed before its callback ran."""
+        self.ready.clear()
+        self.queued = False
+
+    def __call__(self, param: Tensor) -> None:
+        if world_info()[0] == 1:
+            return
+        self.ready.add(id(param))
+        if not self.queued:
+            self.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._average)
+
+    def _average(self) -> None:
+        ready = [p for p in self.params if id(p) in self.ready]
+        self.reset()
+        _average_gradients(ready)
 
 
 class EmbedlossLoss(nn.Module):
@@ -272,6 +340,9 @@ class EmbedlossLoss(nn.Module):
             else check_int(micro_batch_size, "micro_batch_size", low=1)
         )
         self.callback = EmbedlossCallback(self.loss)
+        self._average = _AverageOverRanks([p for p in self.loss.parameters() if p.requires_grad])
+        for p in self._average.params:
+            p.register_post_accumulate_grad_hook(self._average)
 
     def forward(
         self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None
@@ -284,6 +355,7 @@ class EmbedlossLoss(nn.Module):
         """
         features = list(sentence_features)
         self.loss.train(self.model.training)
+        self._average.reset()
         if self.micro_batch_size is not None and torch.is_grad_enabled():
             out = self._cached(features, labels)
         else:
@@ -349,14 +421,22 @@ class EmbedlossLoss(nn.Module):
         saved = [p.grad for p in params]
         for p in params:
             p.grad = None
+        # Under DDP the replay must not all-reduce: the step's gradients are stashed for the
+        # trainer's backward, which scales them; that backward averages the model's gradients
+        # when DDP would (the accumulated ones, as DDP does after no_sync() micro-steps).
+        ddp = self.model if isinstance(self.model, DistributedDataParallel) else None
+        averaged: list[nn.Parameter] = []
+        if ddp is not None and ddp.require_backward_grad_sync:
+            averaged = [p for p in ddp.parameters() if p.requires_grad]
         try:
-            out = cache.step(*tensors)
+            with contextlib.nullcontext() if ddp is None else ddp.no_sync():
+                out = cache.step(*tensors)
             grads = [p.grad for p in params]
         finally:
             for p, g in zip(params, saved, strict=True):
                 p.grad = g
         loss = out.loss.detach().requires_grad_()
-        loss.register_hook(functools.partial(_add_scaled, params, grads))
+        loss.register_hook(functools.partial(_add_scaled, params, grads, averaged))
         return LossOutput(loss, out.terms)
 
     def get_config_dict(self) -> dict[str, Any]:
