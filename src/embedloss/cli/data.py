@@ -234,16 +234,16 @@ def input_array(arrays: dict[str, Any], name: str, path: str) -> Tensor:
             f"array {name!r} in {path!r} has shape {arr.shape}; expected (N, features), "
             "(N, H, W) images or (N, C, H, W) images"
         )
-    values = arr.astype(np.float64, copy=False)
-    if not np.isfinite(values).all():
+    if not np.isfinite(arr).all():
         raise CLIError(f"array {name!r} in {path!r} contains NaN or infinite values")
-    top, largest = float(np.abs(values).max()), float(np.finfo(np.float32).max)
+    top = max(abs(float(arr.min())), abs(float(arr.max())))  # no float64 copy of the data
+    largest = float(np.finfo(np.float32).max)
     if top > largest:
         raise CLIError(
             f"array {name!r} in {path!r} has values up to {top:.3g} in magnitude, which exceed "
             f"float32's range (±{largest:.3g}) that the model computes in; rescale them"
         )
-    return torch.as_tensor(values.astype(np.float32))
+    return torch.as_tensor(arr.astype(np.float32))
 
 
 def _labels(arrays: dict[str, Any], path: str, n: int, required: bool) -> Tensor | None:

@@ -124,8 +124,8 @@ class HybridVICRegLoss(BaseContrastiveLoss):
     warm up over ``warmup_steps`` counted from ``s₀`` (VICReg starts mattering there).
 
     **Adaptive transition.** In training mode each call records its batch's alignment gap (mean
-    cosine of matched pairs minus that of all other pairs, O(N·D); that of the batch of every
-    rank with ``gather_distributed``) in a buffer; the next :meth:`update_step` moves ``s₀`` to that step
+    cosine of matched pairs minus that of all other pairs, O(N·D), over every rank's rows with
+    ``gather_distributed``) in a buffer; the next :meth:`update_step` moves ``s₀`` to that step
     if the gap exceeds ``min_alignment_gap``. All state (step, transition start, recorded gap)
     lives in buffers (``current_phase`` is derived): a ``state_dict`` round-trip resumes the
     schedule exactly.
