@@ -38,8 +38,8 @@ def l2_normalize(x: Tensor, dim: int = -1, eps: float = 1e-12) -> Tensor:
     underflow: rows scaled by 1e19 or 1e-20 normalise as well as rows of norm 1. The scaled norm
     of a non-zero row is at least 0.5, so ``eps`` < 0.5 acts on zero rows only: they are scaled
     by ``1/eps``, stay zero, and pass the upstream gradient through (``F.normalize``'s ``1/eps``
-    would overflow in half precision). The gradient is written out (:class:`_UnitRows`): one
-    pass fewer than autograd through ``F.normalize``, and differentiable again.
+    would overflow in half precision). The gradient is written out (:class:`_UnitRows`), so the
+    rescaling costs no more than autograd through ``F.normalize``; it is differentiable again.
 
     Half-precision inputs are normalised in float32, so the result is float32 for them.
 
